@@ -1,0 +1,1 @@
+"""Shipped pipeline recipes (YAML), found with importlib.resources in a checkout or an installed wheel."""

@@ -1,0 +1,181 @@
+"""The pipeline config: validated data with a default and a description on every field.
+
+A config file is YAML loaded with ``yaml.safe_load``; unknown keys are rejected with the file and
+field named. The resolved config (defaults filled in) is written to every run folder.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from edgepipe.errors import EdgepipeError, format_validation_error
+from edgepipe.types import Importance
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    kind: Literal["digits", "imagefolder"] = Field(
+        "digits", description="digits: scikit-learn's embedded 8x8 digits; imagefolder: a folder of class folders.")
+    path: str | None = Field(None, description="imagefolder: root holding train/ and val/ (or test/) folders.")
+    train_split: str = Field("train", description="imagefolder: sub-folder with training images.")
+    val_split: str = Field("test", description="imagefolder: sub-folder with validation images.")
+    image_size: int | None = Field(None, gt=0, description="Resize images to this square size (None: keep).")
+    mean: tuple[float, ...] | None = Field(None, description="Per-channel normalization mean (None: data default).")
+    std: tuple[float, ...] | None = Field(None, description="Per-channel normalization std (None: data default).")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="digits: fraction held out for validation.")
+    augment: bool = Field(True, description="Random crop (reflect pad) and horizontal flip while training.")
+    hflip: bool = Field(True, description="Use horizontal flips in augmentation (off for digits).")
+    batch_size: int = Field(64, gt=0, description="Training batch size.")
+    eval_batch_size: int = Field(256, gt=0, description="Batch size for accuracy evaluation.")
+    limit_train: int | None = Field(None, gt=0, description="Use only the first N training samples (tests).")
+    limit_val: int | None = Field(None, gt=0, description="Use only the first N validation samples (tests).")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.kind == "imagefolder" and not self.path:
+            raise ValueError("path: imagefolder data needs a path to the dataset root")
+        return self
+
+
+class ModelSpec(_Strict):
+    """How to build a model: a registered architecture, a torch.export file, or a factory."""
+
+    arch: str | None = Field(None, description="Registered architecture name (see `edgepipe models`).")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the architecture.")
+    weights: str | None = Field(None, description="State-dict file for `arch` (loaded with weights_only=True).")
+    program: str | None = Field(None, description="A torch.export program file (.pt2).")
+    factory: str | None = Field(None, description="Explicit 'module:function' returning an nn.Module.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        sources = [s for s in (self.arch, self.program, self.factory) if s]
+        if len(sources) != 1:
+            raise ValueError("give exactly one of arch, program or factory")
+        if self.factory and ":" not in self.factory:
+            raise ValueError(f"factory: expected 'module:function', got {self.factory!r}")
+        return self
+
+
+class OptimConfig(_Strict):
+    epochs: int = Field(10, ge=0, description="Training epochs.")
+    lr: float = Field(0.1, gt=0, description="Peak learning rate (one-cycle schedule).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (Nesterov).")
+    weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay.")
+    autocast: Literal["auto", "bf16", "off"] = Field(
+        "auto", description="CPU autocast: auto uses bf16 only where the CPU has native bf16 (AMX/AVX512-BF16).")
+    channels_last: bool = Field(False, description="Train with channels-last memory format.")
+
+
+class TeacherConfig(_Strict):
+    model: ModelSpec = Field(description="The teacher model (trained below when train.epochs > 0).")
+    train: OptimConfig = Field(OptimConfig(epochs=0), description="Train the teacher first (0 epochs: use as is).")
+
+
+class FeaturePair(_Strict):
+    teacher: str = Field(description="Teacher module name whose output is the hint (e.g. layer3).")
+    student: str = Field(description="Student module name matched to it through a learned 1x1 adapter.")
+
+
+class DistillConfig(_Strict):
+    enabled: bool = Field(True, description="Run knowledge distillation.")
+    student: ModelSpec = Field(description="The student architecture.")
+    temperature: float = Field(4.0, gt=0, description="Softmax temperature T of the soft targets.")
+    alpha: float = Field(0.9, ge=0, le=1, description="Weight of the soft (KL) term; 1-alpha weighs the hard CE.")
+    beta: float = Field(0.0, ge=0, description="Weight of the feature-hint (MSE) term.")
+    feature_pairs: list[FeaturePair] = Field(default_factory=list, description="Teacher/student layer pairs.")
+    optim: OptimConfig = Field(OptimConfig(), description="Student training.")
+
+
+class PruneConfig(_Strict):
+    enabled: bool = Field(True, description="Run structured channel pruning.")
+    target: Literal["macs", "params"] = Field("macs", description="What the ratio constrains.")
+    ratio: float = Field(0.5, gt=0, lt=1, description="Keep at most this fraction of MACs (or params).")
+    importance: Importance = Field(Importance.MAGNITUDE, description="Channel importance criterion.")
+    steps: int = Field(4, ge=1, description="Iterative pruning steps to reach the ratio.")
+    finetune_per_step: int = Field(0, ge=0, description="Fine-tuning epochs between steps.")
+    taylor_batches: int = Field(4, ge=1, description="Batches used to accumulate gradients for Taylor importance.")
+    global_pruning: bool = Field(False, description="Rank channels globally instead of per layer.")
+    max_layer_ratio: float = Field(0.8, gt=0, lt=1, description="Never prune more than this fraction of one layer.")
+    round_to: int | None = Field(None, ge=1, description="Keep channel counts a multiple of this (e.g. 8).")
+    ignore: list[str] = Field(default_factory=list, description="Module names never pruned (the classifier always is).")
+    temperature: float = Field(4.0, gt=0, description="Distillation temperature while fine-tuning.")
+    alpha: float = Field(0.9, ge=0, le=1, description="Soft-target weight while fine-tuning.")
+    optim: OptimConfig = Field(OptimConfig(epochs=5, lr=0.05), description="Fine-tuning after the last step.")
+
+
+class QATConfig(_Strict):
+    enabled: bool = Field(True, description="Run QAT when the target lists int8.")
+    calibration_batches: int = Field(8, ge=1, description="Batches used to calibrate activation ranges.")
+    calibration: Literal["max", "percentile"] = Field("percentile", description="Activation range estimator.")
+    percentile: float = Field(99.99, gt=50, le=100, description="Percentile for the percentile estimator.")
+    temperature: float = Field(4.0, gt=0, description="Distillation temperature while fine-tuning.")
+    alpha: float = Field(0.9, ge=0, le=1, description="Soft-target weight while fine-tuning.")
+    optim: OptimConfig = Field(OptimConfig(epochs=2, lr=0.005, autocast="off"), description="QAT fine-tuning.")
+
+
+class ExportConfig(_Strict):
+    opset: int = Field(17, ge=17, description="ONNX opset (>= 17).")
+    float_tolerance: float = Field(1e-3, gt=0, description="Max abs logit difference ORT vs PyTorch (float).")
+    int8_min_agreement: float = Field(0.99, gt=0, le=1, description="Min top-1 agreement ORT vs PyTorch (INT8).")
+
+
+class MeasureConfig(_Strict):
+    warmup: int = Field(10, ge=0, description="Untimed iterations before timing.")
+    iterations: int = Field(50, ge=1, description="Timed iterations per latency figure.")
+    throughput_batch: int = Field(32, ge=1, description="Batch size for the throughput figure.")
+    threads: int | None = Field(None, ge=1, description="Inference threads (None: all cores).")
+
+
+class BenchConfig(_Strict):
+    batch_sizes: list[int] = Field([1, 8, 32], description="Batch sizes measured by `edgepipe bench`.")
+    warmup: int = Field(10, ge=0, description="Untimed iterations per measurement.")
+    iterations: int = Field(30, ge=1, description="Timed iterations per measurement.")
+
+
+class PipelineConfig(_Strict):
+    name: str = Field("edgepipe-run", description="A name for the recipe.")
+    seed: int = Field(0, description="Seed for data order, initialisation and augmentation.")
+    data: DataConfig = Field(DataConfig(), description="The dataset.")
+    teacher: TeacherConfig = Field(description="Where the teacher comes from.")
+    distill: DistillConfig = Field(description="Knowledge distillation into the student.")
+    prune: PruneConfig = Field(PruneConfig(), description="Structured pruning and fine-tuning.")
+    qat: QATConfig = Field(QATConfig(), description="INT8 quantization-aware training.")
+    export: ExportConfig = Field(ExportConfig(), description="ONNX export and checks.")
+    measure: MeasureConfig = Field(MeasureConfig(), description="Latency measurement at every stage.")
+    bench: BenchConfig = Field(BenchConfig(), description="`edgepipe bench` sweep.")
+
+
+def configs_dir() -> Path:
+    """Shipped recipes: ``configs/`` beside the package (checkout or wheel)."""
+    from importlib import resources
+
+    return Path(str(resources.files("configs")))
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Load and validate a config YAML (or a shipped recipe by name, e.g. ``digits``)."""
+    p = Path(path)
+    if not p.exists() and (configs_dir() / f"{path}.yaml").exists():
+        p = configs_dir() / f"{path}.yaml"
+    try:
+        data = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise EdgepipeError(f"{p}: config file not found; pass --config PATH or a shipped recipe name") from None
+    except yaml.YAMLError as e:
+        raise EdgepipeError(f"{p}: not valid YAML ({e.__class__.__name__}); fix the syntax") from None
+    if not isinstance(data, dict):
+        raise EdgepipeError(f"{p}: expected a mapping of config sections, got {type(data).__name__}")
+    return validate_config(data, p)
+
+
+def validate_config(data: dict[str, Any], source: str | Path = "<config>") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise EdgepipeError(format_validation_error(source, e)) from None

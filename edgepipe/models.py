@@ -1,0 +1,234 @@
+"""Model registry and the torch model artifact.
+
+Architectures are registered by name (CIFAR-style ResNets, torchvision's classifiers, a small CNN).
+A teacher can also arrive as a ``torch.export`` program (.pt2) or from an explicit ``module:function``
+factory. A torch artifact is ``model.json`` (how to build the architecture) plus ``model.pt``, a plain
+state dict loadable with ``weights_only=True``; a pruned model is rebuilt from its original
+architecture and its layers resized to the saved shapes (see ``restore_shapes``).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgepipe.artifacts import Artifact
+from edgepipe.config import ModelSpec
+from edgepipe.errors import EdgepipeError
+from edgepipe.io import atomic_torch_save, atomic_write_json
+from edgepipe.types import ArtifactKind, DType
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        ARCHITECTURES[name] = fn
+        return fn
+    return deco
+
+
+# --- CIFAR-style ResNets (He et al. 2016, section 4.2), 1x1 projection shortcuts -------------------
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) for small images: widths w, 2w, 4w; parameter names match the shipped teacher."""
+
+    def __init__(self, depth: int = 20, num_classes: int = 10, width: int = 16, in_channels: int = 3) -> None:
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6:
+            raise EdgepipeError(f"cifar_resnet: depth must be 6n+2 and >= 8 (20, 32, 44, 56, 110), got {depth}")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        layers, cin = [], width
+        for i, w in enumerate((width, 2 * width, 4 * width)):
+            blocks = [BasicBlock(cin if j == 0 else w, w, 2 if (i > 0 and j == 0) else 1) for j in range(n)]
+            layers.append(nn.Sequential(*blocks))
+            cin = w
+        self.layer1, self.layer2, self.layer3 = layers
+        self.fc = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+@register("cifar_resnet")
+def cifar_resnet(depth: int = 20, num_classes: int = 10, width: int = 16, in_channels: int = 3) -> nn.Module:
+    """CIFAR-style ResNet; depth 20-110 (6n+2)."""
+    return CifarResNet(depth, num_classes, width, in_channels)
+
+
+for _d in (8, 14, 20, 32, 44, 56, 110):
+    register(f"resnet{_d}_cifar")(lambda _d=_d, **kw: CifarResNet(depth=_d, **kw))
+
+
+def _torchvision(name: str) -> Callable[..., nn.Module]:
+    def build(num_classes: int = 1000, in_channels: int = 3, **kwargs: Any) -> nn.Module:
+        import torchvision
+
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+        if in_channels != 3:
+            raise EdgepipeError(f"{name}: torchvision models take 3 input channels, got in_channels={in_channels}")
+        return model
+    build.__doc__ = f"torchvision.models.{name} (weights come from a state-dict file, never downloaded)."
+    return build
+
+
+_TORCHVISION = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
+                "efficientnet_b0", "regnet_x_400mf", "regnet_y_400mf", "shufflenet_v2_x1_0", "convnext_tiny")
+for _n in _TORCHVISION:
+    register(f"tv_{_n}")(_torchvision(_n))
+
+
+# --- building, saving, loading -----------------------------------------------------------------------
+def build_arch(arch: str, kwargs: dict[str, Any]) -> nn.Module:
+    if arch not in ARCHITECTURES:
+        raise EdgepipeError(f"unknown architecture '{arch}' (known: {', '.join(sorted(ARCHITECTURES))})")
+    try:
+        return ARCHITECTURES[arch](**kwargs)
+    except TypeError as e:
+        raise EdgepipeError(f"architecture '{arch}': bad kwargs {kwargs} ({e})") from None
+
+
+def resolve_factory(ref: str) -> Callable[..., nn.Module]:
+    """Import ``module:function`` (the only way user code enters edgepipe)."""
+    mod_name, _, fn_name = ref.partition(":")
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise EdgepipeError(f"factory '{ref}': cannot import ({e}); check PYTHONPATH and the name") from None
+    if not callable(fn):
+        raise EdgepipeError(f"factory '{ref}': not callable")
+    return fn
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    p = Path(path)
+    try:
+        sd = torch.load(p, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise EdgepipeError(f"{p}: weights file not found") from None
+    except Exception as e:  # noqa: BLE001 - torch raises many unpickling errors; all mean "not a state dict"
+        raise EdgepipeError(f"{p}: not a loadable state dict ({type(e).__name__}); "
+                            "save it with torch.save(model.state_dict(), path)") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise EdgepipeError(f"{p}: expected a state dict (name -> tensor), got {type(sd).__name__}")
+    return sd
+
+
+def build_from_spec(spec: ModelSpec) -> nn.Module:
+    """Build the model a config's ModelSpec describes (weights loaded when given)."""
+    if spec.program:
+        p = Path(spec.program)
+        if not p.exists():
+            raise EdgepipeError(f"{p}: torch.export program not found")
+        try:
+            return torch.export.load(p).module()
+        except Exception as e:  # noqa: BLE001
+            raise EdgepipeError(f"{p}: not a torch.export program ({type(e).__name__}: {e})") from None
+    model = resolve_factory(spec.factory)(**spec.kwargs) if spec.factory else build_arch(spec.arch, spec.kwargs)
+    if not isinstance(model, nn.Module):
+        raise EdgepipeError(f"{spec.factory or spec.arch}: returned {type(model).__name__}, not an nn.Module")
+    if spec.weights:
+        sd = load_state_dict_file(spec.weights)
+        try:
+            model.load_state_dict(sd)
+        except RuntimeError as e:
+            first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+            raise EdgepipeError(f"{spec.weights}: does not fit architecture '{spec.arch}': {first}") from None
+    return model
+
+
+def restore_shapes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Resize Conv/BatchNorm/Linear layers to the shapes in ``state`` (a pruned model's weights).
+
+    Torch-Pruning's own ``tp.state_dict`` pickles module objects, which ``torch.load(weights_only=True)``
+    refuses; structured pruning only changes channel counts, so the shapes in a plain state dict are
+    enough to rebuild the pruned model from its original architecture.
+    """
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        w = state.get(prefix + "weight")
+        if w is None:
+            continue
+        if isinstance(module, nn.Conv2d) and w.shape != module.weight.shape:
+            depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+            module.out_channels = w.shape[0]
+            module.groups = w.shape[0] if depthwise else module.groups
+            module.in_channels = w.shape[1] * module.groups
+        elif isinstance(module, nn.BatchNorm2d | nn.BatchNorm1d | nn.LayerNorm) and w.shape != module.weight.shape:
+            if isinstance(module, nn.LayerNorm):
+                module.normalized_shape = tuple(w.shape)
+            else:
+                module.num_features = w.shape[0]
+        elif isinstance(module, nn.Linear) and w.shape != module.weight.shape:
+            module.out_features, module.in_features = w.shape
+        else:
+            continue
+        for pname, tensor in list(module.named_parameters(recurse=False)):
+            setattr(module, pname, nn.Parameter(torch.empty_like(state[prefix + pname])))
+        for bname, tensor in list(module.named_buffers(recurse=False)):
+            if prefix + bname in state:
+                module.register_buffer(bname, torch.empty_like(state[prefix + bname]))
+
+
+def save_torch_artifact(model: nn.Module, build: dict[str, Any], out_dir: Path, input_shape: tuple[int, ...],
+                        num_classes: int, meta: dict[str, Any] | None = None,
+                        quantization: dict[str, Any] | None = None) -> Artifact:
+    """Write model.json + model.pt into ``out_dir`` atomically and return the artifact.
+
+    ``build`` is the ModelSpec (as a dict) of the *original* architecture; ``quantization`` the settings
+    edgepipe.quant.insert_fake_quant was called with, for a QAT model.
+    """
+    out_dir = Path(out_dir)
+    atomic_torch_save(out_dir / "model.pt", {k: v.detach().cpu() for k, v in model.state_dict().items()})
+    atomic_write_json(out_dir / "model.json", {"build": build, "input_shape": list(input_shape),
+                                               "num_classes": num_classes, "quantization": quantization})
+    art = Artifact(kind=ArtifactKind.TORCH, root=out_dir, files={"model": "model.pt", "build": "model.json"},
+                   quantized=bool(quantization),
+                   dtype=DType.INT8 if quantization else DType.FP32,
+                   meta={"input_shape": list(input_shape), "num_classes": num_classes, **(meta or {})})
+    art.save()
+    return art
+
+
+def load_torch_artifact(artifact: Artifact) -> nn.Module:
+    """Rebuild the nn.Module of a torch artifact (eval mode)."""
+    desc = json.loads(artifact.path("build").read_text())
+    build = desc["build"]
+    spec = ModelSpec.model_validate({k: v for k, v in build.items() if k in ModelSpec.model_fields and k != "weights"})
+    model = build_from_spec(spec)
+    state = load_state_dict_file(artifact.path("model"))
+    restore_shapes(model, state)
+    if desc.get("quantization"):
+        # A QAT model: re-insert the same fake-quant wrappers so their calibrated ranges load too.
+        from edgepipe.quant import insert_fake_quant
+
+        model = insert_fake_quant(model, desc["quantization"])
+    model.load_state_dict(state)
+    return model.eval()

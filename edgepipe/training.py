@@ -1,0 +1,155 @@
+"""The one training loop every stage uses: SGD + one-cycle LR, CPU autocast, per-epoch checkpoints.
+
+A stage supplies a ``loss_step(model, x, y) -> {"loss": total, <component>: value, ...}``; the loop
+handles the rest the same way everywhere: seeded data order (a function of seed and epoch only, so a
+resumed run sees the same batches), bf16 autocast where the CPU runs bf16 natively, channels-last,
+an atomic checkpoint after every epoch (``checkpoints/last.pt``) from which an interrupted stage
+resumes, per-epoch history (every loss component, validation top-1, images/s) and progress callbacks.
+Writes happen on rank 0 only (edgepipe.io.is_main_process), ready for torchrun.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgepipe.config import OptimConfig
+from edgepipe.data import DataBundle
+from edgepipe.io import atomic_torch_save, is_main_process
+from edgepipe.runtime import host_has_native_bf16
+
+log = logging.getLogger(__name__)
+
+LossStep = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+Progress = Callable[[str, int, int, dict[str, float]], None]
+
+
+def autocast_dtype(cfg: OptimConfig) -> torch.dtype | None:
+    """bf16 when asked, or on 'auto' when the CPU has native bf16 (AMX / AVX512-BF16); else None."""
+    if cfg.autocast == "bf16" or (cfg.autocast == "auto" and host_has_native_bf16()):
+        return torch.bfloat16
+    return None
+
+
+def autocast(dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: DataBundle, batch_size: int = 256) -> float:
+    """Top-1 accuracy of ``model`` on the validation set, in float32 eval mode."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in data.val_batches(batch_size):
+        correct += int((model(x).argmax(1) == y).sum())
+        total += len(y)
+    model.train(was_training)
+    return correct / max(1, total)
+
+
+def _fingerprint(cfg: OptimConfig, tag: str) -> str:
+    return hashlib.sha256((cfg.model_dump_json() + tag).encode()).hexdigest()[:16]
+
+
+def fit(model: nn.Module, data: DataBundle, cfg: OptimConfig, loss_step: LossStep, *, batch_size: int,
+        checkpoint_dir: Path, task: str = "train", extra_modules: nn.Module | None = None,
+        progress: Progress | None = None, eval_batch_size: int = 256, tag: str = "",
+        ) -> list[dict[str, Any]]:
+    """Train ``model`` (and ``extra_modules``, e.g. feature adapters) for ``cfg.epochs`` epochs.
+
+    Resumes from ``checkpoint_dir/last.pt`` when it belongs to the same config (``tag`` distinguishes
+    several trainings inside one stage). Returns the per-epoch history.
+    """
+    progress = progress or (lambda *a: None)
+    params = list(model.parameters()) + (list(extra_modules.parameters()) if extra_modules else [])
+    steps = data.steps_per_epoch(batch_size)
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+                          weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(1, cfg.epochs * steps) + 1,
+                                                pct_start=0.25, anneal_strategy="linear",
+                                                div_factor=10.0, final_div_factor=100.0)
+    amp = autocast_dtype(cfg)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model.to(memory_format=fmt)
+    history: list[dict[str, Any]] = []
+    start = 0
+    ckpt = Path(checkpoint_dir) / f"last{('-' + tag) if tag else ''}.pt"
+    fingerprint = _fingerprint(cfg, tag)
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        if state.get("fingerprint") == fingerprint:
+            model.load_state_dict(state["model"])
+            if extra_modules is not None and "extra" in state:
+                extra_modules.load_state_dict(state["extra"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            history, start = json.loads(state["history"]), int(state["epoch"])
+            log.info("%s: resuming after epoch %d from %s", task, start, ckpt)
+    for epoch in range(start, cfg.epochs):
+        model.train()
+        sums: dict[str, float] = {}
+        seen, t0 = 0, time.perf_counter()
+        for i, (x, y) in enumerate(_batches(data, batch_size, epoch, fmt)):
+            with autocast(amp):
+                parts = loss_step(model, x, y)
+            opt.zero_grad(set_to_none=True)
+            parts["loss"].backward()
+            opt.step()
+            sched.step()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(y)
+            seen += len(y)
+            progress(f"{task} epoch {epoch + 1}/{cfg.epochs}", i + 1, steps, {"loss": float(parts["loss"].detach())})
+        seconds = time.perf_counter() - t0
+        row = {"epoch": epoch + 1, "lr": sched.get_last_lr()[0], **{k: v / max(1, seen) for k, v in sums.items()},
+               "val_top1": evaluate(model, data, eval_batch_size), "images_per_s": seen / seconds,
+               "seconds": seconds, "autocast": str(amp).replace("torch.", "") if amp else "off"}
+        history.append(row)
+        log.info("%s epoch %d/%d: %s", task, epoch + 1, cfg.epochs,
+                 ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
+        if is_main_process():
+            state = {"fingerprint": fingerprint, "epoch": epoch + 1, "model": model.state_dict(),
+                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": json.dumps(history)}
+            if extra_modules is not None:
+                state["extra"] = extra_modules.state_dict()
+            atomic_torch_save(ckpt, state)
+    model.to(memory_format=torch.contiguous_format).eval()
+    return history
+
+
+def _batches(data: DataBundle, batch_size: int, epoch: int, fmt: torch.memory_format,
+             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for x, y in data.train_batches(batch_size, epoch):
+        yield x.contiguous(memory_format=fmt), y
+
+
+def clear_checkpoints(checkpoint_dir: Path) -> None:
+    """Drop per-epoch checkpoints once the stage's artifact is safely written."""
+    if is_main_process():
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+
+def cross_entropy_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Plain supervised loss (teacher training, scratch baselines)."""
+    loss = nn.functional.cross_entropy(model(x), y)
+    return {"loss": loss, "hard": loss.detach()}
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)

@@ -1,0 +1,1 @@
+"""The pipeline stages, one module each: teacher, distill, prune, qat, export, compile."""

@@ -1,0 +1,44 @@
+"""Stage 2, distill: train a smaller student from the teacher's soft targets.
+
+loss = alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * CE(student, labels) [+ beta * feature hints]
+(see edgepipe.distillation). Every epoch records the soft, hard and feature components and the
+validation accuracy; checkpoints after every epoch let an interrupted run resume.
+"""
+from __future__ import annotations
+
+from edgepipe.distillation import FeatureHints, kd_step
+from edgepipe.models import build_from_spec, load_torch_artifact, save_torch_artifact
+from edgepipe.stage import StageContext, StageResult
+from edgepipe.training import clear_checkpoints, fit, seed_everything
+from edgepipe.types import ArtifactKind
+from stages.teacher import _check_fits
+
+NAME = "distill"
+INPUT_KINDS = (ArtifactKind.TORCH,)
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg, dcfg = ctx.config, ctx.config.distill
+    seed_everything(cfg.seed + 1)
+    teacher = load_torch_artifact(ctx.teacher or ctx.input)
+    student = build_from_spec(dcfg.student)
+    data = ctx.data
+    _check_fits(student, data.input_shape, data.num_classes)
+    hints = None
+    if dcfg.feature_pairs and dcfg.beta > 0:
+        hints = FeatureHints(teacher, student, dcfg.feature_pairs, data.calibration_batches(1, 8)[0])
+    history = fit(student, data, dcfg.optim, kd_step(teacher, dcfg.temperature, dcfg.alpha, dcfg.beta, hints),
+                  batch_size=cfg.data.batch_size, checkpoint_dir=ctx.checkpoint_dir, task="distill",
+                  extra_modules=hints, progress=ctx.progress, eval_batch_size=cfg.data.eval_batch_size)
+    if hints is not None:
+        hints.remove()
+    teacher_params = sum(p.numel() for p in teacher.parameters())
+    student_params = sum(p.numel() for p in student.parameters())
+    build = dcfg.student.model_dump(exclude_none=True, exclude={"weights"})
+    artifact = save_torch_artifact(student, build, ctx.out_dir, data.input_shape, data.num_classes)
+    clear_checkpoints(ctx.checkpoint_dir)
+    return StageResult(artifact, records={
+        "history": history, "temperature": dcfg.temperature, "alpha": dcfg.alpha, "beta": dcfg.beta,
+        "feature_pairs": [p.model_dump() for p in dcfg.feature_pairs],
+        "teacher_params": teacher_params, "student_params": student_params,
+        "params_ratio": student_params / teacher_params})

@@ -1,0 +1,62 @@
+"""Stage 1, teacher: load the user's teacher, or train one when the config asks.
+
+Sources (config ``teacher.model``): a registered architecture name plus a state-dict file, a
+``torch.export`` program (.pt2), or an explicit ``module:function`` factory. With
+``teacher.train.epochs > 0`` the teacher is (further) trained on the configured data with plain
+cross-entropy first; the embedded ``digits`` recipe trains its teacher this way.
+"""
+from __future__ import annotations
+
+import logging
+
+from edgepipe.errors import EdgepipeError
+from edgepipe.models import build_from_spec, save_torch_artifact
+from edgepipe.stage import StageContext, StageResult
+from edgepipe.training import clear_checkpoints, cross_entropy_step, fit, seed_everything
+
+NAME = "teacher"
+INPUT_KINDS = ()
+log = logging.getLogger(__name__)
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg = ctx.config
+    spec = cfg.teacher.model
+    seed_everything(cfg.seed)
+    model = build_from_spec(spec)
+    data = ctx.data
+    _check_fits(model, data.input_shape, data.num_classes)
+    history = []
+    if cfg.teacher.train.epochs > 0:
+        history = fit(model, data, cfg.teacher.train, cross_entropy_step, batch_size=cfg.data.batch_size,
+                      checkpoint_dir=ctx.checkpoint_dir, task="teacher", progress=ctx.progress,
+                      eval_batch_size=cfg.data.eval_batch_size)
+    build = spec.model_dump(exclude_none=True, exclude={"weights"})
+    artifact = save_torch_artifact(model, build, ctx.out_dir, data.input_shape, data.num_classes,
+                                   meta={"source": _source(spec)})
+    clear_checkpoints(ctx.checkpoint_dir)
+    return StageResult(artifact, records={"history": history, "source": _source(spec)})
+
+
+def _source(spec) -> str:
+    if spec.program:
+        return f"torch.export program {spec.program}"
+    if spec.factory:
+        return f"factory {spec.factory}"
+    return f"architecture {spec.arch}" + (f" + weights {spec.weights}" if spec.weights else " (initialised here)")
+
+
+def _check_fits(model, input_shape: tuple[int, ...], num_classes: int) -> None:
+    """One forward pass on a dummy batch: the model must take the data's images and give one logit per class."""
+    import torch
+
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, *input_shape))
+    except Exception as e:  # noqa: BLE001 - any failure here means the model and data don't match
+        raise EdgepipeError(f"teacher.model: does not accept inputs of shape {list(input_shape)} "
+                            f"from data ({type(e).__name__}: {str(e).splitlines()[0]}); check in_channels/image_size") from None
+    if out.ndim != 2 or out.shape[1] != num_classes:
+        raise EdgepipeError(f"teacher.model: outputs shape {list(out.shape)}, but the data has {num_classes} classes; "
+                            "set num_classes in the model kwargs")

@@ -1,0 +1,79 @@
+"""teacher, distill and prune stages on tiny models: they train, record, and really shrink the model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgepipe.errors import EdgepipeError
+from edgepipe.models import load_torch_artifact
+from edgepipe.profiles import HardwareProfile
+from edgepipe.stage import StageContext
+from tests.support import tiny_config
+
+PROFILE = HardwareProfile(name="t", backend="openvino", device="cpu", dtypes=["int8", "fp32"],
+                          peak_tops={"int8": 1.0, "fp32": 0.5}, memory_bandwidth_gbps=10, memory_gb=1)
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    import stages.distill as distill
+    import stages.prune as prune
+    import stages.teacher as teacher
+
+    root = tmp_path_factory.mktemp("run")
+    cfg = tiny_config(distill__feature_pairs=[{"teacher": "layer3", "student": "layer3"}], distill__beta=0.5)
+    t = StageContext("teacher", cfg, PROFILE, root / "teacher", None)
+    tr = teacher.run(t)
+    d = StageContext("distill", cfg, PROFILE, root / "distill", tr.artifact, teacher=tr.artifact)
+    d.__dict__["data"] = t.data
+    dr = distill.run(d)
+    p = StageContext("prune", cfg, PROFILE, root / "prune", dr.artifact, teacher=tr.artifact)
+    p.__dict__["data"] = t.data
+    pr = prune.run(p)
+    return {"cfg": cfg, "teacher": tr, "distill": dr, "prune": pr, "data": t.data}
+
+
+def test_teacher_trains_and_records(chain: dict) -> None:
+    hist = chain["teacher"].records["history"]
+    assert len(hist) == 2 and hist[-1]["loss"] < hist[0]["loss"]
+    assert not (chain["teacher"].artifact.root / "checkpoints").exists()
+
+
+def test_distill_records_every_component(chain: dict) -> None:
+    rec = chain["distill"].records
+    assert len(rec["history"]) == 2
+    for row in rec["history"]:
+        assert {"soft", "hard", "feature", "loss", "val_top1"} <= set(row)
+        assert row["loss"] == pytest.approx(0.9 * row["soft"] + 0.1 * row["hard"] + 0.5 * row["feature"], rel=0.05)
+    assert rec["params_ratio"] < 1 / 3
+
+
+def test_prune_really_shrinks_and_reloads(chain: dict) -> None:
+    rec = chain["prune"].records
+    assert rec["macs_after"] <= 0.6 * rec["macs_before"]
+    assert rec["params_after"] < rec["params_before"]
+    assert any(after < before for before, after in rec["channels"].values())
+    model = load_torch_artifact(chain["prune"].artifact)
+    assert sum(p.numel() for p in model.parameters()) == rec["params_after"]
+    assert chain["prune"].artifact.size_bytes() < chain["distill"].artifact.size_bytes()
+    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_prune_taylor_importance(tmp_path: Path, chain: dict) -> None:
+    import stages.prune as prune
+
+    cfg = tiny_config(prune__importance="taylor", prune__optim={"epochs": 0})
+    ctx = StageContext("prune", cfg, PROFILE, tmp_path, chain["distill"].artifact, teacher=chain["teacher"].artifact)
+    ctx.__dict__["data"] = chain["data"]
+    rec = prune.run(ctx).records
+    assert rec["importance"] == "taylor" and rec["macs_ratio"] <= 0.6
+
+
+def test_bad_teacher_shape_is_clear(tmp_path: Path) -> None:
+    import stages.teacher as teacher
+
+    cfg = tiny_config(teacher={"model": {"arch": "cifar_resnet", "kwargs": {"depth": 8, "in_channels": 3}}})
+    with pytest.raises(EdgepipeError, match="in_channels"):
+        teacher.run(StageContext("teacher", cfg, PROFILE, tmp_path, None))

@@ -1,0 +1,85 @@
+"""Tiny models, data and configs shared by every test, so each stage test runs in seconds."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from edgepipe.config import PipelineConfig, validate_config
+from edgepipe.data import DataBundle
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+CIFAR10 = Path(os.environ.get("EDGEPIPE_CIFAR10", SHARED / "datasets" / "cifar10"))
+TEACHERS = Path(os.environ.get("EDGEPIPE_TEACHERS", SHARED / "teachers"))
+
+needs_cifar = pytest.mark.skipif(not (CIFAR10 / "train").is_dir(),
+                                 reason=f"needs the CIFAR-10 ImageFolder at {CIFAR10} (../shared is not in a user's clone)")
+needs_teacher = pytest.mark.skipif(not (TEACHERS / "resnet56_cifar10.state_dict.pt").is_file(),
+                                   reason=f"needs the ResNet-56 teacher at {TEACHERS} (../shared is not in a user's clone)")
+
+
+class TinyCNN(nn.Module):
+    """conv-bn-relu x2 + linear on 1x8x8 inputs: prunable, quantizable, exportable, instant."""
+
+    def __init__(self, width: int = 8, num_classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(2 * width)
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def tiny_cnn(width: int = 8, num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    """Factory for configs: ``factory: tests.support:tiny_cnn``."""
+    return TinyCNN(width, num_classes, in_channels)
+
+
+def tiny_data(n_train: int = 128, n_val: int = 64, seed: int = 0) -> DataBundle:
+    """Random 1x8x8 images with a learnable label (which quadrant is brightest)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def make(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.rand(n, 1, 8, 8, generator=g) * 0.3
+        y = torch.randint(0, 4, (n,), generator=g)
+        for i, label in enumerate(y.tolist()):
+            r, c = divmod(label, 2)
+            x[i, 0, r * 4:(r + 1) * 4, c * 4:(c + 1) * 4] += 0.7
+        return x, y
+
+    tx, ty = make(n_train)
+    vx, vy = make(n_val)
+    return DataBundle(tx, ty, vx, vy, torch.tensor([0.5]), torch.tensor([0.3]),
+                      [str(i) for i in range(10)], augment=False, hflip=False, pad=1, seed=seed)
+
+
+def tiny_config(**overrides: Any) -> PipelineConfig:
+    """The digits recipe shrunk to seconds: small models, one or two epochs, few timing iterations."""
+    cfg: dict[str, Any] = {
+        "name": "tiny",
+        "data": {"kind": "digits", "batch_size": 64, "limit_train": 512, "limit_val": 128},
+        "teacher": {"model": {"arch": "cifar_resnet", "kwargs": {"depth": 8, "width": 16, "in_channels": 1}},
+                    "train": {"epochs": 2, "lr": 0.1}},
+        "distill": {"student": {"arch": "cifar_resnet", "kwargs": {"depth": 8, "width": 8, "in_channels": 1}},
+                    "optim": {"epochs": 2, "lr": 0.1}},
+        "prune": {"ratio": 0.6, "steps": 2, "optim": {"epochs": 1, "lr": 0.02}},
+        "qat": {"calibration_batches": 2, "optim": {"epochs": 1, "lr": 0.005, "autocast": "off"}},
+        "measure": {"warmup": 2, "iterations": 5, "throughput_batch": 8},
+        "bench": {"batch_sizes": [1, 4], "warmup": 1, "iterations": 3},
+    }
+    for key, value in overrides.items():
+        section, _, field = key.partition("__")
+        if field:
+            cfg.setdefault(section, {})[field] = value
+        else:
+            cfg[section] = value
+    return validate_config(cfg, "tiny_config")

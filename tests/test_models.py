@@ -1,0 +1,86 @@
+"""Model registry, safe loading, and reloading a pruned model from a plain state dict."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch_pruning as tp
+
+from edgepipe.config import ModelSpec
+from edgepipe.errors import EdgepipeError
+from edgepipe.models import (build_arch, build_from_spec, load_torch_artifact, restore_shapes,
+                             save_torch_artifact)
+from tests.support import TEACHERS, TinyCNN, needs_teacher
+
+
+def test_cifar_resnet_sizes() -> None:
+    m = build_arch("cifar_resnet", {"depth": 56})
+    params = sum(p.numel() for p in m.parameters())
+    assert 0.84e6 < params < 0.88e6  # ~0.86M, as the shipped teacher's README says
+    macs, _ = tp.utils.count_ops_and_params(m, torch.zeros(1, 3, 32, 32))
+    assert 120e6 < macs < 130e6
+    with pytest.raises(EdgepipeError, match="6n\\+2"):
+        build_arch("cifar_resnet", {"depth": 21})
+
+
+def test_unknown_arch_lists_known() -> None:
+    with pytest.raises(EdgepipeError, match="cifar_resnet"):
+        build_arch("resnet9000", {})
+
+
+def test_torchvision_arch_builds_without_download() -> None:
+    m = build_arch("tv_mobilenet_v3_small", {"num_classes": 10}).eval()
+    assert m(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_factory_and_bad_factory() -> None:
+    m = build_from_spec(ModelSpec(factory="tests.support:tiny_cnn", kwargs={"width": 4}))
+    assert isinstance(m, TinyCNN) and m.conv1.out_channels == 4
+    with pytest.raises(EdgepipeError, match="cannot import"):
+        build_from_spec(ModelSpec(factory="tests.nowhere:fn"))
+
+
+def test_weights_loaded_safely_and_mismatch_is_clear(tmp_path: Path) -> None:
+    m = TinyCNN()
+    torch.save(m.state_dict(), tmp_path / "w.pt")
+    spec = ModelSpec(factory="tests.support:tiny_cnn", weights=str(tmp_path / "w.pt"))
+    assert torch.equal(build_from_spec(spec).conv1.weight, m.conv1.weight)
+    torch.save({"net": torch.nn.Linear(2, 2)}, tmp_path / "pickled.pt")  # a pickled module: refused
+    with pytest.raises(EdgepipeError, match="not a loadable state dict"):
+        build_from_spec(ModelSpec(factory="tests.support:tiny_cnn", weights=str(tmp_path / "pickled.pt")))
+    torch.save(TinyCNN(width=4).state_dict(), tmp_path / "small.pt")
+    with pytest.raises(EdgepipeError, match="does not fit"):
+        build_from_spec(ModelSpec(factory="tests.support:tiny_cnn", weights=str(tmp_path / "small.pt")))
+
+
+def test_pruned_model_reloads_from_plain_state_dict(tmp_path: Path) -> None:
+    m = build_arch("cifar_resnet", {"depth": 8, "width": 8, "in_channels": 1}).eval()
+    x = torch.randn(2, 1, 8, 8)
+    tp.pruner.MetaPruner(m, x[:1], importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=0.5,
+                         ignored_layers=[m.fc]).step()
+    art = save_torch_artifact(m, {"arch": "cifar_resnet", "kwargs": {"depth": 8, "width": 8, "in_channels": 1}},
+                              tmp_path, (1, 8, 8), 10)
+    state = torch.load(art.path("model"), weights_only=True)  # plain tensors only
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    again = load_torch_artifact(art)
+    assert again.conv1.out_channels == m.conv1.out_channels < 8
+    assert torch.allclose(again(x), m(x))
+
+
+def test_restore_shapes_depthwise() -> None:
+    src = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 1), torch.nn.Conv2d(6, 6, 3, groups=6))
+    dst = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 8, 3, groups=8))
+    restore_shapes(dst, src.state_dict())
+    dst.load_state_dict(src.state_dict())
+    assert dst[1].groups == 6 and dst[1].in_channels == 6
+
+
+@needs_teacher
+def test_shipped_teacher_loads_both_forms() -> None:
+    sd_model = build_from_spec(ModelSpec(arch="cifar_resnet", kwargs={"depth": 56},
+                                         weights=str(TEACHERS / "resnet56_cifar10.state_dict.pt"))).eval()
+    prog_model = build_from_spec(ModelSpec(program=str(TEACHERS / "resnet56_cifar10.pt2")))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(sd_model(x), prog_model(x), atol=1e-4)
