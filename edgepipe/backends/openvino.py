@@ -1,0 +1,236 @@
+"""OpenVINO backend: ONNX -> OpenVINO IR (model.xml + model.bin), compiled and checked on a device.
+
+What a model *runs* in is read back from the compiled model, never assumed from the request. The
+CPU plugin picks each layer's precision from the hardware: a ``bf16`` INFERENCE_PRECISION_HINT on a
+CPU without AVX512-BF16/AMX silently runs f32, and a QDQ model only runs int8 where the plugin's
+low-precision transformations turn its FakeQuantize nodes into int8 kernels. So compile reads the
+execution graph (``compiled.get_runtime_model()``): every node's ``rt_info`` carries ``layerType``
+(e.g. Convolution, FullyConnected, MatMul, FakeQuantize, Reorder) and ``runtimePrecision`` (f32,
+bf16, f16, i8, u8), plus ``outputPrecisions``, ``primitiveType`` (e.g. ``jit_avx2_I8``),
+``originalLayersNames``, ``execOrder``, ``execTimeMcs`` and ``outputLayouts``. The artifact's dtype
+is the precision the convolutions actually run in; the requested one is kept beside it.
+
+A profile whose device (GPU, NPU) is not on this host is compiled and measured on CPU, and the
+records say so in ``measured_on`` and ``note``: the IR itself is device independent.
+
+Docs relied on:
+- OpenVINO, "Execution model utilities" (ov::exec_model_info: LAYER_TYPE "layerType",
+  RUNTIME_PRECISION "runtimePrecision", OUTPUT_PRECISIONS, IMPL_TYPE "primitiveType", ...):
+  https://docs.openvino.ai/2024/api/c_cpp_api/group__ov__dev__exec__model.html
+- OpenVINO, "Precision Control" (inference precision vs IR precision, INFERENCE_PRECISION_HINT):
+  https://docs.openvino.ai/2025/openvino-workflow/running-inference/optimize-inference/precision-control.html
+- OpenVINO, "CPU Device" (supported inference precisions; bf16 needs native support):
+  https://docs.openvino.ai/2024/openvino-workflow/running-inference/inference-devices-and-modes/cpu-device.html
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgepipe.artifacts import Artifact
+from edgepipe.errors import EdgepipeError
+from edgepipe.profiles import HardwareProfile
+from edgepipe.runtime import host_cpu
+from edgepipe.types import ArtifactKind, DType
+
+log = logging.getLogger(__name__)
+
+DTYPES = (DType.INT8, DType.BF16, DType.FP16, DType.FP32)
+COMPUTE_LAYERS = ("Convolution", "MatMul", "FullyConnected")
+_INT8 = ("i8", "u8")
+_HINT = {DType.BF16: "bf16", DType.FP16: "f16", DType.FP32: "f32"}
+_FROM_RUNTIME = {"i8": DType.INT8, "u8": DType.INT8, "bf16": DType.BF16, "f16": DType.FP16, "f32": DType.FP32}
+_VIRTUAL_DEVICES = ("AUTO", "HETERO", "MULTI", "BATCH")
+
+
+def available() -> tuple[bool, str]:
+    try:
+        import openvino  # noqa: F401
+    except ImportError as e:
+        return False, f"openvino is not installed ({e}); pip install openvino"
+    return True, ""
+
+
+def runtime_precisions(compiled_model: Any, layer_types: tuple[str, ...] | None = COMPUTE_LAYERS) -> dict[str, dict[str, int]]:
+    """Histogram {layerType: {runtimePrecision: count}} of a compiled model's execution graph.
+
+    Args:
+        compiled_model: an ``openvino.CompiledModel``.
+        layer_types: the layer types to count (default: Convolution, MatMul, FullyConnected); None for all.
+    """
+    hist: dict[str, dict[str, int]] = {}
+    for op in compiled_model.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        if "layerType" not in info or "runtimePrecision" not in info:
+            continue
+        layer, precision = info["layerType"].astype(str), info["runtimePrecision"].astype(str)
+        if layer_types is None or layer in layer_types:
+            per_layer = hist.setdefault(layer, {})
+            per_layer[precision] = per_layer.get(precision, 0) + 1
+    return hist
+
+
+def int8_convolutions(hist: dict[str, dict[str, int]]) -> bool:
+    """True only if there are convolutions and every one runs in i8/u8."""
+    convs = hist.get("Convolution", {})
+    return bool(convs) and all(p in _INT8 for p in convs)
+
+
+def runtime_dtype(hist: dict[str, dict[str, int]]) -> DType:
+    """INT8 if every convolution runs int8, else the float precision most compute layers run in."""
+    if int8_convolutions(hist):
+        return DType.INT8
+    floats: dict[str, int] = {}
+    for per_layer in hist.values():
+        for precision, n in per_layer.items():
+            if precision not in _INT8:
+                floats[precision] = floats.get(precision, 0) + n
+    if not floats:  # int8 matmuls but no convolutions at all
+        return DType.INT8
+    return _FROM_RUNTIME.get(max(floats, key=floats.get), DType.FP32)
+
+
+def _device_present(core: Any, device: str) -> bool:
+    family = device.split(":")[0].split(".")[0]
+    return family in _VIRTUAL_DEVICES or any(d == device or d.split(".")[0] == family for d in core.available_devices)
+
+
+def _config(profile: HardwareProfile, dtype: DType) -> dict[str, str]:
+    opts = profile.options.openvino
+    if dtype is DType.INT8:
+        # FakeQuantize nodes decide what runs int8; the hint covers the layers left in float.
+        hint = "bf16" if profile.best_float is DType.BF16 else "f32"
+    else:
+        hint = _HINT[dtype]
+    config = {"PERFORMANCE_HINT": opts.performance_hint, "INFERENCE_PRECISION_HINT": hint}
+    if opts.num_streams is not None:
+        config["NUM_STREAMS"] = str(opts.num_streams)
+    return config
+
+
+def _device_label(core: Any, device: str) -> str:
+    if device == "CPU":
+        return f"cpu: {host_cpu()}"
+    try:
+        return f"{device}: {core.get_property(device, 'FULL_DEVICE_NAME')}"
+    except RuntimeError:
+        return device
+
+
+class OvRunner:
+    """An OpenVINO compiled model behind the Runner protocol; ``dtype`` is what its convolutions run in."""
+
+    backend = "openvino"
+
+    def __init__(self, xml_path: Path | str, device: str = "CPU", config: dict[str, str] | None = None,
+                 threads: int | None = None) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        config = dict(config or {})
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = str(threads)
+        self.compiled = core.compile_model(core.read_model(str(xml_path)), device, config)
+        self.request = self.compiled.create_infer_request()
+        self.precisions = runtime_precisions(self.compiled)
+        self.dtype = runtime_dtype(self.precisions).value
+        self.device = _device_label(core, device)
+        self.threads = threads
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        self.request.infer({0: batch})
+        return self.request.get_output_tensor(0).data.copy()
+
+
+def _save_ir(model: Any, out_dir: Path) -> Path:
+    """Save model.xml + model.bin into a temp folder in out_dir, then move both into place."""
+    import openvino as ov
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".ov-save-", dir=out_dir))
+    try:
+        ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
+        os.replace(tmp / "model.bin", out_dir / "model.bin")  # weights first: the xml names them
+        os.replace(tmp / "model.xml", out_dir / "model.xml")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir / "model.xml"
+
+
+def compile(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_dir: Path,
+            progress: Callable[[str, int, int, dict[str, float]], None] | None = None) -> tuple[Artifact, dict[str, Any]]:
+    """Convert ``onnx_path`` to OpenVINO IR in ``out_dir``, compile it and verify runtime precisions.
+
+    Args:
+        onnx_path: The exported ONNX (float, or QDQ INT8).
+        profile: Target; ``options.openvino`` gives device, performance hint and streams.
+        dtype: Requested precision. The artifact records the one the runtime actually uses.
+        out_dir: Folder for model.xml and model.bin.
+        progress: ``progress(task, done, total, values)`` over the steps convert, save, compile.
+
+    Returns:
+        The OPENVINO_IR artifact and records (settings, device measured on, per-layer precisions).
+
+    Raises:
+        EdgepipeError: ``dtype`` is INT8 but some convolution does not run in int8.
+    """
+    import openvino as ov
+
+    onnx_path, out_dir = Path(onnx_path), Path(out_dir)
+    if dtype not in DTYPES:
+        raise EdgepipeError(f"backend openvino cannot compile {dtype.value} (supported: "
+                            f"{', '.join(d.value for d in DTYPES)})")
+    report = progress or (lambda task, done, total, values: None)
+    core = ov.Core()
+    target = profile.options.openvino.device
+    measured_on = target if _device_present(core, target) else "CPU"
+    config = _config(profile, dtype)
+
+    model = ov.convert_model(str(onnx_path))
+    report("openvino: convert", 1, 3, {})
+    xml = _save_ir(model, out_dir)
+    report("openvino: save IR", 2, 3, {})
+    runner = OvRunner(xml, measured_on, config)  # compiles the saved IR: what ships is what is checked
+    report(f"openvino: compile on {measured_on}", 3, 3, {})
+    hist, achieved = runner.precisions, DType(runner.dtype)
+    all_int8 = int8_convolutions(hist)
+    if dtype is DType.INT8 and not all_int8:
+        raise EdgepipeError(f"{onnx_path}: compiled for int8 on {measured_on} but not every convolution runs int8 "
+                            f"(runtime precisions: {hist}); check that each Conv input and weight has a "
+                            "QuantizeLinear/DequantizeLinear pair in the exported ONNX")
+
+    records: dict[str, Any] = {
+        "settings": {"device": target, "config": config, "openvino_version": ov.__version__},
+        "measured_on": measured_on,
+        "device_capabilities": list(core.get_property(measured_on, "OPTIMIZATION_CAPABILITIES")),
+        # The compiled model's own answer: a bf16 hint on a CPU without bf16 reads back f32.
+        "compiled_inference_precision": runner.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name(),
+        "conv_precisions": hist,
+        "int8_convolutions": all_int8,
+        "requested_dtype": dtype.value,
+        "runtime_dtype": achieved.value,
+    }
+    if measured_on != target:
+        records["note"] = f"target device {target} not present on this host"
+        log.warning("openvino: %s; compiled and measured on CPU instead (available: %s)",
+                    records["note"], ", ".join(core.available_devices))
+    if achieved is not dtype:
+        log.warning("openvino: requested %s but %s runs %s (precisions: %s)", dtype.value, measured_on,
+                    achieved.value, hist)
+    artifact = Artifact(kind=ArtifactKind.OPENVINO_IR, root=out_dir, files={"xml": "model.xml", "bin": "model.bin"},
+                        dtype=achieved, quantized=DType.INT8 in (dtype, achieved),
+                        meta={"backend": "openvino", "device": target, "measured_on": measured_on, "config": config,
+                              "requested_dtype": dtype.value, "runtime_dtype": achieved.value,
+                              **({"note": records["note"]} if "note" in records else {})})
+    return artifact, records
+
+
+def load(artifact: Artifact, threads: int | None = None) -> OvRunner:
+    return OvRunner(artifact.path("xml"), artifact.meta.get("measured_on", "CPU"), artifact.meta.get("config"), threads)

@@ -1,0 +1,88 @@
+"""OpenVINO backend: IR on disk, runtime precisions read back from the compiled model, CPU fallback."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+import pytest
+
+from edgepipe.backends import onnxruntime as ortb
+from edgepipe.backends import openvino as ovb
+from edgepipe.errors import EdgepipeError
+from edgepipe.runtime import host_has_native_bf16, host_isa
+from edgepipe.types import ArtifactKind, DType
+from tests.backends.conftest import ACT_SCALE, make_profile, random_batch
+
+
+def ov_profile(dtypes: tuple[DType, ...] = (DType.INT8, DType.FP32), **openvino_options: str):
+    return make_profile("intel-cpu-test", "openvino", dtypes, {"openvino": openvino_options})
+
+
+def test_qdq_model_runs_every_convolution_in_int8(qdq_onnx: Path, tmp_path: Path) -> None:
+    steps: list[int] = []
+    artifact, records = ovb.compile(qdq_onnx, ov_profile(), DType.INT8, tmp_path,
+                                    progress=lambda task, done, total, values: steps.append(done))
+
+    assert artifact.kind is ArtifactKind.OPENVINO_IR and artifact.files == {"xml": "model.xml", "bin": "model.bin"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.bin", "model.xml"]  # temp folder cleaned up
+    assert records["int8_convolutions"] is True and artifact.dtype is DType.INT8
+    assert records["conv_precisions"]["Convolution"] and set(records["conv_precisions"]["Convolution"]) <= {"i8", "u8"}
+    assert records["measured_on"] == "CPU" and "note" not in records and steps == [1, 2, 3]
+
+    runner = ovb.load(artifact, threads=1)
+    convs = ovb.runtime_precisions(runner.compiled)["Convolution"]
+    assert sum(convs.values()) == 2 and set(convs) <= {"i8", "u8"}
+    assert runner.dtype == "int8" and runner.threads == 1
+    assert runner.compiled.get_property("INFERENCE_NUM_THREADS") == 1
+
+    # Same model through ONNX Runtime: int8 rounding may differ by a step, the predictions may not.
+    x = random_batch(256)
+    ours, theirs = runner.infer(x), ortb.OrtRunner(qdq_onnx).infer(x)
+    assert ours.shape == theirs.shape == (256, 10)
+    assert np.abs(ours - theirs).max() < 4 * ACT_SCALE
+    assert np.abs(ours - theirs).mean() < 0.1 * theirs.std()
+    assert (ours.argmax(1) == theirs.argmax(1)).mean() >= 0.97
+
+
+def test_float_model_requested_int8_is_refused(float_onnx: Path, tmp_path: Path) -> None:
+    with pytest.raises(EdgepipeError, match="not every convolution runs int8"):
+        ovb.compile(float_onnx, ov_profile(), DType.INT8, tmp_path)
+
+
+@pytest.mark.skipif(host_has_native_bf16(), reason="host has native bf16 (AVX512-BF16/AMX): bf16 really runs here")
+def test_bf16_request_records_the_precision_that_runs(float_onnx: Path, tmp_path: Path) -> None:
+    artifact, records = ovb.compile(float_onnx, ov_profile((DType.BF16, DType.FP32)), DType.BF16, tmp_path)
+
+    assert records["settings"]["config"]["INFERENCE_PRECISION_HINT"] == "bf16"
+    assert records["compiled_inference_precision"] == "f32"
+    assert records["requested_dtype"] == "bf16" and records["runtime_dtype"] == "fp32"
+    assert artifact.dtype is DType.FP32
+    assert artifact.meta["requested_dtype"] == "bf16" and artifact.meta["runtime_dtype"] == "fp32"
+    assert set(records["conv_precisions"]["Convolution"]) == {"f32"}
+    assert ovb.load(artifact).dtype == "fp32"
+
+
+@pytest.mark.parametrize("device", ["GPU", "NPU"])
+def test_absent_device_falls_back_to_cpu(device: str, float_onnx: Path, tmp_path: Path) -> None:
+    if any(d.split(".")[0] == device for d in ov.Core().available_devices):
+        pytest.skip(f"this host has a {device}, so there is nothing to fall back from")
+    profile = ov_profile((DType.FP16, DType.FP32), device=device)
+    artifact, records = ovb.compile(float_onnx, profile, DType.FP16, tmp_path)
+
+    assert records["measured_on"] == "CPU" and records["note"] == f"target device {device} not present on this host"
+    assert records["settings"]["device"] == device and artifact.meta["measured_on"] == "CPU"
+    assert artifact.dtype.value == records["runtime_dtype"]  # what the CPU ran, not what the profile asked
+    if not {"avx512_fp16", "amx_bf16"} & set(host_isa()):
+        assert records["runtime_dtype"] == "fp32"
+    assert artifact.meta["note"] == records["note"]
+    runner = ovb.load(artifact)
+    assert runner.device.startswith("cpu: ") and runner.infer(random_batch(2)).shape == (2, 10)
+
+
+def test_runtime_precisions_counts_all_layers_on_request(qdq_onnx: Path) -> None:
+    core = ov.Core()
+    compiled = core.compile_model(ov.convert_model(str(qdq_onnx)), "CPU")
+    every = ovb.runtime_precisions(compiled, layer_types=None)
+    assert "FakeQuantize" in every and "Convolution" in every
+    assert set(ovb.runtime_precisions(compiled)) <= set(ovb.COMPUTE_LAYERS)
