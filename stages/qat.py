@@ -1,0 +1,91 @@
+"""Stage 4, qat: INT8 quantization-aware training, when the target device runs int8.
+
+insert fake quantization (edgepipe.quant: weights per-channel symmetric, activations per-tensor
+symmetric with zero-point 0) -> calibrate activation ranges on ``qat.calibration_batches``
+un-augmented training batches -> record the calibrated accuracy (what post-training quantization
+alone would give) -> fine-tune against the teacher's soft targets with the ranges fixed and BatchNorm
+live -> fold BatchNorm into the convolutions (exact for per-channel scales, see edgepipe.quant) ->
+save. A target without int8, or ``qat.enabled: false``, passes the input through.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from typing import Any
+
+from torch import nn
+
+from edgepipe.distillation import kd_step
+from edgepipe.errors import EdgepipeError
+from edgepipe.models import load_torch_artifact, save_torch_artifact
+from edgepipe.quant import (calibrate, find_conv_bn_pairs, fold_batchnorm, insert_fake_quant, quant_layers,
+                            quant_settings)
+from edgepipe.stage import StageContext, StageResult
+from edgepipe.training import autocast_dtype, clear_checkpoints, evaluate, fit, seed_everything
+from edgepipe.types import ArtifactKind
+
+NAME = "qat"
+INPUT_KINDS = (ArtifactKind.TORCH,)
+log = logging.getLogger(__name__)
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg, qcfg = ctx.config, ctx.config.qat
+    desc = _input_description(ctx)
+    if not qcfg.enabled:
+        return StageResult(artifact=ctx.input, skipped="disabled in config (qat.enabled: false)")
+    if not ctx.profile.supports_int8:
+        dtypes = ", ".join(d.value for d in ctx.profile.dtypes)
+        return StageResult(artifact=ctx.input, skipped=f"target {ctx.profile.name} lists no int8 (dtypes: {dtypes})")
+    if autocast_dtype(qcfg.optim) is not None:
+        log.warning("qat: bf16 autocast rounds the fake-quantized values; qat.optim.autocast: off keeps them exact")
+    seed_everything(cfg.seed + 3)
+    data, eval_bs = ctx.data, cfg.data.eval_batch_size
+
+    model = load_torch_artifact(ctx.input)
+    # Without a teacher stage, the float model itself is the teacher (self-distillation).
+    teacher = load_torch_artifact(ctx.teacher) if ctx.teacher else copy.deepcopy(model)
+    float_top1 = evaluate(model, data, eval_bs)
+    pairs, fold_note = find_conv_bn_pairs(model)  # traced on the float model, folded after fine-tuning
+    model = insert_fake_quant(model, quant_settings(qcfg.calibration, qcfg.percentile, qcfg.calibration_batches))
+
+    batches = data.calibration_batches(qcfg.calibration_batches, cfg.data.batch_size)
+    amax = calibrate(model, batches, qcfg.calibration, qcfg.percentile)
+    ptq_top1 = evaluate(model, data, eval_bs)
+    log.info("qat: float top-1 %.4f, calibrated (PTQ) top-1 %.4f", float_top1, ptq_top1)
+
+    history = fit(model, data, qcfg.optim, kd_step(teacher, qcfg.temperature, qcfg.alpha),
+                  batch_size=cfg.data.batch_size, checkpoint_dir=ctx.checkpoint_dir, task="qat",
+                  progress=ctx.progress, eval_batch_size=eval_bs)
+    fold_batchnorm(model, pairs)
+    qat_top1 = evaluate(model, data, eval_bs)
+    settings = quant_settings(qcfg.calibration, qcfg.percentile, qcfg.calibration_batches, pairs)
+    artifact = save_torch_artifact(model, desc["build"], ctx.out_dir, tuple(desc["input_shape"]),
+                                   desc["num_classes"], quantization=settings)
+    clear_checkpoints(ctx.checkpoint_dir)
+    return StageResult(artifact, records={
+        "history": history,
+        "calibration": {"method": qcfg.calibration, "percentile": qcfg.percentile, "batches": len(batches),
+                        "samples": sum(len(x) for x in batches), "amax": amax},
+        "float_top1": float_top1, "ptq_top1": ptq_top1, "qat_top1": qat_top1,
+        "bn_folded": len(pairs), "bn_unfolded": _remaining_batchnorms(model), "bn_note": fold_note,
+        "quantized_layers": len(quant_layers(model)),
+        "teacher": "teacher stage" if ctx.teacher else "float input (self-distillation)",
+        "temperature": qcfg.temperature, "alpha": qcfg.alpha, "settings": settings})
+
+
+def _input_description(ctx: StageContext) -> dict[str, Any]:
+    """The input artifact's model.json (build spec, input shape, classes); refuses what QAT cannot take."""
+    art = ctx.input
+    if art is None or art.kind not in INPUT_KINDS:
+        got = "nothing" if art is None else f"an artifact of kind {art.kind.value}"
+        raise EdgepipeError(f"qat: needs a torch model from an earlier stage, got {got}")
+    desc = json.loads(art.path("build").read_text())
+    if desc.get("quantization"):
+        raise EdgepipeError(f"{art.path('build')}: the model is already quantized; QAT takes a float model")
+    return desc
+
+
+def _remaining_batchnorms(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]

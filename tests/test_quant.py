@@ -1,0 +1,223 @@
+"""edgepipe.quant: fake-quant layers, calibration and BatchNorm folding on tiny models."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from edgepipe.errors import EdgepipeError
+from edgepipe.quant import (HISTOGRAM_BINS, QuantConv2d, QuantLinear, calibrate, dequantized_copy, find_conv_bn_pairs,
+                            fold_batchnorm, insert_fake_quant, quant_layers, quant_settings, quantization_disabled,
+                            weight_scale)
+from tests.support import TinyCNN
+
+
+def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BN statistics and affine parameters, so folding has something to get wrong."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g))
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.randn(n, generator=g))
+            m.bias.data.copy_(torch.randn(n, generator=g))
+    return model.eval()
+
+
+def _batches(n: int = 3, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(16, 1, 8, 8, generator=g) * (i + 1) for i in range(n)]
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn(self.conv(x))
+        if x.sum() > 0:
+            x = torch.relu(x)
+        return self.fc(x.mean((2, 3)))
+
+
+class ConvUsedTwice(nn.Module):
+    """The conv output also feeds a skip path: folding BN into it would change the skip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_weights_take_at_most_255_levels_per_channel() -> None:
+    torch.manual_seed(0)
+    conv = QuantConv2d.from_float(nn.Conv2d(64, 4, 3))  # 576 weights per channel > 255
+    linear = QuantLinear.from_float(nn.Linear(512, 3))
+    for layer in (conv, linear):
+        wq = layer.quant_weight().detach()
+        scale = weight_scale(layer.weight).view(-1, *[1] * (wq.ndim - 1))
+        levels = wq / scale
+        assert torch.allclose(levels, levels.round(), atol=1e-3)  # integer multiples of the channel scale
+        assert levels.abs().max() <= 127 + 1e-3  # symmetric: -128 is never used
+        for channel in wq.flatten(1):
+            assert 2 < len(channel.unique()) <= 255
+        # per channel: each channel's own max|w| maps to 127
+        assert torch.allclose(levels.flatten(1).abs().amax(1), torch.full((wq.shape[0],), 127.0))
+
+
+def test_fake_quant_passes_gradients_straight_through_and_ranges_are_not_trained() -> None:
+    torch.manual_seed(0)
+    model = insert_fake_quant(TinyCNN(), quant_settings())
+    calibrate(model, _batches(), method="max")
+    model.train()
+    model(torch.randn(4, 1, 8, 8)).sum().backward()
+    for layer in quant_layers(model).values():
+        assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    names = [n for n, _ in model.named_parameters()]
+    assert not any("amax" in n for n in names)
+    assert {"conv1.input_amax", "conv2.input_amax", "fc.input_amax"} <= set(model.state_dict())
+
+
+def test_calibrate_max_matches_the_data() -> None:
+    torch.manual_seed(0)
+    model = insert_fake_quant(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10)),
+                              quant_settings("max"))
+    batches = _batches()
+    amax = calibrate(model, batches, method="max")
+    x = torch.cat(batches)
+    with torch.no_grad(), quantization_disabled(model):
+        hidden = torch.relu(model[0](x)).flatten(1)
+    assert amax["0"] == pytest.approx(float(x.abs().max()))
+    assert amax["3"] == pytest.approx(float(hidden.abs().max()), rel=1e-6)
+    assert float(model[0].input_amax) == pytest.approx(amax["0"])
+
+
+def test_calibrate_percentile_matches_the_data() -> None:
+    model = insert_fake_quant(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10)),
+                              quant_settings())
+    batches = _batches()
+    amax = calibrate(model, batches, method="percentile", percentile=99.0)
+    absx = torch.cat(batches).abs().flatten()
+    expected = float(torch.quantile(absx, 0.99))
+    assert amax["0"] == pytest.approx(expected, abs=2 * float(absx.max()) / HISTOGRAM_BINS)
+    assert amax["0"] < float(absx.max())  # it really clips the outliers
+    assert calibrate(model, batches, method="percentile", percentile=100)["0"] == pytest.approx(float(absx.max()))
+
+
+def test_quantized_model_stays_close_to_float() -> None:
+    torch.manual_seed(0)
+    model = _randomize_bn(TinyCNN())
+    x = torch.randn(32, 1, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+    insert_fake_quant(model, quant_settings("max", bn_folded=find_conv_bn_pairs(model)[0]))
+    calibrate(model, [x], method="max")
+    with torch.no_grad():
+        out = model(x)
+    assert not torch.equal(out, ref)  # it does quantize
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_bn_folding_keeps_eval_outputs() -> None:
+    torch.manual_seed(0)
+    model = _randomize_bn(TinyCNN())
+    x = torch.randn(8, 1, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+    pairs, note = find_conv_bn_pairs(model)
+    assert pairs == [("conv1", "bn1"), ("conv2", "bn2")] and note is None
+    assert fold_batchnorm(model, pairs) == 2
+    assert isinstance(model.bn1, nn.Identity) and model.conv1.bias is not None
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref, atol=1e-5)
+
+
+def test_folding_bn_after_quantization_keeps_the_integer_weights() -> None:
+    torch.manual_seed(0)
+    model = insert_fake_quant(_randomize_bn(TinyCNN()), quant_settings())
+    x = torch.randn(64, 1, 8, 8)
+    calibrate(model, [x], method="max")
+
+    def integers(layer: nn.Module) -> torch.Tensor:
+        return (layer.quant_weight() / weight_scale(layer.weight).view(-1, 1, 1, 1)).round().detach()
+
+    before = {n: integers(getattr(model, n)) for n in ("conv1", "conv2")}
+    gamma_sign = {"conv1": model.bn1.weight.sign(), "conv2": model.bn2.weight.sign()}
+    with torch.no_grad():
+        ref = model(x)
+    assert (gamma_sign["conv1"] < 0).any()  # the sign flip is exercised
+    assert fold_batchnorm(model, [("conv1", "bn1"), ("conv2", "bn2")]) == 2
+    assert isinstance(model.conv1, QuantConv2d) and isinstance(model.bn1, nn.Identity)
+    for name, ints in before.items():
+        after = integers(getattr(model, name)) * gamma_sign[name].view(-1, 1, 1, 1)
+        assert (after == ints).float().mean() >= 0.99 and (after - ints).abs().max() <= 1
+    with torch.no_grad():
+        out = model(x)
+    assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.95
+    assert (out - ref).abs().max() < 0.02 * ref.abs().max()
+
+
+def test_bn_not_folded_when_fx_cannot_trace_or_conv_output_is_shared() -> None:
+    pairs, note = find_conv_bn_pairs(Untraceable())
+    assert pairs == [] and "torch.fx" in note
+    assert find_conv_bn_pairs(ConvUsedTwice()) == ([], None)
+    model = insert_fake_quant(Untraceable(), quant_settings())
+    assert isinstance(model.bn, nn.BatchNorm2d) and isinstance(model.conv, QuantConv2d)
+
+
+def test_insert_fake_quant_keeps_names() -> None:
+    model = insert_fake_quant(TinyCNN(), quant_settings(bn_folded=[("conv1", "bn1"), ("conv2", "bn2")]))
+    assert isinstance(model.conv1, QuantConv2d) and isinstance(model.fc, QuantLinear)
+    keys = set(model.state_dict())
+    assert {"conv1.weight", "conv1.bias", "conv1.input_amax", "fc.weight", "fc.bias", "fc.input_amax"} <= keys
+    assert not any(k.startswith("bn") for k in keys)
+
+
+def test_dequantized_copy_is_countable_and_keeps_the_quantized_weights() -> None:
+    import torch_pruning as tp
+
+    torch.manual_seed(0)
+    example = torch.randn(4, 1, 8, 8)
+    reference = TinyCNN().eval()
+    fold_batchnorm(reference, [("conv1", "bn1"), ("conv2", "bn2")])
+    model = insert_fake_quant(TinyCNN().eval(), quant_settings(bn_folded=[("conv1", "bn1"), ("conv2", "bn2")]))
+    model.load_state_dict(reference.state_dict(), strict=False)
+    calibrate(model, [example], method="max")
+    plain = dequantized_copy(model)
+    assert type(plain.conv1) is nn.Conv2d and type(plain.fc) is nn.Linear and not quant_layers(plain)
+    for name in ("conv1", "conv2", "fc"):
+        q, p = getattr(model, name), getattr(plain, name)
+        assert torch.equal(p.weight, q.quant_weight()) and not torch.equal(p.weight, q.weight)
+        assert torch.equal(p.bias, q.bias)
+    assert tp.utils.count_ops_and_params(plain, example[:1]) == tp.utils.count_ops_and_params(reference, example[:1])
+    assert tp.utils.count_ops_and_params(model, example[:1])[0] < tp.utils.count_ops_and_params(plain, example[:1])[0]
+
+
+def test_bad_inputs_are_clear() -> None:
+    with pytest.raises(EdgepipeError, match="num_bits"):
+        insert_fake_quant(TinyCNN(), {**quant_settings(), "num_bits": 4})
+    with pytest.raises(EdgepipeError, match="no nn.Conv2d or nn.Linear"):
+        insert_fake_quant(nn.Sequential(nn.ReLU()), quant_settings())
+    with pytest.raises(EdgepipeError, match="does not have"):
+        insert_fake_quant(TinyCNN(), quant_settings(bn_folded=[("conv9", "bn9")]))
+    model = insert_fake_quant(TinyCNN(), quant_settings())
+    with pytest.raises(EdgepipeError, match="already"):
+        insert_fake_quant(model, quant_settings())
+    with pytest.raises(EdgepipeError, match="not calibrated"):
+        model(torch.zeros(1, 1, 8, 8))
+    with pytest.raises(EdgepipeError, match="unknown method 'entropy'"):
+        calibrate(model, _batches(), method="entropy")
+    with pytest.raises(EdgepipeError, match="no calibration batches"):
+        calibrate(model, [], method="max")
+    with pytest.raises(EdgepipeError, match="insert_fake_quant first"):
+        calibrate(TinyCNN(), _batches(), method="max")
