@@ -1,0 +1,431 @@
+"""The run report: one table of every stage's measured figures, the conditions they were measured under,
+and three plots, as Markdown (plots linked from ``report_assets/``) and as a self-contained HTML page
+(plots embedded as PNG data URIs).
+
+Everything shown is read from the run folder (``manifest.json`` and each stage's ``metrics.json``); no
+figure or measurement condition is typed here. A figure a stage did not record is shown as "—", and a
+plot whose data is missing is replaced by a note saying why. Roofline figures for the target device are
+always labelled "estimate": they are computed from datasheet peaks, never measured.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from edgepipe.errors import EdgepipeError
+from edgepipe.io import atomic_write, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+ASSETS_DIR = "report_assets"
+DASH = "—"
+Block = tuple  # ("h1"|"h2"|"h3", text) | ("kv", [(key, value)]) | ("list", [text]) | ("table", head, rows)
+#                | ("plot", file name, caption, png bytes | None, skip note | None); rendered to Markdown and HTML
+
+
+# --- reading the run folder -------------------------------------------------------------------------
+def _read_json(path: Path, required: bool = False) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        if required:
+            raise EdgepipeError(f"{path}: not found; is this a run folder? (run `edgepipe run` first)") from None
+        return {}
+    except json.JSONDecodeError as e:
+        if required:
+            raise EdgepipeError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); rerun the pipeline") from None
+        log.warning("%s: not valid JSON (%s); its figures are shown as missing", path, e.msg)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _load_run(run_dir: Path) -> tuple[dict[str, Any], list[tuple[dict[str, Any], dict[str, Any]]]]:
+    """The manifest and, per stage in manifest order, (manifest entry, metrics.json or {})."""
+    run_dir = Path(run_dir)
+    manifest = _read_json(run_dir / "manifest.json", required=True)
+    stages = []
+    for entry in manifest.get("stages") or []:
+        folder = run_dir / str(entry.get("dir") or entry.get("name", ""))
+        stages.append((entry, _read_json(folder / "metrics.json")))
+    return manifest, stages
+
+
+def _get(d: Any, *keys: str) -> Any:
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+def _num(x: Any) -> float | None:
+    return float(x) if isinstance(x, int | float) and not isinstance(x, bool) else None
+
+
+def _int(x: Any) -> int | None:
+    return None if _num(x) is None else int(x)
+
+
+# --- the stage table --------------------------------------------------------------------------------
+def _rows(stages: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[dict[str, Any]]:
+    teacher_top1 = next((_num(_get(m, "accuracy", "top1")) for e, m in stages if e.get("name") == "teacher"), None)
+    rows = []
+    for entry, m in stages:
+        top1 = _num(_get(m, "accuracy", "top1"))
+        estimate = m.get("estimate") if isinstance(m.get("estimate"), dict) else None
+        rows.append({
+            "stage": str(entry.get("name") or m.get("stage") or "?"),
+            "status": str(entry.get("status") or m.get("status") or "pending"),
+            "skipped_reason": entry.get("skipped_reason") or m.get("skipped_reason"),
+            "precision": _get(m, "artifact", "dtype"),
+            "top1": top1,
+            "delta": None if top1 is None or teacher_top1 is None else top1 - teacher_top1,
+            "params": _int(m.get("params")),
+            "macs": _int(m.get("macs")),
+            "size_bytes": _int(m.get("size_bytes")),
+            "p50_ms": _num(_get(m, "latency", "p50_ms")),
+            "p99_ms": _num(_get(m, "latency", "p99_ms")),
+            "latency": m.get("latency") if isinstance(m.get("latency"), dict) else None,
+            "throughput": _num(_get(m, "throughput", "images_per_s")),
+            "throughput_batch": _get(m, "throughput", "batch"),
+            "throughput_record": m.get("throughput") if isinstance(m.get("throughput"), dict) else None,
+            "estimate_ms": _num(_get(estimate, "latency_ms")),
+            "estimate": estimate,
+            "accuracy": m.get("accuracy") if isinstance(m.get("accuracy"), dict) else None,
+            "wall_time_s": next((v for v in (_num(entry.get("wall_time_s")), _num(m.get("wall_time_s")))
+                                 if v is not None), None),
+            "measure_note": m.get("measure_note") if isinstance(m.get("measure_note"), str) else None,
+        })
+    return rows
+
+
+def stage_table_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """One dict per stage of the run, in order, with the raw figures (None where not recorded).
+
+    Keys: ``stage``, ``status``, ``precision`` (artifact dtype), ``top1`` (fraction, 0..1), ``delta``
+    (top-1 minus the teacher's, as a fraction; x100 for points), ``params``, ``macs``, ``size_bytes``,
+    ``p50_ms`` (batch 1), ``throughput`` (images/s at ``throughput_batch``), ``estimate_ms`` (roofline
+    estimate, not measured); also ``skipped_reason``, ``p99_ms``, ``latency`` and ``throughput_record``
+    (the recorded dicts), ``throughput_batch``, ``estimate``, ``accuracy``, ``wall_time_s`` and
+    ``measure_note`` (e.g. why a latency is a host reference).
+
+    Raises:
+        EdgepipeError: ``run_dir`` has no readable manifest.json.
+    """
+    return _rows(_load_run(run_dir)[1])
+
+
+def _count(x: float | None) -> str:
+    if x is None:
+        return DASH
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(x) >= div:
+            return f"{x / div:.2f} {unit}"
+    return f"{x:.0f}"
+
+
+def _size(b: float | None) -> str:
+    if b is None:
+        return DASH
+    if b >= 2 ** 20:
+        return f"{b / 2 ** 20:.2f} MiB"
+    return f"{b / 1024:.1f} KiB" if b >= 1024 else f"{b:.0f} B"
+
+
+def _ms(x: float | None) -> str:
+    if x is None:
+        return DASH
+    return f"{x:.3f}" if x < 10 else f"{x:.2f}" if x < 100 else f"{x:.1f}"
+
+
+def _ips(x: float | None) -> str:
+    return DASH if x is None else f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
+
+
+def _seconds(x: float | None) -> str:
+    return DASH if x is None else f"{x:.1f} s" if x < 120 else f"{x / 60:.1f} min"
+
+
+def _runtime(lat: dict[str, Any] | None) -> str:
+    if not lat:
+        return DASH
+    return f"{lat.get('backend', '?')} {lat.get('dtype', '')} · {lat.get('device', '?')} · {_threads(lat.get('threads'))}"
+
+
+def _threads(n: Any) -> str:
+    return "default threads" if n is None else f"{n} thread{'' if n == 1 else 's'}"
+
+
+def _table_cells(r: dict[str, Any]) -> list[str]:
+    est = r["estimate"]
+    estimate = DASH if r["estimate_ms"] is None else (
+        f"estimate: {_ms(r['estimate_ms'])} ms ({est.get('dtype', '?')}, batch {est.get('batch', '?')}, "
+        f"{est.get('bound', '?')}-bound)")
+    latency = DASH if r["p50_ms"] is None else f"{_ms(r['p50_ms'])} / {_ms(r['p99_ms'])}"
+    throughput = DASH if r["throughput"] is None else f"{_ips(r['throughput'])} img/s @ batch {r['throughput_batch']}"
+    delta = DASH if r["delta"] is None else "ref" if r["stage"] == "teacher" else f"{100 * r['delta']:+.2f}"
+    runtime = _runtime(r["latency"])
+    if r["latency"] and (r["measure_note"] or "").startswith("host reference"):
+        runtime += " (host reference, see notes)"
+    return [r["stage"], r["status"], r["precision"] or DASH, DASH if r["top1"] is None else f"{100 * r['top1']:.2f}",
+            delta, _count(r["params"]), _count(r["macs"]), _size(r["size_bytes"]), latency, runtime,
+            throughput, estimate, _seconds(r["wall_time_s"])]
+
+
+TABLE_HEAD = ["stage", "status", "precision", "top-1 (%)", "Δ top-1 vs teacher (pts)", "params", "MACs", "size",
+              "latency p50 / p99 (ms, batch 1)", "measured with", "throughput", "target estimate (not measured)",
+              "wall time"]
+
+
+def _conditions(rows: list[dict[str, Any]]) -> list[str]:
+    """Footnotes: the measurement conditions recorded in the metrics, grouped across stages."""
+    groups: dict[str, list[str]] = {}
+    for r in rows:
+        for what, rec in (("latency", r["latency"]), ("throughput", r["throughput_record"])):
+            if isinstance(rec, dict):
+                key = (f"{what} at batch {rec.get('batch', '?')}: {rec.get('warmup', '?')} untimed warm-up + "
+                       f"{rec.get('iterations', '?')} timed iterations, {_threads(rec.get('threads'))}, "
+                       f"{rec.get('backend', '?')} {rec.get('dtype', '')} on {rec.get('device', '?')}")
+                groups.setdefault(key, []).append(r["stage"])
+        acc = r["accuracy"]
+        if acc and acc.get("top1") is not None:
+            key = (f"top-1 on {acc.get('samples', '?')} validation images, run with {acc.get('backend', '?')} "
+                   f"{acc.get('dtype', '')}")
+            groups.setdefault(key, []).append(r["stage"])
+    notes = [f"{k} ({', '.join(v)})" for k, v in groups.items()]
+    if groups:
+        notes.append("p50/p90/p99 are percentiles of the per-iteration wall-clock latency on one fixed random "
+                     "batch; images/s = batch × 1000 / mean latency.")
+    estimates = {(r["estimate"].get("label") or "estimate (not measured)", r["estimate"].get("assumptions"))
+                 for r in rows if r["estimate"]}
+    for label, assumptions in sorted(estimates, key=str):
+        notes.append(f"Target {label}: an ideal lower bound computed from datasheet figures, never timed"
+                     + (f" ({assumptions})." if assumptions else "."))
+    notes += [f"{r['stage']}: {r['measure_note']}" for r in rows if r["measure_note"]]
+    notes += [f"{r['stage']} skipped: {r['skipped_reason']}" for r in rows if r["skipped_reason"]]
+    return notes
+
+
+# --- plots ------------------------------------------------------------------------------------------
+def _new_figure(width: float = 7.0, height: float = 4.2) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)  # Agg, without touching pyplot's global backend
+    return fig
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
+
+
+def _plot_accuracy_latency(rows: list[dict[str, Any]]) -> bytes | str:
+    points = [r for r in rows if r["top1"] is not None and r["p50_ms"] is not None and r["p50_ms"] > 0]
+    if not points:
+        return "no stage recorded both top-1 and a batch-1 latency"
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    ax.scatter([r["p50_ms"] for r in points], [100 * r["top1"] for r in points], zorder=3)
+    for r in points:
+        ax.annotate(f"{r['stage']} ({r['latency'].get('backend', '?')} {r['latency'].get('dtype', '')})",
+                    (r["p50_ms"], 100 * r["top1"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    lats = [r["p50_ms"] for r in points]
+    wide = max(lats) / min(lats) > 300  # 1-2-5 ticks crowd the axis beyond ~2.5 decades
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0,) if wide else (1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.margins(x=0.3, y=0.15)  # room for the point labels
+    ax.set_xlabel("batch-1 latency p50 (ms, log scale, measured on this host)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title("Accuracy vs latency per stage")
+    ax.grid(True, which="both", alpha=0.3)
+    return _png(fig)
+
+
+def _plot_distillation(stages: list[tuple[dict[str, Any], dict[str, Any]]]) -> bytes | str:
+    metrics = next((m for e, m in stages if e.get("name") == "distill"), None)
+    if metrics is None:
+        return "the run has no distill stage"
+    history = [h for h in (_get(metrics, "records", "history") or []) if isinstance(h, dict)]
+    if not history:
+        return f"the distill stage recorded no per-epoch history (status: {metrics.get('status', 'not run')})"
+    epochs = [h.get("epoch", i + 1) for i, h in enumerate(history)]
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    for key, label in (("soft", "soft (KL)"), ("hard", "hard (CE)"), ("feature", "feature (MSE)"), ("loss", "total")):
+        values = [_num(h.get(key)) for h in history]
+        if any(v is not None for v in values):
+            ax.plot(epochs, [float("nan") if v is None else v for v in values], marker="o", label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.grid(True, alpha=0.3)
+    top1 = [_num(h.get("val_top1")) for h in history]
+    handles, labels = ax.get_legend_handles_labels()
+    if any(v is not None for v in top1):
+        ax2 = ax.twinx()
+        ax2.plot(epochs, [float("nan") if v is None else 100 * v for v in top1], color="black", ls="--",
+                 marker="s", label="val top-1 (%)")
+        ax2.set_ylabel("val top-1 (%)")
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.legend(handles, labels, fontsize=8, loc="outside lower center", ncols=len(labels))
+    ax.set_title("Distillation loss components per epoch")
+    return _png(fig)
+
+
+def _plot_channels(stages: list[tuple[dict[str, Any], dict[str, Any]]]) -> bytes | str:
+    metrics = next((m for e, m in stages if e.get("name") == "prune"), None)
+    if metrics is None:
+        return "the run has no prune stage"
+    channels = _get(metrics, "records", "channels")
+    pairs = {name: (_num(v[0]), _num(v[1])) for name, v in (channels.items() if isinstance(channels, dict) else ())
+             if isinstance(v, list | tuple) and len(v) == 2}
+    pairs = {name: v for name, v in pairs.items() if None not in v}
+    if not pairs:
+        return f"the prune stage recorded no per-layer channel counts (status: {metrics.get('status', 'not run')})"
+    names = list(pairs)
+    before = [pairs[n][0] for n in names]
+    after = [pairs[n][1] for n in names]
+    xs = range(len(names))
+    fig = _new_figure(width=max(6.0, 0.3 * len(names) + 2), height=4.5)
+    ax = fig.add_subplot()
+    ax.bar([x - 0.2 for x in xs], before, width=0.4, label="before pruning")
+    ax.bar([x + 0.2 for x in xs], after, width=0.4, label="after pruning")
+    ax.set_xticks(list(xs), names, rotation=90, fontsize=7)
+    ax.set_ylabel("output channels")
+    ax.set_title("Channels per layer before and after pruning")
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    return _png(fig)
+
+
+PLOTS: tuple[tuple[str, str], ...] = (
+    ("accuracy_vs_latency.png", "Top-1 vs batch-1 latency (log scale) for every stage"),
+    ("distillation_losses.png", "Distillation loss components per epoch, with validation top-1"),
+    ("pruning_channels.png", "Channels per layer before and after pruning"),
+)
+
+
+# --- document ---------------------------------------------------------------------------------------
+def _document(manifest: dict[str, Any], stages: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[Block]:
+    rows = _rows(stages)
+    host = manifest.get("host") or {}
+    versions = manifest.get("versions") or {}
+    blocks: list[Block] = [
+        ("h1", f"edgepipe report: {manifest.get('run', '?')}"),
+        ("kv", [("Run", manifest.get("run") or DASH), ("Target", manifest.get("target") or DASH),
+                ("Host CPU", host.get("cpu") or DASH), ("ISA", ", ".join(host.get("isa") or []) or DASH),
+                ("Versions", ", ".join(f"{k} {v}" for k, v in versions.items()) or DASH),
+                ("Git revision", manifest.get("git_revision") or DASH), ("Created", manifest.get("created") or DASH),
+                ("Report written", datetime.now(timezone.utc).isoformat(timespec="seconds"))]),
+        ("h2", "Stages"),
+        ("table", TABLE_HEAD, [_table_cells(r) for r in rows]),
+        ("h3", "Measurement conditions"),
+        ("list", _conditions(rows)),
+        ("h2", "Plots"),
+    ]
+    makers: list[Callable[[], bytes | str]] = [lambda: _plot_accuracy_latency(rows), lambda: _plot_distillation(stages),
+                                               lambda: _plot_channels(stages)]
+    for (name, caption), make in zip(PLOTS, makers):
+        result = make()
+        png, note = (result, None) if isinstance(result, bytes) else (None, f"Plot skipped: {result}.")
+        blocks.append(("plot", name, caption, png, note))
+    return blocks
+
+
+def _md_cell(text: Any) -> str:
+    return html.escape(str(text), quote=False).replace("|", "\\|").replace("\n", " ")
+
+
+def _render_md(blocks: list[Block]) -> str:
+    out: list[str] = []
+    for kind, *args in blocks:
+        if kind in ("h1", "h2", "h3"):
+            out.append(f"{'#' * int(kind[1])} {_md_cell(args[0])}\n")
+        elif kind == "kv":
+            out.append("\n".join(f"- **{k}:** {_md_cell(v)}" for k, v in args[0]) + "\n")
+        elif kind == "list":
+            out.append("\n".join(f"- {_md_cell(t)}" for t in args[0]) + "\n")
+        elif kind == "table":
+            head, rows = args
+            lines = ["| " + " | ".join(_md_cell(h) for h in head) + " |", "|" + "---|" * len(head)]
+            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+            out.append("\n".join(lines) + "\n")
+        elif kind == "plot":
+            name, caption, png, note = args
+            out.append(f"![{_md_cell(caption)}]({ASSETS_DIR}/{name})\n" if png
+                       else f"> {_md_cell(caption)}: {_md_cell(note)}\n")
+    return "\n".join(out)
+
+
+_CSS = ("body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;font-size:13px}"
+        "th,td{border:1px solid #ccc;padding:4px 6px;text-align:left;vertical-align:top}th{background:#f3f3f3}"
+        ".note{color:#8a5a00;font-style:italic}img{max-width:100%}")
+
+
+def _render_html(blocks: list[Block]) -> str:
+    e = html.escape
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           f"<title>{e(str(blocks[0][1]))}</title><style>{_CSS}</style></head><body>"]
+    for kind, *args in blocks:
+        if kind in ("h1", "h2", "h3"):
+            out.append(f"<{kind}>{e(str(args[0]))}</{kind}>")
+        elif kind == "kv":
+            out.append("<ul>" + "".join(f"<li><b>{e(k)}:</b> {e(str(v))}</li>" for k, v in args[0]) + "</ul>")
+        elif kind == "list":
+            out.append("<ul>" + "".join(f"<li>{e(str(t))}</li>" for t in args[0]) + "</ul>")
+        elif kind == "table":
+            head, rows = args
+            out.append("<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr></thead><tbody>")
+            out += ["<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in rows]
+            out.append("</tbody></table>")
+        elif kind == "plot":
+            name, caption, png, note = args
+            if png:
+                data = base64.b64encode(png).decode("ascii")
+                out.append(f'<figure><img alt="{e(caption)}" src="data:image/png;base64,{data}">'
+                           f"<figcaption>{e(caption)}</figcaption></figure>")
+            else:
+                out.append(f'<p class="note">{e(caption)}: {e(note)}</p>')
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def write_report(run_dir: Path) -> tuple[Path, Path]:
+    """Write ``run_dir/report.md`` (plots in ``report_assets/``) and a self-contained ``run_dir/report.html``.
+
+    Returns:
+        The paths of report.md and report.html.
+
+    Raises:
+        EdgepipeError: ``run_dir`` has no readable manifest.json.
+    """
+    run_dir = Path(run_dir)
+    manifest, stages = _load_run(run_dir)
+    blocks = _document(manifest, stages)
+    for kind, *args in blocks:
+        if kind == "plot":
+            name, _, png, note = args
+            asset = run_dir / ASSETS_DIR / name
+            if png:
+                atomic_write(asset, lambda p, png=png: p.write_bytes(png))
+            else:
+                asset.unlink(missing_ok=True)  # a stale plot from an earlier report would contradict the note
+                log.info("report: %s skipped: %s", name, note)
+    md = atomic_write_text(run_dir / "report.md", _render_md(blocks))
+    page = atomic_write_text(run_dir / "report.html", _render_html(blocks))
+    return md, page
