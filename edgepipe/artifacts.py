@@ -46,7 +46,9 @@ class Artifact:
         for role in sorted(self.files):
             p = self.root / self.files[role]
             h.update(role.encode())
-            if p.is_file():
+            if p.is_file() and p.suffix == ".pt":
+                _hash_state_dict(p, h)
+            elif p.is_file():
                 with p.open("rb") as fh:
                     for chunk in iter(lambda: fh.read(1 << 20), b""):
                         h.update(chunk)
@@ -70,3 +72,15 @@ class Artifact:
             raise EdgepipeError(f"{desc}: corrupt descriptor; rerun the stage with --force") from None
         return cls(kind=ArtifactKind(d["kind"]), root=Path(root), files=d["files"], dtype=DType(d["dtype"]),
                    quantized=d.get("quantized", False), meta=d.get("meta", {}))
+
+
+def _hash_state_dict(path: Path, h: "hashlib._Hash") -> None:
+    """Hash a saved state dict by its tensors: torch.save embeds a random serialization id, so two
+    saves of identical weights differ byte-wise, which would defeat caching and lineage checks."""
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    for name in sorted(state):
+        t = state[name]
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")

@@ -1,0 +1,270 @@
+"""The ``edgepipe`` command: run the pipeline or any one stage, bench, report, list profiles.
+
+Library code only logs; this module decides what reaches the terminal (rich progress and tables).
+Bad input is one line on stderr naming the file or field, and exit code 2; an interrupted run
+exits 130 and resumes when the same command is given again.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from edgepipe.errors import EdgepipeError
+from edgepipe.stage import STAGE_ORDER
+
+log = logging.getLogger("edgepipe")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgepipe", description="Distill, prune, quantize, export and compile a "
+                                "PyTorch vision model for an edge device, measured at every step.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def run_args(sp: argparse.ArgumentParser, need_run: bool = True) -> None:
+        sp.add_argument("--run", type=Path, required=need_run, help="run folder (e.g. runs/my-run)")
+        sp.add_argument("--config", help="config YAML or shipped recipe name (digits); needed for a new run folder")
+        sp.add_argument("--target", help="hardware profile name, alias or YAML path (see `edgepipe profiles`)")
+
+    sp = sub.add_parser("run", help="run every stage in order (skipping unchanged ones)")
+    run_args(sp)
+    sp.add_argument("--force", choices=STAGE_ORDER, help="rerun this stage and every later one")
+    sp.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    for name in STAGE_ORDER:
+        sp = sub.add_parser(name, help=f"run the {name} stage alone on the previous stage's artifact")
+        run_args(sp, need_run=name != "compile")
+        sp.add_argument("--force", action="store_true", help="rerun even if config and input are unchanged")
+        if name == "compile":
+            sp.add_argument("--onnx", type=Path, help="standalone: compile this ONNX file (e.g. from a deploy bundle)")
+            sp.add_argument("--out", type=Path, help="standalone: output folder")
+    sp = sub.add_parser("bench", help="measure every stage artifact across backends, dtypes and batch sizes")
+    run_args(sp, need_run=False)
+    sp.add_argument("--artifact", type=Path, help="measure one artifact folder instead of a run")
+    sp = sub.add_parser("report", help="write report.md and report.html with plots")
+    sp.add_argument("--run", type=Path, required=True)
+    sp = sub.add_parser("profiles", help="list hardware profiles; `profiles show NAME` for one")
+    sp.add_argument("action", nargs="?", choices=["list", "show"], default="list")
+    sp.add_argument("name", nargs="?")
+    sub.add_parser("models", help="list registered architectures")
+    sp = sub.add_parser("validate", help="validate a config file")
+    sp.add_argument("config")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return _dispatch(args)
+    except EdgepipeError as e:
+        print(f"edgepipe: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edgepipe: interrupted; run the same command again to resume from the last checkpoint",
+              file=sys.stderr)
+        return 130
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(show_path=False, show_time=False, rich_tracebacks=False)])
+    for noisy in ("matplotlib", "PIL", "nncf"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    cmd = args.command
+    if cmd == "profiles":
+        return _profiles(args)
+    if cmd == "models":
+        from edgepipe.models import ARCHITECTURES
+
+        for name, fn in sorted(ARCHITECTURES.items()):
+            print(f"{name:24s} {(fn.__doc__ or '').strip().splitlines()[0] if fn.__doc__ else ''}")
+        return 0
+    if cmd == "validate":
+        from edgepipe.config import load_config
+
+        cfg = load_config(args.config)
+        print(f"{args.config}: valid ({cfg.name})")
+        return 0
+    if cmd == "report":
+        from edgepipe.report import write_report
+
+        md, html = write_report(args.run)
+        print(f"wrote {md} and {html}")
+        return 0
+    if cmd == "compile" and args.onnx:
+        return _compile_standalone(args)
+    if cmd == "bench":
+        return _bench(args)
+    run = _open_run(args)
+    from edgepipe.pipeline import run_pipeline, run_stage
+
+    with _progress() as progress:
+        if cmd == "run":
+            run_pipeline(run, force_from=args.force, progress=progress,
+                         on_stage=lambda name, m: log.info("%s: %s", name, _summary(m)))
+        else:
+            m = run_stage(run, cmd, force=args.force, progress=progress)
+            log.info("%s: %s", cmd, _summary(m))
+    _print_table(run.root)
+    if cmd == "run" and not args.no_report:
+        from edgepipe.report import write_report
+
+        md, html = write_report(run.root)
+        print(f"report: {md} and {html}")
+    return 0
+
+
+def _open_run(args: argparse.Namespace):
+    from edgepipe.config import load_config
+    from edgepipe.pipeline import Run
+
+    if args.config or args.target:
+        if not (args.config and args.target) and not (args.run / "manifest.json").exists():
+            raise EdgepipeError("a new run folder needs both --config and --target")
+        existing = Run.open(args.run) if (args.run / "manifest.json").exists() else None
+        config = load_config(args.config) if args.config else existing.config
+        target = args.target or existing.profile.name
+        return Run.create(args.run, config, target)
+    return Run.open(args.run)
+
+
+def _summary(m: dict) -> str:
+    if m.get("status") == "skipped":
+        return f"skipped ({m.get('skipped_reason')})"
+    acc = m.get("accuracy", {})
+    lat = m.get("latency", {})
+    return (f"top-1 {100 * acc.get('top1', 0):.2f}% [{acc.get('backend')}], params {m.get('params', 0):,}, "
+            f"MACs {m.get('macs', 0):,}, {m.get('size_bytes', 0) / 1024:.1f} KiB, "
+            f"p50 {lat.get('p50_ms', 0):.3f} ms ({lat.get('backend')} {lat.get('dtype')}, batch 1)")
+
+
+def _print_table(run_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgepipe.report import stage_table_rows
+
+    table = Table(title=f"edgepipe run {run_dir}")
+    cols = ["stage", "status", "precision", "top1", "delta", "params", "macs", "size_bytes", "p50_ms",
+            "throughput", "estimate_ms"]
+    for c in cols:
+        table.add_column(c)
+    for row in stage_table_rows(run_dir):
+        table.add_row(*[_fmt(c, row.get(c)) for c in cols])
+    Console().print(table)
+
+
+def _fmt(col: str, v) -> str:
+    if v is None:
+        return "—"
+    if col in ("top1",):
+        return f"{100 * v:.2f}%"
+    if col == "delta":
+        return f"{100 * v:+.2f} pt"
+    if col in ("params", "macs"):
+        return f"{v:,}"
+    if col == "size_bytes":
+        return f"{v / 1024:.1f} KiB"
+    if col in ("p50_ms", "estimate_ms"):
+        return f"{v:.3f} ms" + (" (est.)" if col == "estimate_ms" else "")
+    if col == "throughput":
+        return f"{v:,.0f} img/s"
+    return str(v)
+
+
+@contextmanager
+def _progress() -> Iterator:
+    """A rich progress bar fed by the library's progress(task, done, total, values) callbacks."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[values]}"), TimeElapsedColumn(), transient=True,
+                    disable=not sys.stderr.isatty())
+    tasks: dict[str, int] = {}
+
+    def update(task: str, done: int, total: int, values: dict[str, float]) -> None:
+        vals = " ".join(f"{k}={v:.4g}" for k, v in values.items())
+        if task not in tasks:
+            tasks[task] = bars.add_task(task, total=total, values=vals)
+        bars.update(tasks[task], completed=done, total=total, values=vals)
+        if done >= total:
+            bars.remove_task(tasks.pop(task))
+
+    with bars:
+        yield update
+
+
+def _profiles(args: argparse.Namespace) -> int:
+    import yaml
+
+    from edgepipe.profiles import all_profiles, get_profile
+
+    if args.action == "show":
+        if not args.name:
+            raise EdgepipeError("usage: edgepipe profiles show NAME")
+        print(yaml.safe_dump(get_profile(args.name).model_dump(mode="json"), sort_keys=False), end="")
+        return 0
+    for name, prof in all_profiles().items():
+        aliases = f" (alias: {', '.join(prof.aliases)})" if prof.aliases else ""
+        print(f"{name:20s} {prof.backend.value:12s} {','.join(d.value for d in prof.dtypes):18s} "
+              f"{prof.description}{aliases}")
+    return 0
+
+
+def _compile_standalone(args: argparse.Namespace) -> int:
+    """`edgepipe compile --onnx model.onnx --target T --out DIR`: what a deploy bundle runs on the device."""
+    import onnx
+
+    from edgepipe.backends import get_backend
+    from edgepipe.profiles import get_profile
+    from edgepipe.types import DType
+
+    if not args.target or not args.out:
+        raise EdgepipeError("standalone compile needs --onnx, --target and --out")
+    if not args.onnx.is_file():
+        raise EdgepipeError(f"{args.onnx}: ONNX file not found")
+    profile = get_profile(args.target)
+    quantized = any(n.op_type == "QuantizeLinear" for n in onnx.load(str(args.onnx)).graph.node)
+    dtype = profile.compile_dtype(quantized) if quantized or profile.best_float is not DType.INT8 else DType.FP32
+    artifact, records = get_backend(profile.backend).compile(args.onnx, profile, dtype, args.out)
+    print(f"compiled {args.onnx} for {profile.name} ({dtype.value}) -> {artifact.root} ({artifact.kind.value})")
+    for k, v in records.items():
+        print(f"  {k}: {v}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from edgepipe.bench import run_bench
+    from edgepipe.pipeline import Run
+
+    if args.artifact:
+        from edgepipe.bench import bench_artifact
+
+        if not args.target:
+            raise EdgepipeError("bench --artifact needs --target")
+        from edgepipe.profiles import get_profile
+
+        with _progress() as progress:
+            out = bench_artifact(args.artifact, get_profile(args.target), progress=progress)
+        print(f"wrote {out}")
+        return 0
+    if not args.run:
+        raise EdgepipeError("bench needs --run RUN_FOLDER (or --artifact DIR --target T)")
+    run = Run.open(args.run)
+    with _progress() as progress:
+        result = run_bench(run.root, run.profile, run.config.bench, progress=progress)
+    print(f"bench: {len(result.get('rows', []))} measurements -> {run.root / 'bench'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Measure any stage artifact the same way: accuracy, params, MACs, size, latency, throughput, estimate.
+
+The runtime fits the artifact: PyTorch for torch models, ONNX Runtime for ONNX, the profile's backend
+for compiled artifacts. A TensorRT bundle cannot run without a CUDA device, so its ONNX is measured
+in ONNX Runtime on this host as a labelled host reference. Every latency carries backend, device,
+dtype, batch, threads, warm-up and iterations; for the target device a roofline estimate is added,
+labelled as an estimate.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from edgepipe.artifacts import Artifact
+from edgepipe.config import MeasureConfig
+from edgepipe.data import DataBundle
+from edgepipe.errors import EdgepipeError
+from edgepipe.estimate import activation_bytes, roofline_estimate
+from edgepipe.profiles import HardwareProfile
+from edgepipe.runtime import Runner, accuracy_record, predict, time_runner
+from edgepipe.types import ArtifactKind
+
+log = logging.getLogger(__name__)
+
+
+def runner_for(artifact: Artifact, profile: HardwareProfile, threads: int | None) -> tuple[Runner, str | None]:
+    """A runner for ``artifact`` on this host, and a note when it is a stand-in for the target runtime."""
+    if artifact.kind is ArtifactKind.TORCH:
+        from edgepipe.models import load_torch_artifact
+        from edgepipe.torch_runner import TorchRunner
+
+        note = ("PyTorch runs the QAT model with fake quantization in fp32; INT8 speed shows after compile"
+                if artifact.quantized else None)
+        return TorchRunner(load_torch_artifact(artifact), threads), note
+    if artifact.kind is ArtifactKind.ONNX:
+        from edgepipe.backends.onnxruntime import OrtRunner
+
+        return OrtRunner(artifact.path("onnx"), threads), None
+    if artifact.kind is ArtifactKind.TENSORRT_BUNDLE:
+        from edgepipe.backends.onnxruntime import OrtRunner
+
+        return OrtRunner(artifact.path("onnx"), threads), (
+            "host reference: the bundle's ONNX in ONNX Runtime on this CPU; the TensorRT engine is built and "
+            "measured on the device (see the bundle's README.md)")
+    from edgepipe.backends import get_backend
+
+    backend = {ArtifactKind.OPENVINO_IR: "openvino", ArtifactKind.ORT_OPTIMIZED: "onnxruntime",
+               ArtifactKind.TENSORRT_ENGINE: "tensorrt"}[artifact.kind]
+    return get_backend(backend).load(artifact, threads=threads), None
+
+
+def model_counts(model: torch.nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
+    """MACs and params (Torch-Pruning's counter) and activation elements of one image, for the estimate."""
+    import torch_pruning as tp
+
+    from edgepipe.quant import dequantized_copy, quant_layers
+
+    example = torch.zeros(1, *input_shape)
+    if quant_layers(model):  # the counter dispatches on exact module types: count the plain twin
+        model = dequantized_copy(model)
+    model.eval()
+    macs, params = tp.utils.count_ops_and_params(model, example)
+    # activation_bytes counts each output written once and read once at 1 byte per element
+    return {"macs": int(macs), "params": int(params), "activation_elements": activation_bytes(model, example, 1) // 2}
+
+
+def measure_artifact(artifact: Artifact, data: DataBundle, cfg: MeasureConfig, profile: HardwareProfile,
+                     counts: dict[str, int], eval_batch_size: int = 256,
+                     progress: Callable[[str, int, int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """All figures of one artifact; ``counts`` are the MACs/params/activations of its torch source."""
+    progress = progress or (lambda *a: None)
+    runner, note = runner_for(artifact, profile, cfg.threads)
+    logits, labels = predict(runner, data.val_numpy(eval_batch_size))
+    if logits.ndim != 2 or len(logits) != len(labels):
+        raise EdgepipeError(f"{artifact.root}: model output shape {list(logits.shape)} is not [N, classes]")
+    shape = tuple(artifact.meta.get("input_shape") or data.input_shape)
+    latency = time_runner(runner, shape, 1, cfg.warmup, cfg.iterations,
+                          progress=lambda i, n: progress("latency (batch 1)", i, n, {}))
+    throughput = time_runner(runner, shape, cfg.throughput_batch, cfg.warmup, cfg.iterations,
+                             progress=lambda i, n: progress(f"throughput (batch {cfg.throughput_batch})", i, n, {}))
+    dtype = artifact.dtype if artifact.dtype in profile.dtypes else profile.compile_dtype(artifact.quantized)
+    estimate = None
+    if dtype in profile.peak_tops:
+        estimate = roofline_estimate(profile, dtype, counts["macs"], counts["params"] * dtype.bytes,
+                                     counts["activation_elements"] * 2 * dtype.bytes, batch=1)
+    return {"accuracy": accuracy_record(logits, labels, runner), "params": counts["params"], "macs": counts["macs"],
+            "size_bytes": artifact.size_bytes(), "latency": latency.as_dict(), "throughput": throughput.as_dict(),
+            "estimate": estimate, "measure_note": note}
+

@@ -1,0 +1,131 @@
+"""End to end through the CLI on digits: every stage, both a TensorRT and an OpenVINO target, caching,
+--force, single stages equal to `edgepipe run`, and bad input that leaves the run untouched."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from edgepipe.cli import main
+from edgepipe.stage import STAGE_ORDER
+from tests.support import tiny_config
+
+pytestmark = pytest.mark.e2e
+
+
+def _config(tmp: Path) -> Path:
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_config().model_dump(mode="json")))
+    return path
+
+
+def _metrics(run: Path, stage: str) -> dict:
+    return json.loads((run / stage / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def jetson_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("jetson")
+    cfg = _config(tmp)
+    assert main(["run", "--config", str(cfg), "--target", "jetson", "--run", str(tmp / "run")]) == 0
+    return tmp / "run", cfg
+
+
+def test_every_stage_recorded(jetson_run: tuple[Path, Path]) -> None:
+    run, _ = jetson_run
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert [s["name"] for s in manifest["stages"]] == list(STAGE_ORDER)
+    assert all(s["status"] == "done" for s in manifest["stages"])
+    assert manifest["target"] == "jetson-orin-nano" and manifest["versions"]["torch"]
+    for stage in STAGE_ORDER:
+        m = _metrics(run, stage)
+        assert 0 <= m["accuracy"]["top1"] <= 1 and m["params"] > 0 and m["macs"] > 0 and m["size_bytes"] > 0
+        for key in ("latency", "throughput"):
+            lat = m[key]
+            assert lat["p50_ms"] > 0 and {"backend", "device", "dtype", "batch", "threads", "warmup", "iterations"} <= set(lat)
+        assert "estimate" in m["estimate"]["label"]
+    assert (run / "report.md").exists() and (run / "report.html").exists()
+    assert (run / "config.yaml").exists()
+
+
+def test_jetson_bundle_is_int8_qdq_zero_point_0(jetson_run: tuple[Path, Path]) -> None:
+    from stages.export import qdq_report
+
+    run, _ = jetson_run
+    m = _metrics(run, "compile")
+    assert m["artifact"]["kind"] == "tensorrt_bundle"
+    assert m["records"]["engine_built"] is False and "no CUDA device" in m["records"]["reason"]
+    assert not list((run / "compile").glob("*.engine"))
+    report = qdq_report(run / "compile" / "model.onnx")
+    nodes = report["nodes"]
+    assert nodes and all(n["zero_point_dtype"] == "int8" and n["zero_points_all_zero"] for n in nodes)
+    weights = [n for n in nodes if n["is_weight"]]
+    assert weights and all(n["per_channel"] and n["axis"] == 0 for n in weights)
+
+
+def test_rerun_reuses_and_force_reruns(jetson_run: tuple[Path, Path]) -> None:
+    run, cfg = jetson_run
+    before = json.loads((run / "manifest.json").read_text())
+    assert main(["run", "--run", str(run), "--no-report"]) == 0
+    after = json.loads((run / "manifest.json").read_text())
+    assert [s["started"] for s in after["stages"]] == [s["started"] for s in before["stages"]]
+    assert main(["run", "--run", str(run), "--force", "export", "--no-report"]) == 0
+    forced = {s["name"]: s for s in json.loads((run / "manifest.json").read_text())["stages"]}
+    old = {s["name"]: s for s in before["stages"]}
+    assert forced["prune"]["started"] == old["prune"]["started"]
+    assert forced["export"]["started"] >= old["export"]["started"]
+    assert forced["export"]["output_hash"] == old["export"]["output_hash"]  # same input, same ONNX
+
+
+def test_single_stages_match_run(jetson_run: tuple[Path, Path], tmp_path: Path) -> None:
+    run, cfg = jetson_run
+    alone = tmp_path / "alone"
+    assert main(["teacher", "--run", str(alone), "--config", str(cfg), "--target", "jetson"]) == 0
+    for stage in STAGE_ORDER[1:]:
+        assert main([stage, "--run", str(alone)]) == 0
+    a = {s["name"]: s for s in json.loads((run / "manifest.json").read_text())["stages"]}
+    b = {s["name"]: s for s in json.loads((alone / "manifest.json").read_text())["stages"]}
+    for stage in STAGE_ORDER:
+        assert _metrics(alone, stage)["accuracy"]["top1"] == pytest.approx(_metrics(run, stage)["accuracy"]["top1"])
+        assert _metrics(alone, stage)["macs"] == _metrics(run, stage)["macs"]
+    for stage in ("teacher", "distill", "prune", "qat"):
+        assert a[stage]["output_hash"] == b[stage]["output_hash"], stage
+
+
+def test_bad_input_is_one_line_and_leaves_run_intact(jetson_run: tuple[Path, Path], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    run, _ = jetson_run
+    manifest = (run / "manifest.json").read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teacher: {model: {arch: cifar_resnet}}\ndistill: {student: {arch: cifar_resnet}, alpha: 3}\n")
+    capsys.readouterr()
+    assert main(["run", "--config", str(bad), "--target", "jetson", "--run", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(bad) in err and "distill.alpha" in err
+    assert main(["run", "--config", str(_config(tmp_path)), "--target", "no-such-board", "--run", str(run)]) == 2
+    assert "unknown target" in capsys.readouterr().err
+    assert (run / "manifest.json").read_text() == manifest
+    assert main(["export", "--run", str(tmp_path / "nothing")]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+
+
+def test_openvino_target_runs_int8(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert main(["run", "--config", str(_config(tmp_path)), "--target", "intel-xeon-amx", "--run", str(run),
+                 "--no-report"]) == 0
+    m = _metrics(run, "compile")
+    assert m["artifact"]["kind"] == "openvino_ir" and m["artifact"]["dtype"] == "int8"
+    assert m["records"]["int8_convolutions"] is True
+    assert m["accuracy"]["backend"] == "openvino" and m["latency"]["backend"] == "openvino"
+
+
+def test_profiles_and_models_commands(capsys: pytest.CaptureFixture) -> None:
+    assert main(["profiles"]) == 0
+    out = capsys.readouterr().out
+    assert "jetson-orin-nano" in out and "intel-xeon-amx" in out and "alias: jetson" in out
+    assert main(["profiles", "show", "jetson"]) == 0
+    assert "backend: tensorrt" in capsys.readouterr().out
+    assert main(["models"]) == 0
+    assert "cifar_resnet" in capsys.readouterr().out
