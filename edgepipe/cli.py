@@ -153,14 +153,16 @@ def _print_table(run_dir: Path) -> None:
 
     from edgepipe.report import stage_table_rows
 
-    table = Table(title=f"edgepipe run {run_dir}")
-    cols = ["stage", "status", "precision", "top1", "delta", "params", "macs", "size_bytes", "p50_ms",
-            "throughput", "estimate_ms"]
-    for c in cols:
-        table.add_column(c)
+    table = Table(title=f"edgepipe run {run_dir}  (latency measured on this host; estimate = target roofline)")
+    cols = {"stage": "stage", "status": "status", "precision": "dtype", "top1": "top-1", "delta": "Δ teacher",
+            "params": "params", "macs": "MACs", "size_bytes": "size", "p50_ms": "p50 b1 (host)",
+            "throughput": "throughput (host)", "estimate_ms": "target estimate"}
+    for heading in cols.values():
+        table.add_column(heading)
     for row in stage_table_rows(run_dir):
         table.add_row(*[_fmt(c, row.get(c)) for c in cols])
-    Console().print(table)
+    # Logs and CI are not terminals: rich would wrap the table to 80 columns.
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
 def _fmt(col: str, v) -> str:
@@ -174,8 +176,8 @@ def _fmt(col: str, v) -> str:
         return f"{v:,}"
     if col == "size_bytes":
         return f"{v / 1024:.1f} KiB"
-    if col in ("p50_ms", "estimate_ms"):
-        return f"{v:.3f} ms" + (" (est.)" if col == "estimate_ms" else "")
+    if col in ("p50_ms", "estimate_ms"):  # significant digits: a tiny model's estimate is microseconds
+        return f"{v:.3g} ms" + (" (est.)" if col == "estimate_ms" else "")
     if col == "throughput":
         return f"{v:,.0f} img/s"
     return str(v)

@@ -72,7 +72,9 @@ def measure_artifact(artifact: Artifact, data: DataBundle, cfg: MeasureConfig, p
                      progress: Callable[[str, int, int, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """All figures of one artifact; ``counts`` are the MACs/params/activations of its torch source."""
     progress = progress or (lambda *a: None)
-    runner, note = runner_for(artifact, profile, cfg.threads)
+    # One explicit thread count for every runtime, so stages measured in different runtimes compare.
+    threads = cfg.threads or torch.get_num_threads()
+    runner, note = runner_for(artifact, profile, threads)
     logits, labels = predict(runner, data.val_numpy(eval_batch_size))
     if logits.ndim != 2 or len(logits) != len(labels):
         raise EdgepipeError(f"{artifact.root}: model output shape {list(logits.shape)} is not [N, classes]")
