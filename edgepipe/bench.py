@@ -140,6 +140,19 @@ def _openvino_plans(stage: str, art: Artifact, onnx_path: Path, profile: Hardwar
     return plans, []
 
 
+def _float_onnx(art: Artifact, shape: tuple[int, ...], out_dir: Path) -> Path:
+    """Export a float torch artifact to ONNX in ``out_dir`` (the export stage's exporter and opset)."""
+    import onnx
+
+    from edgepipe.models import load_torch_artifact
+    from stages.export import export_onnx
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "model.onnx"
+    onnx.save(export_onnx(load_torch_artifact(art), shape, 17), str(path))
+    return path
+
+
 def _host_reference(stage: str, art: Artifact, threads: int, shape: tuple[int, ...]) -> list[_Plan]:
     """The TensorRT artifact's ONNX in ONNX Runtime on this CPU: a labelled stand-in, not a target figure."""
     from edgepipe.backends.onnxruntime import OrtRunner
@@ -159,7 +172,15 @@ def _plans_for(stage: str, art: Artifact, profile: HardwareProfile, threads: int
 
     kind = art.kind
     if kind is ArtifactKind.TORCH:
-        return _torch_plans(stage, art, profile, threads, shape), []
+        plans = _torch_plans(stage, art, profile, threads, shape)
+        if art.quantized:  # its deployable form is the export stage's QDQ ONNX, measured there
+            return plans, []
+        # A float model is also worth seeing in the deployment runtimes: export it for this bench only.
+        path = _float_onnx(art, shape, tmp / f"{stage}-onnx")
+        plans.append(_Plan(stage, kind, "onnxruntime", "fp32", lambda: OrtRunner(path, threads), shape,
+                           "exported to ONNX for this bench"))
+        ov_plans, not_run = _openvino_plans(stage, art, path, profile, threads, shape, tmp)
+        return plans + ov_plans, not_run
     if kind is ArtifactKind.ONNX:
         path = _onnx_file(art)
         if path is None:

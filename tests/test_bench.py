@@ -97,6 +97,12 @@ def test_bench_times_torch_and_onnx_at_every_batch(bench: tuple) -> None:
     assert all(r["status"] == "measured" and r["artifact_kind"] == "torch" for r in torch_rows)
     assert len(_rows(result, stage="teacher", backend="pytorch", dtype="bf16")) == (2 if host_has_native_bf16() else 0)
     _assert_timed(_rows(result, stage="export", backend="onnxruntime", dtype="fp32"))
+    # a float torch stage is also exported for the bench and timed in the deployment runtimes
+    teacher_ort = _rows(result, stage="teacher", backend="onnxruntime", dtype="fp32")
+    _assert_timed(teacher_ort)
+    assert all("exported to ONNX" in r["note"] for r in teacher_ort)
+    if _available("openvino"):
+        _assert_timed(_rows(result, stage="teacher", backend="openvino", dtype="fp32"))
 
 
 @pytest.mark.skipif(not _available("openvino"), reason="requires the openvino backend")
