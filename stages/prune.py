@@ -12,6 +12,7 @@ original architecture (edgepipe.models.restore_shapes).
 """
 from __future__ import annotations
 
+import json
 import logging
 
 import torch
@@ -23,7 +24,7 @@ from edgepipe.distillation import kd_step
 from edgepipe.errors import EdgepipeError
 from edgepipe.models import load_torch_artifact, save_torch_artifact
 from edgepipe.stage import StageContext, StageResult
-from edgepipe.training import clear_checkpoints, fit, seed_everything
+from edgepipe.training import clear_checkpoints, cross_entropy_step, evaluate, fit, seed_everything
 from edgepipe.types import ArtifactKind, Importance
 
 NAME = "prune"
@@ -94,15 +95,13 @@ def run(ctx: StageContext) -> StageResult:
     if not step_log[-1]["reached"]:
         raise EdgepipeError(f"prune.ratio: reached only {step_log[-1][f'{pcfg.target}_ratio']:.2f} of the {pcfg.target} "
                             f"(target {pcfg.ratio}); raise prune.max_layer_ratio or the ratio")
-    pruned_top1 = _evaluate(student, data)
-    loss = kd_step(teacher, pcfg.temperature, pcfg.alpha) if teacher is not None else None
-    if loss is None:
-        from edgepipe.training import cross_entropy_step as loss
+    pruned_top1 = evaluate(student, data, cfg.data.eval_batch_size)
+    loss = kd_step(teacher, pcfg.temperature, pcfg.alpha) if teacher is not None else cross_entropy_step
     histories += fit(student, data, pcfg.optim, loss, batch_size=cfg.data.batch_size,
                      checkpoint_dir=ctx.checkpoint_dir, task="prune fine-tune", progress=ctx.progress,
                      eval_batch_size=cfg.data.eval_batch_size, tag="final")
     after = channels(student)
-    build = __import__("json").loads(ctx.input.path("build").read_text())["build"]
+    build = json.loads(ctx.input.path("build").read_text())["build"]
     artifact = save_torch_artifact(student, build, ctx.out_dir, data.input_shape, data.num_classes)
     clear_checkpoints(ctx.checkpoint_dir)
     macs, params = count(student, example)
@@ -137,9 +136,3 @@ def _accumulate_gradients(model: nn.Module, data, batches: int) -> None:
             break
         nn.functional.cross_entropy(model(x), y).backward()
 
-
-@torch.no_grad()
-def _evaluate(model: nn.Module, data) -> float:
-    from edgepipe.training import evaluate
-
-    return evaluate(model, data)
