@@ -228,16 +228,19 @@ def _compile_standalone(args: argparse.Namespace) -> int:
 
     from edgepipe.backends import get_backend
     from edgepipe.profiles import get_profile
-    from edgepipe.types import DType
-
     if not args.target or not args.out:
         raise EdgepipeError("standalone compile needs --onnx, --target and --out")
     if not args.onnx.is_file():
         raise EdgepipeError(f"{args.onnx}: ONNX file not found")
     profile = get_profile(args.target)
-    quantized = any(n.op_type == "QuantizeLinear" for n in onnx.load(str(args.onnx)).graph.node)
-    dtype = profile.compile_dtype(quantized) if quantized or profile.best_float is not DType.INT8 else DType.FP32
+    graph = onnx.load(str(args.onnx), load_external_data=False).graph
+    quantized = any(n.op_type == "QuantizeLinear" for n in graph.node)
+    dtype = profile.compile_dtype(quantized)
     artifact, records = get_backend(profile.backend).compile(args.onnx, profile, dtype, args.out)
+    dims = graph.input[0].type.tensor_type.shape.dim
+    artifact.meta.setdefault("input_shape", [d.dim_value for d in dims[1:]] if all(d.dim_value for d in dims[1:]) else None)
+    artifact.meta.setdefault("target", profile.name)
+    artifact.save()
     print(f"compiled {args.onnx} for {profile.name} ({dtype.value}) -> {artifact.root} ({artifact.kind.value})")
     for k, v in records.items():
         print(f"  {k}: {v}")

@@ -29,7 +29,7 @@ from edgepipe.artifacts import Artifact
 from edgepipe.config import PipelineConfig, validate_config
 from edgepipe.errors import EdgepipeError
 from edgepipe.io import atomic_write_json, atomic_write_text, is_main_process
-from edgepipe.profiles import HardwareProfile, get_profile
+from edgepipe.profiles import HardwareProfile, get_profile, load_profile_file
 from edgepipe.runtime import host_cpu, host_isa
 from edgepipe.stage import STAGE_ORDER, StageContext, StageResult
 
@@ -120,7 +120,10 @@ class Run:
         except json.JSONDecodeError:
             raise EdgepipeError(f"{manifest_path}: corrupt manifest; remove the run folder and start again") from None
         config = validate_config(yaml.safe_load(cfg_path.read_text()), cfg_path)
-        return cls(root, config, get_profile(manifest["target"]), manifest)
+        # The run's own copy of its profile: a target given as a YAML path may not exist any more.
+        saved = root / "profile.yaml"
+        profile = load_profile_file(saved, require_stem=False) if saved.exists() else get_profile(manifest["target"])
+        return cls(root, config, profile, manifest)
 
     def save(self) -> None:
         if is_main_process():

@@ -105,8 +105,12 @@ def profiles_dir() -> Path:
     return Path(str(resources.files("hardware_profiles")))
 
 
-def load_profile_file(path: Path) -> HardwareProfile:
-    """Load and validate one profile YAML; errors name the file and the field."""
+def load_profile_file(path: Path, require_stem: bool = True) -> HardwareProfile:
+    """Load and validate one profile YAML; errors name the file and the field.
+
+    Shipped profiles must be named after their file; a profile passed by path (a deploy bundle's
+    ``profile.yaml``) need not be.
+    """
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -119,7 +123,7 @@ def load_profile_file(path: Path) -> HardwareProfile:
         profile = HardwareProfile.model_validate(data)
     except ValidationError as e:
         raise EdgepipeError(format_validation_error(path, e)) from None
-    if profile.name != path.stem:
+    if require_stem and profile.name != path.stem:
         raise EdgepipeError(f"{path}: name '{profile.name}' must equal the file name '{path.stem}'")
     return profile
 
@@ -134,8 +138,10 @@ def all_profiles(directory: Path | None = None) -> dict[str, HardwareProfile]:
 def get_profile(name_or_path: str) -> HardwareProfile:
     """Resolve a profile by name, alias or path to a YAML file."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") and path.exists():
-        return load_profile_file(path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.exists():
+            raise EdgepipeError(f"{path}: profile file not found")
+        return load_profile_file(path, require_stem=False)
     profiles = all_profiles()
     if name_or_path in profiles:
         return profiles[name_or_path]

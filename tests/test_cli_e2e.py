@@ -129,3 +129,19 @@ def test_profiles_and_models_commands(capsys: pytest.CaptureFixture) -> None:
     assert "backend: tensorrt" in capsys.readouterr().out
     assert main(["models"]) == 0
     assert "cifar_resnet" in capsys.readouterr().out
+
+
+def test_standalone_compile_and_bench_from_artifacts(jetson_run: tuple[Path, Path], tmp_path: Path) -> None:
+    run, _ = jetson_run
+    bundle = run / "compile"
+    # what the bundle's build_engine.sh runs on a device; here (no CUDA) it writes a bundle again, never an engine
+    assert main(["compile", "--onnx", str(bundle / "model.onnx"), "--target", str(bundle / "profile.yaml"),
+                 "--out", str(tmp_path / "engine")]) == 0
+    assert (tmp_path / "engine" / "README.md").exists() and not list((tmp_path / "engine").glob("*.engine"))
+    # the same exported ONNX compiled for OpenVINO and benchmarked alone
+    assert main(["compile", "--onnx", str(run / "export" / "model.onnx"), "--target", "intel-xeon-amx",
+                 "--out", str(tmp_path / "ov")]) == 0
+    assert (tmp_path / "ov" / "model.xml").exists()
+    assert main(["bench", "--artifact", str(tmp_path / "ov"), "--target", "intel-xeon-amx"]) == 0
+    rows = json.loads((tmp_path / "ov" / "bench" / "bench.json").read_text())["rows"]
+    assert rows and all(r["backend"] == "openvino" and r["dtype"] == "int8" for r in rows if r["status"] == "measured")

@@ -204,7 +204,9 @@ def check_onnx_for_tensorrt(onnx_path: Path | str) -> list[str]:
 
 
 def build_command(profile: HardwareProfile) -> str:
-    return f"edgepipe compile --onnx model.onnx --target {profile.name} --out engine/ && edgepipe bench --artifact engine/"
+    # The bundle's own profile.yaml travels with it, so a custom profile needs no install on the device.
+    return ("edgepipe compile --onnx model.onnx --target profile.yaml --out engine/"
+            " && edgepipe bench --artifact engine/ --target profile.yaml")
 
 
 def build_engine(onnx_path: Path | str, settings: dict[str, Any], out_path: Path | str,
@@ -372,8 +374,8 @@ Build it on the device ({profile.description or profile.name}):
 or run `sh build_engine.sh`. The engine is written to `engine/` and benchmarked there.
 
 - `model.onnx`: the exported model ({settings['dtype']}), already checked for TensorRT compatibility.
-- `profile.yaml`: the hardware profile used. The command uses the shipped profile `{profile.name}`;
-  for a custom profile, copy this file to `hardware_profiles/{profile.name}.yaml` first.
+- `profile.yaml`: the hardware profile `{profile.name}` used here; the commands above read it, so the
+  engine is built with exactly these settings.
 - `build_settings.json`: workspace, builder flags, DLA core and batch range (min/opt/max) of the build.
 """)
 

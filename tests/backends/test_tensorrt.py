@@ -124,9 +124,9 @@ def test_compile_without_cuda_writes_a_bundle(qdq_onnx: Path, tmp_path: Path) ->
     assert settings == {"onnx": "model.onnx", **trtb.build_settings(ORIN_NANO, DType.INT8, INPUT_SHAPE)}
     script = (tmp_path / "build_engine.sh").read_text()
     assert os.access(tmp_path / "build_engine.sh", os.X_OK)
-    assert "edgepipe compile --onnx model.onnx --target jetson-orin-nano --out engine/\n" in script
-    assert script.rstrip().endswith("edgepipe bench --artifact engine/")
-    assert "edgepipe compile --onnx model.onnx --target jetson-orin-nano --out engine/" in (tmp_path / "README.md").read_text()
+    assert "edgepipe compile --onnx model.onnx --target profile.yaml --out engine/\n" in script
+    assert script.rstrip().endswith("edgepipe bench --artifact engine/ --target profile.yaml")
+    assert "edgepipe compile --onnx model.onnx --target profile.yaml --out engine/" in (tmp_path / "README.md").read_text()
     with pytest.raises(EdgepipeError, match="bundle holds no engine; build it on the device with: edgepipe compile"):
         trtb.load(artifact)
 
