@@ -145,3 +145,19 @@ def test_standalone_compile_and_bench_from_artifacts(jetson_run: tuple[Path, Pat
     assert main(["bench", "--artifact", str(tmp_path / "ov"), "--target", "intel-xeon-amx"]) == 0
     rows = json.loads((tmp_path / "ov" / "bench" / "bench.json").read_text())["rows"]
     assert rows and all(r["backend"] == "openvino" and r["dtype"] == "int8" for r in rows if r["status"] == "measured")
+
+
+def test_new_target_reuses_training_and_compiles_for_onnxruntime(jetson_run: tuple[Path, Path], tmp_path: Path) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(jetson_run[0], run)
+    before = {s["name"]: s for s in json.loads((run / "manifest.json").read_text())["stages"]}
+    assert main(["run", "--run", str(run), "--target", "generic-cpu", "--no-report"]) == 0
+    after = {s["name"]: s for s in json.loads((run / "manifest.json").read_text())["stages"]}
+    for stage in ("teacher", "distill", "prune"):  # target-independent: reused, not retrained
+        assert after[stage]["started"] == before[stage]["started"]
+    m = _metrics(run, "compile")
+    assert m["artifact"]["kind"] == "ort_optimized"
+    speedup = m["records"]["speedup"]
+    assert speedup["baseline_p50_ms"] > 0 and speedup["optimized_p50_ms"] > 0 and speedup["ratio_p50"] > 0

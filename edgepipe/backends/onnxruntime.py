@@ -153,6 +153,11 @@ def qdq_activations_to_uint8(model: onnx.ModelProto) -> tuple[onnx.ModelProto, i
         for node in (q, *dqs):
             node.input[2] = zp_name
         rewritten += 1
+    # Shape inference (the export stage runs it) recorded these tensors as int8: drop the stale types.
+    retyped = {n.output[0] for n in graph.node if n.op_type == "QuantizeLinear" and n.input[2].endswith("_zero_point_u8")}
+    stale = [v for v in graph.value_info if v.name in retyped]
+    for v in stale:
+        graph.value_info.remove(v)
     used = {name for node in graph.node for name in node.input}
     unused = [t for t in graph.initializer if t.name not in used]
     for t in unused:

@@ -49,6 +49,17 @@ def test_uint8_rewrite_keeps_outputs_identical(qdq_onnx: Path) -> None:
     assert diff <= 1e-6
 
 
+def test_uint8_rewrite_on_a_shape_inferred_model_still_loads(qdq_onnx: Path, tmp_path: Path) -> None:
+    """The export stage saves shape-inferred models; their value_info must not keep the old int8 types."""
+    inferred = onnx.shape_inference.infer_shapes(onnx.load(str(qdq_onnx)))
+    assert inferred.graph.value_info  # the precondition that once broke ONNX Runtime
+    path = tmp_path / "inferred.onnx"
+    onnx.save(inferred, str(path))
+    artifact, _ = ortb.compile(path, cpu_profile(), DType.INT8, tmp_path / "out", warmup=1, iterations=2)
+    x = random_batch(8)
+    assert np.abs(ortb.load(artifact).infer(x) - reference_outputs(inferred, x)).max() <= 1e-5
+
+
 def test_int8_compile_writes_optimized_model_and_measures_speedup(qdq_onnx: Path, tmp_path: Path) -> None:
     calls: list[tuple[str, int, int]] = []
     artifact, records = ortb.compile(qdq_onnx, cpu_profile(), DType.INT8, tmp_path, warmup=2, iterations=5,
