@@ -236,9 +236,13 @@ def _plot_accuracy_latency(rows: list[dict[str, Any]]) -> bytes | str:
     fig = _new_figure()
     ax = fig.add_subplot()
     ax.scatter([r["p50_ms"] for r in points], [100 * r["top1"] for r in points], zorder=3)
-    for r in points:
+    ax.margins(x=0.2, y=0.3)  # room for the labels at the edges
+    # Stages often share an accuracy; stagger labels above and below the points so they stay readable.
+    for i, r in enumerate(sorted(points, key=lambda r: r["p50_ms"])):
         ax.annotate(f"{r['stage']} ({r['latency'].get('backend', '?')} {r['latency'].get('dtype', '')})",
-                    (r["p50_ms"], 100 * r["top1"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+                    (r["p50_ms"], 100 * r["top1"]), textcoords="offset points", fontsize=8,
+                    xytext=(4, 6 + 12 * (i % 3)) if i % 2 == 0 else (4, -12 - 12 * (i % 3)),
+                    arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.5"})
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     ax.set_xscale("log")
