@@ -52,23 +52,36 @@ def runner_for(artifact: Artifact, profile: HardwareProfile, threads: int | None
     return get_backend(backend).load(artifact, threads=threads), None
 
 
-def model_counts(model: torch.nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
+def model_counts(model: torch.nn.Module, input_shape: tuple[int, ...]) -> dict[str, Any]:
     """MACs and params (Torch-Pruning's counter) and activation elements of one image, for the estimate."""
     import torch_pruning as tp
 
     from edgepipe.quant import dequantized_copy, quant_layers
 
+    from edgepipe.models import ExportedProgramModel
+
     example = torch.zeros(1, *input_shape)
     if quant_layers(model):  # the counter dispatches on exact module types: count the plain twin
         model = dequantized_copy(model)
     model.eval()
-    macs, params = tp.utils.count_ops_and_params(model, example)
     # activation_bytes counts each output written once and read once at 1 byte per element
-    return {"macs": int(macs), "params": int(params), "activation_elements": activation_bytes(model, example, 1) // 2}
+    counts = {"activation_elements": activation_bytes(model, example, 1) // 2}
+    if isinstance(model, ExportedProgramModel):
+        # A torch.export graph calls aten ops, not nn.Conv2d modules, so Torch-Pruning's module-hook
+        # counter sees nothing; PyTorch's aten-level counter does (conv/matmul only, ~1% below it).
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as flops, torch.no_grad():
+            model(example)
+        return {**counts, "macs": int(flops.get_total_flops() // 2),
+                "params": sum(p.numel() for p in model.parameters()),
+                "mac_counter": "torch.utils.flop_counter (conv/matmul MACs)"}
+    macs, params = tp.utils.count_ops_and_params(model, example)
+    return {**counts, "macs": int(macs), "params": int(params), "mac_counter": "torch_pruning.utils.count_ops_and_params"}
 
 
 def measure_artifact(artifact: Artifact, data: DataBundle, cfg: MeasureConfig, profile: HardwareProfile,
-                     counts: dict[str, int], eval_batch_size: int = 256,
+                     counts: dict[str, Any], eval_batch_size: int = 256,
                      progress: Callable[[str, int, int, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """All figures of one artifact; ``counts`` are the MACs/params/activations of its torch source."""
     progress = progress or (lambda *a: None)
@@ -89,6 +102,8 @@ def measure_artifact(artifact: Artifact, data: DataBundle, cfg: MeasureConfig, p
         estimate = roofline_estimate(profile, dtype, counts["macs"], counts["params"] * dtype.bytes,
                                      counts["activation_elements"] * 2 * dtype.bytes, batch=1)
     return {"accuracy": accuracy_record(logits, labels, runner), "params": counts["params"], "macs": counts["macs"],
-            "size_bytes": artifact.size_bytes(), "latency": latency.as_dict(), "throughput": throughput.as_dict(),
+            # a torch artifact's size is its weights file (a teacher may also carry a copy of its .pt2)
+            "size_bytes": artifact.path("model").stat().st_size if artifact.kind is ArtifactKind.TORCH
+            else artifact.size_bytes(), "latency": latency.as_dict(), "throughput": throughput.as_dict(),
             "estimate": estimate, "measure_note": note}
 

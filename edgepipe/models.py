@@ -103,6 +103,26 @@ for _n in _TORCHVISION:
     register(f"tv_{_n}")(_torchvision(_n))
 
 
+class ExportedProgramModel(nn.Module):
+    """An inference-only wrapper around ``torch.export.load(path).module()``.
+
+    The exported module was captured in one mode and raises NotImplementedError on ``.eval()`` /
+    ``.train()``; every stage switches modes, so the wrapper keeps its own flag and never forwards the
+    switch. Such a model can teach, be measured and be exported, but not be trained.
+    """
+
+    def __init__(self, program_module: nn.Module) -> None:
+        super().__init__()
+        self.program = program_module
+
+    def train(self, mode: bool = True) -> ExportedProgramModel:
+        self.training = mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.program(x)
+
+
 # --- building, saving, loading -----------------------------------------------------------------------
 def build_arch(arch: str, kwargs: dict[str, Any]) -> nn.Module:
     if arch not in ARCHITECTURES:
@@ -148,7 +168,7 @@ def build_from_spec(spec: ModelSpec) -> nn.Module:
         if not p.exists():
             raise EdgepipeError(f"{p}: torch.export program not found")
         try:
-            return torch.export.load(p).module()
+            return ExportedProgramModel(torch.export.load(p).module())
         except Exception as e:  # noqa: BLE001
             raise EdgepipeError(f"{p}: not a torch.export program ({type(e).__name__}: {e})") from None
     model = resolve_factory(spec.factory)(**spec.kwargs) if spec.factory else build_arch(spec.arch, spec.kwargs)
@@ -199,7 +219,8 @@ def restore_shapes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 def save_torch_artifact(model: nn.Module, build: dict[str, Any], out_dir: Path, input_shape: tuple[int, ...],
                         num_classes: int, meta: dict[str, Any] | None = None,
-                        quantization: dict[str, Any] | None = None) -> Artifact:
+                        quantization: dict[str, Any] | None = None,
+                        extra_files: dict[str, str] | None = None) -> Artifact:
     """Write model.json + model.pt into ``out_dir`` atomically and return the artifact.
 
     ``build`` is the ModelSpec (as a dict) of the *original* architecture; ``quantization`` the settings
@@ -209,7 +230,8 @@ def save_torch_artifact(model: nn.Module, build: dict[str, Any], out_dir: Path, 
     atomic_torch_save(out_dir / "model.pt", {k: v.detach().cpu() for k, v in model.state_dict().items()})
     atomic_write_json(out_dir / "model.json", {"build": build, "input_shape": list(input_shape),
                                                "num_classes": num_classes, "quantization": quantization})
-    art = Artifact(kind=ArtifactKind.TORCH, root=out_dir, files={"model": "model.pt", "build": "model.json"},
+    art = Artifact(kind=ArtifactKind.TORCH, root=out_dir,
+                   files={"model": "model.pt", "build": "model.json", **(extra_files or {})},
                    quantized=bool(quantization),
                    dtype=DType.INT8 if quantization else DType.FP32,
                    meta={"input_shape": list(input_shape), "num_classes": num_classes, **(meta or {})})
@@ -220,7 +242,9 @@ def save_torch_artifact(model: nn.Module, build: dict[str, Any], out_dir: Path, 
 def load_torch_artifact(artifact: Artifact) -> nn.Module:
     """Rebuild the nn.Module of a torch artifact (eval mode)."""
     desc = json.loads(artifact.path("build").read_text())
-    build = desc["build"]
+    build = dict(desc["build"])
+    if build.get("program") and not Path(build["program"]).is_absolute():
+        build["program"] = str(artifact.root / build["program"])  # copied into the stage folder
     spec = ModelSpec.model_validate({k: v for k, v in build.items() if k in ModelSpec.model_fields and k != "weights"})
     model = build_from_spec(spec)
     state = load_state_dict_file(artifact.path("model"))

@@ -230,7 +230,7 @@ def _metrics(run: Run, name: str, result: StageResult, ctx: StageContext, wall: 
     return {**base, **figures, "counts": counts, "records": result.records}
 
 
-def _counts(run: Run, name: str, art: Artifact, ctx: StageContext) -> dict[str, int]:
+def _counts(run: Run, name: str, art: Artifact, ctx: StageContext) -> dict[str, Any]:
     """MACs/params/activations of the torch model behind ``art``: counted for a torch artifact, else
     taken from the nearest earlier stage that counted them (export and compile don't change them)."""
     from edgepipe.measure import model_counts

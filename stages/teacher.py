@@ -8,13 +8,16 @@ cross-entropy first; the embedded ``digits`` recipe trains its teacher this way.
 from __future__ import annotations
 
 import logging
+import shutil
 
 from edgepipe.errors import EdgepipeError
+from edgepipe.io import atomic_write
 from edgepipe.models import build_from_spec, save_torch_artifact
 from edgepipe.stage import StageContext, StageResult
 from edgepipe.training import clear_checkpoints, cross_entropy_step, fit, seed_everything
 
 NAME = "teacher"
+PROGRAM_FILE = "teacher.pt2"
 INPUT_KINDS = ()
 log = logging.getLogger(__name__)
 
@@ -23,6 +26,9 @@ def run(ctx: StageContext) -> StageResult:
     cfg = ctx.config
     spec = cfg.teacher.model
     seed_everything(cfg.seed)
+    if spec.program and cfg.teacher.train.epochs > 0:
+        raise EdgepipeError("teacher.train.epochs: a torch.export program (teacher.model.program) is inference-only; "
+                            "give arch + weights (or a factory) to train the teacher, or set epochs: 0")
     model = build_from_spec(spec)
     data = ctx.data
     _check_fits(model, data.input_shape, data.num_classes)
@@ -32,8 +38,12 @@ def run(ctx: StageContext) -> StageResult:
                       checkpoint_dir=ctx.checkpoint_dir, task="teacher", progress=ctx.progress,
                       eval_batch_size=cfg.data.eval_batch_size)
     build = spec.model_dump(exclude_none=True, exclude={"weights"})
+    files = {}
+    if spec.program:  # keep the run folder self-contained: the program travels with the artifact
+        atomic_write(ctx.out_dir / PROGRAM_FILE, lambda p: shutil.copyfile(spec.program, p))
+        build["program"], files = PROGRAM_FILE, {"program": PROGRAM_FILE}
     artifact = save_torch_artifact(model, build, ctx.out_dir, data.input_shape, data.num_classes,
-                                   meta={"source": _source(spec)})
+                                   meta={"source": _source(spec)}, extra_files=files)
     clear_checkpoints(ctx.checkpoint_dir)
     return StageResult(artifact, records={"history": history, "source": _source(spec)})
 

@@ -81,6 +81,13 @@ def test_shipped_teacher_loads_both_forms() -> None:
     sd_model = build_from_spec(ModelSpec(arch="cifar_resnet", kwargs={"depth": 56},
                                          weights=str(TEACHERS / "resnet56_cifar10.state_dict.pt"))).eval()
     prog_model = build_from_spec(ModelSpec(program=str(TEACHERS / "resnet56_cifar10.pt2")))
+    prog_model.train()  # every stage switches modes; a raw exported module raises here
+    prog_model.eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(sd_model(x), prog_model(x), atol=1e-4)
+    from edgepipe.measure import model_counts
+
+    counts = model_counts(prog_model, (3, 32, 32))  # Torch-Pruning's hook counter sees 0 in an exported graph
+    assert 120e6 < counts["macs"] < 130e6 and 0.84e6 < counts["params"] < 0.88e6
+    assert "flop_counter" in counts["mac_counter"]

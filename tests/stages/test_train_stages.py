@@ -77,3 +77,29 @@ def test_bad_teacher_shape_is_clear(tmp_path: Path) -> None:
     cfg = tiny_config(teacher={"model": {"arch": "cifar_resnet", "kwargs": {"depth": 8, "in_channels": 3}}})
     with pytest.raises(EdgepipeError, match="in_channels"):
         teacher.run(StageContext("teacher", cfg, PROFILE, tmp_path, None))
+
+
+def test_teacher_from_torch_export_program(tmp_path: Path) -> None:
+    """A teacher that arrives as a .pt2: usable by later stages, copied into the run, never trained."""
+    import stages.distill as distill
+    import stages.teacher as teacher
+    from tests.support import TinyCNN
+
+    net = TinyCNN().eval()
+    program = tmp_path / "user" / "teacher.pt2"
+    program.parent.mkdir()
+    torch.export.save(torch.export.export(net, (torch.zeros(2, 1, 8, 8),),
+                                          dynamic_shapes=({0: torch.export.Dim("batch")},)), program)
+    cfg = tiny_config(teacher={"model": {"program": str(program)}, "train": {"epochs": 1}})
+    with pytest.raises(EdgepipeError, match="inference-only"):
+        teacher.run(StageContext("teacher", cfg, PROFILE, tmp_path / "t0", None))
+    cfg = tiny_config(teacher={"model": {"program": str(program)}}, distill__optim={"epochs": 1})
+    ctx = StageContext("teacher", cfg, PROFILE, tmp_path / "teacher", None)
+    art = teacher.run(ctx).artifact
+    program.unlink()  # the run must not depend on the user's file any more
+    again = load_torch_artifact(art)
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.allclose(again(x), net(x), atol=1e-6)
+    d = StageContext("distill", cfg, PROFILE, tmp_path / "distill", art, teacher=art)
+    d.__dict__["data"] = ctx.data
+    assert len(distill.run(d).records["history"]) == 1
