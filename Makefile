@@ -26,7 +26,7 @@ pipeline: setup
 	$(BIN)/edgepipe run --config $(CONFIG) --target $(TARGET) --run $(RUN)
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -rs
 
 bench: setup
 	$(BIN)/edgepipe bench --run $(RUN)
