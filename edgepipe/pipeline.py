@@ -159,14 +159,14 @@ class Run:
         return prev, art
 
 
-def stage_key(run: Run, name: str, inp: Artifact | None, teacher: Artifact | None) -> str:
+def stage_key(run: Run, name: str, input_hash: str | None, teacher: Artifact | None) -> str:
     cfg = run.config.model_dump(mode="json")
     parts = {s: cfg[s] for s in _STAGE_SECTIONS[name]}
     # Only qat (does the target run int8?) and compile depend on the target; a new --target on an
     # existing run reuses the trained teacher, student and pruned model.
     profile = run.profile.model_dump(mode="json") if name in ("qat", "compile") else None
     return _hash({"stage": name, "config": parts, "profile": profile,
-                  "input": inp.content_hash() if inp else None,
+                  "input": input_hash,
                   "teacher": teacher.content_hash() if teacher and name in _USES_TEACHER else None})
 
 
@@ -180,7 +180,8 @@ def run_stage(run: Run, name: str, force: bool = False, progress: Progress | Non
         raise EdgepipeError(f"stage {name} cannot take a {inp.kind.value} artifact (from {found[0]}); "
                             f"it takes {', '.join(k.value for k in module.INPUT_KINDS)}")
     teacher = run.artifact_of("teacher") if name != "teacher" else None
-    key = stage_key(run, name, inp, teacher)
+    input_hash = inp.content_hash() if inp else None  # hashed once: it reads every byte of the model
+    key = stage_key(run, name, input_hash, teacher)
     entry = run.entry(name)
     out_dir = run.root / name
     metrics_path = out_dir / "metrics.json"
@@ -189,7 +190,7 @@ def run_stage(run: Run, name: str, force: bool = False, progress: Progress | Non
         if art is not None and art.content_hash() == entry.get("output_hash"):
             log.info("%s: unchanged (key %s), reusing %s", name, key, entry["artifact_dir"])
             return json.loads(metrics_path.read_text())
-    entry.update(status="running", started=_now(), key=key, input_hash=inp.content_hash() if inp else None,
+    entry.update(status="running", started=_now(), key=key, input_hash=input_hash,
                  ended=None, skipped_reason=None)
     run.save()
     ctx = StageContext(name=name, config=run.config, profile=run.profile, out_dir=out_dir, input=inp,
