@@ -82,9 +82,23 @@ class FeaturePair(_Strict):
     student: str = Field(description="Student module name matched to it through a learned 1x1 adapter.")
 
 
+class SoftTargetsConfig(_Strict):
+    """How distill, prune and qat obtain the frozen teacher's logits."""
+
+    runtime: Literal["torch", "openvino"] = Field(
+        "torch", description="torch: the teacher module itself; openvino: the teacher compiled by OpenVINO in "
+                             "FP32 (inference only, the same logits to ~1e-5, faster on CPU). Feature hints need torch.")
+    cache: bool = Field(False, description="Keep each batch's teacher logits in memory, keyed by the batch's bytes, "
+                                           "so later stages of the same process reuse them (the data order and "
+                                           "augmentation depend only on seed and epoch).")
+
+
 class DistillConfig(_Strict):
     enabled: bool = Field(True, description="Run knowledge distillation.")
     student: ModelSpec = Field(description="The student architecture.")
+    init: Literal["random", "teacher"] = Field(
+        "random", description="teacher: start the student from the teacher's weights, taking evenly spaced "
+                              "blocks of each stage where the student is shallower (same widths required).")
     temperature: float = Field(4.0, gt=0, description="Softmax temperature T of the soft targets.")
     alpha: float = Field(0.9, ge=0, le=1, description="Weight of the soft (KL) term; 1-alpha weighs the hard CE.")
     beta: float = Field(0.0, ge=0, description="Weight of the feature-hint (MSE) term.")
@@ -144,6 +158,7 @@ class PipelineConfig(_Strict):
     data: DataConfig = Field(DataConfig(), description="The dataset.")
     teacher: TeacherConfig = Field(description="Where the teacher comes from.")
     distill: DistillConfig = Field(description="Knowledge distillation into the student.")
+    soft_targets: SoftTargetsConfig = Field(SoftTargetsConfig(), description="How the teacher's logits are computed.")
     prune: PruneConfig = Field(PruneConfig(), description="Structured pruning and fine-tuning.")
     qat: QATConfig = Field(QATConfig(), description="INT8 quantization-aware training.")
     export: ExportConfig = Field(ExportConfig(), description="ONNX export and checks.")

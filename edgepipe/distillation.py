@@ -9,13 +9,15 @@ map is resized to the teacher's.
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from edgepipe.config import FeaturePair
+from edgepipe.config import FeaturePair, SoftTargetsConfig
 from edgepipe.errors import EdgepipeError
 
 
@@ -79,16 +81,132 @@ class FeatureHints(nn.Module):
             h.remove()
 
 
-def kd_step(teacher: nn.Module, temperature: float, alpha: float, beta: float = 0.0,
+# Teacher logits kept across stages of one process: {(teacher key, runtime): {batch digest: logits}}.
+_LOGITS_CACHE: dict[tuple[str, str], dict[bytes, torch.Tensor]] = {}
+_CACHE_LIMIT_BYTES = 512 * 2**20
+
+
+class SoftTargets:
+    """The frozen teacher's logits for a batch, from PyTorch or from the teacher compiled by OpenVINO.
+
+    The teacher never trains, so its forward pass is pure inference: OpenVINO FP32 computes the same
+    logits (checked against PyTorch when built) at a fraction of PyTorch's CPU cost, which is most of
+    a distillation step's time for a deep teacher. With ``cache``, each batch's logits are kept in
+    memory keyed by a digest of the batch's bytes; fine-tuning stages that replay the same seeded
+    epochs then skip the teacher entirely. The hit/miss counts are reported in the stage records.
+    """
+
+    def __init__(self, teacher: nn.Module, runtime: str = "torch", cache: bool = False, key: str = "",
+                 example: torch.Tensor | None = None) -> None:
+        self.teacher, self.runtime = teacher.eval(), runtime
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        self.hits = self.misses = 0
+        self.max_abs_diff: float | None = None
+        self._store = _LOGITS_CACHE.setdefault((key, runtime), {}) if cache and key else None
+        self._request = None
+        if runtime == "openvino":
+            if example is None:
+                raise ValueError("SoftTargets: the openvino runtime needs an example input")
+            self._request = _openvino_request(teacher, example)
+            with torch.no_grad():
+                ref = teacher(example)
+            self.max_abs_diff = float((self._openvino(example) - ref).abs().max())
+            if self.max_abs_diff > 1e-2:
+                raise EdgepipeError(f"soft_targets.runtime: OpenVINO's teacher logits differ from PyTorch's by "
+                                    f"{self.max_abs_diff:.3g}; use runtime: torch")
+
+    def _openvino(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._request.infer({0: x.contiguous().numpy()})
+        return torch.from_numpy(next(iter(out.values())).copy())
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        digest = None
+        if self._store is not None:
+            digest = hashlib.blake2b(x.contiguous().numpy().tobytes(), digest_size=16).digest()
+            found = self._store.get(digest)
+            if found is not None:
+                self.hits += 1
+                return found
+        self.misses += 1
+        logits = self._openvino(x) if self._request is not None else self.teacher(x).float()
+        if digest is not None and len(self._store) * logits.numel() * 4 < _CACHE_LIMIT_BYTES:
+            self._store[digest] = logits
+        return logits
+
+    def record(self) -> dict[str, Any]:
+        return {"runtime": self.runtime, "cache": self._store is not None, "cache_hits": self.hits,
+                "teacher_forwards": self.misses, "openvino_max_abs_diff": self.max_abs_diff}
+
+
+def _openvino_request(teacher: nn.Module, example: torch.Tensor) -> Any:
+    import openvino as ov
+
+    model = ov.convert_model(teacher, example_input=example, input=[(-1, *example.shape[1:])])
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                      "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+    return compiled.create_infer_request()
+
+
+def soft_targets_for(teacher: nn.Module, cfg: SoftTargetsConfig, key: str, input_shape: tuple[int, ...],
+                     ) -> SoftTargets:
+    return SoftTargets(teacher, cfg.runtime, cfg.cache, key, torch.randn(2, *input_shape))
+
+
+def init_from_teacher(student: nn.Module, teacher: nn.Module) -> dict[str, Any]:
+    """Copy the teacher's weights into a shallower student of the same widths.
+
+    Names match except for block indices inside a stage (``layerK.i``): a student stage with m blocks
+    takes m evenly spaced teacher blocks, always including the first (it holds the stride and the
+    projection shortcut). Residual networks degrade gracefully when blocks are dropped (Veit et al.
+    2016), so the student starts far above chance and distillation converges in fewer epochs; the same
+    idea initialises DistilBERT from every other teacher layer (Sanh et al. 2019).
+    """
+    t_state = teacher.state_dict()
+    if t_state and all(k.startswith("program.") for k in t_state):
+        t_state = {k[len("program."):]: v for k, v in t_state.items()}
+    stages: dict[str, int] = {}
+    for k in t_state:
+        parts = k.split(".")
+        if len(parts) > 2 and parts[1].isdigit():
+            stages[parts[0]] = max(stages.get(parts[0], 0), int(parts[1]) + 1)
+    s_counts: dict[str, int] = {}
+    for k in student.state_dict():
+        parts = k.split(".")
+        if len(parts) > 2 and parts[1].isdigit():
+            s_counts[parts[0]] = max(s_counts.get(parts[0], 0), int(parts[1]) + 1)
+    chosen: dict[str, list[int]] = {}
+    for stage, m in s_counts.items():
+        n = stages.get(stage, 0)
+        if m > n:
+            raise EdgepipeError(f"distill.init: teacher: student stage '{stage}' has {m} blocks, the teacher {n}")
+        chosen[stage] = [round(i * (n - 1) / (m - 1)) if m > 1 else 0 for i in range(m)]
+    new = {}
+    for k, v in student.state_dict().items():
+        parts = k.split(".")
+        if len(parts) > 2 and parts[0] in chosen and parts[1].isdigit():
+            parts[1] = str(chosen[parts[0]][int(parts[1])])
+        src = t_state.get(".".join(parts))
+        if src is None or src.shape != v.shape:
+            got = "missing" if src is None else f"shape {tuple(src.shape)}"
+            raise EdgepipeError(f"distill.init: teacher: student tensor '{k}' {tuple(v.shape)} has no match in the "
+                                f"teacher ('{'.'.join(parts)}' {got}); use the teacher's widths or init: random")
+        new[k] = src.clone()
+    student.load_state_dict(new)
+    return {"init": "teacher", "blocks": chosen, "tensors": len(new)}
+
+
+def kd_step(teacher: nn.Module | SoftTargets, temperature: float, alpha: float, beta: float = 0.0,
             hints: FeatureHints | None = None) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]:
-    """A ``loss_step`` for edgepipe.training.fit: teacher forward (no grad, eval mode) + KD terms."""
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    """A ``loss_step`` for edgepipe.training.fit: teacher logits (no grad, eval mode) + KD terms."""
+    targets = teacher if isinstance(teacher, SoftTargets) else SoftTargets(teacher)
+    if hints is not None and (targets.runtime != "torch" or targets._store is not None):
+        raise EdgepipeError("distill.feature_pairs: feature hints read the teacher's PyTorch layers; "
+                            "set soft_targets.runtime: torch and soft_targets.cache: false")
 
     def step(student: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            t_logits = teacher(x)
+        t_logits = targets(x)
         terms = kd_terms(student(x), t_logits, y, temperature, alpha)
         if hints is not None and beta > 0:
             feature = hints.loss()

@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int, dict[str, float]], None]
 
 # Which parts of the config decide each stage's output (besides its inputs' content and the target).
-_STAGE_SECTIONS = {"teacher": ("teacher", "data", "seed"), "distill": ("distill", "data", "seed"),
-                   "prune": ("prune", "data", "seed"), "qat": ("qat", "data", "seed"),
+_STAGE_SECTIONS = {"teacher": ("teacher", "data", "seed"), "distill": ("distill", "soft_targets", "data", "seed"),
+                   "prune": ("prune", "soft_targets", "data", "seed"), "qat": ("qat", "soft_targets", "data", "seed"),
                    "export": ("export", "data"), "compile": ("export",)}
 _USES_TEACHER = ("distill", "prune", "qat")
 _LIBRARIES = ("torch", "torchvision", "torch-pruning", "onnx", "onnxruntime", "openvino", "tensorrt", "nncf")
@@ -162,9 +162,11 @@ class Run:
 def stage_key(run: Run, name: str, input_hash: str | None, teacher: Artifact | None) -> str:
     cfg = run.config.model_dump(mode="json")
     parts = {s: cfg[s] for s in _STAGE_SECTIONS[name]}
-    # Only qat (does the target run int8?) and compile depend on the target; a new --target on an
-    # existing run reuses the trained teacher, student and pruned model.
-    profile = run.profile.model_dump(mode="json") if name in ("qat", "compile") else None
+    # Only qat (does the target run int8? its quantization scheme is the same for every target) and
+    # compile depend on the target; a new --target on an existing run reuses the trained teacher,
+    # student and pruned model, and the QAT model whenever both targets run int8.
+    profile = ({"supports_int8": run.profile.supports_int8} if name == "qat"
+               else run.profile.model_dump(mode="json") if name == "compile" else None)
     return _hash({"stage": name, "config": parts, "profile": profile,
                   "input": input_hash,
                   "teacher": teacher.content_hash() if teacher and name in _USES_TEACHER else None})

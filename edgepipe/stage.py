@@ -47,6 +47,13 @@ class StageContext:
 
         return load_data(self.config.data, seed=self.config.seed)
 
+    def soft_targets(self, teacher: Any) -> Any:
+        """The teacher's logits as configured in ``soft_targets`` (edgepipe.distillation.SoftTargets)."""
+        from edgepipe.distillation import soft_targets_for
+
+        key = self.teacher.content_hash() if self.teacher is not None else ""
+        return soft_targets_for(teacher, self.config.soft_targets, key, self.data.input_shape)
+
     @property
     def checkpoint_dir(self) -> Path:
         """Per-epoch checkpoints live here, so an interrupted stage resumes mid-training."""

@@ -6,7 +6,7 @@ validation accuracy; checkpoints after every epoch let an interrupted run resume
 """
 from __future__ import annotations
 
-from edgepipe.distillation import FeatureHints, kd_step
+from edgepipe.distillation import FeatureHints, init_from_teacher, kd_step
 from edgepipe.models import build_from_spec, load_torch_artifact, save_torch_artifact
 from edgepipe.stage import StageContext, StageResult
 from edgepipe.training import clear_checkpoints, fit, seed_everything
@@ -24,10 +24,12 @@ def run(ctx: StageContext) -> StageResult:
     student = build_from_spec(dcfg.student)
     data = ctx.data
     _check_fits(student, data.input_shape, data.num_classes)
+    init = init_from_teacher(student, teacher) if dcfg.init == "teacher" else {"init": "random"}
     hints = None
     if dcfg.feature_pairs and dcfg.beta > 0:
         hints = FeatureHints(teacher, student, dcfg.feature_pairs, data.calibration_batches(1, 8)[0])
-    history = fit(student, data, dcfg.optim, kd_step(teacher, dcfg.temperature, dcfg.alpha, dcfg.beta, hints),
+    targets = ctx.soft_targets(teacher)
+    history = fit(student, data, dcfg.optim, kd_step(targets, dcfg.temperature, dcfg.alpha, dcfg.beta, hints),
                   batch_size=cfg.data.batch_size, checkpoint_dir=ctx.checkpoint_dir, task="distill",
                   extra_modules=hints, progress=ctx.progress, eval_batch_size=cfg.data.eval_batch_size)
     if hints is not None:
@@ -38,7 +40,7 @@ def run(ctx: StageContext) -> StageResult:
     artifact = save_torch_artifact(student, build, ctx.out_dir, data.input_shape, data.num_classes)
     clear_checkpoints(ctx.checkpoint_dir)
     return StageResult(artifact, records={
-        "history": history, "temperature": dcfg.temperature, "alpha": dcfg.alpha, "beta": dcfg.beta,
+        "history": history, "init": init, "soft_targets": targets.record(), "temperature": dcfg.temperature, "alpha": dcfg.alpha, "beta": dcfg.beta,
         "feature_pairs": [p.model_dump() for p in dcfg.feature_pairs],
         "teacher_params": teacher_params, "student_params": student_params,
         "params_ratio": student_params / teacher_params})

@@ -69,7 +69,7 @@ def run(ctx: StageContext) -> StageResult:
     seed_everything(cfg.seed + 2)
     data = ctx.data
     student = load_torch_artifact(ctx.input)
-    teacher = load_torch_artifact(ctx.teacher) if ctx.teacher else None
+    teacher = ctx.soft_targets(load_torch_artifact(ctx.teacher)) if ctx.teacher else None
     example = torch.zeros(1, *data.input_shape)
     base_macs, base_params = count(student, example)
     before = channels(student)
@@ -109,7 +109,8 @@ def run(ctx: StageContext) -> StageResult:
         "history": histories, "importance": pcfg.importance.value, "target": pcfg.target, "ratio": pcfg.ratio,
         "macs_before": base_macs, "params_before": base_params, "macs_after": macs, "params_after": params,
         "macs_ratio": macs / base_macs, "params_ratio": params / base_params, "top1_after_pruning": pruned_top1,
-        "steps": step_log, "channels": {n: [before[n], after.get(n, before[n])] for n in before}})
+        "steps": step_log, "channels": {n: [before[n], after.get(n, before[n])] for n in before},
+        "soft_targets": teacher.record() if teacher is not None else None})
 
 
 def _prune_to(pruner: tp.pruner.MetaPruner, model: nn.Module, example: torch.Tensor, goal: float, base_macs: int,

@@ -55,7 +55,8 @@ def run(ctx: StageContext) -> StageResult:
     ptq_top1 = evaluate(model, data, eval_bs)
     log.info("qat: float top-1 %.4f, calibrated (PTQ) top-1 %.4f", float_top1, ptq_top1)
 
-    history = fit(model, data, qcfg.optim, kd_step(teacher, qcfg.temperature, qcfg.alpha),
+    targets = ctx.soft_targets(teacher) if ctx.teacher else teacher
+    history = fit(model, data, qcfg.optim, kd_step(targets, qcfg.temperature, qcfg.alpha),
                   batch_size=cfg.data.batch_size, checkpoint_dir=ctx.checkpoint_dir, task="qat",
                   progress=ctx.progress, eval_batch_size=eval_bs)
     fold_batchnorm(model, pairs)
@@ -72,6 +73,7 @@ def run(ctx: StageContext) -> StageResult:
         "bn_folded": len(pairs), "bn_unfolded": _remaining_batchnorms(model), "bn_note": fold_note,
         "quantized_layers": len(quant_layers(model)),
         "teacher": "teacher stage" if ctx.teacher else "float input (self-distillation)",
+        "soft_targets": targets.record() if ctx.teacher else None,
         "temperature": qcfg.temperature, "alpha": qcfg.alpha, "settings": settings})
 
 
