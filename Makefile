@@ -9,10 +9,14 @@ CONFIG ?= digits
 RUN    ?= runs/$(CONFIG)-$(TARGET)
 # torch/torchvision are pinned here (not in pyproject) to the CPU-usable release this project is tested with.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
-# CIFAR-10 benchmark inputs (see BENCHMARKS.md); override for your own copies.
+# CIFAR-10 benchmark inputs (see BENCHMARKS.md); override for your own copies:
+#   make bench DATA=/path/to/cifar10-imagefolder TEACHER=/path/to/resnet56.pt2
 SHARED ?= ../shared
+DATA ?= $(SHARED)/datasets/cifar10
+TEACHER ?= $(SHARED)/teachers/resnet56_cifar10.pt2
+BENCH_RUN ?= runs/cifar10-bench
 
-.PHONY: setup pipeline test bench report clean
+.PHONY: setup setup-bench pipeline test bench bench-run report clean
 
 setup: $(VENV)/.installed
 
@@ -22,13 +26,26 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -e '.[dev]'
 	touch $@
 
+# The benchmark also needs NNCF (post-training quantization baselines).
+setup-bench: $(VENV)/.installed-bench
+
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(BIN)/pip install -e '.[bench]'
+	touch $@
+
 pipeline: setup
 	$(BIN)/edgepipe run --config $(CONFIG) --target $(TARGET) --run $(RUN)
 
 test: setup
 	$(BIN)/python -m pytest -q -rs
 
-bench: setup
+# CIFAR-10: the recipe and its baselines, measured side by side -> BENCHMARKS.md/.json/.png (resumable).
+bench: setup-bench
+	$(BIN)/edgepipe compare --config configs/cifar10.yaml --target intel-xeon-amx --device jetson \
+		--data $(DATA) --teacher $(TEACHER) --run $(BENCH_RUN) --out .
+
+# Every stage artifact of one run across runtimes, dtypes and batch sizes -> $(RUN)/bench/.
+bench-run: setup
 	$(BIN)/edgepipe bench --run $(RUN)
 
 report: setup

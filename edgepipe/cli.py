@@ -44,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("bench", help="measure every stage artifact across backends, dtypes and batch sizes")
     run_args(sp, need_run=False)
     sp.add_argument("--artifact", type=Path, help="measure one artifact folder instead of a run")
+    sp = sub.add_parser("compare", help="run the pipeline and the one-line baselines (scratch, PTQ, teacher "
+                        "fp32/bf16/int8), measured side by side; writes BENCHMARKS.md/.json/.png")
+    run_args(sp)
+    sp.add_argument("--device", help="also compile for this device profile (e.g. jetson); its latency is an estimate")
+    sp.add_argument("--data", help="override data.path (the ImageFolder root)")
+    sp.add_argument("--teacher", help="override teacher.model.program (a torch.export .pt2 file)")
+    sp.add_argument("--out", type=Path, default=Path("."), help="folder for BENCHMARKS.md/.json/.png (default: .)")
     sp = sub.add_parser("report", help="write report.md and report.html with plots")
     sp.add_argument("--run", type=Path, required=True)
     sp = sub.add_parser("profiles", help="list hardware profiles; `profiles show NAME` for one")
@@ -104,6 +111,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _compile_standalone(args)
     if cmd == "bench":
         return _bench(args)
+    if cmd == "compare":
+        return _compare(args)
     run = _open_run(args)
     from edgepipe.pipeline import run_pipeline, run_stage
 
@@ -273,3 +282,31 @@ def _bench(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _compare(args: argparse.Namespace) -> int:
+    """`edgepipe compare`: the pipeline and its baselines in one resumable command (see edgepipe.compare)."""
+    import shlex
+
+    from edgepipe.compare import compare
+    from edgepipe.config import load_config, validate_config
+
+    if not args.config or not args.target:
+        raise EdgepipeError("compare needs --config and --target (e.g. --config cifar10 --target intel-xeon-amx)")
+    data = load_config(args.config).model_dump(mode="json")
+    if args.data:
+        if not Path(args.data).is_dir():
+            raise EdgepipeError(f"--data {args.data}: not a folder; give the ImageFolder root holding train/ and test/")
+        data["data"]["path"] = args.data
+    if args.teacher:
+        if not Path(args.teacher).is_file():
+            raise EdgepipeError(f"--teacher {args.teacher}: file not found; give the teacher's torch.export .pt2")
+        data["teacher"]["model"] = {"program": args.teacher}
+    config = validate_config(data, args.config)
+    command = "edgepipe " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "edgepipe compare"
+    with _progress() as progress:
+        result = compare(config, args.run, args.target, args.device, args.out, command, progress)
+    for c in result["checks"]:
+        print(f"{'pass' if c['pass'] else 'MISS'}  {c['claim']}  (measured {c['measured']:.4g})")
+    print(f"wrote {args.out / 'BENCHMARKS.md'}, BENCHMARKS.json and BENCHMARKS.png")
+    return 0
