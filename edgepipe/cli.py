@@ -288,8 +288,8 @@ def _compare(args: argparse.Namespace) -> int:
     """`edgepipe compare`: the pipeline and its baselines in one resumable command (see edgepipe.compare)."""
     import shlex
 
-    from edgepipe.compare import compare
-    from edgepipe.config import load_config, validate_config
+    from edgepipe.compare import compare, leading_comment
+    from edgepipe.config import configs_dir, load_config, validate_config
 
     if not args.config or not args.target:
         raise EdgepipeError("compare needs --config and --target (e.g. --config cifar10 --target intel-xeon-amx)")
@@ -305,7 +305,9 @@ def _compare(args: argparse.Namespace) -> int:
     config = validate_config(data, args.config)
     command = "edgepipe " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "edgepipe compare"
     with _progress() as progress:
-        result = compare(config, args.run, args.target, args.device, args.out, command, progress)
+        config_file = Path(args.config) if Path(args.config).is_file() else configs_dir() / f"{args.config}.yaml"
+        result = compare(config, args.run, args.target, args.device, args.out, command, progress,
+                         recipe_notes=leading_comment(config_file))
     for c in result["checks"]:
         print(f"{'pass' if c['pass'] else 'MISS'}  {c['claim']}  (measured {c['measured']:.4g})")
     print(f"wrote {args.out / 'BENCHMARKS.md'}, BENCHMARKS.json and BENCHMARKS.png")

@@ -63,8 +63,11 @@ ROW_KEYS = ("row", "method", "top1", "params", "macs", "size_bytes", "backend", 
 
 # --- the command ------------------------------------------------------------------------------------
 def compare(config: PipelineConfig, run_dir: Path, target: str, device_target: str | None, out_dir: Path,
-            command: str, progress: Progress | None = None) -> dict[str, Any]:
-    """Run the pipeline and every baseline; write BENCHMARKS.{md,json,png} into ``out_dir``."""
+            command: str, progress: Progress | None = None, recipe_notes: str = "") -> dict[str, Any]:
+    """Run the pipeline and every baseline; write BENCHMARKS.{md,json,png} into ``out_dir``.
+
+    ``recipe_notes`` (the config file's leading comment: what the student is and why) is quoted in
+    BENCHMARKS.md beside the recipe's settings."""
     started = time.perf_counter()
     progress = progress or (lambda *a: None)
     profile = get_profile(target)
@@ -94,8 +97,10 @@ def compare(config: PipelineConfig, run_dir: Path, target: str, device_target: s
     device_row = ctx.device_row(device) if device is not None else None
     training = ctx.training_throughput()
     pipeline_seconds = sum(e.get("wall_time_s") or 0.0 for e in run.manifest["stages"])
+    earlier = _earlier_invocation_seconds(run, rows)
     result = {
         "command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "recipe": recipe(config, recipe_notes),
         "host": {"cpu": host_cpu(), "isa_flags": [f for f in host_isa() if f.startswith(("avx", "amx"))],
                  "cores_used": threads, "native_bf16": host_has_native_bf16(), "os": platform.platform(),
                  "python": platform.python_version()},
@@ -107,12 +112,24 @@ def compare(config: PipelineConfig, run_dir: Path, target: str, device_target: s
         "rows": rows, "device_row": device_row, "training_throughput": training,
         "stage_seconds": {e["name"]: e.get("wall_time_s") for e in run.manifest["stages"]},
         "compute_seconds": pipeline_seconds + sum(r.get("seconds") or 0.0 for r in rows)
-        + (device_row or {}).get("seconds", 0.0) + training.get("seconds", 0.0),
+        + (device_row or {}).get("seconds", 0.0) + training.get("seconds", 0.0) + earlier,
         "this_invocation_seconds": time.perf_counter() - started,
+        "earlier_invocation_epoch_seconds": earlier,
     }
     result["checks"] = acceptance(result)
     write_benchmarks(Path(out_dir), result)
     return result
+
+
+def _earlier_invocation_seconds(run: Run, rows: list[dict[str, Any]]) -> float:
+    """Training time of epochs that ran before an interruption: a resumed stage's wall time covers only
+    the epochs after it, so these are added to the benchmark's compute time."""
+    histories = [r.get("history") or [] for r in rows]
+    for name in ("teacher", "distill", "prune", "qat"):
+        path = run.root / name / "metrics.json"
+        if path.exists():
+            histories.append((json.loads(path.read_text()).get("records") or {}).get("history") or [])
+    return float(sum(h.get("seconds", 0.0) for hist in histories for h in hist if h.get("earlier_invocation")))
 
 
 class _Bench:
@@ -395,6 +412,32 @@ def plain_kd_loop_throughput(config: PipelineConfig, data: DataBundle, teacher_a
                            f"Nesterov; the same {total} augmented batches of {config.data.batch_size}, all timed"}
 
 
+def recipe(config: PipelineConfig, notes: str = "") -> dict[str, Any]:
+    """The settings that decide the result, for the benchmark document."""
+    d, p, q = config.distill, config.prune, config.qat
+    return {
+        "notes": notes,
+        "teacher": config.teacher.model.model_dump(exclude_none=True, exclude_defaults=True),
+        "student": d.student.model_dump(exclude_none=True, exclude_defaults=True),
+        "distill": f"init {d.init}, T={d.temperature}, alpha={d.alpha}, {d.optim.epochs} epochs, peak lr {d.optim.lr}, "
+                   f"batch {config.data.batch_size}, channels_last {d.optim.channels_last}, autocast {d.optim.autocast}",
+        "prune": f"Torch-Pruning {p.importance.value} importance to <= {p.ratio:.0%} of the {p.target}, "
+                 f"{p.steps} step(s), round_to {p.round_to}, {p.optim.epochs} fine-tuning epochs from the teacher",
+        "qat": f"{q.calibration} calibration on {q.calibration_batches} batches, {q.optim.epochs} epochs at lr {q.optim.lr}",
+        "soft_targets": f"teacher logits from {config.soft_targets.runtime}, cache {config.soft_targets.cache}",
+    }
+
+
+def leading_comment(path: Path) -> str:
+    """The comment block at the top of a YAML file, without the ``#`` marks."""
+    lines = []
+    for line in Path(path).read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line[1:].removeprefix(" "))
+    return "\n".join(lines).strip()
+
+
 # --- acceptance -------------------------------------------------------------------------------------
 def _by_name(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {r["row"]: r for r in result["rows"]}
@@ -466,8 +509,10 @@ def markdown(result: dict[str, Any]) -> str:
         f"top-1 on all {c['accuracy_samples']:,} test images, computed by the same compiled model.",
         f"- Run folder: `{result['run']}`; target profile `{result['target']}`. Compute time of the whole benchmark "
         f"(pipeline stages + baselines + timing): {result['compute_seconds'] / 60:.1f} min"
-        f" (this invocation: {result['this_invocation_seconds'] / 60:.1f} min; stages and rows already done in an "
-        "earlier, interrupted invocation are reused).", "",
+        f" (this invocation: {result['this_invocation_seconds'] / 60:.1f} min; training epochs of earlier, "
+        f"interrupted invocations: {result.get('earlier_invocation_epoch_seconds', 0.0) / 60:.1f} min; stages and "
+        "rows finished earlier are reused, not redone).", "",
+        *_recipe_lines(result.get("recipe") or {}),
         "## Results", "",
         "| row | top-1 | params | MACs | size on disk | runtime dtype | latency b1 p50 | throughput b64 | how |",
         "|---|---:|---:|---:|---:|---|---:|---:|---|",
@@ -517,6 +562,18 @@ def markdown(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         lines.append(f"| baseline/measure: {r['row']} | {r.get('seconds') or 0:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def _recipe_lines(r: dict[str, Any]) -> list[str]:
+    if not r:
+        return []
+    lines = ["## Recipe", ""]
+    if r.get("notes"):
+        lines += ["> " + line if line else ">" for line in r["notes"].splitlines()] + [""]
+    lines += [f"- Teacher: `{json.dumps(r['teacher'])}`", f"- Student: `{json.dumps(r['student'])}`",
+              f"- Distill: {r['distill']}", f"- Prune: {r['prune']}", f"- QAT: {r['qat']}",
+              f"- Soft targets: {r['soft_targets']}", ""]
+    return lines
 
 
 def pareto(points: list[tuple[float, float]]) -> list[int]:

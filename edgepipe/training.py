@@ -94,6 +94,8 @@ def fit(model: nn.Module, data: DataBundle, cfg: OptimConfig, loss_step: LossSte
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             history, start = json.loads(state["history"]), int(state["epoch"])
+            for row in history:  # these epochs ran in an earlier, interrupted invocation
+                row.setdefault("earlier_invocation", True)
             log.info("%s: resuming after epoch %d from %s", task, start, ckpt)
     for epoch in range(start, cfg.epochs):
         model.train()
