@@ -423,7 +423,8 @@ def recipe(config: PipelineConfig, notes: str = "") -> dict[str, Any]:
                    f"batch {config.data.batch_size}, channels_last {d.optim.channels_last}, autocast {d.optim.autocast}",
         "prune": f"Torch-Pruning {p.importance.value} importance to <= {p.ratio:.0%} of the {p.target}, "
                  f"{p.steps} step(s), round_to {p.round_to}, {p.optim.epochs} fine-tuning epochs from the teacher",
-        "qat": f"{q.calibration} calibration on {q.calibration_batches} batches, {q.optim.epochs} epochs at lr {q.optim.lr}",
+        "qat": f"{q.weight_bits}-bit weights, {q.calibration} calibration on {q.calibration_batches} batches, "
+               f"{q.optim.epochs} epochs at lr {q.optim.lr}",
         "soft_targets": f"teacher logits from {config.soft_targets.runtime}, cache {config.soft_targets.cache}",
     }
 
@@ -484,7 +485,7 @@ def _size(b: float | None) -> str:
 
 def _measured_of(check: dict[str, Any], value: float | None = None) -> str:
     m = check["measured"] if value is None else value
-    return f"{100 * m:+.2f} pts" if "point" in check["claim"] else f"{m:.2f}x"
+    return f"{100 * m:+.2f} pts" if "top-1" in check["claim"] else f"{m:.2f}x"
 
 
 def _required_of(check: dict[str, Any]) -> str:

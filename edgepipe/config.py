@@ -128,6 +128,9 @@ class QATConfig(_Strict):
     calibration_batches: int = Field(8, ge=1, description="Batches used to calibrate activation ranges.")
     calibration: Literal["max", "percentile"] = Field("percentile", description="Activation range estimator.")
     percentile: float = Field(99.99, gt=50, le=100, description="Percentile for the percentile estimator.")
+    weight_bits: Literal[7, 8] = Field(
+        8, description="7 keeps int8 weights in [-63, 63]: needed for OpenVINO INT8 on CPUs without VNNI "
+                       "(AVX2), whose u8 x s8 multiply-adds saturate with full 8-bit weights (NNCF's overflow fix).")
     temperature: float = Field(4.0, gt=0, description="Distillation temperature while fine-tuning.")
     alpha: float = Field(0.9, ge=0, le=1, description="Soft-target weight while fine-tuning.")
     optim: OptimConfig = Field(OptimConfig(epochs=2, lr=0.005, autocast="off"), description="QAT fine-tuning.")

@@ -52,9 +52,15 @@ _EPS = 1e-8
 
 
 def quant_settings(calibration: str = "percentile", percentile: float = 99.99, batches: int | None = None,
-                   bn_folded: Iterable[tuple[str, str]] = ()) -> dict[str, Any]:
-    """The JSON-able settings ``insert_fake_quant`` takes, and which a QAT artifact's model.json keeps."""
-    return {"num_bits": NUM_BITS, "weights": WEIGHTS, "activations": ACTIVATIONS,
+                   bn_folded: Iterable[tuple[str, str]] = (), weight_bits: int = NUM_BITS) -> dict[str, Any]:
+    """The JSON-able settings ``insert_fake_quant`` takes, and which a QAT artifact's model.json keeps.
+
+    ``weight_bits`` 7 keeps weights in [-63, 63] (still int8 with zero-point 0): a CPU without VNNI
+    multiplies u8 activations by s8 weights with vpmaddubsw, whose int16 pair sums saturate with full
+    8-bit weights (the overflow NNCF's ``overflow_fix`` avoids the same way). Measured here on an AVX2
+    CPU: a CIFAR ResNet-20 QDQ model fell from 86% (ONNX Runtime) to 68% top-1 in OpenVINO INT8 with
+    8-bit weights; halving its weights to 7 bits restored it."""
+    return {"num_bits": NUM_BITS, "weight_bits": weight_bits, "weights": WEIGHTS, "activations": ACTIVATIONS,
             "calibration": {"method": calibration, "percentile": percentile, "batches": batches},
             "bn_folded": [[conv, bn] for conv, bn in bn_folded]}
 
@@ -67,6 +73,8 @@ def _check_settings(settings: dict[str, Any]) -> list[tuple[str, str]]:
         if settings.get(key, value) != value:
             raise EdgepipeError(f"quantization settings: {key} {settings[key]!r} is not supported "
                                 f"(edgepipe quantizes {value!r} only)")
+    if settings.get("weight_bits", NUM_BITS) not in (7, 8):
+        raise EdgepipeError(f"quantization settings: weight_bits must be 7 or 8, got {settings['weight_bits']!r}")
     pairs = settings.get("bn_folded") or []
     if not all(isinstance(p, list | tuple) and len(p) == 2 for p in pairs):
         raise EdgepipeError(f"quantization settings: bn_folded must list [conv, batchnorm] name pairs, got {pairs!r}")
@@ -143,10 +151,10 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 # --- fake-quantized layers ---------------------------------------------------------------------------
-def weight_scale(weight: torch.Tensor) -> torch.Tensor:
-    """Per-output-channel symmetric scale max|w| / 127, detached (the scale is not learned)."""
+def weight_scale(weight: torch.Tensor, qmax: int = QMAX) -> torch.Tensor:
+    """Per-output-channel symmetric scale max|w| / qmax (127, or 63 for 7-bit weights), detached."""
     amax = weight.detach().abs().amax(dim=tuple(range(1, weight.ndim)))
-    return amax.clamp_min(_EPS).float() / QMAX
+    return amax.clamp_min(_EPS).float() / qmax
 
 
 class _FakeQuant:
@@ -160,6 +168,7 @@ class _FakeQuant:
         self.register_buffer("input_amax", torch.zeros((), device=self.weight.device))
         self.quantize = True
         self.frozen_weight_scale: torch.Tensor | None = None
+        self.weight_qmax = QMAX
 
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quantize:
@@ -178,8 +187,10 @@ class _FakeQuant:
             return w
         # While exporting, a precomputed constant: the TorchScript exporter cannot constant-fold
         # Abs/ReduceMax on an initializer, and export needs QuantizeLinear(initializer, constant scale).
-        scale = self.frozen_weight_scale if self.frozen_weight_scale is not None else weight_scale(w)
+        q = self.weight_qmax
+        scale = self.frozen_weight_scale if self.frozen_weight_scale is not None else weight_scale(w, q)
         zero = torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
+        # |w| / scale <= q by construction, so the int8 range never clips; ONNX export accepts only that range
         return torch.fake_quantize_per_channel_affine(w, scale, zero, 0, QMIN, QMAX)
 
 
@@ -234,8 +245,11 @@ def insert_fake_quant(model: nn.Module, settings: dict[str, Any]) -> nn.Module:
     targets = [(n, m) for n, m in model.named_modules() if type(m) in _WRAP]
     if not targets:
         raise EdgepipeError(f"insert_fake_quant: {type(model).__name__} has no nn.Conv2d or nn.Linear to quantize")
+    qmax = 2 ** (int(settings.get("weight_bits", NUM_BITS)) - 1) - 1
     for name, module in targets:
-        _set(model, name, _WRAP[type(module)].from_float(module))
+        layer = _WRAP[type(module)].from_float(module)
+        layer.weight_qmax = qmax
+        _set(model, name, layer)
     return model
 
 
@@ -278,7 +292,7 @@ def frozen_weight_scales(model: nn.Module) -> Iterator[None]:
     """Hand the ONNX exporter each layer's current weight scale as a constant (see ``quant_weight``)."""
     layers = quant_layers(model).values()
     for layer in layers:
-        layer.frozen_weight_scale = weight_scale(layer.weight).clone()
+        layer.frozen_weight_scale = weight_scale(layer.weight, layer.weight_qmax).clone()
     try:
         yield
     finally:

@@ -48,7 +48,8 @@ def run(ctx: StageContext) -> StageResult:
     teacher = load_torch_artifact(ctx.teacher) if ctx.teacher else copy.deepcopy(model)
     float_top1 = evaluate(model, data, eval_bs)
     pairs, fold_note = find_conv_bn_pairs(model)  # traced on the float model, folded after fine-tuning
-    model = insert_fake_quant(model, quant_settings(qcfg.calibration, qcfg.percentile, qcfg.calibration_batches))
+    model = insert_fake_quant(model, quant_settings(qcfg.calibration, qcfg.percentile, qcfg.calibration_batches,
+                                                    weight_bits=qcfg.weight_bits))
 
     batches = data.calibration_batches(qcfg.calibration_batches, cfg.data.batch_size)
     amax = calibrate(model, batches, qcfg.calibration, qcfg.percentile)
@@ -61,7 +62,7 @@ def run(ctx: StageContext) -> StageResult:
                   progress=ctx.progress, eval_batch_size=eval_bs)
     fold_batchnorm(model, pairs)
     qat_top1 = evaluate(model, data, eval_bs)
-    settings = quant_settings(qcfg.calibration, qcfg.percentile, qcfg.calibration_batches, pairs)
+    settings = quant_settings(qcfg.calibration, qcfg.percentile, qcfg.calibration_batches, pairs, qcfg.weight_bits)
     artifact = save_torch_artifact(model, desc["build"], ctx.out_dir, tuple(desc["input_shape"]),
                                    desc["num_classes"], quantization=settings)
     clear_checkpoints(ctx.checkpoint_dir)

@@ -221,3 +221,28 @@ def test_bad_inputs_are_clear() -> None:
         calibrate(model, [], method="max")
     with pytest.raises(EdgepipeError, match="insert_fake_quant first"):
         calibrate(TinyCNN(), _batches(), method="max")
+
+
+def test_seven_bit_weights_stay_within_63_levels_and_survive_export() -> None:
+    """weight_bits 7 (for OpenVINO INT8 on CPUs without VNNI): every weight in [-63, 63] times its scale,
+    kept through the saved settings and into the ONNX int8 initializers."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from stages.export import export_onnx, fold_weight_quantizers
+
+    torch.manual_seed(0)
+    model = insert_fake_quant(TinyCNN(), quant_settings(weight_bits=7))
+    calibrate(model, [torch.randn(8, 1, 8, 8)], "max", 100.0)
+    for layer in quant_layers(model).values():
+        levels = layer.quant_weight().detach() / weight_scale(layer.weight, 63).view(-1, *[1] * (layer.weight.ndim - 1))
+        assert torch.allclose(levels, levels.round(), atol=1e-3)
+        assert levels.abs().max() <= 63 + 1e-3 and levels.abs().max() > 62
+    proto = export_onnx(model.eval(), (1, 8, 8), 17)
+    assert fold_weight_quantizers(proto) == 3
+    graph = proto.graph
+    ints = [numpy_helper.to_array(i) for i in graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert ints and max(int(np.abs(w).max()) for w in ints) == 63
+    with pytest.raises(EdgepipeError, match="weight_bits must be 7 or 8"):
+        insert_fake_quant(TinyCNN(), {**quant_settings(), "weight_bits": 6})
