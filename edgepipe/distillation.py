@@ -116,6 +116,10 @@ class SoftTargets:
                 raise EdgepipeError(f"soft_targets.runtime: OpenVINO's teacher logits differ from PyTorch's by "
                                     f"{self.max_abs_diff:.3g}; use runtime: torch")
 
+    @property
+    def caching(self) -> bool:
+        return self._store is not None
+
     def _openvino(self, x: torch.Tensor) -> torch.Tensor:
         out = self._request.infer({0: x.contiguous().numpy()})
         return torch.from_numpy(next(iter(out.values())).copy())
@@ -136,7 +140,7 @@ class SoftTargets:
         return logits
 
     def record(self) -> dict[str, Any]:
-        return {"runtime": self.runtime, "cache": self._store is not None, "cache_hits": self.hits,
+        return {"runtime": self.runtime, "cache": self.caching, "cache_hits": self.hits,
                 "teacher_forwards": self.misses, "openvino_max_abs_diff": self.max_abs_diff}
 
 
@@ -201,7 +205,7 @@ def kd_step(teacher: nn.Module | SoftTargets, temperature: float, alpha: float, 
             hints: FeatureHints | None = None) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]:
     """A ``loss_step`` for edgepipe.training.fit: teacher logits (no grad, eval mode) + KD terms."""
     targets = teacher if isinstance(teacher, SoftTargets) else SoftTargets(teacher)
-    if hints is not None and (targets.runtime != "torch" or targets._store is not None):
+    if hints is not None and (targets.runtime != "torch" or targets.caching):
         raise EdgepipeError("distill.feature_pairs: feature hints read the teacher's PyTorch layers; "
                             "set soft_targets.runtime: torch and soft_targets.cache: false")
 
