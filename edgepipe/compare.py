@@ -11,8 +11,9 @@ and BENCHMARKS.png:
 - distilled / pruned: the pipeline's float models, compiled by OpenVINO FP32.
 - PTQ: the pruned student quantized post-training by NNCF instead of QAT, OpenVINO INT8.
 - final: the pipeline's QAT INT8 model as the compile stage built it for the target.
-- the device target (e.g. jetson): the same QDQ ONNX compiled for it (an engine, or a deploy bundle
-  where TensorRT cannot run); its latency is a roofline *estimate* from the profile, labelled so.
+- the device target (e.g. jetson): the pruned student through QAT, export and compile in the device's own
+  INT8 form (a run in ``<run>/targets/<device>``; an engine, or a deploy bundle where TensorRT cannot
+  run); its latency is a roofline *estimate* from the profile, labelled so.
 
 Every OpenVINO row: top-1 on the whole validation split, params, MACs, size on disk (model.xml +
 model.bin), latency p50 at batch 1 and throughput at batch 64, with the same threads, warm-up and
@@ -28,7 +29,6 @@ import hashlib
 import json
 import logging
 import platform
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -305,31 +305,35 @@ class _Context:
         return self._cached("final", {"artifact": art.content_hash()}, make)
 
     def device_row(self, device: HardwareProfile) -> dict[str, Any]:
-        """The export stage's ONNX compiled for the device target; latency is the profile's estimate."""
-        from edgepipe.backends import get_backend
+        """The pruned student through QAT, export and compile for the device target, in its own run
+        (``<run>/targets/<device>``): the device gets the INT8 form it needs (edgepipe.quant_form), not
+        this host's. Accuracy is its QDQ ONNX in ONNX Runtime; latency is the profile's estimate."""
         from edgepipe.estimate import roofline_estimate
 
-        art, _ = self._stage("export")
-        _, qat = self._stage("qat")
+        child = self.run.for_target(device.name)
+        run_pipeline(child, stages=["qat", "export", "compile"], progress=self.progress)
+        compiled = child.artifact_of("compile")
+        qat = json.loads((child.root / "qat" / "metrics.json").read_text())
+        export = json.loads((child.root / "export" / "metrics.json").read_text())
+        records = json.loads((child.root / "compile" / "metrics.json").read_text()).get("records", {})
 
         def make() -> dict[str, Any]:
-            dtype = device.compile_dtype(art.quantized)
-            out = self.work / f"device-{device.name}"
-            shutil.rmtree(out, ignore_errors=True)
-            compiled, records = get_backend(device.backend).compile(art.path("onnx"), device, dtype, out)
-            compiled.save()
+            dtype = device.compile_dtype(compiled.quantized)
             c = qat.get("counts") or {}
             est = {f"batch_{b}": roofline_estimate(device, dtype, c["macs"], c["params"] * dtype.bytes,
                                                    c["activation_elements"] * 2 * dtype.bytes, batch=b)
                    for b in (LATENCY_BATCH, THROUGHPUT_BATCH)}
-            return {"method": f"the same QDQ ONNX compiled for {device.name} ({device.backend.value}, {dtype.value})",
+            form = (qat.get("records") or {}).get("form") or {}
+            return {"method": f"pruned student, QAT in the {device.name} form ({form.get('activations')} activations, "
+                              f"{form.get('weight_bits')}-bit weights) -> {device.backend.value} ({dtype.value})",
                     "params": c.get("params"), "macs": c.get("macs"), "size_bytes": compiled.size_bytes(),
                     "backend": device.backend.value, "device": device.description, "requested_dtype": dtype.value,
-                    "artifact_kind": compiled.kind.value, "artifact_dir": str(out),
+                    "artifact_kind": compiled.kind.value, "artifact_dir": str(compiled.root),
                     "compile_records": {k: v for k, v in records.items() if k != "settings"},
-                    "estimate": est, "top1": None,
-                    "note": "latency is a roofline ESTIMATE from the profile's peak figures, not a measurement"}
-        return self._cached(f"device-{device.name}", {"export": art.content_hash(), "profile": device.name}, make)
+                    "estimate": est, "top1": (export.get("accuracy") or {}).get("top1"),
+                    "note": "latency is a roofline ESTIMATE from the profile's peak figures, not a measurement; top-1 is "
+                            "the device-form QDQ ONNX in ONNX Runtime on this host"}
+        return self._cached(f"device-{device.name}", {"compile": compiled.content_hash(), "profile": device.name}, make)
 
     def training_throughput(self) -> dict[str, Any]:
         """The pipeline's distillation loop next to a plain PyTorch loop: same student, teacher, loss, batch
@@ -423,7 +427,8 @@ def recipe(config: PipelineConfig, notes: str = "") -> dict[str, Any]:
                    f"batch {config.data.batch_size}, channels_last {d.optim.channels_last}, autocast {d.optim.autocast}",
         "prune": f"Torch-Pruning {p.importance.value} importance to <= {p.ratio:.0%} of the {p.target}, "
                  f"{p.steps} step(s), round_to {p.round_to}, {p.optim.epochs} fine-tuning epochs from the teacher",
-        "qat": f"{q.weight_bits}-bit weights, {q.calibration} calibration on {q.calibration_batches} batches, "
+        "qat": f"activations {q.activations}, weight bits {q.weight_bits} (auto: from target and host, see the "
+               f"qat stage's form record), {q.calibration} calibration on {q.calibration_batches} batches, "
                f"{q.optim.epochs} epochs at lr {q.optim.lr}",
         "soft_targets": f"teacher logits from {config.soft_targets.runtime}, cache {config.soft_targets.cache}",
     }
@@ -537,8 +542,9 @@ def markdown(result: dict[str, Any]) -> str:
         for b, est in ((LATENCY_BATCH, e1), (THROUGHPUT_BATCH, e64)):
             lines.append(f"| {b} | {est['latency_ms']:.3f} ms (estimate) | {est['images_per_s']:,.0f} img/s "
                          f"(estimate) | {est.get('bound', '')} |")
-        lines += ["", f"{d['note']}. Accuracy on the device is that of the same QDQ graph (the final row); "
-                  "measure it there with `edgepipe bench --artifact` after building the engine."]
+        top1 = f"{d['top1']:.2%}" if d.get("top1") is not None else "n/a"
+        lines += ["", f"{d['note']}: {top1}. Measure it on the device with `edgepipe bench --artifact` after "
+                  "building the engine."]
     t = result["training_throughput"]
     stage_rates = ", ".join(f"{r:,.0f}" for r in t.get("distill_stage_epochs_images_per_s") or [])
     lines += ["", "## Training throughput (distillation, teacher forward included)", "",

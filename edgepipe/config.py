@@ -128,9 +128,13 @@ class QATConfig(_Strict):
     calibration_batches: int = Field(8, ge=1, description="Batches used to calibrate activation ranges.")
     calibration: Literal["max", "percentile"] = Field("percentile", description="Activation range estimator.")
     percentile: float = Field(99.99, gt=50, le=100, description="Percentile for the percentile estimator.")
-    weight_bits: Literal[7, 8] = Field(
-        8, description="7 keeps int8 weights in [-63, 63]: needed for OpenVINO INT8 on CPUs without VNNI "
-                       "(AVX2), whose u8 x s8 multiply-adds saturate with full 8-bit weights (NNCF's overflow fix).")
+    activations: Literal["auto", "int8", "uint8_after_relu"] = Field(
+        "auto", description="Activation form: int8 zero-point 0 everywhere (TensorRT), or uint8 zero-point 0 where "
+                            "the graph proves a tensor non-negative (after ReLU; OpenVINO/ONNX Runtime on x86). auto: "
+                            "from the target's backend (edgepipe.quant_form).")
+    weight_bits: Literal["auto", 7, 8] = Field(
+        "auto", description="8: weights in [-127, 127]. 7: [-63, 63], for x86 CPUs without VNNI/AMX, whose u8 x s8 "
+                            "multiply-adds saturate with 8-bit weights. auto: from the target and this host's CPU.")
     temperature: float = Field(4.0, gt=0, description="Distillation temperature while fine-tuning.")
     alpha: float = Field(0.9, ge=0, le=1, description="Soft-target weight while fine-tuning.")
     optim: OptimConfig = Field(OptimConfig(epochs=2, lr=0.005, autocast="off"), description="QAT fine-tuning.")
@@ -140,6 +144,12 @@ class ExportConfig(_Strict):
     opset: int = Field(17, ge=17, description="ONNX opset (>= 17).")
     float_tolerance: float = Field(1e-3, gt=0, description="Max abs logit difference ORT vs PyTorch (float).")
     int8_min_agreement: float = Field(0.99, gt=0, le=1, description="Min top-1 agreement ORT vs PyTorch (INT8).")
+
+
+class CompileConfig(_Strict):
+    max_top1_drop: float = Field(
+        0.3, ge=0, le=100, description="Points of top-1 the compiled model may lose against the exported ONNX run in "
+                                       "ONNX Runtime on the same validation images; more fails the compile stage.")
 
 
 class MeasureConfig(_Strict):
@@ -165,6 +175,7 @@ class PipelineConfig(_Strict):
     prune: PruneConfig = Field(PruneConfig(), description="Structured pruning and fine-tuning.")
     qat: QATConfig = Field(QATConfig(), description="INT8 quantization-aware training.")
     export: ExportConfig = Field(ExportConfig(), description="ONNX export and checks.")
+    compile: CompileConfig = Field(CompileConfig(), description="Compiled-model fidelity check.")
     measure: MeasureConfig = Field(MeasureConfig(), description="Latency measurement at every stage.")
     bench: BenchConfig = Field(BenchConfig(), description="`edgepipe bench` sweep.")
 

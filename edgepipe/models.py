@@ -253,6 +253,6 @@ def load_torch_artifact(artifact: Artifact) -> nn.Module:
         # A QAT model: re-insert the same fake-quant wrappers so their calibrated ranges load too.
         from edgepipe.quant import insert_fake_quant
 
-        model = insert_fake_quant(model, desc["quantization"])
+        model = insert_fake_quant(model, desc["quantization"], tuple(desc["input_shape"]))
     model.load_state_dict(state)
     return model.eval()

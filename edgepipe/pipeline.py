@@ -13,6 +13,7 @@ import hashlib
 import importlib
 import json
 import logging
+import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -39,7 +40,7 @@ Progress = Callable[[str, int, int, dict[str, float]], None]
 # Which parts of the config decide each stage's output (besides its inputs' content and the target).
 _STAGE_SECTIONS = {"teacher": ("teacher", "data", "seed"), "distill": ("distill", "soft_targets", "data", "seed"),
                    "prune": ("prune", "soft_targets", "data", "seed"), "qat": ("qat", "soft_targets", "data", "seed"),
-                   "export": ("export", "data"), "compile": ("export",)}
+                   "export": ("export", "data"), "compile": ("export", "compile", "data")}
 _USES_TEACHER = ("distill", "prune", "qat")
 _LIBRARIES = ("torch", "torchvision", "torch-pruning", "onnx", "onnxruntime", "openvino", "tensorrt", "nncf")
 
@@ -125,6 +126,30 @@ class Run:
         profile = load_profile_file(saved, require_stem=False) if saved.exists() else get_profile(manifest["target"])
         return cls(root, config, profile, manifest)
 
+    def for_target(self, target: str, shared: tuple[str, ...] = ("teacher", "distill", "prune")) -> Run:
+        """A run for another target inside this one (``<run>/targets/<name>``), reusing ``shared`` stages.
+
+        The shared stages do not depend on the target; the new run's manifest points at this run's
+        artifacts (with their hashes), so its qat/export/compile run and cache per target, e.g. a
+        TensorRT-form QAT model beside the OpenVINO one of the same pruned student.
+        """
+        profile = get_profile(target)
+        root = self.root / "targets" / profile.name
+        child = Run.create(root, self.config, target)
+        for name in shared:
+            parent = self.entry(name)
+            if parent.get("status") not in ("done", "skipped") or not parent.get("artifact_dir"):
+                raise EdgepipeError(f"{self.root}: stage {name} has not run; run the pipeline before deriving "
+                                    f"a run for {profile.name}")
+            entry = child.entry(name)
+            entry.update({k: v for k, v in parent.items() if k != "name"},
+                         artifact_dir=os.path.relpath(self.root / parent["artifact_dir"], root))
+            metrics = self.root / name / "metrics.json"
+            if metrics.exists() and is_main_process():  # counts for the stages after it
+                atomic_write_text(root / name / "metrics.json", metrics.read_text())
+        child.save()
+        return child
+
     def save(self) -> None:
         if is_main_process():
             self.manifest.update(git_revision=git_revision(), versions=library_versions(),
@@ -162,14 +187,23 @@ class Run:
 def stage_key(run: Run, name: str, input_hash: str | None, teacher: Artifact | None) -> str:
     cfg = run.config.model_dump(mode="json")
     parts = {s: cfg[s] for s in _STAGE_SECTIONS[name]}
-    # Only qat (does the target run int8? its quantization scheme is the same for every target) and
-    # compile depend on the target; a new --target on an existing run reuses the trained teacher,
-    # student and pruned model, and the QAT model whenever both targets run int8.
-    profile = ({"supports_int8": run.profile.supports_int8} if name == "qat"
+    # Only qat (does the target run int8, and in which form on this host) and compile depend on the
+    # target; a new --target on an existing run reuses the trained teacher, student and pruned model,
+    # and the QAT model whenever both targets need the same INT8 form (edgepipe.quant_form).
+    profile = (_qat_target_key(run) if name == "qat"
                else run.profile.model_dump(mode="json") if name == "compile" else None)
     return _hash({"stage": name, "config": parts, "profile": profile,
                   "input": input_hash,
                   "teacher": teacher.content_hash() if teacher and name in _USES_TEACHER else None})
+
+
+def _qat_target_key(run: Run) -> dict[str, Any]:
+    if not run.profile.supports_int8 or not run.config.qat.enabled:
+        return {"supports_int8": run.profile.supports_int8}
+    from edgepipe.quant_form import form_key, resolve_form
+
+    q = run.config.qat
+    return {"supports_int8": True, "form": form_key(resolve_form(run.profile, q.activations, q.weight_bits))}
 
 
 def run_stage(run: Run, name: str, force: bool = False, progress: Progress | None = None) -> dict[str, Any]:

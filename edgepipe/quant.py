@@ -1,40 +1,71 @@
-"""INT8 fake quantization for QAT, in the one form TensorRT, OpenVINO and ONNX Runtime all accept.
+"""INT8 fake quantization for QAT: where the quantizers sit, and the layers that simulate them.
 
-Weights are quantized per output channel (axis 0), symmetric, scale = max|w| / 127 taken from the
-current weights; the input activation of every Conv2d and Linear is quantized per tensor, symmetric,
-zero-point 0, int8 [-128, 127], with a range calibrated once (``calibrate``) and then kept fixed.
-Exported with the TorchScript ONNX exporter, each fake-quant op becomes QuantizeLinear ->
-DequantizeLinear with int8 zero-points of 0 (explicit quantization, the "QDQ" form).
+Weights are quantized per output channel (axis 0), symmetric, scale = max|w| / qmax (127, or 63 for
+7-bit weights, see ``edgepipe.quant_form``) from the current weights. Activations are quantized per
+tensor with zero-point 0: int8 [-128, 127] or, for tensors the graph proves non-negative under the
+``uint8_after_relu`` form, uint8 [0, 255]. Ranges are calibrated once (``calibrate``) and then kept
+fixed. The TorchScript ONNX exporter turns each fake-quant op into QuantizeLinear -> DequantizeLinear
+(explicit quantization, the "QDQ" form), so QAT fine-tunes exactly the graph that is exported.
 
-Why this is written here and not taken from a library: it is ~150 lines over PyTorch's own
+Placement: which tensors get a quantizer. It is decided on the torch.fx graph of the float model,
+one quantizer per tensor, shared by all of that tensor's quantized consumers:
+
+=====================  ====================================================================================
+consumer               inputs quantized
+=====================  ====================================================================================
+Conv2d, Linear         the activation input (and the weight, per channel, inside QuantConv2d/QuantLinear)
+residual Add           both inputs, when both are computed tensors of the same shape (x + shortcut)
+Concat (torch.cat)     every input, with one shared scale, when the concat feeds a quantized consumer
+anything else          nothing: it reads the float tensor
+=====================  ====================================================================================
+
+Why, with the sources:
+
+- Conv/Linear inputs and weights: the layers that run as integer kernels in every runtime. This is the
+  TensorRT Developer Guide's "Q/DQ Layer-Placement Recommendations" ("quantize all inputs of weighted
+  operations"), and what ONNX Runtime's QDQ -> QLinearConv fusion matches.
+- Residual Add, both inputs: NNCF's CPU hardware config quantizes both inputs of Add
+  (nncf/common/hardware/configs/cpu.json, "Add" with quantized activations). With them OpenVINO's
+  low-precision transformations fuse the add into the convolution as an int8 eltwise post-op. Without
+  them, every block boundary keeps a standalone FakeQuantize and a precision Reorder: measured on a
+  CIFAR ResNet-20, NNCF's form ran 1.43x our earlier conv-inputs-only form at batch 64. TensorRT's
+  guide also asks for Q/DQ on the residual input so the add fuses into the convolution in INT8.
+  NVIDIA's TensorFlow quantization toolkit ships ResNetV1QDQCase for exactly this.
+- Concat, shared scale: OpenVINO keeps a concat in int8 only when its inputs share quantization
+  parameters, and TensorRT requires it for a concat to run in INT8 (the same guide). NNCF unifies
+  the scales of concat inputs the same way.
+- One quantizer per tensor: a tensor read by a convolution and by a residual add (a ResNet block's
+  input) gets one Q/DQ pair, as NNCF emits, not two with different scales.
+
+A model torch.fx cannot trace (data-dependent control flow) falls back to quantizing the input of
+every Conv2d/Linear, signed, inside the layer, and the stage records why its adds stay in float.
+
+Why this is written here and not taken from a library: it is a few hundred lines over PyTorch's own
 fake-quant kernels (``torch.fake_quantize_per_*_affine``, whose backward is the straight-through
-estimator and which the exporter maps to Q/DQ); ``torch.ao.quantization`` is deprecated; NNCF's
-PyTorch QAT picks *unsigned* activations after a ReLU, which TensorRT's explicit quantization
-rejects (it takes int8 with zero-point 0 only). Owning the form means every backend sees the same
-integers the fine-tuning saw.
+estimator and which the exporter maps to Q/DQ). ``torch.ao.quantization`` is deprecated. NNCF's
+PyTorch QAT fixes one form (unsigned after ReLU), which TensorRT rejects. Owning placement and form
+means every backend sees the integers the fine-tuning saw.
 
 BatchNorm stays live while fine-tuning and is folded into the preceding convolution afterwards
-(``fold_batchnorm``), so the exported graph is DQ(int8 weight) -> Conv(+bias), the pattern TensorRT's
-and OpenVINO's INT8 fusions expect (the TorchScript exporter does not fold a BN behind a
-fake-quantized weight). Folding *after* QAT keeps the trained integers: with a per-channel symmetric
-scale s = max|w| / 127, folding multiplies each channel by c = gamma / sqrt(var + eps) and its scale
-by |c|, so round(w c / s') = sign(c) round(w / s) (up to float rounding at exact ties). Folding
-*before* QAT, the other common recipe, removes BN's normalisation from the fine-tuning: on digits the
-configured SGD (lr 0.005) took a ResNet-8 from 96% to 83% top-1 in one epoch even without quantization,
-while fine-tuning with BN kept 97%. Pairs are found by tracing the float model with torch.fx; a model
-fx cannot trace keeps its BatchNorms, and ``find_conv_bn_pairs`` says why.
+(``fold_batchnorm``), so the exported graph is DQ(int8 weight) -> Conv(+bias). Folding *after* QAT
+keeps the trained integers: with a per-channel symmetric scale s = max|w| / qmax, folding multiplies
+each channel by c = gamma / sqrt(var + eps) and its scale by |c|, so
+round(w c / s') = sign(c) round(w / s) (up to float rounding at exact ties). Folding *before* QAT
+removes BN's normalisation from the fine-tuning: on digits, the configured SGD (lr 0.005) took a
+ResNet-8 from 96% to 83% top-1 in one epoch even without quantization.
 """
 from __future__ import annotations
 
 import copy
 import logging
+import operator
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from edgepipe.errors import EdgepipeError
@@ -44,35 +75,44 @@ log = logging.getLogger(__name__)
 NUM_BITS = 8
 QMIN, QMAX = -128, 127
 WEIGHTS = "int8 per-channel symmetric axis 0"
-ACTIVATIONS = "int8 per-tensor symmetric zp 0"
+ACTIVATIONS = "per-tensor zero-point 0: int8, or uint8 where non-negative (uint8_after_relu)"
+PLACEMENT = "conv/linear inputs, residual add inputs, concat inputs (shared scale); one quantizer per tensor"
+ACTIVATION_FORMS = ("int8", "uint8_after_relu")
 CALIBRATION_METHODS = ("max", "percentile")
 HISTOGRAM_BINS = 2048
+QUANTIZERS = "act_quant"
+"""The ModuleDict holding the activation quantizers of a traced model (``act_quant.<tensor>``)."""
 _EPS = 1e-8
 """Smallest range: keeps every scale > 0 (an all-zero channel or input still quantizes to 0)."""
 
 
 def quant_settings(calibration: str = "percentile", percentile: float = 99.99, batches: int | None = None,
-                   bn_folded: Iterable[tuple[str, str]] = (), weight_bits: int = NUM_BITS) -> dict[str, Any]:
+                   bn_folded: Iterable[tuple[str, str]] = (), weight_bits: int = NUM_BITS,
+                   activations: str = "int8", form: dict[str, Any] | None = None) -> dict[str, Any]:
     """The JSON-able settings ``insert_fake_quant`` takes, and which a QAT artifact's model.json keeps.
 
-    ``weight_bits`` 7 keeps weights in [-63, 63] (still int8 with zero-point 0): a CPU without VNNI
-    multiplies u8 activations by s8 weights with vpmaddubsw, whose int16 pair sums saturate with full
-    8-bit weights (the overflow NNCF's ``overflow_fix`` avoids the same way). Measured here on an AVX2
-    CPU: a CIFAR ResNet-20 QDQ model fell from 86% (ONNX Runtime) to 68% top-1 in OpenVINO INT8 with
-    8-bit weights; halving its weights to 7 bits restored it."""
-    return {"num_bits": NUM_BITS, "weight_bits": weight_bits, "weights": WEIGHTS, "activations": ACTIVATIONS,
-            "calibration": {"method": calibration, "percentile": percentile, "batches": batches},
-            "bn_folded": [[conv, bn] for conv, bn in bn_folded]}
+    ``weight_bits`` and ``activations`` are the form (``edgepipe.quant_form.resolve_form``); ``form`` is
+    its full record (reason, host), kept for the reader. After QAT, ``activation_quantizers`` is added:
+    the placement plan that was trained, which loading checks it reproduces.
+    """
+    return {"num_bits": NUM_BITS, "weight_bits": weight_bits, "weights": WEIGHTS, "activations": activations,
+            "placement": PLACEMENT, "calibration": {"method": calibration, "percentile": percentile, "batches": batches},
+            "bn_folded": [[conv, bn] for conv, bn in bn_folded], **({"form": form} if form else {})}
 
 
 def _check_settings(settings: dict[str, Any]) -> list[tuple[str, str]]:
     if not isinstance(settings, dict):
         raise EdgepipeError(f"quantization settings: expected a mapping, got {type(settings).__name__}")
-    wanted = {"num_bits": NUM_BITS, "weights": WEIGHTS, "activations": ACTIVATIONS}
-    for key, value in wanted.items():
-        if settings.get(key, value) != value:
-            raise EdgepipeError(f"quantization settings: {key} {settings[key]!r} is not supported "
-                                f"(edgepipe quantizes {value!r} only)")
+    if settings.get("num_bits", NUM_BITS) != NUM_BITS or settings.get("weights", WEIGHTS) != WEIGHTS:
+        bad = "num_bits" if settings.get("num_bits", NUM_BITS) != NUM_BITS else "weights"
+        raise EdgepipeError(f"quantization settings: {bad} {settings[bad]!r} is not supported "
+                            f"(edgepipe quantizes {NUM_BITS}-bit, {WEIGHTS} only)")
+    if "placement" not in settings:
+        raise EdgepipeError("quantization settings: this QAT model was made by an older edgepipe (Conv/Linear "
+                            "inputs only); rerun the qat stage (`edgepipe run --run RUN --force qat`)")
+    if settings.get("activations") not in ACTIVATION_FORMS:
+        raise EdgepipeError(f"quantization settings: activations must be one of {', '.join(ACTIVATION_FORMS)}, "
+                            f"got {settings.get('activations')!r}")
     if settings.get("weight_bits", NUM_BITS) not in (7, 8):
         raise EdgepipeError(f"quantization settings: weight_bits must be 7 or 8, got {settings['weight_bits']!r}")
     pairs = settings.get("bn_folded") or []
@@ -88,10 +128,8 @@ def find_conv_bn_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], str | N
     Returns (pairs, note): the note says why nothing could be looked for (torch.fx cannot trace the
     model), else None.
     """
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception as e:  # noqa: BLE001 - fx raises many kinds of errors on untraceable Python
-        note = f"torch.fx cannot trace the model ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})"
+    graph, note = _trace(model)
+    if graph is None:
         log.warning("BatchNorm stays unfolded: %s", note)
         return [], note
     modules = dict(model.named_modules())
@@ -102,19 +140,26 @@ def find_conv_bn_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], str | N
         if type(bn) is not nn.BatchNorm2d or bn.running_mean is None or not node.args:
             continue
         src = node.args[0]
-        conv = modules.get(src.target) if isinstance(src, torch.fx.Node) and src.op == "call_module" else None
+        conv = modules.get(src.target) if isinstance(src, fx.Node) and src.op == "call_module" else None
         if (type(conv) is nn.Conv2d and len(src.users) == 1 and calls[src.target] == 1 and calls[node.target] == 1
                 and conv.out_channels == bn.num_features):
             pairs.append((src.target, node.target))
     return pairs, None
 
 
+def _trace(model: nn.Module) -> tuple[fx.Graph | None, str | None]:
+    try:
+        return fx.symbolic_trace(model).graph, None
+    except Exception as e:  # noqa: BLE001 - fx raises many kinds of errors on untraceable Python
+        return None, f"torch.fx cannot trace the model ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})"
+
+
 def fold_batchnorm(model: nn.Module, pairs: Iterable[tuple[str, str]]) -> int:
     """Fold each BN into its conv (float or fake-quantized) with the BN's running statistics; returns the count.
 
-    The BN becomes nn.Identity and the conv gains a bias. A model being rebuilt for ``load_state_dict`` (edgepipe.models.load_torch_artifact on a pruned
-    model) may hold a BN whose size was never restored, because the saved state has no BN entries;
-    there only the structure changes and the values come from the state dict.
+    The BN becomes nn.Identity and the conv gains a bias. A model being rebuilt for ``load_state_dict``
+    (a pruned model) may hold a BN whose size was never restored, because the saved state has no BN
+    entries; there only the structure changes and the values come from the state dict.
     """
     count = 0
     for conv_name, bn_name in pairs:
@@ -150,36 +195,60 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-# --- fake-quantized layers ---------------------------------------------------------------------------
+# --- fake-quantized tensors and layers -----------------------------------------------------------------
 def weight_scale(weight: torch.Tensor, qmax: int = QMAX) -> torch.Tensor:
     """Per-output-channel symmetric scale max|w| / qmax (127, or 63 for 7-bit weights), detached."""
     amax = weight.detach().abs().amax(dim=tuple(range(1, weight.ndim)))
     return amax.clamp_min(_EPS).float() / qmax
 
 
-class _FakeQuant:
-    """Input (per tensor) and weight (per channel) fake quantization shared by the two layer types."""
+class ActQuant(nn.Module):
+    """Per-tensor fake quantization of one activation, zero-point 0: int8 (signed) or uint8.
 
-    weight: nn.Parameter
-    input_amax: torch.Tensor
+    ``amax`` is a buffer, not a parameter: the calibrated range stays fixed while fine-tuning.
+    ``group`` names the quantizers that must share one scale (the inputs of one concat).
+    """
 
-    def _init_quant(self) -> None:
-        # A buffer, not a parameter: the calibrated range stays fixed while fine-tuning.
-        self.register_buffer("input_amax", torch.zeros((), device=self.weight.device))
-        self.quantize = True
-        self.frozen_weight_scale: torch.Tensor | None = None
-        self.weight_qmax = QMAX
+    def __init__(self, signed: bool = True, group: str | None = None) -> None:
+        super().__init__()
+        self.register_buffer("amax", torch.zeros(()))
+        self.signed, self.group, self.quantize = signed, group, True
 
-    def quant_input(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def range(self) -> tuple[int, int]:
+        return (QMIN, QMAX) if self.signed else (0, 255)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quantize:
             return x
-        if not torch.jit.is_tracing() and not bool(self.input_amax > 0):
-            raise EdgepipeError(f"{type(self).__name__}: activation range not calibrated; "
-                                "run edgepipe.quant.calibrate (or load a calibrated state dict) first")
-        scale = (self.input_amax / QMAX).detach()
+        if not torch.jit.is_tracing() and not bool(self.amax > 0):
+            raise EdgepipeError("activation range not calibrated; run edgepipe.quant.calibrate "
+                                "(or load a calibrated state dict) first")
+        lo, hi = self.range
+        scale = (self.amax / hi).detach()
         zero = torch.zeros((), dtype=torch.int32, device=x.device)
         x = x if x.dtype == torch.float32 else x.float()  # the kernel is float32 (bf16 under autocast)
-        return torch.fake_quantize_per_tensor_affine(x, scale, zero, QMIN, QMAX)
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero, lo, hi)
+
+    def extra_repr(self) -> str:
+        return f"{'int8' if self.signed else 'uint8'}, amax={float(self.amax):.4g}" + (f", group={self.group}"
+                                                                                     if self.group else "")
+
+
+class _WeightQuant:
+    """Per-output-channel weight fake quantization shared by the two layer types; an input quantizer
+    only where the model could not be traced (``input_quant``, else None)."""
+
+    weight: nn.Parameter
+
+    def _init_quant(self, weight_qmax: int = QMAX) -> None:
+        self.quantize = True
+        self.frozen_weight_scale: torch.Tensor | None = None
+        self.weight_qmax = weight_qmax
+        self.input_quant: ActQuant | None = None
+
+    def quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.input_quant(x) if self.input_quant is not None else x
 
     def quant_weight(self) -> torch.Tensor:
         w = self.weight
@@ -194,29 +263,29 @@ class _FakeQuant:
         return torch.fake_quantize_per_channel_affine(w, scale, zero, 0, QMIN, QMAX)
 
 
-class QuantConv2d(_FakeQuant, nn.Conv2d):
-    """nn.Conv2d with fake-quantized input (per tensor) and weight (per output channel)."""
+class QuantConv2d(_WeightQuant, nn.Conv2d):
+    """nn.Conv2d with fake-quantized weights (per output channel)."""
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d) -> QuantConv2d:
+    def from_float(cls, conv: nn.Conv2d, weight_qmax: int = QMAX) -> QuantConv2d:
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                 conv.groups, conv.bias is not None, conv.padding_mode, device="meta")
         q.weight, q.bias = conv.weight, conv.bias
-        q._init_quant()
+        q._init_quant(weight_qmax)
         return q.train(conv.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(self.quant_input(x), self.quant_weight(), self.bias)
 
 
-class QuantLinear(_FakeQuant, nn.Linear):
-    """nn.Linear with fake-quantized input (per tensor) and weight (per output feature)."""
+class QuantLinear(_WeightQuant, nn.Linear):
+    """nn.Linear with fake-quantized weights (per output feature)."""
 
     @classmethod
-    def from_float(cls, linear: nn.Linear) -> QuantLinear:
+    def from_float(cls, linear: nn.Linear, weight_qmax: int = QMAX) -> QuantLinear:
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
         q.weight, q.bias = linear.weight, linear.bias
-        q._init_quant()
+        q._init_quant(weight_qmax)
         return q.train(linear.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -227,37 +296,234 @@ _WRAP = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantConv2d | QuantLinear]:
-    """The fake-quantized layers of ``model`` by name."""
+    """The weight-quantized layers of ``model`` by name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantConv2d | QuantLinear)}
 
 
-def insert_fake_quant(model: nn.Module, settings: dict[str, Any]) -> nn.Module:
-    """Fold the BN pairs ``settings`` lists, then replace every nn.Conv2d / nn.Linear by its Quant* twin.
+def activation_quantizers(model: nn.Module) -> dict[str, ActQuant]:
+    """The activation quantizers of ``model`` by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, ActQuant)}
 
-    Folding first reproduces the structure of a saved QAT model (whose BNs were folded after
-    fine-tuning); for QAT itself pass settings without pairs and fold afterwards. In place and keeping
-    module names, so the state dict holds ``<name>.weight``, ``<name>.bias`` and
-    ``<name>.input_amax``. Subclasses of Conv2d/Linear (e.g. attention's out_proj) are left as they are.
+
+# --- placement on the fx graph ---------------------------------------------------------------------------
+_F = nn.functional
+_NONNEG_FUNCTIONS = {torch.relu, _F.relu, _F.relu6, torch.sigmoid, _F.sigmoid, _F.hardsigmoid, torch.softmax,
+                     _F.softmax}
+_NONNEG_METHODS = {"relu", "relu_", "sigmoid", "softmax"}
+_NONNEG_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Softmax)
+_KEEPS_SIGN_FUNCTIONS = {_F.max_pool2d, _F.avg_pool2d, _F.adaptive_avg_pool2d, _F.adaptive_max_pool2d, torch.flatten,
+                         _F.dropout, torch.cat, torch.concat, torch.reshape}
+_KEEPS_SIGN_METHODS = {"flatten", "view", "reshape", "contiguous", "mean", "permute", "squeeze", "unsqueeze"}
+_KEEPS_SIGN_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten,
+                       nn.Identity, nn.Dropout)
+_SHAPE_ONLY_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
+_SHAPE_ONLY_METHODS = {"flatten", "view", "reshape", "contiguous", "squeeze", "unsqueeze"}
+_ADDS = {operator.add, operator.iadd, torch.add}
+_AVG_POOL_FUNCTIONS = {_F.avg_pool2d, _F.adaptive_avg_pool2d}
+_AVG_POOL_MODULES = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+_CATS = {torch.cat, torch.concat}
+
+
+def _module_of(modules: dict[str, nn.Module], node: fx.Node) -> nn.Module | None:
+    return modules.get(node.target) if node.op == "call_module" else None
+
+
+def _nonnegative(node: fx.Node, modules: dict[str, nn.Module], memo: dict[fx.Node, bool]) -> bool:
+    """The graph proves ``node``'s output >= 0: a ReLU-like op, or sign-keeping ops over such outputs."""
+    if node in memo:
+        return memo[node]
+    module = _module_of(modules, node)
+    args = [a for a in (node.args[0] if node.target in _CATS and node.args else node.args) if isinstance(a, fx.Node)]
+    if (node.op == "call_function" and node.target in _NONNEG_FUNCTIONS) or \
+            (node.op == "call_method" and node.target in _NONNEG_METHODS) or isinstance(module, _NONNEG_MODULES):
+        result = True
+    elif isinstance(module, nn.Hardtanh):
+        result = module.min_val >= 0
+    elif ((node.op == "call_function" and node.target in _KEEPS_SIGN_FUNCTIONS | _ADDS)
+          or (node.op == "call_method" and node.target in _KEEPS_SIGN_METHODS)
+          or isinstance(module, _KEEPS_SIGN_MODULES)) and args:
+        inputs = args if node.target in _CATS | _ADDS else args[:1]
+        result = all(_nonnegative(a, modules, memo) for a in inputs)
+    else:
+        result = False
+    memo[node] = result
+    return result
+
+
+def _shape_only(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    return ((node.op == "call_function" and node.target in _SHAPE_ONLY_FUNCTIONS)
+            or (node.op == "call_method" and node.target in _SHAPE_ONLY_METHODS)
+            or isinstance(_module_of(modules, node), nn.Flatten))
+
+
+def _is_tensor(node: Any) -> bool:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return node.op != "get_attr" and meta is not None and hasattr(meta, "dtype") and meta.dtype.is_floating_point
+
+
+def _feeds_quantized(node: fx.Node, modules: dict[str, nn.Module], seen: set[fx.Node] | None = None) -> bool:
+    """Does ``node``'s output reach a Conv/Linear through sign-keeping ops only?"""
+    seen = set() if seen is None else seen
+    for user in node.users:
+        if user in seen:
+            continue
+        seen.add(user)
+        if type(_module_of(modules, user)) in _WRAP:
+            return True
+        keeps = ((user.op == "call_function" and user.target in _KEEPS_SIGN_FUNCTIONS | _NONNEG_FUNCTIONS)
+                 or (user.op == "call_method" and user.target in _KEEPS_SIGN_METHODS | _NONNEG_METHODS)
+                 or isinstance(_module_of(modules, user), _KEEPS_SIGN_MODULES + _NONNEG_MODULES))
+        if keeps and _feeds_quantized(user, modules, seen):
+            return True
+    return False
+
+
+def plan_placement(gm: fx.GraphModule, example: torch.Tensor, activations: str) -> list[dict[str, Any]]:
+    """The activation quantizers for ``gm`` (a traced float model), by the rule in the module docstring.
+
+    Returns one entry per quantized tensor, in graph order: ``name`` (the producing fx node),
+    ``signed``, ``group`` (shared-scale group, or None) and ``consumers`` [[node, op], ...].
     """
-    if quant_layers(model):
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    was_training = gm.training
+    with torch.no_grad():
+        ShapeProp(gm.eval()).propagate(example)
+    gm.train(was_training)
+    modules = dict(gm.named_modules())
+    wanted: dict[fx.Node, list[tuple[fx.Node, str]]] = {}
+    parent: dict[fx.Node, fx.Node] = {}
+
+    def root(n: fx.Node) -> fx.Node:
+        while parent.get(n, n) is not n:
+            n = parent[n]
+        return n
+
+    for node in gm.graph.nodes:
+        module = _module_of(modules, node)
+        if type(module) in _WRAP and node.args and isinstance(node.args[0], fx.Node):
+            # Above a reshape, not below it: OpenVINO fuses the quantizer into the op before the reshape
+            # (e.g. the global pooling before a classifier's flatten), as in NNCF's graphs.
+            src, consumer, op = node.args[0], node, type(module).__name__
+            while (_shape_only(src, modules) and len(src.users) == 1 and src.args
+                   and isinstance(src.args[0], fx.Node) and _is_tensor(src.args[0])):
+                src, consumer, op = src.args[0], src, "Reshape"
+            wanted.setdefault(src, []).append((consumer, op))
+        elif ((node.op == "call_function" and node.target in _ADDS) or (node.op == "call_method" and node.target in
+                                                                         ("add", "add_"))) and len(node.args) >= 2:
+            a, b = node.args[0], node.args[1]
+            if (_is_tensor(a) and _is_tensor(b) and a is not b
+                    and tuple(a.meta["tensor_meta"].shape) == tuple(b.meta["tensor_meta"].shape)):
+                for x in (a, b):
+                    wanted.setdefault(x, []).append((node, "Add"))
+        elif (((node.op == "call_function" and node.target in _AVG_POOL_FUNCTIONS) or isinstance(module, _AVG_POOL_MODULES))
+              and node.args and _is_tensor(node.args[0]) and _feeds_quantized(node, modules)):
+            wanted.setdefault(node.args[0], []).append((node, "AvgPool"))
+        elif node.op == "call_function" and node.target in _CATS and node.args and _feeds_quantized(node, modules):
+            inputs = [x for x in node.args[0] if isinstance(x, fx.Node)]
+            if len(inputs) > 1 and all(_is_tensor(x) for x in inputs):
+                for x in inputs:
+                    wanted.setdefault(x, []).append((node, "Concat"))
+                    parent.setdefault(x, x)
+                    parent[root(x)] = root(inputs[0])
+    memo: dict[fx.Node, bool] = {}
+    groups: dict[fx.Node, list[fx.Node]] = {}
+    for x in wanted:
+        if x in parent:
+            groups.setdefault(root(x), []).append(x)
+    plan = []
+    for x, users in wanted.items():  # graph order: dicts keep insertion order
+        members = groups.get(root(x), [x]) if x in parent else [x]
+        unsigned = activations == "uint8_after_relu" and all(_nonnegative(m, modules, memo) for m in members)
+        plan.append({"name": x.name, "signed": not unsigned,
+                     "group": root(x).name if x in parent else None,
+                     "consumers": [[u.name, op] for u, op in users]})
+    return plan
+
+
+def _apply_placement(gm: fx.GraphModule, plan: list[dict[str, Any]]) -> None:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    holder = nn.ModuleDict()
+    gm.add_module(QUANTIZERS, holder)
+    for entry in plan:
+        producer, consumers = nodes[entry["name"]], [nodes[c] for c, _ in entry["consumers"]]
+        holder[entry["name"]] = ActQuant(entry["signed"], entry["group"])
+        with gm.graph.inserting_before(min(consumers, key=order.__getitem__)):
+            q = gm.graph.call_module(f"{QUANTIZERS}.{entry['name']}", (producer,))
+        for consumer in consumers:
+            consumer.replace_input_with(producer, q)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def insert_fake_quant(model: nn.Module, settings: dict[str, Any], input_shape: tuple[int, ...]) -> nn.Module:
+    """The model with BN pairs folded, activation quantizers placed and Conv2d/Linear weights quantized.
+
+    Folding the pairs ``settings`` lists first reproduces a saved QAT model (whose BNs were folded after
+    fine-tuning); for QAT itself pass settings without pairs and fold afterwards. The result is a
+    torch.fx GraphModule that keeps the original module names (``<name>.weight``, ``<name>.bias``) plus
+    one ``act_quant.<tensor>.amax`` buffer per quantized tensor. A settings dict that holds the trained
+    plan (``activation_quantizers``) must be reproduced exactly, else the model does not match it.
+    A model fx cannot trace keeps its structure and quantizes each Conv2d/Linear input inside the layer.
+    """
+    pairs = _check_settings(settings)
+    if quant_layers(model) or activation_quantizers(model):
         raise EdgepipeError("insert_fake_quant: the model already holds fake-quantized layers")
-    fold_batchnorm(model, _check_settings(settings))
+    fold_batchnorm(model, pairs)
     targets = [(n, m) for n, m in model.named_modules() if type(m) in _WRAP]
     if not targets:
         raise EdgepipeError(f"insert_fake_quant: {type(model).__name__} has no nn.Conv2d or nn.Linear to quantize")
     qmax = 2 ** (int(settings.get("weight_bits", NUM_BITS)) - 1) - 1
+    try:
+        traced = fx.symbolic_trace(model)
+    except Exception as e:  # noqa: BLE001 - see _trace
+        traced, note = None, _trace(model)[1] or str(e)
+    if traced is not None:
+        plan = plan_placement(traced, torch.zeros(2, *input_shape), settings["activations"])
+        trained = settings.get("activation_quantizers")
+        if trained is not None and [(p["name"], p["signed"], p["group"]) for p in plan] != \
+                [(p["name"], p["signed"], p["group"]) for p in trained]:
+            raise EdgepipeError("quantization settings: the model's graph no longer gives the quantizer placement "
+                                "it was trained with; rerun the qat stage")
+        _apply_placement(traced, plan)
+        model = traced
+    else:
+        log.warning("qat: residual adds and concats stay float, only Conv2d/Linear inputs are quantized: %s", note)
     for name, module in targets:
-        layer = _WRAP[type(module)].from_float(module)
-        layer.weight_qmax = qmax
+        layer = _WRAP[type(module)].from_float(module, qmax)
+        if traced is None:
+            layer.input_quant = ActQuant(signed=True)
         _set(model, name, layer)
     return model
+
+
+def placement_of(model: nn.Module) -> list[dict[str, Any]] | None:
+    """The plan a traced QAT model was built with (None for the untraced fallback)."""
+    if not isinstance(model, fx.GraphModule) or not hasattr(model, QUANTIZERS):
+        return None
+    nodes = {n.name: n for n in model.graph.nodes}
+    plan = []
+    for name, q in getattr(model, QUANTIZERS).items():
+        users = nodes[name].users if name in nodes else {}
+        qnode = next((u for u in users if u.op == "call_module" and u.target == f"{QUANTIZERS}.{name}"), None)
+        consumers = [[u.name, _op_name(model, u)] for u in (qnode.users if qnode else [])]
+        plan.append({"name": name, "signed": q.signed, "group": q.group, "consumers": consumers})
+    return plan
+
+
+def _op_name(model: nn.Module, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return type(model.get_submodule(node.target)).__name__.removeprefix("Quant")
+    return "Concat" if node.target in _CATS else "Add" if node.target in _ADDS or node.target in ("add", "add_") \
+        else str(getattr(node.target, "__name__", node.target))
 
 
 def dequantized_copy(model: nn.Module) -> nn.Module:
     """A deep copy whose Quant* layers are plain nn.Conv2d / nn.Linear holding the fake-quantized weights.
 
-    The activation quantizers are dropped. For tools that dispatch on exact module types, such as
-    Torch-Pruning's MAC counter (``tp.utils.count_ops_and_params`` counts nothing for a subclass).
+    The activation quantizers become nn.Identity. For tools that dispatch on exact module types, such
+    as Torch-Pruning's MAC counter (``tp.utils.count_ops_and_params`` counts nothing for a subclass).
     """
     plain = copy.deepcopy(model)
     for name, layer in quant_layers(plain).items():
@@ -270,21 +536,24 @@ def dequantized_copy(model: nn.Module) -> nn.Module:
         float_layer.weight = nn.Parameter(layer.quant_weight().detach(), requires_grad=layer.weight.requires_grad)
         float_layer.bias = layer.bias
         _set(plain, name, float_layer.train(layer.training))
+    for name in activation_quantizers(plain):
+        if "." in name and name.rpartition(".")[2] != "input_quant":
+            _set(plain, name, nn.Identity())
     return plain
 
 
 @contextmanager
 def quantization_disabled(model: nn.Module) -> Iterator[None]:
-    """Run the float path of every fake-quantized layer inside the block."""
-    layers = quant_layers(model).values()
-    before = [layer.quantize for layer in layers]
-    for layer in layers:
-        layer.quantize = False
+    """Run the float path of every fake-quantized layer and tensor inside the block."""
+    parts = [*quant_layers(model).values(), *activation_quantizers(model).values()]
+    before = [p.quantize for p in parts]
+    for p in parts:
+        p.quantize = False
     try:
         yield
     finally:
-        for layer, was in zip(layers, before):
-            layer.quantize = was
+        for p, was in zip(parts, before):
+            p.quantize = was
 
 
 @contextmanager
@@ -304,50 +573,57 @@ def frozen_weight_scales(model: nn.Module) -> Iterator[None]:
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], method: str = "percentile",
               percentile: float = 99.99) -> dict[str, float]:
-    """Set every layer's ``input_amax`` from the float model's inputs over ``batches``; returns them.
+    """Set every activation quantizer's ``amax`` from the float model's tensors over ``batches``.
 
     ``max`` takes max|x|. ``percentile`` takes that percentile of |x| over all samples, from a
     2048-bin histogram on [0, max|x|] (a second pass), so the error is at most max|x| / 2048 and
     memory does not grow with the data (as TensorRT's and pytorch-quantization's calibrators do).
+    Quantizers of one group (the inputs of a concat) then share the largest range among them.
+    Returns {quantizer name: amax}.
     """
     if method not in CALIBRATION_METHODS:
         raise EdgepipeError(f"qat.calibration: unknown method '{method}' (supported: {', '.join(CALIBRATION_METHODS)})")
     if not 0 < percentile <= 100:
         raise EdgepipeError(f"qat.percentile: must be in (0, 100], got {percentile}")
     batches = list(batches)
-    layers = quant_layers(model)
+    quantizers = activation_quantizers(model)
     if not batches:
         raise EdgepipeError("calibrate: no calibration batches; set qat.calibration_batches >= 1")
-    if not layers:
+    if not quantizers:
         raise EdgepipeError("calibrate: the model has no fake-quantized layers; call insert_fake_quant first")
     was_training = model.training
     model.eval()
-    maxima = dict.fromkeys(layers, 0.0)
+    maxima = dict.fromkeys(quantizers, 0.0)
 
     def observe_max(name: str, x: torch.Tensor) -> None:
         maxima[name] = max(maxima[name], float(x.detach().abs().max()))
 
     with quantization_disabled(model):
-        _observe(model, layers, batches, observe_max)
+        _observe(model, quantizers, batches, observe_max)
         amax = dict(maxima)
         if method == "percentile" and percentile < 100:
-            hists = {n: torch.zeros(HISTOGRAM_BINS, dtype=torch.float64) for n in layers}
+            hists = {n: torch.zeros(HISTOGRAM_BINS, dtype=torch.float64) for n in quantizers}
 
             def observe_hist(name: str, x: torch.Tensor) -> None:
                 if maxima[name] > 0:
                     hists[name] += torch.histc(x.detach().abs().float().cpu(), HISTOGRAM_BINS, 0, maxima[name]).double()
 
-            _observe(model, layers, batches, observe_hist)
-            amax = {n: _histogram_percentile(hists[n], maxima[n], percentile) for n in layers}
-    for name, layer in layers.items():
-        layer.input_amax.fill_(max(amax[name], _EPS))
+            _observe(model, quantizers, batches, observe_hist)
+            amax = {n: _histogram_percentile(hists[n], maxima[n], percentile) for n in quantizers}
+    shared: dict[str, float] = {}
+    for name, q in quantizers.items():
+        if q.group is not None:
+            shared[q.group] = max(shared.get(q.group, 0.0), amax[name])
+    for name, q in quantizers.items():
+        amax[name] = shared[q.group] if q.group is not None else amax[name]
+        q.amax.fill_(max(amax[name], _EPS))
     model.train(was_training)
     return amax
 
 
-def _observe(model: nn.Module, layers: dict[str, nn.Module], batches: list[torch.Tensor], fn: Any) -> None:
-    hooks = [layer.register_forward_pre_hook(lambda _m, args, name=name: fn(name, args[0]))
-             for name, layer in layers.items()]
+def _observe(model: nn.Module, quantizers: dict[str, nn.Module], batches: list[torch.Tensor], fn: Any) -> None:
+    hooks = [q.register_forward_pre_hook(lambda _m, args, name=name: fn(name, args[0]))
+             for name, q in quantizers.items()]
     try:
         for x in batches:
             model(x)

@@ -1,18 +1,33 @@
-"""Stage 6, compile: build the deployable model for the target with the profile's backend.
+"""Stage 6, compile: build the deployable model for the target with the profile's backend, and check it.
 
 The precision comes from the profile: INT8 when the device lists it and the model went through QAT,
 otherwise the most preferred float dtype it supports. The backend (edgepipe.backends: openvino,
-tensorrt, onnxruntime) writes the artifact and reports what the runtime actually does, e.g. the
-precision OpenVINO's convolutions really run in, or why a TensorRT engine could not be built here.
+tensorrt, onnxruntime) writes the artifact and reports what the runtime actually does: the precision
+each Convolution, MatMul/FullyConnected and residual Add runs in, or why a TensorRT engine could not
+be built here.
+
+Then the fidelity check: the compiled model's top-1 on the validation set against the exported
+ONNX's top-1 in ONNX Runtime with graph optimizations off, on the same images: every Q/DQ computed as
+the ONNX spec defines it, the reference every backend is held to (the export stage checked it against
+the QAT model). More than
+``compile.max_top1_drop`` points lower fails the stage with one line: a runtime that saturates,
+clips or reorders what QAT trained must not pass silently. Compute ops that run in float in an INT8
+model are named in a warning and in the records. A TensorRT deploy bundle without an engine has no
+compiled model on this host; the records say so instead of comparing the reference with itself.
 """
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from edgepipe.backends import check_dtype, get_backend
+from edgepipe.errors import EdgepipeError
 from edgepipe.stage import StageContext, StageResult
-from edgepipe.types import ArtifactKind
+from edgepipe.types import ArtifactKind, DType
 
 NAME = "compile"
 INPUT_KINDS = (ArtifactKind.ONNX,)
+log = logging.getLogger(__name__)
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -23,6 +38,40 @@ def run(ctx: StageContext) -> StageResult:
     artifact, records = backend.compile(ctx.input.path("onnx"), profile, dtype, ctx.out_dir, progress=ctx.progress)
     artifact.meta.setdefault("input_shape", ctx.input.meta.get("input_shape"))
     artifact.meta.setdefault("num_classes", ctx.input.meta.get("num_classes"))
+    float_ops = records.get("float_compute_ops") or []
+    if dtype is DType.INT8 and float_ops:
+        log.warning("compile: %d compute op(s) run in float in the INT8 model: %s", len(float_ops),
+                    ", ".join(f"{o['op']} {o['name']} ({o['precision']})" for o in float_ops[:8]))
+    fidelity = check_fidelity(ctx, artifact)
     artifact.save()
     return StageResult(artifact, records={"backend": profile.backend.value, "target": profile.name,
-                                          "requested_dtype": dtype.value, **records})
+                                          "requested_dtype": dtype.value, **records, "fidelity": fidelity})
+
+
+def check_fidelity(ctx: StageContext, artifact: Any) -> dict[str, Any]:
+    """Top-1 of the compiled model vs the exported ONNX in ONNX Runtime; raises when it drops too far."""
+    from edgepipe.backends.onnxruntime import OrtRunner
+    from edgepipe.measure import runner_for
+    from edgepipe.runtime import predict, topk_accuracy
+
+    if artifact.kind is ArtifactKind.TENSORRT_BUNDLE:
+        return {"checked": False, "reason": "no TensorRT engine on this host: the bundle's build command checks the "
+                                            "engine on the device"}
+    threads = ctx.config.measure.threads
+    batches = list(ctx.data.val_numpy(ctx.config.data.eval_batch_size))
+    ref_logits, labels = predict(OrtRunner(ctx.input.path("onnx"), threads, reference=True), batches)
+    runner, _ = runner_for(artifact, ctx.profile, threads)
+    logits, _ = predict(runner, batches)
+    reference, compiled = topk_accuracy(ref_logits, labels, 1), topk_accuracy(logits, labels, 1)
+    drop = (reference - compiled) * 100
+    limit = ctx.config.compile.max_top1_drop
+    record = {"checked": True, "samples": int(len(labels)), "reference": "exported ONNX in ONNX Runtime, graph optimizations off (QDQ as specified)",
+              "reference_top1": reference, "compiled_top1": compiled, "compiled_backend": runner.backend,
+              "compiled_dtype": runner.dtype, "top1_drop_points": drop, "max_top1_drop_points": limit,
+              "prediction_agreement": float((ref_logits.argmax(1) == logits.argmax(1)).mean())}
+    if drop > limit:
+        raise EdgepipeError(f"compile: the {runner.backend} model scores {compiled:.2%} top-1 against {reference:.2%} "
+                            f"for the exported ONNX in ONNX Runtime on {len(labels)} validation images, {drop:.2f} points "
+                            f"lower (compile.max_top1_drop {limit}); the runtime does not compute what was exported "
+                            "(on a CPU without VNNI, 8-bit weights saturate: set qat.weight_bits: auto or 7)")
+    return record

@@ -1,7 +1,8 @@
 """Stage 4, qat: INT8 quantization-aware training, when the target device runs int8.
 
-insert fake quantization (edgepipe.quant: weights per-channel symmetric, activations per-tensor
-symmetric with zero-point 0) -> calibrate activation ranges on ``qat.calibration_batches``
+resolve the INT8 form for the target on this host (edgepipe.quant_form: int8 or uint8-after-ReLU
+activations, 8- or 7-bit weights) -> place fake quantizers on the graph (edgepipe.quant: Conv/Linear
+inputs, both inputs of residual adds, concat inputs with one scale; weights per-channel) -> calibrate activation ranges on ``qat.calibration_batches``
 un-augmented training batches -> record the calibrated accuracy (what post-training quantization
 alone would give) -> fine-tune against the teacher's soft targets with the ranges fixed and BatchNorm
 live -> fold BatchNorm into the convolutions (exact for per-channel scales, see edgepipe.quant) ->
@@ -19,8 +20,9 @@ from torch import nn
 from edgepipe.distillation import kd_step
 from edgepipe.errors import EdgepipeError
 from edgepipe.models import load_torch_artifact, save_torch_artifact
-from edgepipe.quant import (calibrate, find_conv_bn_pairs, fold_batchnorm, insert_fake_quant, quant_layers,
-                            quant_settings)
+from edgepipe.quant import (activation_quantizers, calibrate, find_conv_bn_pairs, fold_batchnorm, insert_fake_quant,
+                            placement_of, quant_layers, quant_settings)
+from edgepipe.quant_form import resolve_form
 from edgepipe.stage import StageContext, StageResult
 from edgepipe.training import autocast_dtype, clear_checkpoints, evaluate, fit, seed_everything
 from edgepipe.types import ArtifactKind
@@ -40,6 +42,8 @@ def run(ctx: StageContext) -> StageResult:
         return StageResult(artifact=ctx.input, skipped=f"target {ctx.profile.name} lists no int8 (dtypes: {dtypes})")
     if autocast_dtype(qcfg.optim) is not None:
         log.warning("qat: bf16 autocast rounds the fake-quantized values; qat.optim.autocast: off keeps them exact")
+    form = resolve_form(ctx.profile, qcfg.activations, qcfg.weight_bits)
+    log.info("qat: %s activations, %d-bit weights (%s)", form["activations"], form["weight_bits"], form["reason"])
     seed_everything(cfg.seed + 3)
     data, eval_bs = ctx.data, cfg.data.eval_batch_size
 
@@ -48,8 +52,14 @@ def run(ctx: StageContext) -> StageResult:
     teacher = load_torch_artifact(ctx.teacher) if ctx.teacher else copy.deepcopy(model)
     float_top1 = evaluate(model, data, eval_bs)
     pairs, fold_note = find_conv_bn_pairs(model)  # traced on the float model, folded after fine-tuning
-    model = insert_fake_quant(model, quant_settings(qcfg.calibration, qcfg.percentile, qcfg.calibration_batches,
-                                                    weight_bits=qcfg.weight_bits))
+    input_shape = tuple(desc["input_shape"])
+
+    def settings(pairs_folded: list[tuple[str, str]]) -> dict[str, Any]:
+        return quant_settings(qcfg.calibration, qcfg.percentile, qcfg.calibration_batches, pairs_folded,
+                              form["weight_bits"], form["activations"], form)
+
+    model = insert_fake_quant(model, settings([]), input_shape)
+    placement = placement_of(model)
 
     batches = data.calibration_batches(qcfg.calibration_batches, cfg.data.batch_size)
     amax = calibrate(model, batches, qcfg.calibration, qcfg.percentile)
@@ -62,9 +72,9 @@ def run(ctx: StageContext) -> StageResult:
                   progress=ctx.progress, eval_batch_size=eval_bs)
     fold_batchnorm(model, pairs)
     qat_top1 = evaluate(model, data, eval_bs)
-    settings = quant_settings(qcfg.calibration, qcfg.percentile, qcfg.calibration_batches, pairs, qcfg.weight_bits)
-    artifact = save_torch_artifact(model, desc["build"], ctx.out_dir, tuple(desc["input_shape"]),
-                                   desc["num_classes"], quantization=settings)
+    saved = {**settings(pairs), "activation_quantizers": placement}
+    artifact = save_torch_artifact(model, desc["build"], ctx.out_dir, input_shape, desc["num_classes"],
+                                   quantization=saved)
     clear_checkpoints(ctx.checkpoint_dir)
     return StageResult(artifact, records={
         "history": history,
@@ -73,9 +83,10 @@ def run(ctx: StageContext) -> StageResult:
         "float_top1": float_top1, "ptq_top1": ptq_top1, "qat_top1": qat_top1,
         "bn_folded": len(pairs), "bn_unfolded": _remaining_batchnorms(model), "bn_note": fold_note,
         "quantized_layers": len(quant_layers(model)),
+        "form": form, "placement": _placement_summary(placement, len(activation_quantizers(model))),
         "teacher": "teacher stage" if ctx.teacher else "float input (self-distillation)",
         "soft_targets": targets.record() if ctx.teacher else None,
-        "temperature": qcfg.temperature, "alpha": qcfg.alpha, "settings": settings})
+        "temperature": qcfg.temperature, "alpha": qcfg.alpha, "settings": saved})
 
 
 def _input_description(ctx: StageContext) -> dict[str, Any]:
@@ -92,3 +103,17 @@ def _input_description(ctx: StageContext) -> dict[str, Any]:
 
 def _remaining_batchnorms(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def _placement_summary(placement: list[dict[str, Any]] | None, quantizers: int) -> dict[str, Any]:
+    """How many tensors are quantized, for which consumers, and in which sign (for the stage records)."""
+    if placement is None:
+        return {"traced": False, "quantizers": quantizers,
+                "note": "torch.fx cannot trace the model: only Conv2d/Linear inputs are quantized, adds stay float"}
+    consumers: dict[str, int] = {}
+    for entry in placement:
+        for _, op in entry["consumers"]:
+            consumers[op] = consumers.get(op, 0) + 1
+    return {"traced": True, "quantizers": len(placement), "unsigned": sum(not p["signed"] for p in placement),
+            "signed": sum(p["signed"] for p in placement), "consumers": consumers,
+            "shared_scale_groups": len({p["group"] for p in placement if p["group"]})}

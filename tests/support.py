@@ -74,6 +74,9 @@ def tiny_config(**overrides: Any) -> PipelineConfig:
         "prune": {"ratio": 0.6, "steps": 2, "optim": {"epochs": 1, "lr": 0.02}},
         "qat": {"calibration_batches": 2, "optim": {"epochs": 1, "lr": 0.005, "autocast": "off"}},
         "measure": {"warmup": 2, "iterations": 5, "throughput_batch": 8},
+        # 128 validation images of a barely trained model: one image flipped by a runtime's int8 rounding
+        # is 0.78 points of top-1, so the default 0.3-point bar would test luck, not the compile stage.
+        "compile": {"max_top1_drop": 3.0},
         "bench": {"batch_sizes": [1, 4], "warmup": 1, "iterations": 3},
     }
     for key, value in overrides.items():

@@ -49,7 +49,8 @@ def test_every_row_is_measured_the_same_way(compared):
 def test_device_row_is_labelled_an_estimate(compared):
     _, result = compared
     d = result["device_row"]
-    assert d["top1"] is None and "ESTIMATE" in d["note"]
+    assert "ESTIMATE" in d["note"] and 0 <= d["top1"] <= 1  # its own QDQ graph's accuracy, in ONNX Runtime
+    assert "form (int8 activations, 8-bit weights)" in d["method"]  # the device's QAT, not this host's
     assert all(e["kind"] == "estimate" for e in d["estimate"].values())
 
 

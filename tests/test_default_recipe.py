@@ -1,25 +1,59 @@
-"""The embedded default recipe (digits), run for real once: the issue's acceptance figures.
+"""The embedded default recipe (digits), run for real once, then compiled for the other kinds of target.
 
 Student params <= 1/3 of the teacher's, pruned MACs <= 60% of the unpruned student's, final accuracy
-within 2 points of the teacher's, and every stage folder has its metrics. ~4 minutes on 2 cores.
+within 2 points of the teacher's, and every stage folder has its metrics. Then the INT8 graph form
+(issue 7) on each target kind: the Jetson bundle's QDQ ONNX, OpenVINO's execution graph on this CPU,
+and ONNX Runtime's integer kernels. About 2 minutes on 2 cores.
+
+Host properties the expectations follow, named where used: ``exact_8bit_weights_on_cpu()`` (VNNI or
+AMX in the CPU flags: int32 dot products) decides the CPU form's weight bits and the speed-up bar.
 """
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
+from onnx import numpy_helper
 
 from edgepipe.cli import main
+from edgepipe.quant_form import exact_8bit_weights_on_cpu
 from edgepipe.stage import STAGE_ORDER
 
 pytestmark = pytest.mark.e2e
 
 
-def test_default_digits_pipeline_meets_targets(tmp_path: Path) -> None:
-    run = tmp_path / "digits-jetson"
+def _metrics(run: Path) -> dict[str, dict]:
+    return {s: json.loads((run / s / "metrics.json").read_text()) for s in STAGE_ORDER}
+
+
+def _residual_add_inputs(onnx_path: Path) -> list[str]:
+    graph = onnx.load(str(onnx_path)).graph
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    adds = [n for n in graph.node if n.op_type == "Add"]
+    assert adds, "the ResNet student has residual adds"
+    return [producers.get(i, "graph input") for n in adds for i in n.input]
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("default") / "digits-jetson"
     assert main(["run", "--config", "digits", "--target", "jetson", "--run", str(run)]) == 0
-    m = {s: json.loads((run / s / "metrics.json").read_text()) for s in STAGE_ORDER}
+    return run
+
+
+def _switch(default_run: Path, tmp_path: Path, target: str) -> Path:
+    run = tmp_path / f"digits-{target}"
+    shutil.copytree(default_run, run)
+    assert main(["run", "--run", str(run), "--target", target, "--no-report"]) == 0
+    return run
+
+
+def test_default_digits_pipeline_meets_targets(default_run: Path) -> None:
+    m = _metrics(default_run)
     assert m["distill"]["params"] <= m["teacher"]["params"] / 3
     assert m["prune"]["macs"] <= 0.60 * m["distill"]["macs"]
     teacher_top1 = m["teacher"]["accuracy"]["top1"]
@@ -27,3 +61,76 @@ def test_default_digits_pipeline_meets_targets(tmp_path: Path) -> None:
         assert m[final]["accuracy"]["top1"] >= teacher_top1 - 0.02, final
     assert m["export"]["artifact"]["dtype"] == "int8"
     assert m["compile"]["artifact"]["kind"] == "tensorrt_bundle"
+
+
+def test_jetson_bundle_has_the_tensorrt_form(default_run: Path) -> None:
+    """8-bit weights, int8 zero-point 0, per-channel weights on axis 0, Q/DQ on every residual Add input."""
+    from stages.export import qdq_report
+
+    bundle = default_run / "compile" / "model.onnx"
+    form = _metrics(default_run)["qat"]["records"]["form"]
+    assert (form["activations"], form["weight_bits"]) == ("int8", 8)
+    report = qdq_report(bundle)
+    assert report["zero_point_dtypes"] == ["int8"] and report["zero_points_all_zero"]
+    assert report["weights_per_channel_axis0"]
+    weights = [numpy_helper.to_array(t) for t in onnx.load(str(bundle)).graph.initializer
+               if t.data_type == onnx.TensorProto.INT8 and len(t.dims) > 1]
+    assert max(int(np.abs(w).max()) for w in weights) > 63  # full 8-bit weights somewhere
+    assert set(_residual_add_inputs(bundle)) == {"DequantizeLinear"}
+
+
+def test_openvino_runs_whole_blocks_in_int8(default_run: Path, tmp_path: Path) -> None:
+    """intel-xeon-amx on this CPU: every Convolution and residual Add in i8/u8, one standalone
+    FakeQuantize at most (the input's), compiled top-1 within 0.3 points of the exported graph's."""
+    run = _switch(default_run, tmp_path, "intel-xeon-amx")
+    m = _metrics(run)
+    form = m["qat"]["records"]["form"]
+    assert form["activations"] == "uint8_after_relu"
+    assert form["weight_bits"] == (8 if exact_8bit_weights_on_cpu() else 7)  # host property: VNNI/AMX
+    assert set(_residual_add_inputs(run / "export" / "model.onnx")) == {"DequantizeLinear"}
+    rec = m["compile"]["records"]
+    convs = [o for o in rec["op_precisions"] if o["op"] == "Convolution"]
+    assert convs and all(o["precision"] in ("i8", "u8") for o in convs)
+    assert rec["residual_adds"] and set(rec["residual_adds"].values()) <= {"i8", "u8"}
+    assert rec["float_compute_ops"] == []
+    assert len(rec["standalone_fake_quantize"]) <= 1
+    assert all(name.startswith("/x/") for name in rec["standalone_fake_quantize"])  # the model input's
+    fid = rec["fidelity"]
+    assert fid["checked"] and fid["top1_drop_points"] <= 0.3
+    assert m["compile"]["accuracy"]["top1"] >= m["export"]["accuracy"]["top1"] - 0.003
+    # float parts run in the precision asked for, and the record says which
+    assert rec["settings"]["config"]["INFERENCE_PRECISION_HINT"] == "bf16"  # the profile's best float dtype
+    assert rec["float_parts_precision"] in ("bf16", "f32")
+
+
+def test_onnxruntime_runs_integer_convolutions_faster_than_float(default_run: Path, tmp_path: Path) -> None:
+    """generic-cpu: every convolution a QLinearConv, residual adds QLinearAdd, top-1 within 0.3 points of
+    the QAT model, batch-64 throughput a clear multiple of the same model's float ONNX on this host."""
+    from edgepipe.artifacts import Artifact
+    from edgepipe.backends.onnxruntime import OrtRunner
+    from edgepipe.models import load_torch_artifact
+    from edgepipe.runtime import time_runner
+    from stages.export import export_onnx
+
+    run = _switch(default_run, tmp_path, "generic-cpu")
+    m = _metrics(run)
+    rec = m["compile"]["records"]
+    assert rec["runtime_dtype"] == "int8"
+    assert set(rec["executed_compute_ops"]["int8"]) == {"QLinearConv"} and "Conv" not in rec["executed_compute_ops"]["float"]
+    assert rec["executed_compute_ops"]["int8"]["QLinearConv"] == sum(
+        1 for n in onnx.load(str(run / "export" / "model.onnx")).graph.node if n.op_type == "Conv")
+    assert rec["residual_adds"] and set(rec["residual_adds"].values()) == {"int8"}
+    assert m["compile"]["accuracy"]["top1"] >= m["qat"]["accuracy"]["top1"] - 0.003
+    assert rec["fidelity"]["top1_drop_points"] <= 0.3
+
+    prune = Artifact.load(run / "prune")
+    shape = tuple(prune.meta["input_shape"])
+    float_onnx = tmp_path / "float.onnx"
+    onnx.save(export_onnx(load_torch_artifact(prune), shape, 17), str(float_onnx))
+    rates = {}
+    for name, path in (("float", float_onnx), ("int8", run / "compile" / "model.ort.onnx")):
+        rates[name] = time_runner(OrtRunner(path, threads=2), shape, 64, 10, 60).images_per_s
+    # Host property: with VNNI/AMX (int32 dot products) 1.5x, the issue's bar, measured 2.0x on a Zen 4.
+    # An AVX2-only CPU's int8 kernels (vpmaddubsw) gain less; there the bar is only "faster".
+    bar = 1.5 if exact_8bit_weights_on_cpu() else 1.1
+    assert rates["int8"] >= bar * rates["float"], rates

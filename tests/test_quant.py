@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from edgepipe.errors import EdgepipeError
-from edgepipe.quant import (HISTOGRAM_BINS, QuantConv2d, QuantLinear, calibrate, dequantized_copy, find_conv_bn_pairs,
-                            fold_batchnorm, insert_fake_quant, quant_layers, quant_settings, quantization_disabled,
-                            weight_scale)
+from edgepipe.quant import (HISTOGRAM_BINS, QuantConv2d, QuantLinear, activation_quantizers, calibrate, dequantized_copy,
+                            find_conv_bn_pairs, fold_batchnorm, insert_fake_quant, quant_layers, quant_settings,
+                            quantization_disabled, weight_scale)
 from tests.support import TinyCNN
 
 
@@ -59,6 +59,9 @@ class ConvUsedTwice(nn.Module):
         return self.bn(y) + y
 
 
+SHAPE = (1, 8, 8)
+
+
 def test_weights_take_at_most_255_levels_per_channel() -> None:
     torch.manual_seed(0)
     conv = QuantConv2d.from_float(nn.Conv2d(64, 4, 3))  # 576 weights per channel > 255
@@ -77,7 +80,7 @@ def test_weights_take_at_most_255_levels_per_channel() -> None:
 
 def test_fake_quant_passes_gradients_straight_through_and_ranges_are_not_trained() -> None:
     torch.manual_seed(0)
-    model = insert_fake_quant(TinyCNN(), quant_settings())
+    model = insert_fake_quant(TinyCNN(), quant_settings(), SHAPE)
     calibrate(model, _batches(), method="max")
     model.train()
     model(torch.randn(4, 1, 8, 8)).sum().backward()
@@ -85,33 +88,37 @@ def test_fake_quant_passes_gradients_straight_through_and_ranges_are_not_trained
         assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
     names = [n for n, _ in model.named_parameters()]
     assert not any("amax" in n for n in names)
-    assert {"conv1.input_amax", "conv2.input_amax", "fc.input_amax"} <= set(model.state_dict())
+    # one quantizer per tensor: the input, the two ReLU outputs (the second above the pooling) and the pooled features
+    assert {"act_quant.x.amax", "act_quant.relu.amax", "act_quant.relu_1.amax",
+            "act_quant.adaptive_avg_pool2d.amax"} == {k for k in model.state_dict() if k.endswith("amax")}
 
 
 def test_calibrate_max_matches_the_data() -> None:
     torch.manual_seed(0)
     model = insert_fake_quant(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10)),
-                              quant_settings("max"))
+                              quant_settings("max"), SHAPE)
     batches = _batches()
     amax = calibrate(model, batches, method="max")
     x = torch.cat(batches)
     with torch.no_grad(), quantization_disabled(model):
-        hidden = torch.relu(model[0](x)).flatten(1)
-    assert amax["0"] == pytest.approx(float(x.abs().max()))
-    assert amax["3"] == pytest.approx(float(hidden.abs().max()), rel=1e-6)
-    assert float(model[0].input_amax) == pytest.approx(amax["0"])
+        hidden = torch.relu(model.get_submodule("0")(x)).flatten(1)
+    # the Linear's quantizer sits above the Flatten (on the ReLU output), where OpenVINO fuses it
+    assert amax["act_quant.input_1"] == pytest.approx(float(x.abs().max()))
+    assert amax["act_quant._1"] == pytest.approx(float(hidden.abs().max()), rel=1e-6)
+    assert float(activation_quantizers(model)["act_quant.input_1"].amax) == pytest.approx(amax["act_quant.input_1"])
 
 
 def test_calibrate_percentile_matches_the_data() -> None:
     model = insert_fake_quant(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10)),
-                              quant_settings())
+                              quant_settings(), SHAPE)
     batches = _batches()
     amax = calibrate(model, batches, method="percentile", percentile=99.0)
     absx = torch.cat(batches).abs().flatten()
     expected = float(torch.quantile(absx, 0.99))
-    assert amax["0"] == pytest.approx(expected, abs=2 * float(absx.max()) / HISTOGRAM_BINS)
-    assert amax["0"] < float(absx.max())  # it really clips the outliers
-    assert calibrate(model, batches, method="percentile", percentile=100)["0"] == pytest.approx(float(absx.max()))
+    assert amax["act_quant.input_1"] == pytest.approx(expected, abs=2 * float(absx.max()) / HISTOGRAM_BINS)
+    assert amax["act_quant.input_1"] < float(absx.max())  # it really clips the outliers
+    full = calibrate(model, batches, method="percentile", percentile=100)["act_quant.input_1"]
+    assert full == pytest.approx(float(absx.max()))
 
 
 def test_quantized_model_stays_close_to_float() -> None:
@@ -120,7 +127,7 @@ def test_quantized_model_stays_close_to_float() -> None:
     x = torch.randn(32, 1, 8, 8)
     with torch.no_grad():
         ref = model(x)
-    insert_fake_quant(model, quant_settings("max", bn_folded=find_conv_bn_pairs(model)[0]))
+    model = insert_fake_quant(model, quant_settings("max", bn_folded=find_conv_bn_pairs(model)[0]), SHAPE)
     calibrate(model, [x], method="max")
     with torch.no_grad():
         out = model(x)
@@ -144,7 +151,7 @@ def test_bn_folding_keeps_eval_outputs() -> None:
 
 def test_folding_bn_after_quantization_keeps_the_integer_weights() -> None:
     torch.manual_seed(0)
-    model = insert_fake_quant(_randomize_bn(TinyCNN()), quant_settings())
+    model = insert_fake_quant(_randomize_bn(TinyCNN()), quant_settings(), SHAPE)
     x = torch.randn(64, 1, 8, 8)
     calibrate(model, [x], method="max")
 
@@ -171,15 +178,18 @@ def test_bn_not_folded_when_fx_cannot_trace_or_conv_output_is_shared() -> None:
     pairs, note = find_conv_bn_pairs(Untraceable())
     assert pairs == [] and "torch.fx" in note
     assert find_conv_bn_pairs(ConvUsedTwice()) == ([], None)
-    model = insert_fake_quant(Untraceable(), quant_settings())
+    model = insert_fake_quant(Untraceable(), quant_settings(), SHAPE)
     assert isinstance(model.bn, nn.BatchNorm2d) and isinstance(model.conv, QuantConv2d)
+    # fallback: each layer quantizes its own input, signed
+    assert set(activation_quantizers(model)) == {"conv.input_quant", "fc.input_quant"}
+    assert all(q.signed for q in activation_quantizers(model).values())
 
 
 def test_insert_fake_quant_keeps_names() -> None:
-    model = insert_fake_quant(TinyCNN(), quant_settings(bn_folded=[("conv1", "bn1"), ("conv2", "bn2")]))
+    model = insert_fake_quant(TinyCNN(), quant_settings(bn_folded=[("conv1", "bn1"), ("conv2", "bn2")]), SHAPE)
     assert isinstance(model.conv1, QuantConv2d) and isinstance(model.fc, QuantLinear)
     keys = set(model.state_dict())
-    assert {"conv1.weight", "conv1.bias", "conv1.input_amax", "fc.weight", "fc.bias", "fc.input_amax"} <= keys
+    assert {"conv1.weight", "conv1.bias", "act_quant.x.amax", "fc.weight", "fc.bias"} <= keys
     assert not any(k.startswith("bn") for k in keys)
 
 
@@ -190,7 +200,7 @@ def test_dequantized_copy_is_countable_and_keeps_the_quantized_weights() -> None
     example = torch.randn(4, 1, 8, 8)
     reference = TinyCNN().eval()
     fold_batchnorm(reference, [("conv1", "bn1"), ("conv2", "bn2")])
-    model = insert_fake_quant(TinyCNN().eval(), quant_settings(bn_folded=[("conv1", "bn1"), ("conv2", "bn2")]))
+    model = insert_fake_quant(TinyCNN().eval(), quant_settings(bn_folded=[("conv1", "bn1"), ("conv2", "bn2")]), SHAPE)
     model.load_state_dict(reference.state_dict(), strict=False)
     calibrate(model, [example], method="max")
     plain = dequantized_copy(model)
@@ -205,14 +215,14 @@ def test_dequantized_copy_is_countable_and_keeps_the_quantized_weights() -> None
 
 def test_bad_inputs_are_clear() -> None:
     with pytest.raises(EdgepipeError, match="num_bits"):
-        insert_fake_quant(TinyCNN(), {**quant_settings(), "num_bits": 4})
+        insert_fake_quant(TinyCNN(), {**quant_settings(), "num_bits": 4}, SHAPE)
     with pytest.raises(EdgepipeError, match="no nn.Conv2d or nn.Linear"):
-        insert_fake_quant(nn.Sequential(nn.ReLU()), quant_settings())
+        insert_fake_quant(nn.Sequential(nn.ReLU()), quant_settings(), SHAPE)
     with pytest.raises(EdgepipeError, match="does not have"):
-        insert_fake_quant(TinyCNN(), quant_settings(bn_folded=[("conv9", "bn9")]))
-    model = insert_fake_quant(TinyCNN(), quant_settings())
+        insert_fake_quant(TinyCNN(), quant_settings(bn_folded=[("conv9", "bn9")]), SHAPE)
+    model = insert_fake_quant(TinyCNN(), quant_settings(), SHAPE)
     with pytest.raises(EdgepipeError, match="already"):
-        insert_fake_quant(model, quant_settings())
+        insert_fake_quant(model, quant_settings(), SHAPE)
     with pytest.raises(EdgepipeError, match="not calibrated"):
         model(torch.zeros(1, 1, 8, 8))
     with pytest.raises(EdgepipeError, match="unknown method 'entropy'"):
@@ -233,7 +243,7 @@ def test_seven_bit_weights_stay_within_63_levels_and_survive_export() -> None:
     from stages.export import export_onnx, fold_weight_quantizers
 
     torch.manual_seed(0)
-    model = insert_fake_quant(TinyCNN(), quant_settings(weight_bits=7))
+    model = insert_fake_quant(TinyCNN(), quant_settings(weight_bits=7), SHAPE)
     calibrate(model, [torch.randn(8, 1, 8, 8)], "max", 100.0)
     for layer in quant_layers(model).values():
         levels = layer.quant_weight().detach() / weight_scale(layer.weight, 63).view(-1, *[1] * (layer.weight.ndim - 1))
@@ -244,5 +254,7 @@ def test_seven_bit_weights_stay_within_63_levels_and_survive_export() -> None:
     graph = proto.graph
     ints = [numpy_helper.to_array(i) for i in graph.initializer if i.data_type == onnx.TensorProto.INT8]
     assert ints and max(int(np.abs(w).max()) for w in ints) == 63
+    with pytest.raises(EdgepipeError, match="older edgepipe"):
+        insert_fake_quant(TinyCNN(), {k: v for k, v in quant_settings().items() if k != "placement"}, SHAPE)
     with pytest.raises(EdgepipeError, match="weight_bits must be 7 or 8"):
-        insert_fake_quant(TinyCNN(), {**quant_settings(), "weight_bits": 6})
+        insert_fake_quant(TinyCNN(), {**quant_settings(), "weight_bits": 6}, SHAPE)

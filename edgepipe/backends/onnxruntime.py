@@ -81,6 +81,26 @@ def compute_ops(model: onnx.ModelProto) -> dict[str, dict[str, int]]:
     return hist
 
 
+def executed_op_precisions(model: onnx.ModelProto) -> dict[str, Any]:
+    """Every convolution/matmul kernel and residual add of an executed graph, with the precision it runs in.
+
+    A residual add runs int8 when ONNX Runtime fused its DQ -> Add -> Q group into QLinearAdd, float when
+    an Add of two computed tensors is left. Returns ``ops`` [{op, name, precision}], ``residual_adds``
+    {name: precision} and ``float_compute_ops``.
+    """
+    graph = model.graph
+    constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    ops = []
+    for node in graph.node:
+        if node.op_type in _INT8_COMPUTE or node.op_type == "QLinearAdd":
+            ops.append({"op": node.op_type, "name": node.name, "precision": "int8"})
+        elif node.op_type in _FLOAT_COMPUTE or (node.op_type == "Add" and len(node.input) == 2
+                                                and not any(i in constants for i in node.input)):
+            ops.append({"op": node.op_type, "name": node.name, "precision": "fp32"})
+    adds = {o["name"]: o["precision"] for o in ops if o["op"] in ("Add", "QLinearAdd")}
+    return {"ops": ops, "residual_adds": adds, "float_compute_ops": [o for o in ops if o["precision"] != "int8"]}
+
+
 class OrtRunner:
     """An ONNX Runtime session behind the Runner protocol (sequential execution, fixed threads).
 
@@ -92,20 +112,28 @@ class OrtRunner:
 
     backend = "onnxruntime"
 
-    def __init__(self, path: Path | str, threads: int | None = None, providers: list[str] | None = None) -> None:
+    def __init__(self, path: Path | str, threads: int | None = None, providers: list[str] | None = None,
+                 reference: bool = False) -> None:
+        """``reference``: graph optimizations off, so every Q/DQ runs as the ONNX spec defines it (in float):
+        the exported graph's own semantics, against which compiled models are checked."""
         import onnxruntime as ort
 
         providers = providers or ["CPUExecutionProvider"]
         so = ort.SessionOptions()
+        if reference:
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's default (one per physical core)
         so.log_severity_level = 3  # the "hardware specific optimized model" warning is expected here
         self.compute_ops: dict[str, dict[str, int]] | None = None
+        self.op_precisions: dict[str, Any] | None = None
         if providers == ["CPUExecutionProvider"]:
             with tempfile.TemporaryDirectory(prefix="edgepipe-ort-") as tmp:
                 so.optimized_model_filepath = str(Path(tmp) / "executed.onnx")
                 self.session = ort.InferenceSession(str(path), so, providers=providers)
-                self.compute_ops = compute_ops(onnx.load(so.optimized_model_filepath))
+                executed = onnx.load(so.optimized_model_filepath)
+                self.compute_ops = compute_ops(executed)
+                self.op_precisions = executed_op_precisions(executed)
             int8 = bool(self.compute_ops["int8"])
         else:
             self.session = ort.InferenceSession(str(path), so, providers=providers)
@@ -164,6 +192,48 @@ def qdq_activations_to_uint8(model: onnx.ModelProto) -> tuple[onnx.ModelProto, i
         graph.initializer.remove(t)
     onnx.checker.check_model(out)
     return out, rewritten
+
+
+_RESHAPES = ("Flatten", "Reshape", "Squeeze", "Unsqueeze")
+
+
+def dequantize_after_reshapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Move each per-tensor DequantizeLinear below the Flatten/Reshape that alone reads it.
+
+    The QAT graph quantizes a classifier's input above its flatten (OpenVINO fuses the quantizer into
+    the pooling there), but ONNX Runtime's QDQ selectors only fuse DQ -> Gemm/MatMul when the DQ feeds
+    the Gemm directly. A reshape only moves elements, and a per-tensor DequantizeLinear is elementwise
+    with one scale, so reshape(dq(q)) == dq(reshape(q)) exactly. Returns the copy and how many moved.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    values = constant_values(graph)
+    readers = consumers(graph)
+    outputs = {o.name for o in graph.output}
+    moved = 0
+    for dq in [n for n in graph.node if n.op_type == "DequantizeLinear"]:
+        users = readers[dq.output[0]]
+        scale = values.get(dq.input[1])
+        if (len(users) != 1 or users[0].op_type not in _RESHAPES or users[0].input[0] != dq.output[0]
+                or scale is None or scale.size != 1 or dq.input[0] in values or dq.output[0] in outputs):
+            continue
+        reshape = users[0]
+        quantized_reshaped = f"{reshape.output[0]}_quantized"
+        reshape.input[0], dq.input[0] = dq.input[0], quantized_reshaped
+        dq.output[0], reshape.output[0] = reshape.output[0], quantized_reshaped
+        nodes = list(graph.node)  # the DQ now reads the reshape: put it right after it
+        nodes.remove(dq)
+        nodes.insert(nodes.index(reshape) + 1, dq)
+        del graph.node[:]
+        graph.node.extend(nodes)
+        moved += 1
+    stale = [v for v in graph.value_info if v.name.endswith("_quantized") or
+             any(v.name == n.output[0] for n in graph.node if n.op_type == "DequantizeLinear")]
+    for v in stale:
+        graph.value_info.remove(v)
+    onnx.checker.check_model(out)
+    return out, moved
 
 
 def _optimization_level(name: str) -> Any:
@@ -226,7 +296,9 @@ def compile(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_dir: Pa
                             "compile a QDQ model as int8 and a float model as fp32")
     input_shape = _input_shape(model, onnx_path)
 
-    rewritten = 0
+    rewritten = moved = 0
+    if dtype is DType.INT8:
+        model, moved = dequantize_after_reshapes(model)
     if dtype is DType.INT8 and opts.activation_type == "uint8":
         model, rewritten = qdq_activations_to_uint8(model)
     so = ort.SessionOptions()
@@ -257,9 +329,13 @@ def compile(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_dir: Pa
     records: dict[str, Any] = {
         "settings": settings,
         "activation_qdq_pairs_rewritten": rewritten,
+        "dequantize_moved_below_reshape": moved,
         "requested_dtype": dtype.value,
         "runtime_dtype": runner.dtype,
         "executed_compute_ops": runner.compute_ops,
+        **({"op_precisions": runner.op_precisions["ops"], "residual_adds": runner.op_precisions["residual_adds"],
+            "float_compute_ops": runner.op_precisions["float_compute_ops"] if dtype is DType.INT8 else []}
+           if runner.op_precisions else {}),
         "speedup": {"batch": 1, "baseline_model": f"{onnx_path.name} (as exported, default session)",
                     "baseline_p50_ms": baseline.p50_ms, "optimized_p50_ms": optimized.p50_ms,
                     "ratio_p50": ratio, "baseline": baseline.as_dict(), "optimized": optimized.as_dict()},

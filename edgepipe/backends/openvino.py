@@ -77,6 +77,48 @@ def runtime_precisions(compiled_model: Any, layer_types: tuple[str, ...] | None 
     return hist
 
 
+def residual_adds(onnx_path: Path | str) -> list[str]:
+    """Names of the ONNX Add nodes that merge two computed tensors (residual adds), not a tensor and a constant."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    return [n.name for n in graph.node if n.op_type == "Add" and len(n.input) == 2
+            and not any(i in constants for i in n.input)]
+
+
+def op_precisions(compiled_model: Any, adds: list[str]) -> dict[str, Any]:
+    """Runtime precision of every Convolution, MatMul/FullyConnected and residual Add of a compiled model.
+
+    A residual add is usually fused into a convolution as an eltwise post-op; it runs in the precision
+    of the execution node whose ``originalLayersNames`` holds it. Returns ``ops`` (one entry per compute
+    node and per residual add: op, name, precision, fused_into), ``residual_adds`` {name: precision},
+    ``standalone_fake_quantize`` (FakeQuantize nodes left in the execution graph) and ``float_compute_ops``.
+    """
+    ops, add_precision, fake_quantize = [], {}, []
+    wanted = set(adds)
+    for op in compiled_model.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        if "layerType" not in info:
+            continue
+        layer, precision = info["layerType"].astype(str), info["runtimePrecision"].astype(str)
+        originals = [n for n in info["originalLayersNames"].astype(str).split(",") if n] \
+            if "originalLayersNames" in info else []
+        if layer in COMPUTE_LAYERS:
+            ops.append({"op": layer, "name": originals[0] if originals else op.get_friendly_name(),
+                        "precision": precision})
+        elif layer == "FakeQuantize":
+            fake_quantize.append(originals[0] if originals else op.get_friendly_name())
+        for name in wanted.intersection(originals):
+            add_precision[name] = precision
+            ops.append({"op": "Add (residual)", "name": name, "precision": precision, "fused_into": layer})
+    for name in wanted - set(add_precision):  # optimized away entirely: report it, never drop it
+        ops.append({"op": "Add (residual)", "name": name, "precision": "not in execution graph"})
+        add_precision[name] = "not in execution graph"
+    return {"ops": ops, "residual_adds": add_precision, "standalone_fake_quantize": fake_quantize,
+            "float_compute_ops": [o for o in ops if o["precision"] not in _INT8]}
+
+
 def int8_convolutions(hist: dict[str, dict[str, int]]) -> bool:
     """True only if there are convolutions and every one runs in i8/u8."""
     convs = hist.get("Convolution", {})
@@ -105,8 +147,9 @@ def _device_present(core: Any, device: str) -> bool:
 def _config(profile: HardwareProfile, dtype: DType) -> dict[str, str]:
     opts = profile.options.openvino
     if dtype is DType.INT8:
-        # FakeQuantize nodes decide what runs int8; the hint covers the layers left in float.
-        hint = "bf16" if profile.best_float is DType.BF16 else "f32"
+        # FakeQuantize nodes decide what runs int8; the hint covers the layers left in float, in the
+        # profile's preferred float dtype (else OpenVINO picks bf16 on any CPU with native bf16).
+        hint = _HINT.get(profile.best_float, "f32")
     else:
         hint = _HINT[dtype]
     config = {"PERFORMANCE_HINT": opts.performance_hint, "INFERENCE_PRECISION_HINT": hint}
@@ -201,6 +244,7 @@ def compile(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_dir: Pa
     report(f"openvino: compile on {measured_on}", 3, 3, {})
     hist, achieved = runner.precisions, DType(runner.dtype)
     all_int8 = int8_convolutions(hist)
+    per_op = op_precisions(runner.compiled, residual_adds(onnx_path))
     if dtype is DType.INT8 and not all_int8:
         raise EdgepipeError(f"{onnx_path}: compiled for int8 on {measured_on} but not every convolution runs int8 "
                             f"(runtime precisions: {hist}); check that each Conv input and weight has a "
@@ -214,6 +258,11 @@ def compile(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_dir: Pa
         "compiled_inference_precision": runner.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name(),
         "conv_precisions": hist,
         "int8_convolutions": all_int8,
+        # Layers left in float run in the hint's precision, set explicitly and read back above.
+        "float_parts_precision": runner.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name(),
+        "op_precisions": per_op["ops"], "residual_adds": per_op["residual_adds"],
+        "standalone_fake_quantize": per_op["standalone_fake_quantize"],
+        "float_compute_ops": per_op["float_compute_ops"] if dtype is DType.INT8 else [],
         "requested_dtype": dtype.value,
         "runtime_dtype": achieved.value,
     }

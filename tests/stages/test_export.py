@@ -75,8 +75,9 @@ def test_int8_export_is_qdq_with_int8_zero_points_and_int8_weights(runs: dict) -
     assert report["zero_point_dtypes"] == ["int8"] and report["zero_points_all_zero"]
     assert report["weights_per_channel_axis0"] and report["float_weight_quantizers"] == 0
     assert report["int8_weight_initializers"] == 3  # conv1, conv2, fc
-    assert report["quantize_linear"] == 3 and report["dequantize_linear"] == 6  # 3 activations + 3 weights
-    assert result.records["qdq"] == {"quantize_linear": 3, "dequantize_linear": 6, "int8_weight_initializers": 3,
+    # 4 activations (input, conv2's input, the pooling's input, the classifier's input above its flatten) + 3 weights
+    assert report["quantize_linear"] == 4 and report["dequantize_linear"] == 7
+    assert result.records["qdq"] == {"quantize_linear": 4, "dequantize_linear": 7, "int8_weight_initializers": 3,
                                      "weights_folded": 3}
     for node in report["nodes"]:
         if node["input_kind"] == "tensor":  # activations: per tensor

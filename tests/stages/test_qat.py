@@ -85,9 +85,12 @@ def test_qat_records_calibration_ptq_and_history(tmp_path: Path, student: Artifa
     rec = qat.run(context(tmp_path, student, data, teacher=student)).records
     assert len(rec["history"]) == 1 and {"soft", "hard", "val_top1"} <= set(rec["history"][0])
     assert rec["calibration"]["batches"] == 2 and rec["calibration"]["samples"] == 128
-    assert set(rec["calibration"]["amax"]) == {"conv1", "conv2", "fc"}
-    # conv1 sees the normalized input: (0.3 + 0.7 - 0.5) / 0.3 bounds it
-    assert 0 < rec["calibration"]["amax"]["conv1"] <= (1.0 - 0.5) / 0.3 + 1e-5
+    amax = rec["calibration"]["amax"]
+    assert set(amax) == {"act_quant.x", "act_quant.relu", "act_quant.relu_1", "act_quant.adaptive_avg_pool2d"}
+    # the input quantizer sees the normalized input: (0.3 + 0.7 - 0.5) / 0.3 bounds it
+    assert 0 < amax["act_quant.x"] <= (1.0 - 0.5) / 0.3 + 1e-5
+    assert rec["form"]["activations"] == "int8" and rec["form"]["weight_bits"] == 8  # a TensorRT target
+    assert rec["placement"]["traced"] and rec["placement"]["quantizers"] == 4
     assert rec["bn_folded"] == 2 and rec["bn_unfolded"] == [] and rec["quantized_layers"] == 3
     assert rec["float_top1"] >= 0.9 and rec["ptq_top1"] >= 0.9 and rec["history"][-1]["val_top1"] >= 0.9
     assert abs(rec["qat_top1"] - rec["history"][-1]["val_top1"]) <= 2 / 64  # folding BN after QAT ~ exact
