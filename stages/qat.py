@@ -20,7 +20,8 @@ from torch import nn
 from edgepipe.distillation import kd_step
 from edgepipe.errors import EdgepipeError
 from edgepipe.models import load_torch_artifact, save_torch_artifact
-from edgepipe.quant import (activation_quantizers, calibrate, find_conv_bn_pairs, fold_batchnorm, insert_fake_quant,
+from edgepipe.calibration import calibrate
+from edgepipe.quant import (activation_quantizers, find_conv_bn_pairs, fold_batchnorm, insert_fake_quant,
                             placement_of, quant_layers, quant_settings)
 from edgepipe.quant_form import resolve_form
 from edgepipe.stage import StageContext, StageResult

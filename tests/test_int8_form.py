@@ -16,7 +16,8 @@ from edgepipe.backends.onnxruntime import OrtRunner, dequantize_after_reshapes
 from edgepipe.errors import EdgepipeError
 from edgepipe.models import CifarResNet
 from edgepipe.profiles import get_profile
-from edgepipe.quant import activation_quantizers, calibrate, insert_fake_quant, placement_of, quant_settings
+from edgepipe.calibration import calibrate
+from edgepipe.quant import activation_quantizers, insert_fake_quant, placement_of, quant_settings
 from edgepipe.quant_form import exact_8bit_weights_on_cpu, resolve_form
 from stages.export import export_onnx, fold_weight_quantizers
 

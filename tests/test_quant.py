@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from edgepipe.errors import EdgepipeError
-from edgepipe.quant import (HISTOGRAM_BINS, QuantConv2d, QuantLinear, activation_quantizers, calibrate, dequantized_copy,
+from edgepipe.calibration import HISTOGRAM_BINS, calibrate
+from edgepipe.quant import (QuantConv2d, QuantLinear, activation_quantizers, dequantized_copy,
                             find_conv_bn_pairs, fold_batchnorm, insert_fake_quant, quant_layers, quant_settings,
                             quantization_disabled, weight_scale)
 from tests.support import TinyCNN
