@@ -130,7 +130,8 @@ def test_onnxruntime_runs_integer_convolutions_faster_than_float(default_run: Pa
     rates = {}
     for name, path in (("float", float_onnx), ("int8", run / "compile" / "model.ort.onnx")):
         rates[name] = time_runner(OrtRunner(path, threads=2), shape, 64, 10, 60).images_per_s
-    # Host property: with VNNI/AMX (int32 dot products) 1.5x, the bar, measured 2.0x on a Zen 4.
-    # An AVX2-only CPU's int8 kernels (vpmaddubsw) gain less; there the bar is only "faster".
-    bar = 1.5 if exact_8bit_weights_on_cpu() else 1.1
+    # Host property: with VNNI/AMX (int32 dot products) 1.5x, the bar; measured 2.05x on a Zen 4
+    # (AVX-512 VNNI). An AVX2-only CPU's int8 kernels (vpmaddubsw) gain less and were not measured with
+    # this graph yet; there the bar is "not slower" until a run on such a host sets a measured one.
+    bar = 1.5 if exact_8bit_weights_on_cpu() else 1.0
     assert rates["int8"] >= bar * rates["float"], rates
