@@ -9,9 +9,8 @@ be built here.
 Then the fidelity check: the compiled model's top-1 on the validation set against the exported
 ONNX's top-1 in ONNX Runtime with graph optimizations off, on the same images: every Q/DQ computed as
 the ONNX spec defines it, the reference every backend is held to (the export stage checked it against
-the QAT model). More than
-``compile.max_top1_drop`` points lower fails the stage with one line: a runtime that saturates,
-clips or reorders what QAT trained must not pass silently. Compute ops that run in float in an INT8
+the QAT model). More than ``compile.max_top1_drop`` points lower fails the stage with one line: a
+runtime that saturates, clips or reorders what QAT trained must not pass silently. Compute ops that run in float in an INT8
 model are named in a warning and in the records. A TensorRT deploy bundle without an engine has no
 compiled model on this host; the records say so instead of comparing the reference with itself.
 """
@@ -65,7 +64,8 @@ def check_fidelity(ctx: StageContext, artifact: Any) -> dict[str, Any]:
     reference, compiled = topk_accuracy(ref_logits, labels, 1), topk_accuracy(logits, labels, 1)
     drop = (reference - compiled) * 100
     limit = ctx.config.compile.max_top1_drop
-    record = {"checked": True, "samples": int(len(labels)), "reference": "exported ONNX in ONNX Runtime, graph optimizations off (QDQ as specified)",
+    record = {"checked": True, "samples": int(len(labels)),
+              "reference": "exported ONNX in ONNX Runtime, graph optimizations off (QDQ as specified)",
               "reference_top1": reference, "compiled_top1": compiled, "compiled_backend": runner.backend,
               "compiled_dtype": runner.dtype, "top1_drop_points": drop, "max_top1_drop_points": limit,
               "prediction_agreement": float((ref_logits.argmax(1) == logits.argmax(1)).mean())}

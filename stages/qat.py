@@ -2,8 +2,9 @@
 
 resolve the INT8 form for the target on this host (edgepipe.quant_form: int8 or uint8-after-ReLU
 activations, 8- or 7-bit weights) -> place fake quantizers on the graph (edgepipe.quant: Conv/Linear
-inputs, both inputs of residual adds, concat inputs with one scale; weights per-channel) -> calibrate activation ranges on ``qat.calibration_batches``
-un-augmented training batches -> record the calibrated accuracy (what post-training quantization
+inputs, both inputs of residual adds, concat inputs with one scale; weights per-channel) ->
+calibrate activation ranges (edgepipe.calibration) on ``qat.calibration_batches`` un-augmented
+training batches -> record the calibrated accuracy (what post-training quantization
 alone would give) -> fine-tune against the teacher's soft targets with the ranges fixed and BatchNorm
 live -> fold BatchNorm into the convolutions (exact for per-channel scales, see edgepipe.quant) ->
 save. A target without int8, or ``qat.enabled: false``, passes the input through.
