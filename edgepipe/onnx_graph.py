@@ -1,4 +1,4 @@
-"""Two small lookups over an ONNX graph, shared by export, the ONNX Runtime rewrite and the TensorRT check."""
+"""Small lookups over an ONNX graph, shared by export, the backends' rewrites and records, and the TensorRT check."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -30,3 +30,14 @@ def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
         for name in node.input:
             out[name].append(node)
     return out
+
+
+def is_residual_add(node: onnx.NodeProto, constants: set[str] | dict[str, np.ndarray]) -> bool:
+    """An Add of two computed tensors (a residual or merge add), not of a tensor and a constant."""
+    return node.op_type == "Add" and len(node.input) == 2 and not any(i in constants for i in node.input)
+
+
+def residual_adds(graph: onnx.GraphProto) -> list[str]:
+    """Names of the graph's residual adds (see ``is_residual_add``), in graph order."""
+    constants = constant_values(graph)
+    return [n.name for n in graph.node if is_residual_add(n, constants)]

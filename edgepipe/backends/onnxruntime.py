@@ -46,7 +46,7 @@ from onnx import numpy_helper
 
 from edgepipe.artifacts import Artifact
 from edgepipe.errors import EdgepipeError
-from edgepipe.onnx_graph import constant_values, consumers
+from edgepipe.onnx_graph import constant_values, consumers, is_residual_add
 from edgepipe.io import atomic_write
 from edgepipe.profiles import HardwareProfile
 from edgepipe.runtime import host_cpu, time_runner
@@ -89,13 +89,12 @@ def executed_op_precisions(model: onnx.ModelProto) -> dict[str, Any]:
     {name: precision} and ``float_compute_ops``.
     """
     graph = model.graph
-    constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    constants = constant_values(graph)
     ops = []
     for node in graph.node:
         if node.op_type in _INT8_COMPUTE or node.op_type == "QLinearAdd":
             ops.append({"op": node.op_type, "name": node.name, "precision": "int8"})
-        elif node.op_type in _FLOAT_COMPUTE or (node.op_type == "Add" and len(node.input) == 2
-                                                and not any(i in constants for i in node.input)):
+        elif node.op_type in _FLOAT_COMPUTE or is_residual_add(node, constants):
             ops.append({"op": node.op_type, "name": node.name, "precision": "fp32"})
     adds = {o["name"]: o["precision"] for o in ops if o["op"] in ("Add", "QLinearAdd")}
     return {"ops": ops, "residual_adds": adds, "float_compute_ops": [o for o in ops if o["precision"] != "int8"]}

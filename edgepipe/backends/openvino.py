@@ -78,13 +78,12 @@ def runtime_precisions(compiled_model: Any, layer_types: tuple[str, ...] | None 
 
 
 def residual_adds(onnx_path: Path | str) -> list[str]:
-    """Names of the ONNX Add nodes that merge two computed tensors (residual adds), not a tensor and a constant."""
+    """Names of the ONNX Add nodes that merge two computed tensors (residual adds) in an ONNX file."""
     import onnx
 
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    return [n.name for n in graph.node if n.op_type == "Add" and len(n.input) == 2
-            and not any(i in constants for i in n.input)]
+    from edgepipe.onnx_graph import residual_adds as adds_of
+
+    return adds_of(onnx.load(str(onnx_path), load_external_data=False).graph)
 
 
 def op_precisions(compiled_model: Any, adds: list[str]) -> dict[str, Any]:
