@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from edgepipe.artifacts import Artifact
-from edgepipe.backends import get_backend
+from edgepipe.backends import backend_of, get_backend, runner_for
 from edgepipe.config import BenchConfig
 from edgepipe.errors import EdgepipeError
 from edgepipe.io import atomic_write, atomic_write_json, atomic_write_text
 from edgepipe.profiles import HardwareProfile
-from edgepipe.runtime import Runner, host_cpu, host_has_native_bf16, host_isa, time_runner
+from edgepipe.runtime import Runner, time_runner
+from edgepipe.host import host_cpu, host_has_native_bf16, host_isa
 from edgepipe.stage import STAGE_ORDER
 from edgepipe.types import ArtifactKind, DType
 
@@ -107,7 +108,7 @@ def _torch_plans(stage: str, art: Artifact, profile: HardwareProfile, threads: i
     from edgepipe.torch_runner import TorchRunner
 
     note = "QAT model: fake quantization simulated in float; INT8 speed shows after compile" if art.quantized else ""
-    plans = [_Plan(stage, art.kind, "pytorch", "fp32", lambda: TorchRunner.from_artifact(art, threads), shape, note)]
+    plans = [_Plan(stage, art.kind, "pytorch", "fp32", lambda: runner_for(art, threads)[0], shape, note)]
     # bf16 autocast only pays where the CPU computes bf16 natively; elsewhere it is emulated and slower.
     if DType.BF16 in profile.dtypes and host_has_native_bf16() and not art.quantized:
         plans.append(_Plan(stage, art.kind, "pytorch", "bf16",
@@ -140,16 +141,16 @@ def _openvino_plans(stage: str, art: Artifact, onnx_path: Path, profile: Hardwar
     return plans, []
 
 
-def _float_onnx(art: Artifact, shape: tuple[int, ...], out_dir: Path) -> Path:
-    """Export a float torch artifact to ONNX in ``out_dir`` (the export stage's exporter and opset)."""
+def _float_onnx(art: Artifact, shape: tuple[int, ...], out_dir: Path, opset: int = 17) -> Path:
+    """Export a float torch artifact to ONNX in ``out_dir`` (the library's exporter, as the export stage does)."""
     import onnx
 
     from edgepipe.models import load_torch_artifact
-    from stages.export import export_onnx
+    from edgepipe.onnx_export import export_onnx
 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "model.onnx"
-    onnx.save(export_onnx(load_torch_artifact(art), shape, 17), str(path))
+    onnx.save(export_onnx(load_torch_artifact(art), shape, opset), str(path))
     return path
 
 
@@ -185,7 +186,7 @@ def _plans_for(stage: str, art: Artifact, profile: HardwareProfile, threads: int
         path = _onnx_file(art)
         if path is None:
             return [], [_row(stage, kind, f"not run: {art.root / 'artifact.json'} lists no .onnx file")]
-        plans = [_Plan(stage, kind, "onnxruntime", art.dtype.value, lambda: OrtRunner(path, threads), shape)]
+        plans = [_Plan(stage, kind, "onnxruntime", art.dtype.value, lambda: runner_for(art, threads)[0], shape)]
         if art.dtype.is_float and not art.quantized:
             ov_plans, not_run = _openvino_plans(stage, art, path, profile, threads, shape, tmp)
             return plans + ov_plans, not_run
@@ -197,13 +198,12 @@ def _plans_for(stage: str, art: Artifact, profile: HardwareProfile, threads: int
         reason = art.meta.get("reason") or "engine not built"
         return _host_reference(stage, art, threads, shape), [
             _row(stage, kind, f"not run: {reason}", note, backend="tensorrt", dtype=art.dtype.value)]
-    backend = {ArtifactKind.OPENVINO_IR: "openvino", ArtifactKind.ORT_OPTIMIZED: "onnxruntime",
-               ArtifactKind.TENSORRT_ENGINE: "tensorrt"}[kind]
+    backend = backend_of(kind).value
     ok, reason = _backend_ready(backend)
     if not ok:
         not_run = [_row(stage, kind, f"not run: {reason}", backend=backend, dtype=art.dtype.value)]
         return (_host_reference(stage, art, threads, shape) if kind is ArtifactKind.TENSORRT_ENGINE else []), not_run
-    return [_Plan(stage, kind, backend, art.dtype.value, lambda: get_backend(backend).load(art, threads), shape,
+    return [_Plan(stage, kind, backend, art.dtype.value, lambda: runner_for(art, threads)[0], shape,
                   art.meta.get("note") or "")], []
 
 

@@ -44,9 +44,10 @@ from edgepipe.config import PipelineConfig
 from edgepipe.data import DataBundle, load_data
 from edgepipe.errors import EdgepipeError
 from edgepipe.io import atomic_write, atomic_write_json, atomic_write_text
-from edgepipe.pipeline import Run, library_versions, run_pipeline
+from edgepipe.pipeline import Run, run_pipeline
 from edgepipe.profiles import HardwareProfile, get_profile
-from edgepipe.runtime import accuracy_record, host_cpu, host_has_native_bf16, host_isa, predict, time_runner
+from edgepipe.runtime import accuracy_record, predict, time_runner
+from edgepipe.host import host_cpu, host_has_native_bf16, host_isa, library_versions
 from edgepipe.types import Backend, DType
 
 log = logging.getLogger(__name__)
@@ -200,7 +201,7 @@ class _Context:
 
         from edgepipe.backends.openvino import _save_ir
         from edgepipe.models import load_torch_artifact
-        from stages.export import export_onnx
+        from edgepipe.onnx_export import export_onnx
 
         source, xml = folder / "source.txt", folder / "ir" / "model.xml"
         if xml.exists() and source.exists() and source.read_text() == art.content_hash():

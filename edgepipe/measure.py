@@ -1,8 +1,9 @@
 """Measure any stage artifact the same way: accuracy, params, MACs, size, latency, throughput, estimate.
 
-The runtime fits the artifact: PyTorch for torch models, ONNX Runtime for ONNX, the profile's backend
-for compiled artifacts. A TensorRT bundle cannot run without a CUDA device, so its ONNX is measured
-in ONNX Runtime on this host as a labelled host reference. Every latency carries backend, device,
+The runtime fits the artifact (edgepipe.backends.runner_for, the one registry from artifact kind to
+runtime): PyTorch for torch models, ONNX Runtime for ONNX, the artifact's backend for compiled ones. A
+TensorRT bundle cannot run without a CUDA device, so its ONNX is measured in ONNX Runtime on this host
+as a labelled host reference. Every latency carries backend, device,
 dtype, batch, threads, warm-up and iterations; for the target device a roofline estimate is added,
 labelled as an estimate.
 """
@@ -20,36 +21,11 @@ from edgepipe.data import DataBundle
 from edgepipe.errors import EdgepipeError
 from edgepipe.estimate import activation_bytes, roofline_estimate
 from edgepipe.profiles import HardwareProfile
-from edgepipe.runtime import Runner, accuracy_record, predict, time_runner
+from edgepipe.backends import runner_for
+from edgepipe.runtime import accuracy_record, predict, time_runner
 from edgepipe.types import ArtifactKind
 
 log = logging.getLogger(__name__)
-
-
-def runner_for(artifact: Artifact, profile: HardwareProfile, threads: int | None) -> tuple[Runner, str | None]:
-    """A runner for ``artifact`` on this host, and a note when it is a stand-in for the target runtime."""
-    if artifact.kind is ArtifactKind.TORCH:
-        from edgepipe.models import load_torch_artifact
-        from edgepipe.torch_runner import TorchRunner
-
-        note = ("PyTorch runs the QAT model with fake quantization in fp32; INT8 speed shows after compile"
-                if artifact.quantized else None)
-        return TorchRunner(load_torch_artifact(artifact), threads), note
-    if artifact.kind is ArtifactKind.ONNX:
-        from edgepipe.backends.onnxruntime import OrtRunner
-
-        return OrtRunner(artifact.path("onnx"), threads), None
-    if artifact.kind is ArtifactKind.TENSORRT_BUNDLE:
-        from edgepipe.backends.onnxruntime import OrtRunner
-
-        return OrtRunner(artifact.path("onnx"), threads), (
-            "host reference: the bundle's ONNX in ONNX Runtime on this CPU; the TensorRT engine is built and "
-            "measured on the device (see the bundle's README.md)")
-    from edgepipe.backends import get_backend
-
-    backend = {ArtifactKind.OPENVINO_IR: "openvino", ArtifactKind.ORT_OPTIMIZED: "onnxruntime",
-               ArtifactKind.TENSORRT_ENGINE: "tensorrt"}[artifact.kind]
-    return get_backend(backend).load(artifact, threads=threads), None
 
 
 def model_counts(model: torch.nn.Module, input_shape: tuple[int, ...]) -> dict[str, Any]:
@@ -87,7 +63,7 @@ def measure_artifact(artifact: Artifact, data: DataBundle, cfg: MeasureConfig, p
     progress = progress or (lambda *a: None)
     # One explicit thread count for every runtime, so stages measured in different runtimes compare.
     threads = cfg.threads or torch.get_num_threads()
-    runner, note = runner_for(artifact, profile, threads)
+    runner, note = runner_for(artifact, threads)
     logits, labels = predict(runner, data.val_numpy(eval_batch_size))
     if logits.ndim != 2 or len(logits) != len(labels):
         raise EdgepipeError(f"{artifact.root}: model output shape {list(logits.shape)} is not [N, classes]")

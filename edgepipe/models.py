@@ -256,3 +256,17 @@ def load_torch_artifact(artifact: Artifact) -> nn.Module:
         model = insert_fake_quant(model, desc["quantization"], tuple(desc["input_shape"]))
     model.load_state_dict(state)
     return model.eval()
+
+
+def check_fits(model: nn.Module, field: str, input_shape: tuple[int, ...], num_classes: int) -> None:
+    """One forward pass on a dummy batch: the model must take the data's images and give one logit per class."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, *input_shape))
+    except Exception as e:  # noqa: BLE001 - any failure here means the model and data don't match
+        raise EdgepipeError(f"{field}: does not accept inputs of shape {list(input_shape)} "
+                            f"from data ({type(e).__name__}: {str(e).splitlines()[0]}); check in_channels/image_size") from None
+    if out.ndim != 2 or out.shape[1] != num_classes:
+        raise EdgepipeError(f"{field}: outputs shape {list(out.shape)}, but the data has {num_classes} classes; "
+                            "set num_classes in the model kwargs")

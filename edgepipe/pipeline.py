@@ -14,12 +14,10 @@ import importlib
 import json
 import logging
 import os
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -31,7 +29,7 @@ from edgepipe.config import PipelineConfig, validate_config
 from edgepipe.errors import EdgepipeError
 from edgepipe.io import atomic_write_json, atomic_write_text, is_main_process
 from edgepipe.profiles import HardwareProfile, get_profile, load_profile_file
-from edgepipe.runtime import host_cpu, host_isa
+from edgepipe.host import git_revision, host_cpu, host_isa, library_versions
 from edgepipe.stage import STAGE_ORDER, StageContext, StageResult
 
 log = logging.getLogger(__name__)
@@ -42,7 +40,6 @@ _STAGE_SECTIONS = {"teacher": ("teacher", "data", "seed"), "distill": ("distill"
                    "prune": ("prune", "soft_targets", "data", "seed"), "qat": ("qat", "soft_targets", "data", "seed"),
                    "export": ("export", "data"), "compile": ("export", "compile", "data")}
 _USES_TEACHER = ("distill", "prune", "qat")
-_LIBRARIES = ("torch", "torchvision", "torch-pruning", "onnx", "onnxruntime", "openvino", "tensorrt", "nncf")
 
 
 def stage_module(name: str) -> ModuleType:
@@ -57,29 +54,6 @@ def _now() -> str:
 
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def library_versions() -> dict[str, str]:
-    out = {}
-    for lib in _LIBRARIES:
-        try:
-            out[lib] = metadata.version(lib)
-        except metadata.PackageNotFoundError:
-            out[lib] = "not installed"
-    return out
-
-
-def git_revision() -> str | None:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent,
-                               capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if rev.returncode:
-        return None
-    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 @dataclass

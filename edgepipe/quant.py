@@ -42,7 +42,7 @@ every Conv2d/Linear, signed, inside the layer, and the stage records why its add
 
 This file is longer than the ~400 lines STYLE.md asks for because the placement rule, the layers it
 places and the BN folding that must keep their integers are one contract; calibration, the form
-per target and the ONNX side live in edgepipe.calibration, edgepipe.quant_form and stages.export.
+per target and the ONNX side live in edgepipe.calibration, edgepipe.quant_form and edgepipe.onnx_export.
 
 Why this is written here and not taken from a library: it is a few hundred lines over PyTorch's own
 fake-quant kernels (``torch.fake_quantize_per_*_affine``, whose backward is the straight-through

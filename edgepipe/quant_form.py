@@ -41,7 +41,7 @@ from typing import Any
 
 from edgepipe.errors import EdgepipeError
 from edgepipe.profiles import HardwareProfile
-from edgepipe.runtime import host_cpu, host_isa
+from edgepipe.host import host_cpu, host_isa
 from edgepipe.types import Backend
 
 ACTIVATION_FORMS = ("int8", "uint8_after_relu")

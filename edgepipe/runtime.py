@@ -6,12 +6,9 @@ accuracy are measured here, identically for all of them, and every figure carrie
 """
 from __future__ import annotations
 
-import os
-import platform
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from functools import cache
 from typing import Any, Protocol
 
 import numpy as np
@@ -27,37 +24,6 @@ class Runner(Protocol):
     threads: int | None
 
     def infer(self, batch: np.ndarray) -> np.ndarray: ...
-
-
-@cache
-def host_cpu() -> str:
-    """CPU model name and core count of this host, for labelling measurements."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name} ({os.cpu_count()} cores)"
-
-
-@cache
-def host_isa() -> tuple[str, ...]:
-    """The CPU features that decide INT8/BF16 speed here (AVX2, AVX-512 VNNI/BF16/FP16, AMX)."""
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_int8", "amx_bf16")
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = next((ln.split(":", 1)[1].split() for ln in fh if ln.startswith("flags")), [])
-    except OSError:
-        flags = []
-    return tuple(f for f in wanted if f in flags)
-
-
-def host_has_native_bf16() -> bool:
-    return any(f in host_isa() for f in ("avx512_bf16", "amx_bf16"))
 
 
 @dataclass

@@ -11,7 +11,7 @@ from torch import nn
 
 from edgepipe.artifacts import Artifact
 from edgepipe.errors import EdgepipeError
-from edgepipe.runtime import host_cpu
+from edgepipe.host import host_cpu
 
 _AUTOCAST_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 

@@ -25,7 +25,7 @@ from torch import nn
 from edgepipe.config import OptimConfig
 from edgepipe.data import DataBundle
 from edgepipe.io import atomic_torch_save, is_main_process
-from edgepipe.runtime import host_has_native_bf16
+from edgepipe.host import host_has_native_bf16
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from edgepipe.backends import check_dtype, get_backend
+from edgepipe.backends import check_dtype, get_backend, runner_for
 from edgepipe.errors import EdgepipeError
 from edgepipe.stage import StageContext, StageResult
 from edgepipe.types import ArtifactKind, DType
@@ -50,7 +50,6 @@ def run(ctx: StageContext) -> StageResult:
 def check_fidelity(ctx: StageContext, artifact: Any) -> dict[str, Any]:
     """Top-1 of the compiled model vs the exported ONNX in ONNX Runtime; raises when it drops too far."""
     from edgepipe.backends.onnxruntime import OrtRunner
-    from edgepipe.measure import runner_for
     from edgepipe.runtime import predict, topk_accuracy
 
     if artifact.kind is ArtifactKind.TENSORRT_BUNDLE:
@@ -59,7 +58,7 @@ def check_fidelity(ctx: StageContext, artifact: Any) -> dict[str, Any]:
     threads = ctx.config.measure.threads
     batches = list(ctx.data.val_numpy(ctx.config.data.eval_batch_size))
     ref_logits, labels = predict(OrtRunner(ctx.input.path("onnx"), threads, reference=True), batches)
-    runner, _ = runner_for(artifact, ctx.profile, threads)
+    runner, _ = runner_for(artifact, threads)
     logits, _ = predict(runner, batches)
     reference, compiled = topk_accuracy(ref_logits, labels, 1), topk_accuracy(logits, labels, 1)
     drop = (reference - compiled) * 100

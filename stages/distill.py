@@ -7,11 +7,10 @@ validation accuracy; checkpoints after every epoch let an interrupted run resume
 from __future__ import annotations
 
 from edgepipe.distillation import FeatureHints, init_from_teacher, kd_step
-from edgepipe.models import build_from_spec, load_torch_artifact, save_torch_artifact
+from edgepipe.models import build_from_spec, check_fits, load_torch_artifact, save_torch_artifact
 from edgepipe.stage import StageContext, StageResult
 from edgepipe.training import clear_checkpoints, fit, seed_everything
 from edgepipe.types import ArtifactKind
-from stages.teacher import _check_fits
 
 NAME = "distill"
 INPUT_KINDS = (ArtifactKind.TORCH,)
@@ -23,7 +22,7 @@ def run(ctx: StageContext) -> StageResult:
     teacher = load_torch_artifact(ctx.teacher or ctx.input)
     student = build_from_spec(dcfg.student)
     data = ctx.data
-    _check_fits(student, data.input_shape, data.num_classes)
+    check_fits(student, "distill.student", data.input_shape, data.num_classes)
     init = init_from_teacher(student, teacher) if dcfg.init == "teacher" else {"init": "random"}
     hints = None
     if dcfg.feature_pairs and dcfg.beta > 0:

@@ -12,7 +12,7 @@ import shutil
 
 from edgepipe.errors import EdgepipeError
 from edgepipe.io import atomic_write
-from edgepipe.models import build_from_spec, save_torch_artifact
+from edgepipe.models import build_from_spec, check_fits, save_torch_artifact
 from edgepipe.stage import StageContext, StageResult
 from edgepipe.training import clear_checkpoints, cross_entropy_step, fit, seed_everything
 
@@ -31,7 +31,7 @@ def run(ctx: StageContext) -> StageResult:
                             "give arch + weights (or a factory) to train the teacher, or set epochs: 0")
     model = build_from_spec(spec)
     data = ctx.data
-    _check_fits(model, data.input_shape, data.num_classes)
+    check_fits(model, "teacher.model", data.input_shape, data.num_classes)
     history = []
     if cfg.teacher.train.epochs > 0:
         history = fit(model, data, cfg.teacher.train, cross_entropy_step, batch_size=cfg.data.batch_size,
@@ -54,19 +54,3 @@ def _source(spec) -> str:
     if spec.factory:
         return f"factory {spec.factory}"
     return f"architecture {spec.arch}" + (f" + weights {spec.weights}" if spec.weights else " (initialised here)")
-
-
-def _check_fits(model, input_shape: tuple[int, ...], num_classes: int) -> None:
-    """One forward pass on a dummy batch: the model must take the data's images and give one logit per class."""
-    import torch
-
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(torch.zeros(2, *input_shape))
-    except Exception as e:  # noqa: BLE001 - any failure here means the model and data don't match
-        raise EdgepipeError(f"teacher.model: does not accept inputs of shape {list(input_shape)} "
-                            f"from data ({type(e).__name__}: {str(e).splitlines()[0]}); check in_channels/image_size") from None
-    if out.ndim != 2 or out.shape[1] != num_classes:
-        raise EdgepipeError(f"teacher.model: outputs shape {list(out.shape)}, but the data has {num_classes} classes; "
-                            "set num_classes in the model kwargs")

@@ -16,7 +16,7 @@ from edgepipe.bench import run_bench
 from edgepipe.config import BenchConfig
 from edgepipe.models import save_torch_artifact
 from edgepipe.profiles import HardwareProfile
-from edgepipe.runtime import host_has_native_bf16
+from edgepipe.host import host_has_native_bf16
 from edgepipe.torch_runner import TorchRunner
 from edgepipe.types import ArtifactKind, DType
 from tests.support import TinyCNN

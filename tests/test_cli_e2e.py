@@ -51,7 +51,7 @@ def test_every_stage_recorded(jetson_run: tuple[Path, Path]) -> None:
 
 
 def test_jetson_bundle_is_int8_qdq_zero_point_0(jetson_run: tuple[Path, Path]) -> None:
-    from stages.export import qdq_report
+    from edgepipe.onnx_export import qdq_report
 
     run, _ = jetson_run
     m = _metrics(run, "compile")

@@ -65,7 +65,7 @@ def test_default_digits_pipeline_meets_targets(default_run: Path) -> None:
 
 def test_jetson_bundle_has_the_tensorrt_form(default_run: Path) -> None:
     """8-bit weights, int8 zero-point 0, per-channel weights on axis 0, Q/DQ on every residual Add input."""
-    from stages.export import qdq_report
+    from edgepipe.onnx_export import qdq_report
 
     bundle = default_run / "compile" / "model.onnx"
     form = _metrics(default_run)["qat"]["records"]["form"]
@@ -110,7 +110,7 @@ def test_onnxruntime_runs_integer_convolutions_faster_than_float(default_run: Pa
     from edgepipe.backends.onnxruntime import OrtRunner
     from edgepipe.models import load_torch_artifact
     from edgepipe.runtime import time_runner
-    from stages.export import export_onnx
+    from edgepipe.onnx_export import export_onnx
 
     run = _switch(default_run, tmp_path, "generic-cpu")
     m = _metrics(run)

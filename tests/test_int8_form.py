@@ -19,7 +19,7 @@ from edgepipe.profiles import get_profile
 from edgepipe.calibration import calibrate
 from edgepipe.quant import activation_quantizers, insert_fake_quant, placement_of, quant_settings
 from edgepipe.quant_form import exact_8bit_weights_on_cpu, resolve_form
-from stages.export import export_onnx, fold_weight_quantizers
+from edgepipe.onnx_export import export_onnx, fold_weight_quantizers
 
 SHAPE = (3, 16, 16)
 

@@ -241,7 +241,7 @@ def test_seven_bit_weights_stay_within_63_levels_and_survive_export() -> None:
     import onnx
     from onnx import numpy_helper
 
-    from stages.export import export_onnx, fold_weight_quantizers
+    from edgepipe.onnx_export import export_onnx, fold_weight_quantizers
 
     torch.manual_seed(0)
     model = insert_fake_quant(TinyCNN(), quant_settings(weight_bits=7), SHAPE)

@@ -8,6 +8,10 @@ Each backend is one module with the same few verbs:
   deployable artifact in ``out_dir`` and return it with records (settings used, runtime checks).
 - ``load(artifact, threads=None) -> Runner``: a runner (see ``edgepipe.runtime``) for measurement.
 
+This module is also the one registry from artifact kind to runtime (``runner_for``, ``backend_of``):
+the engine's measurements, ``edgepipe bench``, the compile stage's fidelity check and ``compare`` all
+load a model through it, so one artifact always runs in the same runtime.
+
 Heavy imports (tensorrt, pycuda, openvino) happen inside the backend modules' functions, so importing
 this registry, and ``edgepipe --help``, stays fast.
 """
@@ -15,9 +19,14 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from edgepipe.errors import EdgepipeError
-from edgepipe.types import Backend, DType
+from edgepipe.types import ArtifactKind, Backend, DType
+
+if TYPE_CHECKING:
+    from edgepipe.artifacts import Artifact
+    from edgepipe.runtime import Runner
 
 _MODULES = {
     Backend.ONNXRUNTIME: "edgepipe.backends.onnxruntime",
@@ -40,3 +49,37 @@ def check_dtype(backend: Backend, dtype: DType) -> None:
     if dtype not in allowed:
         raise EdgepipeError(f"backend {backend.value} cannot compile {dtype.value} "
                             f"(supported: {', '.join(d.value for d in allowed)})")
+
+
+# --- artifact kind -> runtime ------------------------------------------------------------------------
+_COMPILED = {ArtifactKind.OPENVINO_IR: Backend.OPENVINO, ArtifactKind.ORT_OPTIMIZED: Backend.ONNXRUNTIME,
+             ArtifactKind.TENSORRT_ENGINE: Backend.TENSORRT}
+HOST_REFERENCE_NOTE = ("host reference: the bundle's ONNX in ONNX Runtime on this CPU; the TensorRT engine is built "
+                       "and measured on the device (see the bundle's README.md)")
+
+
+def backend_of(kind: ArtifactKind) -> Backend | None:
+    """The backend that runs a compiled artifact kind (None for torch models, ONNX files and TensorRT bundles)."""
+    return _COMPILED.get(kind)
+
+
+def runner_for(artifact: Artifact, threads: int | None) -> tuple[Runner, str | None]:
+    """A runner for ``artifact`` on this host, and a note when it is a stand-in for the target runtime.
+
+    PyTorch runs torch models, ONNX Runtime runs ONNX files, a compiled artifact runs in its backend. A
+    TensorRT bundle holds no engine, so its ONNX runs in ONNX Runtime as a labelled host reference.
+    """
+    kind = artifact.kind
+    if kind is ArtifactKind.TORCH:
+        from edgepipe.models import load_torch_artifact
+        from edgepipe.torch_runner import TorchRunner
+
+        note = ("PyTorch runs the QAT model with fake quantization in fp32; INT8 speed shows after compile"
+                if artifact.quantized else None)
+        return TorchRunner(load_torch_artifact(artifact), threads), note
+    if kind in (ArtifactKind.ONNX, ArtifactKind.TENSORRT_BUNDLE):
+        from edgepipe.backends.onnxruntime import OrtRunner
+
+        return (OrtRunner(artifact.path("onnx"), threads),
+                HOST_REFERENCE_NOTE if kind is ArtifactKind.TENSORRT_BUNDLE else None)
+    return get_backend(_COMPILED[kind]).load(artifact, threads=threads), None

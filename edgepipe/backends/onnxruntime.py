@@ -49,7 +49,8 @@ from edgepipe.errors import EdgepipeError
 from edgepipe.onnx_graph import constant_values, consumers, is_residual_add
 from edgepipe.io import atomic_write
 from edgepipe.profiles import HardwareProfile
-from edgepipe.runtime import host_cpu, time_runner
+from edgepipe.runtime import time_runner
+from edgepipe.host import host_cpu
 from edgepipe.types import ArtifactKind, DType
 
 log = logging.getLogger(__name__)

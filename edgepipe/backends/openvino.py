@@ -37,7 +37,7 @@ import numpy as np
 from edgepipe.artifacts import Artifact
 from edgepipe.errors import EdgepipeError
 from edgepipe.profiles import HardwareProfile
-from edgepipe.runtime import host_cpu
+from edgepipe.host import host_cpu
 from edgepipe.types import ArtifactKind, DType
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def _device_present(core: Any, device: str) -> bool:
     return family in _VIRTUAL_DEVICES or any(d == device or d.split(".")[0] == family for d in core.available_devices)
 
 
-def _config(profile: HardwareProfile, dtype: DType) -> dict[str, str]:
+def inference_config(profile: HardwareProfile, dtype: DType) -> dict[str, str]:
     opts = profile.options.openvino
     if dtype is DType.INT8:
         # FakeQuantize nodes decide what runs int8; the hint covers the layers left in float, in the
@@ -191,7 +191,7 @@ class OvRunner:
         return self.request.get_output_tensor(0).data.copy()
 
 
-def _save_ir(model: Any, out_dir: Path) -> Path:
+def save_ir(model: Any, out_dir: Path) -> Path:
     """Save model.xml + model.bin into a temp folder in out_dir, then move both into place."""
     import openvino as ov
 
@@ -204,6 +204,13 @@ def _save_ir(model: Any, out_dir: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir / "model.xml"
+
+
+def convert(onnx_path: Path | str, out_dir: Path) -> Path:
+    """ONNX -> OpenVINO IR (model.xml + model.bin in ``out_dir``), nothing compiled; returns model.xml."""
+    import openvino as ov
+
+    return save_ir(ov.convert_model(str(onnx_path)), Path(out_dir))
 
 
 def compile(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_dir: Path,
@@ -233,12 +240,10 @@ def compile(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_dir: Pa
     core = ov.Core()
     target = profile.options.openvino.device
     measured_on = target if _device_present(core, target) else "CPU"
-    config = _config(profile, dtype)
+    config = inference_config(profile, dtype)
 
-    model = ov.convert_model(str(onnx_path))
-    report("openvino: convert", 1, 3, {})
-    xml = _save_ir(model, out_dir)
-    report("openvino: save IR", 2, 3, {})
+    xml = convert(onnx_path, out_dir)
+    report("openvino: convert and save IR", 2, 3, {})
     runner = OvRunner(xml, measured_on, config)  # compiles the saved IR: what ships is what is checked
     report(f"openvino: compile on {measured_on}", 3, 3, {})
     hist, achieved = runner.precisions, DType(runner.dtype)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+import edgepipe.onnx_export as onnx_export
 import stages.export as export
 import stages.qat as qat
 from edgepipe.artifacts import Artifact
@@ -71,7 +72,7 @@ def test_int8_export_is_qdq_with_int8_zero_points_and_int8_weights(runs: dict) -
     assert art.dtype is DType.INT8 and art.quantized
     assert checks["top1_agreement"] >= 0.99 and checks["onnx_checker"] == "passed"
     onnx.checker.check_model(str(art.path("onnx")), full_check=True)
-    report = export.qdq_report(art.path("onnx"))
+    report = onnx_export.qdq_report(art.path("onnx"))
     assert report["zero_point_dtypes"] == ["int8"] and report["zero_points_all_zero"]
     assert report["weights_per_channel_axis0"] and report["float_weight_quantizers"] == 0
     assert report["int8_weight_initializers"] == 3  # conv1, conv2, fc
@@ -117,8 +118,8 @@ def test_quantize_linear_matches_onnxruntime() -> None:
         m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         session = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
         (expected,) = session.run(None, {"x": x})
-        np.testing.assert_array_equal(export.quantize_linear(x, scale, zp, 0), expected)
-    assert export.quantize_linear(np.array([0.5, 1.5, 2.5, 1e6, -1e6], np.float32), np.array(1.0, np.float32),
+        np.testing.assert_array_equal(onnx_export.quantize_linear(x, scale, zp, 0), expected)
+    assert onnx_export.quantize_linear(np.array([0.5, 1.5, 2.5, 1e6, -1e6], np.float32), np.array(1.0, np.float32),
                                   np.array(0, np.int8), 1).tolist() == [0, 2, 2, 127, -128]
 
 

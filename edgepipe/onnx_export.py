@@ -1,0 +1,193 @@
+"""ONNX export in the library: the torch model (float or QAT) to ONNX, QDQ weight folding, the QDQ
+report, and the check against PyTorch in ONNX Runtime.
+
+The export stage (``stages/export.py``) and every other place that needs an ONNX file (``edgepipe
+bench`` exporting a float stage, the baselines) call ``export_onnx`` here, so there is one exporter.
+The graph has one input ``input`` and one output ``logits``, both with a dynamic batch axis. A QAT
+model exports in the QDQ form: every fake-quant op becomes QuantizeLinear -> DequantizeLinear, and
+each weight's QuantizeLinear(float initializer) is then folded into an int8 initializer feeding its
+DequantizeLinear, computed exactly as QuantizeLinear would (round half to even, saturate), so the
+file holds the deployed integers and no float weights.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from edgepipe.data import DataBundle
+from edgepipe.errors import EdgepipeError
+from edgepipe.onnx_graph import constant_values, consumers
+from edgepipe.quant import frozen_weight_scales
+from edgepipe.runtime import topk_accuracy
+
+MAX_OPSET = 20
+"""Highest opset of the TorchScript exporter (torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)."""
+
+
+def export_onnx(model: nn.Module, input_shape: tuple[int, ...], opset: int) -> onnx.ModelProto:
+    """Export with input ``input`` and output ``logits``, dynamic batch on both."""
+    if opset > MAX_OPSET:
+        raise EdgepipeError(f"export.opset: {opset} is above {MAX_OPSET}, the highest opset of the TorchScript "
+                            f"exporter that INT8 export needs; use 17..{MAX_OPSET}")
+    buf = io.BytesIO()
+    example = torch.zeros(2, *input_shape)
+    model.eval()
+    try:
+        with frozen_weight_scales(model), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is deprecated: see below
+            # dynamo=False: the torch.export-based exporter (the default) cannot export fake-quant ops,
+            # while the TorchScript exporter maps them to QuantizeLinear/DequantizeLinear. Float models
+            # take the same path so both kinds of graph come out of one exporter.
+            torch.onnx.export(model, (example,), buf, dynamo=False, opset_version=opset,
+                              input_names=["input"], output_names=["logits"], do_constant_folding=True,
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    except Exception as e:  # noqa: BLE001 - the exporter raises many error types; all mean "cannot export"
+        raise EdgepipeError(f"export: torch.onnx.export failed at opset {opset} "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    return onnx.load_from_string(buf.getvalue())
+
+
+# --- folding weight quantizers ------------------------------------------------------------------------
+def _axis(node: onnx.NodeProto) -> int:
+    return next((a.i for a in node.attribute if a.name == "axis"), 1)  # ONNX's default axis is 1
+
+
+def quantize_linear(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, axis: int) -> np.ndarray:
+    """ONNX QuantizeLinear in NumPy: saturate(round_half_even(x / scale) + zero_point)."""
+    zp = np.zeros((), np.uint8) if zero_point is None else zero_point  # ONNX: no zero-point means uint8 0
+    if scale.ndim == 1 and x.ndim > 1:
+        shape = [1] * x.ndim
+        shape[axis % x.ndim] = -1
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    info = np.iinfo(zp.dtype)
+    q = np.rint(x.astype(np.float32) / scale.astype(np.float32)) + zp.astype(np.float32)
+    return np.clip(q, info.min, info.max).astype(zp.dtype)
+
+
+def fold_weight_quantizers(model: onnx.ModelProto) -> int:
+    """Replace each QuantizeLinear(float constant) by an int8 initializer; returns how many were folded."""
+    graph = model.graph
+    values = constant_values(graph)
+    readers = consumers(graph)
+    graph_outputs = {o.name for o in graph.output}
+    folded = []
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear" or node.output[0] in graph_outputs:
+            continue
+        w, scale = values.get(node.input[0]), values.get(node.input[1])
+        zp_name = node.input[2] if len(node.input) > 2 else ""
+        if w is None or scale is None or not np.issubdtype(w.dtype, np.floating) or (zp_name and zp_name not in values):
+            continue  # an activation quantizer: stays in the graph
+        q = quantize_linear(w, scale, values.get(zp_name), _axis(node))
+        name = f"{node.input[0]}_quantized"
+        graph.initializer.append(numpy_helper.from_array(q, name))
+        for consumer in readers[node.output[0]]:
+            for i, inp in enumerate(consumer.input):
+                if inp == node.output[0]:
+                    consumer.input[i] = name
+        folded.append(node)
+    for node in folded:
+        graph.node.remove(node)
+    _drop_unused(graph)
+    return len(folded)
+
+
+def _drop_unused(graph: onnx.GraphProto) -> None:
+    """Remove initializers and Constant nodes nothing reads any more (the float weights)."""
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    for t in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(t)
+    for inp in [i for i in graph.input if i.name not in used]:
+        graph.input.remove(inp)
+    for node in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]:
+        graph.node.remove(node)
+
+
+def qdq_report(onnx_path: str | Path) -> dict[str, Any]:
+    """Every QuantizeLinear/DequantizeLinear: zero-point dtype and values, scale shape, axis, input kind.
+
+    Per node: ``is_weight`` (its input is a constant), ``per_channel`` (non-scalar scale), ``axis``
+    (None when per tensor), ``zero_point_dtype``, ``zero_points`` and ``zero_points_all_zero``.
+    Summary: the counts, ``int8_weight_initializers`` (DequantizeLinear reading an int8 constant),
+    ``float_weight_quantizers`` (QuantizeLinear still reading a float constant: 0 after export),
+    ``zero_point_dtypes``, ``zero_points_all_zero`` and ``weights_per_channel_axis0``.
+    """
+    graph = onnx.load(str(onnx_path)).graph
+    values = constant_values(graph)
+    nodes = []
+    for node in graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        x, scale = values.get(node.input[0]), values.get(node.input[1])
+        zp = values.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        per_channel = scale is not None and scale.ndim > 0
+        zero_points = [0] if zp is None else sorted({int(v) for v in np.ravel(zp)})
+        nodes.append({
+            "name": node.name, "op": node.op_type, "input": node.input[0],
+            "input_kind": "tensor" if x is None else f"{x.dtype} constant", "is_weight": x is not None,
+            "scale_shape": None if scale is None else list(scale.shape),
+            "per_channel": per_channel, "axis": _axis(node) if per_channel else None,
+            "zero_point_dtype": "uint8 (default)" if zp is None else str(zp.dtype),
+            "zero_points": zero_points, "zero_points_all_zero": zero_points == [0]})
+    weights = [n for n in nodes if n["op"] == "DequantizeLinear" and n["is_weight"]]
+    return {
+        "nodes": nodes,
+        "quantize_linear": sum(n["op"] == "QuantizeLinear" for n in nodes),
+        "dequantize_linear": sum(n["op"] == "DequantizeLinear" for n in nodes),
+        "int8_weight_initializers": sum(n["input_kind"] == "int8 constant" for n in weights),
+        "float_weight_quantizers": sum(n["op"] == "QuantizeLinear" and n["input_kind"].startswith("float")
+                                       for n in nodes),
+        "zero_point_dtypes": sorted({n["zero_point_dtype"] for n in nodes}),
+        "zero_points_all_zero": all(n["zero_points_all_zero"] for n in nodes),
+        "weights_per_channel_axis0": bool(weights) and all(n["axis"] == 0 and len(n["scale_shape"]) == 1
+                                                           for n in weights)}
+
+
+# --- ONNX Runtime vs PyTorch ---------------------------------------------------------------------------
+@torch.no_grad()
+def compare_with_torch(model: nn.Module, onnx_bytes: bytes, data: DataBundle, batch_size: int, quantized: bool,
+                       tolerance: float, min_agreement: float, threads: int | None = None) -> dict[str, Any]:
+    """Run the validation set through both; raise EdgepipeError when they disagree beyond the limits."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    # The QDQ graph's own semantics: with graph optimizations off, ONNX Runtime runs each Q/DQ as the spec
+    # defines it (in float), which is what the QAT model computes (measured: 1e-7 apart). Its fused integer
+    # kernels round differently; whether a runtime's kernels keep the graph's accuracy is the compile
+    # stage's fidelity check, against this same reference.
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
+    model.eval()
+    ref, out, labels = [], [], []
+    for x, y in data.val_batches(batch_size):
+        ref.append(model(x).float().numpy())
+        out.append(session.run(["logits"], {"input": x.numpy().astype(np.float32)})[0])
+        labels.append(y.numpy())
+    ref_logits, ort_logits, y_all = np.concatenate(ref), np.concatenate(out), np.concatenate(labels)
+    checks: dict[str, Any] = {"samples": int(len(y_all)), "ort_top1": topk_accuracy(ort_logits, y_all, 1),
+                              "torch_top1": topk_accuracy(ref_logits, y_all, 1)}
+    if quantized:
+        agreement = float((ref_logits.argmax(1) == ort_logits.argmax(1)).mean())
+        checks.update(top1_agreement=agreement, min_agreement=min_agreement, reference="ONNX Runtime, graph "
+                      "optimizations off (QDQ as specified)", max_abs_diff=float(np.abs(ref_logits - ort_logits).max()))
+        if agreement < min_agreement:
+            raise EdgepipeError(f"export: ONNX Runtime and PyTorch agree on top-1 for {agreement:.2%} of "
+                                f"{len(y_all)} validation images (< export.int8_min_agreement {min_agreement:.2%}); "
+                                "the INT8 graph does not compute what the QAT model does")
+    else:
+        diff = float(np.abs(ref_logits - ort_logits).max())
+        checks.update(max_abs_diff=diff, tolerance=tolerance)
+        if diff > tolerance:
+            raise EdgepipeError(f"export: ONNX Runtime logits differ from PyTorch by up to {diff:.3g} "
+                                f"(> export.float_tolerance {tolerance:g}) on the validation set")
+    return checks
