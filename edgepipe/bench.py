@@ -19,7 +19,6 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from edgepipe.errors import EdgepipeError
 from edgepipe.io import atomic_write, atomic_write_json, atomic_write_text
 from edgepipe.profiles import HardwareProfile
 from edgepipe.runtime import Runner, time_runner
-from edgepipe.host import host_cpu, host_has_native_bf16, host_isa
+from edgepipe.host import host_cpu, host_has_native_bf16, host_isa, library_versions
 from edgepipe.stage import STAGE_ORDER
 from edgepipe.types import ArtifactKind, DType
 
@@ -331,7 +330,7 @@ def run_bench(run_dir: Path, profile: HardwareProfile, bench_cfg: BenchConfig, p
     rows.sort(key=lambda r: order.get(r["stage"], len(order)))  # stable: keeps runtime/batch order per stage
     result = {
         "run": run_dir.name, "target": profile.name, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "host": {"cpu": host_cpu(), "isa": list(host_isa())}, "versions": _versions(),
+        "host": {"cpu": host_cpu(), "isa": list(host_isa())}, "versions": library_versions(installed_only=True),
         "conditions": {"batch_sizes": list(bench_cfg.batch_sizes), "warmup": bench_cfg.warmup,
                        "iterations": bench_cfg.iterations, "threads": threads},
         "rows": rows,
@@ -359,7 +358,7 @@ def bench_artifact(artifact_dir: Path, profile: HardwareProfile, bench_cfg: Benc
         rows += _measure(plans, bench_cfg, progress or (lambda *a: None))
     result = {"run": None, "artifact": str(artifact_dir), "target": profile.name,
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "host": {"cpu": host_cpu(), "isa": list(host_isa())}, "versions": _versions(),
+              "host": {"cpu": host_cpu(), "isa": list(host_isa())}, "versions": library_versions(installed_only=True),
               "conditions": {"batch_sizes": list(bench_cfg.batch_sizes), "warmup": bench_cfg.warmup,
                              "iterations": bench_cfg.iterations, "threads": threads},
               "rows": rows}
@@ -371,16 +370,6 @@ def _kind_of(folder: Path) -> ArtifactKind | None:
         return Artifact.load(folder).kind
     except EdgepipeError:
         return None
-
-
-def _versions() -> dict[str, str]:
-    out = {}
-    for lib in ("torch", "onnxruntime", "openvino", "tensorrt"):
-        try:
-            out[lib] = metadata.version(lib)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 # --- writing ----------------------------------------------------------------------------------------
