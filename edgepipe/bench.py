@@ -9,10 +9,13 @@ reason, and its ONNX is measured in ONNX Runtime as a labelled host reference.
 
 Results go to ``<run>/bench/``: bench.json (rows, host, conditions), bench.md (table) and bench.png
 (throughput vs batch size).
+
+Why one file of ~440 lines: planning which runtimes and dtypes fit each artifact kind, measuring them
+and writing the result are one command's three steps over one row format (``ROW_KEYS``); loading goes
+through the registry in edgepipe.backends and formatting through edgepipe.formatting.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import tempfile
@@ -22,11 +25,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from edgepipe import formatting as fmt
 from edgepipe.artifacts import Artifact
 from edgepipe.backends import backend_of, get_backend, runner_for
 from edgepipe.config import BenchConfig
 from edgepipe.errors import EdgepipeError
-from edgepipe.io import atomic_write, atomic_write_json, atomic_write_text
 from edgepipe.profiles import HardwareProfile
 from edgepipe.runtime import Runner, time_runner
 from edgepipe.host import host_cpu, host_has_native_bf16, host_isa, library_versions
@@ -271,8 +274,8 @@ def _run_stages(run_dir: Path) -> list[tuple[str, str, str | None, Path]]:
         raise EdgepipeError(f"{run_dir}: no manifest.json; not a run folder (run `edgepipe run` first)") from None
     except json.JSONDecodeError:
         raise EdgepipeError(f"{run_dir / 'manifest.json'}: corrupt manifest; rerun the pipeline") from None
-    entries = sorted(manifest.get("stages") or [],
-                     key=lambda e: STAGE_ORDER.index(e["name"]) if e.get("name") in STAGE_ORDER else len(STAGE_ORDER))
+    rank = {s: i for i, s in enumerate(manifest.get("order") or STAGE_ORDER)}  # a derived run has its own order
+    entries = sorted(manifest.get("stages") or [], key=lambda e: rank.get(e.get("name"), len(rank)))
     return [(e["name"], e.get("status", "pending"), e.get("skipped_reason"),
              run_dir / (e.get("artifact_dir") or e.get("dir") or e["name"])) for e in entries]
 
@@ -373,42 +376,35 @@ def _kind_of(folder: Path) -> ArtifactKind | None:
 
 
 # --- writing ----------------------------------------------------------------------------------------
-def _cell(x: Any, fmt: str = "{}") -> str:
-    return "—" if x is None or x == "" else fmt.format(x).replace("|", "\\|").replace("\n", " ")
+TABLE_HEAD = ["stage", "artifact", "backend", "dtype", "batch", "p50 (ms)", "p90 (ms)", "p99 (ms)", "images/s",
+              "status", "note"]
 
 
 def _markdown(result: dict[str, Any]) -> str:
     rows, cond, host = result["rows"], result["conditions"], result["host"]
     measured = [r for r in rows if r["p50_ms"] is not None]
     devices = sorted({r["device"] for r in measured if r["device"]})
-    title = result.get("run") or result.get("artifact")
-    lines = [f"# edgepipe bench: {_cell(title)}", "",
-             f"- Target profile: {_cell(result['target'])}",
-             f"- Host: {_cell(host['cpu'])}; ISA: {_cell(', '.join(host['isa']))}",
-             f"- Versions: {_cell(', '.join(f'{k} {v}' for k, v in result['versions'].items()))}",
-             f"- Date: {result['date']}", "",
-             "| stage | artifact | backend | dtype | batch | p50 (ms) | p90 (ms) | p99 (ms) | images/s | status | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append("| " + " | ".join([
-            _cell(r["stage"]), _cell(r["artifact_kind"]), _cell(r["backend"]), _cell(r["dtype"]), _cell(r["batch"]),
-            _cell(r["p50_ms"], "{:.3f}"), _cell(r["p90_ms"], "{:.3f}"), _cell(r["p99_ms"], "{:.3f}"),
-            _cell(r["images_per_s"], "{:,.1f}"), _cell(r["status"]), _cell(r["note"])]) + " |")
+    table = [[r["stage"], r["artifact_kind"], r["backend"], r["dtype"], r["batch"], fmt.ms(r["p50_ms"]),
+              fmt.ms(r["p90_ms"]), fmt.ms(r["p99_ms"]), fmt.ips(r["images_per_s"]), r["status"], r["note"]]
+             for r in rows]
     conditions = sorted({(r["warmup"], r["iterations"], r["threads"]) for r in measured}, key=str)
-    lines += ["", "Conditions (from the measurements): " + ("; ".join(
-        f"{w} untimed warm-up + {n} timed iterations per figure, "
-        f"{'default' if t is None else t} thread{'' if t == 1 else 's'}"
-        for w, n, t in conditions) or "nothing was measured") + f"; batch sizes {cond['batch_sizes']}.",
-        f"Devices: {_cell('; '.join(devices))}.",
-        "p50/p90/p99 are percentiles of per-iteration wall-clock latency on one fixed random batch; "
-        "images/s = batch × 1000 / mean latency. Rows marked \"host reference\" ran on this CPU as a stand-in "
-        "for a runtime that cannot run here; they are not target figures."]
+    lines = [f"# edgepipe bench: {fmt.md_cell(result.get('run') or result.get('artifact'))}", "",
+             f"- Target profile: {fmt.md_cell(result['target'])}",
+             f"- Host: {fmt.md_cell(host['cpu'])}; ISA: {fmt.md_cell(', '.join(host['isa']))}",
+             f"- Versions: {fmt.md_cell(', '.join(f'{k} {v}' for k, v in result['versions'].items()))}",
+             f"- Date: {result['date']}", "",
+             fmt.md_table(TABLE_HEAD, table), "",
+             "Conditions (from the measurements): " + ("; ".join(
+                 f"{w} untimed warm-up + {n} timed iterations per figure, {fmt.threads(t)}" for w, n, t in conditions)
+                 or "nothing was measured") + f"; batch sizes {cond['batch_sizes']}.",
+             f"Devices: {fmt.md_cell('; '.join(devices))}.",
+             "p50/p90/p99 are percentiles of per-iteration wall-clock latency on one fixed random batch; "
+             "images/s = batch × 1000 / mean latency. Rows marked \"host reference\" ran on this CPU as a stand-in "
+             "for a runtime that cannot run here; they are not target figures."]
     return "\n".join(lines) + "\n"
 
 
 def _plot(result: dict[str, Any]) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from matplotlib.ticker import NullLocator
 
     series: dict[str, list[tuple[int, float]]] = {}
@@ -416,8 +412,7 @@ def _plot(result: dict[str, Any]) -> bytes:
         if r["images_per_s"] is not None:
             ref = " (host reference)" if r["status"] == HOST_REFERENCE else ""
             series.setdefault(f"{r['stage']} · {r['backend']} {r['dtype']}{ref}", []).append((r["batch"], r["images_per_s"]))
-    fig = Figure(figsize=(8, 4.8), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = fmt.new_figure(width=8, height=4.8)
     ax = fig.add_subplot()
     for label, points in series.items():
         points.sort()
@@ -437,16 +432,12 @@ def _plot(result: dict[str, Any]) -> bytes:
     ax.set_ylabel("images/s (log scale)")
     ax.set_title(f"Throughput vs batch size on {result['host']['cpu']}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    return buf.getvalue()
+    return fmt.png_bytes(fig)
 
 
 def write_bench(out_dir: Path, result: dict[str, Any]) -> Path:
     """Write bench.json, bench.md and bench.png into ``out_dir`` atomically; return ``out_dir``."""
     out_dir = Path(out_dir)
-    atomic_write_json(out_dir / "bench.json", result)
-    atomic_write_text(out_dir / "bench.md", _markdown(result))
-    png = _plot(result)
-    atomic_write(out_dir / "bench.png", lambda p: p.write_bytes(png))
+    fmt.write_document(out_dir, {"bench.json": result, "bench.md": _markdown(result)})
+    fmt.write_document(out_dir, {"bench.png": _plot(result)})  # after the figures, so a plot failure loses none
     return out_dir

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import logging
 from collections.abc import Callable
@@ -19,13 +18,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from edgepipe import formatting as fmt
 from edgepipe.errors import EdgepipeError
-from edgepipe.io import atomic_write, atomic_write_text
+from edgepipe.formatting import DASH
 
 log = logging.getLogger(__name__)
 
 ASSETS_DIR = "report_assets"
-DASH = "—"
 Block = tuple  # ("h1"|"h2"|"h3", text) | ("kv", [(key, value)]) | ("list", [text]) | ("table", head, rows)
 #                | ("plot", file name, caption, png bytes | None, skip note | None); rendered to Markdown and HTML
 
@@ -122,61 +121,28 @@ def stage_table_rows(run_dir: Path) -> list[dict[str, Any]]:
     return _rows(_load_run(run_dir)[1])
 
 
-def _count(x: float | None) -> str:
-    if x is None:
-        return DASH
-    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(x) >= div:
-            return f"{x / div:.2f} {unit}"
-    return f"{x:.0f}"
-
-
-def _size(b: float | None) -> str:
-    if b is None:
-        return DASH
-    if b >= 2 ** 20:
-        return f"{b / 2 ** 20:.2f} MiB"
-    return f"{b / 1024:.1f} KiB" if b >= 1024 else f"{b:.0f} B"
-
-
-def _ms(x: float | None) -> str:
-    if x is None:
-        return DASH
-    return f"{x:.3f}" if x < 10 else f"{x:.2f}" if x < 100 else f"{x:.1f}"
-
-
-def _ips(x: float | None) -> str:
-    return DASH if x is None else f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
-
-
-def _seconds(x: float | None) -> str:
-    return DASH if x is None else f"{x:.1f} s" if x < 120 else f"{x / 60:.1f} min"
-
-
 def _runtime(lat: dict[str, Any] | None) -> str:
     if not lat:
         return DASH
-    return f"{lat.get('backend', '?')} {lat.get('dtype', '')} · {lat.get('device', '?')} · {_threads(lat.get('threads'))}"
-
-
-def _threads(n: Any) -> str:
-    return "default threads" if n is None else f"{n} thread{'' if n == 1 else 's'}"
+    threads = fmt.threads(lat.get("threads"))
+    return f"{lat.get('backend', '?')} {lat.get('dtype', '')} · {lat.get('device', '?')} · {threads}"
 
 
 def _table_cells(r: dict[str, Any]) -> list[str]:
     est = r["estimate"]
     estimate = DASH if r["estimate_ms"] is None else (
-        f"estimate: {_ms(r['estimate_ms'])} ms ({est.get('dtype', '?')}, batch {est.get('batch', '?')}, "
+        f"estimate: {fmt.ms(r['estimate_ms'])} ms ({est.get('dtype', '?')}, batch {est.get('batch', '?')}, "
         f"{est.get('bound', '?')}-bound)")
-    latency = DASH if r["p50_ms"] is None else f"{_ms(r['p50_ms'])} / {_ms(r['p99_ms'])}"
-    throughput = DASH if r["throughput"] is None else f"{_ips(r['throughput'])} img/s @ batch {r['throughput_batch']}"
+    latency = DASH if r["p50_ms"] is None else f"{fmt.ms(r['p50_ms'])} / {fmt.ms(r['p99_ms'])}"
+    throughput = (DASH if r["throughput"] is None
+                  else f"{fmt.ips(r['throughput'])} img/s @ batch {r['throughput_batch']}")
     delta = DASH if r["delta"] is None else "ref" if r["stage"] == "teacher" else f"{100 * r['delta']:+.2f}"
     runtime = _runtime(r["latency"])
     if r["latency"] and (r["measure_note"] or "").startswith("host reference"):
         runtime += " (host reference, see notes)"
     return [r["stage"], r["status"], r["precision"] or DASH, DASH if r["top1"] is None else f"{100 * r['top1']:.2f}",
-            delta, _count(r["params"]), _count(r["macs"]), _size(r["size_bytes"]), latency, runtime,
-            throughput, estimate, _seconds(r["wall_time_s"])]
+            delta, fmt.count(r["params"]), fmt.count(r["macs"]), fmt.size(r["size_bytes"]), latency, runtime,
+            throughput, estimate, fmt.seconds(r["wall_time_s"])]
 
 
 TABLE_HEAD = ["stage", "status", "precision", "top-1 (%)", "Δ top-1 vs teacher (pts)", "params", "MACs", "size",
@@ -191,7 +157,7 @@ def _conditions(rows: list[dict[str, Any]]) -> list[str]:
         for what, rec in (("latency", r["latency"]), ("throughput", r["throughput_record"])):
             if isinstance(rec, dict):
                 key = (f"{what} at batch {rec.get('batch', '?')}: {rec.get('warmup', '?')} untimed warm-up + "
-                       f"{rec.get('iterations', '?')} timed iterations, {_threads(rec.get('threads'))}, "
+                       f"{rec.get('iterations', '?')} timed iterations, {fmt.threads(rec.get('threads'))}, "
                        f"{rec.get('backend', '?')} {rec.get('dtype', '')} on {rec.get('device', '?')}")
                 groups.setdefault(key, []).append(r["stage"])
         acc = r["accuracy"]
@@ -214,26 +180,11 @@ def _conditions(rows: list[dict[str, Any]]) -> list[str]:
 
 
 # --- plots ------------------------------------------------------------------------------------------
-def _new_figure(width: float = 7.0, height: float = 4.2) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)  # Agg, without touching pyplot's global backend
-    return fig
-
-
-def _png(fig: Any) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    return buf.getvalue()
-
-
 def _plot_accuracy_latency(rows: list[dict[str, Any]]) -> bytes | str:
     points = [r for r in rows if r["top1"] is not None and r["p50_ms"] is not None and r["p50_ms"] > 0]
     if not points:
         return "no stage recorded both top-1 and a batch-1 latency"
-    fig = _new_figure()
+    fig = fmt.new_figure()
     ax = fig.add_subplot()
     ax.scatter([r["p50_ms"] for r in points], [100 * r["top1"] for r in points], zorder=3)
     ax.margins(x=0.2, y=0.3)  # room for the labels at the edges
@@ -256,7 +207,7 @@ def _plot_accuracy_latency(rows: list[dict[str, Any]]) -> bytes | str:
     ax.set_ylabel("top-1 (%)")
     ax.set_title("Accuracy vs latency per stage")
     ax.grid(True, which="both", alpha=0.3)
-    return _png(fig)
+    return fmt.png_bytes(fig)
 
 
 def _plot_distillation(stages: list[tuple[dict[str, Any], dict[str, Any]]]) -> bytes | str:
@@ -267,7 +218,7 @@ def _plot_distillation(stages: list[tuple[dict[str, Any], dict[str, Any]]]) -> b
     if not history:
         return f"the distill stage recorded no per-epoch history (status: {metrics.get('status', 'not run')})"
     epochs = [h.get("epoch", i + 1) for i, h in enumerate(history)]
-    fig = _new_figure()
+    fig = fmt.new_figure()
     ax = fig.add_subplot()
     for key, label in (("soft", "soft (KL)"), ("hard", "hard (CE)"), ("feature", "feature (MSE)"), ("loss", "total")):
         values = [_num(h.get(key)) for h in history]
@@ -288,7 +239,7 @@ def _plot_distillation(stages: list[tuple[dict[str, Any], dict[str, Any]]]) -> b
     ax.xaxis.get_major_locator().set_params(integer=True)
     fig.legend(handles, labels, fontsize=8, loc="outside lower center", ncols=len(labels))
     ax.set_title("Distillation loss components per epoch")
-    return _png(fig)
+    return fmt.png_bytes(fig)
 
 
 def _plot_channels(stages: list[tuple[dict[str, Any], dict[str, Any]]]) -> bytes | str:
@@ -305,7 +256,7 @@ def _plot_channels(stages: list[tuple[dict[str, Any], dict[str, Any]]]) -> bytes
     before = [pairs[n][0] for n in names]
     after = [pairs[n][1] for n in names]
     xs = range(len(names))
-    fig = _new_figure(width=max(6.0, 0.3 * len(names) + 2), height=4.5)
+    fig = fmt.new_figure(width=max(6.0, 0.3 * len(names) + 2), height=4.5)
     ax = fig.add_subplot()
     ax.bar([x - 0.2 for x in xs], before, width=0.4, label="before pruning")
     ax.bar([x + 0.2 for x in xs], after, width=0.4, label="after pruning")
@@ -314,7 +265,7 @@ def _plot_channels(stages: list[tuple[dict[str, Any], dict[str, Any]]]) -> bytes
     ax.set_title("Channels per layer before and after pruning")
     ax.legend(fontsize=8)
     ax.grid(True, axis="y", alpha=0.3)
-    return _png(fig)
+    return fmt.png_bytes(fig)
 
 
 PLOTS: tuple[tuple[str, str], ...] = (
@@ -351,28 +302,21 @@ def _document(manifest: dict[str, Any], stages: list[tuple[dict[str, Any], dict[
     return blocks
 
 
-def _md_cell(text: Any) -> str:
-    return html.escape(str(text), quote=False).replace("|", "\\|").replace("\n", " ")
-
-
 def _render_md(blocks: list[Block]) -> str:
     out: list[str] = []
     for kind, *args in blocks:
         if kind in ("h1", "h2", "h3"):
-            out.append(f"{'#' * int(kind[1])} {_md_cell(args[0])}\n")
+            out.append(f"{'#' * int(kind[1])} {fmt.md_cell(args[0])}\n")
         elif kind == "kv":
-            out.append("\n".join(f"- **{k}:** {_md_cell(v)}" for k, v in args[0]) + "\n")
+            out.append("\n".join(f"- **{k}:** {fmt.md_cell(v)}" for k, v in args[0]) + "\n")
         elif kind == "list":
-            out.append("\n".join(f"- {_md_cell(t)}" for t in args[0]) + "\n")
+            out.append("\n".join(f"- {fmt.md_cell(t)}" for t in args[0]) + "\n")
         elif kind == "table":
-            head, rows = args
-            lines = ["| " + " | ".join(_md_cell(h) for h in head) + " |", "|" + "---|" * len(head)]
-            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
-            out.append("\n".join(lines) + "\n")
+            out.append(fmt.md_table(*args) + "\n")
         elif kind == "plot":
             name, caption, png, note = args
-            out.append(f"![{_md_cell(caption)}]({ASSETS_DIR}/{name})\n" if png
-                       else f"> {_md_cell(caption)}: {_md_cell(note)}\n")
+            out.append(f"![{fmt.md_cell(caption)}]({ASSETS_DIR}/{name})\n" if png
+                       else f"> {fmt.md_cell(caption)}: {fmt.md_cell(note)}\n")
     return "\n".join(out)
 
 
@@ -421,15 +365,11 @@ def write_report(run_dir: Path) -> tuple[Path, Path]:
     run_dir = Path(run_dir)
     manifest, stages = _load_run(run_dir)
     blocks = _document(manifest, stages)
-    for kind, *args in blocks:
-        if kind == "plot":
-            name, _, png, note = args
-            asset = run_dir / ASSETS_DIR / name
-            if png:
-                atomic_write(asset, lambda p, png=png: p.write_bytes(png))
-            else:
-                asset.unlink(missing_ok=True)  # a stale plot from an earlier report would contradict the note
-                log.info("report: %s skipped: %s", name, note)
-    md = atomic_write_text(run_dir / "report.md", _render_md(blocks))
-    page = atomic_write_text(run_dir / "report.html", _render_html(blocks))
-    return md, page
+    plots = [args for kind, *args in blocks if kind == "plot"]
+    for name, _, png, note in plots:
+        if not png:
+            log.info("report: %s skipped: %s", name, note)
+    # None removes a stale plot from an earlier report, which would contradict the note.
+    fmt.write_document(run_dir / ASSETS_DIR, {name: png or None for name, _, png, _ in plots})
+    paths = fmt.write_document(run_dir, {"report.md": _render_md(blocks), "report.html": _render_html(blocks)})
+    return paths["report.md"], paths["report.html"]

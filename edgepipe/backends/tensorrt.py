@@ -14,6 +14,11 @@ Targets the TensorRT 10 Python API (explicit batch is the default: ``create_netw
 tensor name with ``set_input_shape``/``set_tensor_address``/``execute_async_v3``). ``tensorrt`` and
 ``pycuda`` are imported inside functions only.
 
+Why one file of ~430 lines: the device side (engine build, runner) and the host side (ONNX checks,
+build settings, the bundle and its commands) must agree on the same settings and file names, and the
+bundle ships this module's logic to the device; issue 10 splits the device-only part out with its own
+dependencies.
+
 Docs relied on:
 - TensorRT Python API: Builder (``create_network``, ``build_serialized_network``, ``num_DLA_cores``),
   IBuilderConfig (``set_memory_pool_limit``, ``set_flag``, ``default_device_type``, ``DLA_core``,
