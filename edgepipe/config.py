@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgepipe.errors import EdgepipeError, format_validation_error
-from edgepipe.types import Importance
+from edgepipe.types import DType, Importance
 
 
 class _Strict(BaseModel):
@@ -147,9 +147,19 @@ class ExportConfig(_Strict):
 
 
 class CompileConfig(_Strict):
+    dtype: Literal["auto"] | DType = Field(
+        "auto", description="Precision to compile to. auto: int8 for a QAT model on a target with int8, else the "
+                            "profile's best float dtype; a fixed dtype must be one the target lists.")
     max_top1_drop: float = Field(
         0.3, ge=0, le=100, description="Points of top-1 the compiled model may lose against the exported ONNX run in "
                                        "ONNX Runtime on the same validation images; more fails the compile stage.")
+
+
+class PTQConfig(_Strict):
+    subset_size: int = Field(300, ge=1, description="Un-augmented training images NNCF calibrates on (NNCF's "
+                                                    "default subset size).")
+    preset: Literal["performance", "mixed"] = Field(
+        "performance", description="nncf.QuantizationPreset: performance = symmetric activations and weights.")
 
 
 class MeasureConfig(_Strict):
@@ -175,7 +185,8 @@ class PipelineConfig(_Strict):
     prune: PruneConfig = Field(PruneConfig(), description="Structured pruning and fine-tuning.")
     qat: QATConfig = Field(QATConfig(), description="INT8 quantization-aware training.")
     export: ExportConfig = Field(ExportConfig(), description="ONNX export and checks.")
-    compile: CompileConfig = Field(CompileConfig(), description="Compiled-model fidelity check.")
+    compile: CompileConfig = Field(CompileConfig(), description="Compile precision and fidelity check.")
+    ptq: PTQConfig = Field(PTQConfig(), description="NNCF post-training quantization (the ptq stage, a baseline).")
     measure: MeasureConfig = Field(MeasureConfig(), description="Latency measurement at every stage.")
     bench: BenchConfig = Field(BenchConfig(), description="`edgepipe bench` sweep.")
 

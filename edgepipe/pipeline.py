@@ -1,16 +1,24 @@
 """The engine: runs stages in order, caches by content hash, measures and records every stage.
 
-Lineage is owned here, not by the stages (see STYLE.md): for each stage the engine computes a key
-from the stage's config section, the data/seed, the target profile and the content hashes of its
-input (and teacher) artifacts. A stage whose key and output are unchanged is skipped; ``force``
-reruns from a stage on. Each stage folder gets ``metrics.json``; the run folder gets ``config.yaml``
-(resolved) and ``manifest.json`` (order, status, times, hashes, library versions, git revision).
-Every file is written atomically; a stage interrupted mid-training resumes from its last epoch.
+Lineage is owned here, not by the stages (see STYLE.md). Each stage module declares what decides its
+output (``edgepipe.stage.Stage``: its config sections, whether it trains against the teacher, what of
+the target shapes it); from those the engine computes the stage's key together with the content
+hashes of its input (and teacher) artifacts. A stage whose key and output are unchanged is reused;
+``force`` reruns from a stage on. Measuring is keyed apart: the metrics key adds the ``measure``
+settings, the data and this host, so changing ``measure.iterations`` (or the CPU) re-measures the
+stored artifact without retraining it.
+
+A run folder gets ``config.yaml`` (resolved), ``profile.yaml`` and ``manifest.json`` (order, status,
+times, hashes, library versions, git revision, host); each stage folder gets ``metrics.json``. Every
+file is written atomically; a stage interrupted mid-training resumes from its last epoch.
+
+A run may be derived from another (``Run.derive``): another target, another order of stages (the
+baselines' ``teacher -> export -> ptq``), other config values, reusing the parent's finished stages
+by reference. Baselines and per-target builds are such runs, executed and cached by this same engine.
 """
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -19,33 +27,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import yaml
 
+from edgepipe import stage as stages
 from edgepipe.artifacts import Artifact
 from edgepipe.config import PipelineConfig, validate_config
 from edgepipe.errors import EdgepipeError
+from edgepipe.host import git_revision, host_cpu, host_isa, library_versions
 from edgepipe.io import atomic_write_json, atomic_write_text, is_main_process
 from edgepipe.profiles import HardwareProfile, get_profile, load_profile_file
-from edgepipe.host import git_revision, host_cpu, host_isa, library_versions
-from edgepipe.stage import STAGE_ORDER, StageContext, StageResult
+from edgepipe.stage import StageContext, StageResult, load_stage
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int, dict[str, float]], None]
-
-# Which parts of the config decide each stage's output (besides its inputs' content and the target).
-_STAGE_SECTIONS = {"teacher": ("teacher", "data", "seed"), "distill": ("distill", "soft_targets", "data", "seed"),
-                   "prune": ("prune", "soft_targets", "data", "seed"), "qat": ("qat", "soft_targets", "data", "seed"),
-                   "export": ("export", "data"), "compile": ("export", "compile", "data")}
-_USES_TEACHER = ("distill", "prune", "qat")
-
-
-def stage_module(name: str) -> ModuleType:
-    if name not in STAGE_ORDER:
-        raise EdgepipeError(f"unknown stage '{name}' (stages: {', '.join(STAGE_ORDER)})")
-    return importlib.import_module(f"stages.{name}")
+MEASURE_VERSION = 1
+"""Bump when the engine measures differently, so stored figures are re-measured."""
 
 
 def _now() -> str:
@@ -66,15 +64,25 @@ class Run:
     manifest: dict[str, Any]
 
     @classmethod
-    def create(cls, root: Path, config: PipelineConfig, target: str) -> Run:
-        """Open ``root`` for ``config`` and ``target``; an existing run keeps its manifest (so caching works)."""
+    def create(cls, root: Path, config: PipelineConfig, target: str, order: tuple[str, ...] | None = None,
+               measured: tuple[str, ...] | None = None) -> Run:
+        """Open ``root`` for ``config`` and ``target``; an existing run keeps its manifest (so caching works).
+
+        ``order`` is the stages this run executes (default: the pipeline, ``STAGE_ORDER``); ``measured``
+        the stages whose artifacts the engine measures (default: all that declare MEASURED)."""
         root = Path(root)
         profile = get_profile(target)
+        for name in order or ():
+            load_stage(name)
         manifest_path = root / "manifest.json"
         manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
         if manifest is None:
             manifest = {"run": root.name, "target": profile.name, "created": _now(), "stages": []}
         manifest["target"] = profile.name
+        if order is not None:
+            manifest["order"] = list(order)
+        if measured is not None:
+            manifest["measured"] = list(measured)
         run = cls(root, config, profile, manifest)
         if is_main_process():
             atomic_write_text(root / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
@@ -100,29 +108,40 @@ class Run:
         profile = load_profile_file(saved, require_stem=False) if saved.exists() else get_profile(manifest["target"])
         return cls(root, config, profile, manifest)
 
-    def for_target(self, target: str, shared: tuple[str, ...] = ("teacher", "distill", "prune")) -> Run:
-        """A run for another target inside this one (``<run>/targets/<name>``), reusing ``shared`` stages.
+    @property
+    def order(self) -> tuple[str, ...]:
+        return tuple(self.manifest.get("order") or stages.STAGE_ORDER)
 
-        The shared stages do not depend on the target; the new run's manifest points at this run's
-        artifacts (with their hashes), so its qat/export/compile run and cache per target, e.g. a
-        TensorRT-form QAT model beside the OpenVINO one of the same pruned student.
-        """
-        profile = get_profile(target)
-        root = self.root / "targets" / profile.name
-        child = Run.create(root, self.config, target)
+    def derive(self, root: Path, shared: tuple[str, ...], *, target: str | None = None,
+               config: PipelineConfig | None = None, order: tuple[str, ...] | None = None,
+               measured: tuple[str, ...] | None = None) -> Run:
+        """A run in ``root`` that reuses this run's finished ``shared`` stages and executes the rest itself.
+
+        The child's manifest points at this run's artifacts (with their hashes, marked ``shared_from``)
+        and gets a copy of their metrics.json, so its own stages key on them and count from them. The
+        target, config and order default to this run's."""
+        root = Path(root)
+        child = Run.create(root, config or self.config, target or self.profile.name, order=order or self.order,
+                           measured=measured)
         for name in shared:
-            parent = self.entry(name)
-            if parent.get("status") not in ("done", "skipped") or not parent.get("artifact_dir"):
-                raise EdgepipeError(f"{self.root}: stage {name} has not run; run the pipeline before deriving "
-                                    f"a run for {profile.name}")
+            parent = self._find(name)
+            if parent is None or parent.get("status") not in ("done", "skipped") or not parent.get("artifact_dir"):
+                raise EdgepipeError(f"{self.root}: stage {name} has not run; run it before deriving {root}")
             entry = child.entry(name)
-            entry.update({k: v for k, v in parent.items() if k != "name"},
-                         artifact_dir=os.path.relpath(self.root / parent["artifact_dir"], root))
+            entry.clear()
+            entry.update({k: v for k, v in parent.items() if k != "shared_from"}, name=name,
+                         artifact_dir=os.path.relpath(self.root / parent["artifact_dir"], root),
+                         shared_from=os.path.relpath(self.root, root))
             metrics = self.root / name / "metrics.json"
             if metrics.exists() and is_main_process():  # counts for the stages after it
                 atomic_write_text(root / name / "metrics.json", metrics.read_text())
         child.save()
         return child
+
+    def for_target(self, target: str, shared: tuple[str, ...] = ("teacher", "distill", "prune")) -> Run:
+        """This run for another target (``<run>/targets/<name>``), reusing the target-independent stages:
+        e.g. a TensorRT-form QAT model, its export and engine beside the OpenVINO ones."""
+        return self.derive(self.root / "targets" / get_profile(target).name, shared, target=target)
 
     def save(self) -> None:
         if is_main_process():
@@ -130,81 +149,101 @@ class Run:
                                  host={"cpu": host_cpu(), "isa": list(host_isa())})
             atomic_write_json(self.root / "manifest.json", self.manifest)
 
+    def _find(self, name: str) -> dict[str, Any] | None:
+        return next((e for e in self.manifest["stages"] if e["name"] == name), None)
+
     def entry(self, name: str) -> dict[str, Any]:
-        for e in self.manifest["stages"]:
-            if e["name"] == name:
-                return e
-        e = {"name": name, "status": "pending"}
-        self.manifest["stages"].append(e)
-        self.manifest["stages"].sort(key=lambda x: STAGE_ORDER.index(x["name"]))
+        e = self._find(name)
+        if e is None:
+            e = {"name": name, "status": "pending"}
+            self.manifest["stages"].append(e)
+            rank = {s: i for i, s in enumerate(self.order)}
+            self.manifest["stages"].sort(key=lambda x: rank.get(x["name"], len(rank)))
         return e
 
     def artifact_of(self, name: str) -> Artifact | None:
-        e = self.entry(name)
-        if e.get("status") not in ("done", "skipped") or not e.get("artifact_dir"):
+        e = self._find(name)
+        if e is None or e.get("status") not in ("done", "skipped") or not e.get("artifact_dir"):
             return None
         return Artifact.load(self.root / e["artifact_dir"])
 
+    def metrics_of(self, name: str) -> dict[str, Any]:
+        """The stage's metrics.json ({} when it has none)."""
+        path = self.root / name / "metrics.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def own_stages(self) -> list[str]:
+        """The stages this run executes itself (its order without the ones it shares from a parent)."""
+        return [s for s in self.order if not (self._find(s) or {}).get("shared_from")]
+
     def input_of(self, name: str) -> tuple[str, Artifact] | None:
         """The artifact of the stage right before ``name`` (a skipped stage passes its input through)."""
-        i = STAGE_ORDER.index(name)
+        order = self.order
+        if name not in order:
+            raise EdgepipeError(f"stage {name} is not in the order of {self.root} ({', '.join(order)})")
+        i = order.index(name)
         if i == 0:
             return None
-        prev = STAGE_ORDER[i - 1]
+        prev = order[i - 1]
         art = self.artifact_of(prev)
         if art is None:
             raise EdgepipeError(f"stage {name} needs the output of {prev}, which has not run in {self.root}; "
                                 f"run `edgepipe {prev} --run {self.root}` first (or `edgepipe run`)")
         return prev, art
 
+    def is_measured(self, name: str) -> bool:
+        chosen = self.manifest.get("measured")
+        return load_stage(name).MEASURED and (chosen is None or name in chosen)
+
 
 def stage_key(run: Run, name: str, input_hash: str | None, teacher: Artifact | None) -> str:
+    """What decides the stage's output, as its module declares it (edgepipe.stage.Stage)."""
+    module = load_stage(name)
     cfg = run.config.model_dump(mode="json")
-    parts = {s: cfg[s] for s in _STAGE_SECTIONS[name]}
-    # Only qat (does the target run int8, and in which form on this host) and compile depend on the
-    # target; a new --target on an existing run reuses the trained teacher, student and pruned model,
-    # and the QAT model whenever both targets need the same INT8 form (edgepipe.quant_form).
-    profile = (_qat_target_key(run) if name == "qat"
-               else run.profile.model_dump(mode="json") if name == "compile" else None)
-    return _hash({"stage": name, "config": parts, "profile": profile,
-                  "input": input_hash,
-                  "teacher": teacher.content_hash() if teacher and name in _USES_TEACHER else None})
+    target = module.target_key(run.profile, run.config) if module.target_key else None
+    return _hash({"stage": name, "config": {s: cfg[s] for s in module.SECTIONS}, "profile": target,
+                  "input": input_hash, "teacher": teacher.content_hash() if teacher and module.USES_TEACHER else None})
 
 
-def _qat_target_key(run: Run) -> dict[str, Any]:
-    if not run.profile.supports_int8 or not run.config.qat.enabled:
-        return {"supports_int8": run.profile.supports_int8}
-    from edgepipe.quant_form import form_key, resolve_form
-
-    q = run.config.qat
-    return {"supports_int8": True, "form": form_key(resolve_form(run.profile, q.activations, q.weight_bits))}
+def metrics_key(run: Run, name: str, key: str) -> str:
+    """What decides the stage's figures: its output (``key``), the measure settings, the data and this host."""
+    cfg = run.config
+    measure = cfg.measure.model_dump(mode="json") if run.is_measured(name) else None
+    return _hash({"stage_key": key, "measure": measure, "data": cfg.data.model_dump(mode="json"),
+                  "host": [host_cpu(), list(host_isa())], "version": MEASURE_VERSION})
 
 
 def run_stage(run: Run, name: str, force: bool = False, progress: Progress | None = None) -> dict[str, Any]:
     """Run (or reuse) one stage, measure its artifact, write metrics.json and the manifest entry."""
     progress = progress or (lambda *a: None)
-    module = stage_module(name)
+    module = load_stage(name)
     found = run.input_of(name)
     inp = found[1] if found else None
     if inp is not None and inp.kind not in module.INPUT_KINDS:
         raise EdgepipeError(f"stage {name} cannot take a {inp.kind.value} artifact (from {found[0]}); "
                             f"it takes {', '.join(k.value for k in module.INPUT_KINDS)}")
-    teacher = run.artifact_of("teacher") if name != "teacher" else None
+    teacher = run.artifact_of("teacher") if module.USES_TEACHER else None
     input_hash = inp.content_hash() if inp else None  # hashed once: it reads every byte of the model
     key = stage_key(run, name, input_hash, teacher)
+    mkey = metrics_key(run, name, key)
     entry = run.entry(name)
     out_dir = run.root / name
     metrics_path = out_dir / "metrics.json"
+    ctx = StageContext(name=name, config=run.config, profile=run.profile, out_dir=out_dir, input=inp,
+                       teacher=teacher, progress=progress)
     if not force and entry.get("key") == key and entry.get("status") in ("done", "skipped") and metrics_path.exists():
         art = run.artifact_of(name)
         if art is not None and art.content_hash() == entry.get("output_hash"):
-            log.info("%s: unchanged (key %s), reusing %s", name, key, entry["artifact_dir"])
-            return json.loads(metrics_path.read_text())
-    entry.update(status="running", started=_now(), key=key, input_hash=input_hash,
+            old = json.loads(metrics_path.read_text())
+            if entry.get("metrics_key") == mkey:
+                log.info("%s: unchanged (key %s), reusing %s", name, key, entry["artifact_dir"])
+                return old
+            log.info("%s: unchanged (key %s), measurement settings or host changed: re-measuring", name, key)
+            result = StageResult(art, records=old.get("records") or {}, skipped=old.get("skipped_reason"))
+            return _record(run, name, result, ctx, entry.get("wall_time_s") or 0.0, mkey, progress)
+    entry.update(status="running", started=_now(), key=key, metrics_key=None, input_hash=input_hash,
                  ended=None, skipped_reason=None)
     run.save()
-    ctx = StageContext(name=name, config=run.config, profile=run.profile, out_dir=out_dir, input=inp,
-                       teacher=teacher, progress=progress)
     t0 = time.perf_counter()
     try:
         result: StageResult = module.run(ctx)
@@ -212,13 +251,20 @@ def run_stage(run: Run, name: str, force: bool = False, progress: Progress | Non
         entry.update(status="failed", ended=_now())
         run.save()
         raise
-    wall = time.perf_counter() - t0
+    return _record(run, name, result, ctx, time.perf_counter() - t0, mkey, progress)
+
+
+def _record(run: Run, name: str, result: StageResult, ctx: StageContext, wall: float, mkey: str,
+            progress: Progress) -> dict[str, Any]:
+    """Measure the stage's artifact, write metrics.json, then mark the stage done in the manifest."""
+    t0 = time.perf_counter()
     metrics = _metrics(run, name, result, ctx, wall, progress)
-    atomic_write_json(metrics_path, metrics)
+    atomic_write_json(run.root / name / "metrics.json", metrics)
     art = result.artifact
-    entry.update(status="skipped" if result.skipped else "done", ended=_now(), wall_time_s=wall,
-                 output_hash=art.content_hash(), artifact_dir=str(art.root.relative_to(run.root)),
-                 skipped_reason=result.skipped)
+    run.entry(name).update(status="skipped" if result.skipped else "done", ended=_now(), wall_time_s=wall,
+                           measure_time_s=time.perf_counter() - t0, metrics_key=mkey,
+                           output_hash=art.content_hash(), artifact_dir=os.path.relpath(art.root, run.root),
+                           skipped_reason=result.skipped)
     run.save()
     return metrics
 
@@ -229,12 +275,17 @@ def _metrics(run: Run, name: str, result: StageResult, ctx: StageContext, wall: 
     base: dict[str, Any] = {"stage": name, "status": "skipped" if result.skipped else "done",
                             "skipped_reason": result.skipped, "wall_time_s": wall,
                             "artifact": {"kind": art.kind.value, "dtype": art.dtype.value, "quantized": art.quantized,
-                                         "dir": str(art.root.relative_to(run.root)), "files": art.files}}
+                                         "dir": os.path.relpath(art.root, run.root), "files": art.files}}
     if result.skipped:
         return {**base, "records": result.records}
+    counts = _counts(run, name, art, ctx)
+    if not run.is_measured(name):
+        why = ("the stage's output is its records" if not load_stage(name).MEASURED
+               else "this run measures only " + ", ".join(run.manifest.get("measured") or []))
+        return {**base, "params": counts.get("params"), "macs": counts.get("macs"), "counts": counts,
+                "measured": False, "measure_note": f"not measured: {why}", "records": result.records}
     from edgepipe.measure import measure_artifact
 
-    counts = _counts(run, name, art, ctx)
     figures = measure_artifact(art, ctx.data, run.config.measure, run.profile, counts,
                                eval_batch_size=run.config.data.eval_batch_size,
                                progress=lambda t, i, n, v: progress(f"{name}: {t}", i, n, v))
@@ -250,9 +301,9 @@ def _counts(run: Run, name: str, art: Artifact, ctx: StageContext) -> dict[str, 
 
     if art.kind is ArtifactKind.TORCH:
         return model_counts(load_torch_artifact(art), ctx.data.input_shape)
-    for prev in reversed(STAGE_ORDER[: STAGE_ORDER.index(name)]):
-        path = run.root / prev / "metrics.json"
-        counts = json.loads(path.read_text()).get("counts") if path.exists() else None
+    order = run.order
+    for prev in reversed(order[: order.index(name)]):
+        counts = run.metrics_of(prev).get("counts")
         if counts:
             return counts
     raise EdgepipeError(f"{name}: no earlier torch stage in {run.root} to count MACs/params from; rerun the pipeline")
@@ -261,17 +312,19 @@ def _counts(run: Run, name: str, art: Artifact, ctx: StageContext) -> dict[str, 
 def run_pipeline(run: Run, stages: list[str] | None = None, force_from: str | None = None,
                  progress: Progress | None = None, on_stage: Callable[[str, dict], None] | None = None,
                  ) -> dict[str, dict[str, Any]]:
-    """Run ``stages`` (default: all) in order; ``force_from`` reruns that stage and every later one."""
-    stages = stages or list(STAGE_ORDER)
-    for s in stages:
-        stage_module(s)
-    if force_from is not None:
-        stage_module(force_from)
+    """Run ``stages`` (default: every stage the run does not share) in order; ``force_from`` reruns that
+    stage and every later one."""
+    order = run.order
+    stages = stages or run.own_stages()
+    for s in [*stages, *([force_from] if force_from else [])]:
+        load_stage(s)
+        if s not in order:
+            raise EdgepipeError(f"stage {s} is not in the order of {run.root} ({', '.join(order)})")
     results = {}
-    for name in STAGE_ORDER:
+    for name in order:
         if name not in stages:
             continue
-        force = force_from is not None and STAGE_ORDER.index(name) >= STAGE_ORDER.index(force_from)
+        force = force_from is not None and order.index(name) >= order.index(force_from)
         results[name] = run_stage(run, name, force=force, progress=progress)
         if on_stage:
             on_stage(name, results[name])

@@ -1,20 +1,30 @@
-"""The contract between the pipeline engine and a stage.
+"""The contract between the pipeline engine and a stage, and the stage order.
 
 A stage owns one transformation: it takes the previous stage's artifact, the hardware profile and an
 output folder, and returns a new artifact plus its own records (loss history, pruning plan, export
 checks). It never measures accuracy/latency itself and never writes metrics.json or the manifest:
 the engine (``edgepipe.pipeline``) does that, the same way for every stage.
+
+A stage is one module ``stages/<name>.py`` that declares what the engine needs to cache it (see
+``Stage``): the config sections that decide its output, whether it trains against the teacher, and
+what of the target shapes its output. ``load_stage`` imports a stage and checks it against the
+protocol, so a stage that forgets a declaration fails at import with one line, not mid-run. Adding a
+stage is that one file plus its name in ``STAGE_ORDER`` (or in ``EXTRA_STAGES`` for a stage that only
+derived runs use, like the baselines' NNCF post-training quantization).
 """
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from edgepipe.artifacts import Artifact
 from edgepipe.config import PipelineConfig
+from edgepipe.errors import EdgepipeError
 from edgepipe.profiles import HardwareProfile
 from edgepipe.types import ArtifactKind
 
@@ -22,6 +32,9 @@ if TYPE_CHECKING:
     from edgepipe.data import DataBundle
 
 STAGE_ORDER = ("teacher", "distill", "prune", "qat", "export", "compile")
+"""The pipeline, in order: what ``edgepipe run`` executes."""
+EXTRA_STAGES = ("ptq", "train_timing")
+"""Stages outside the pipeline that derived runs (edgepipe.baselines) put in their own order."""
 
 
 @dataclass
@@ -70,8 +83,67 @@ class StageResult:
 
 
 class Stage(Protocol):
+    """What every ``stages/<name>.py`` module declares (checked by ``load_stage``)."""
+
     NAME: str
+    """The stage's name, equal to its module name."""
     INPUT_KINDS: tuple[ArtifactKind, ...]
-    """Artifact kinds this stage accepts; anything else is refused before it runs."""
+    """Artifact kinds this stage accepts; anything else is refused before it runs (() for a first stage)."""
+    SECTIONS: tuple[str, ...]
+    """The config sections that decide its output (with its inputs' content): part of its cache key."""
+    USES_TEACHER: bool
+    """It trains against the teacher stage's artifact: the engine passes it in and keys on its hash."""
+    MEASURED: bool
+    """The engine measures its artifact (accuracy, latency, size); False for a stage whose output is its records."""
+    target_key: Callable[[HardwareProfile, PipelineConfig], Any] | None
+    """What of the target (and this host) shapes its output, as JSON-able data for the key; None: nothing."""
 
     def run(self, ctx: StageContext) -> StageResult: ...
+
+
+_DECLARATIONS: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "NAME": (str, "its name, equal to the module name"),
+    "INPUT_KINDS": (tuple, "a tuple of edgepipe.types.ArtifactKind it accepts"),
+    "SECTIONS": (tuple, "a tuple of the config sections that decide its output"),
+    "USES_TEACHER": (bool, "True if it trains against the teacher"),
+    "MEASURED": (bool, "True if the engine measures its artifact"),
+}
+_LOADED: dict[str, ModuleType] = {}
+
+
+def known_stages() -> tuple[str, ...]:
+    return (*STAGE_ORDER, *EXTRA_STAGES)
+
+
+def load_stage(name: str) -> ModuleType:
+    """Import ``stages.<name>`` and check it against the ``Stage`` protocol (once per process)."""
+    if name in _LOADED:
+        return _LOADED[name]
+    if name not in known_stages():
+        raise EdgepipeError(f"unknown stage '{name}' (stages: {', '.join(known_stages())})")
+    module = importlib.import_module(f"stages.{name}")
+    check_stage(module)
+    _LOADED[name] = module
+    return module
+
+
+def check_stage(module: ModuleType) -> None:
+    """Raise EdgepipeError naming the module and the first declaration it lacks or gets wrong."""
+    where = getattr(module, "__file__", None) or module.__name__
+    sections = set(PipelineConfig.model_fields)
+    for attr, (kind, what) in _DECLARATIONS.items():
+        if not isinstance(getattr(module, attr, None), kind):
+            raise EdgepipeError(f"{where}: a stage must declare {attr} ({what})")
+    if module.NAME != module.__name__.rsplit(".", 1)[-1]:
+        raise EdgepipeError(f"{where}: NAME is '{module.NAME}', not its module name")
+    if not all(isinstance(k, ArtifactKind) for k in module.INPUT_KINDS):
+        raise EdgepipeError(f"{where}: INPUT_KINDS must hold edgepipe.types.ArtifactKind members")
+    unknown = [s for s in module.SECTIONS if s not in sections]
+    if unknown:
+        raise EdgepipeError(f"{where}: SECTIONS names {', '.join(unknown)}, not config sections "
+                            f"({', '.join(sorted(sections))})")
+    if not hasattr(module, "target_key") or not (module.target_key is None or callable(module.target_key)):
+        raise EdgepipeError(f"{where}: a stage must declare target_key (None, or a function (profile, config) "
+                            "returning what of the target decides its output)")
+    if not callable(getattr(module, "run", None)):
+        raise EdgepipeError(f"{where}: a stage must define run(ctx) -> StageResult")

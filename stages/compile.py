@@ -20,18 +20,28 @@ import logging
 from typing import Any
 
 from edgepipe.backends import check_dtype, get_backend, runner_for
+from edgepipe.config import PipelineConfig
 from edgepipe.errors import EdgepipeError
+from edgepipe.profiles import HardwareProfile
 from edgepipe.stage import StageContext, StageResult
 from edgepipe.types import ArtifactKind, DType
 
 NAME = "compile"
 INPUT_KINDS = (ArtifactKind.ONNX,)
+SECTIONS = ("export", "compile", "data")
+USES_TEACHER = False
+MEASURED = True
 log = logging.getLogger(__name__)
+
+
+def target_key(profile: HardwareProfile, config: PipelineConfig) -> dict[str, Any]:
+    """The whole profile: backend, device, dtypes and options all shape the compiled model."""
+    return profile.model_dump(mode="json")
 
 
 def run(ctx: StageContext) -> StageResult:
     profile = ctx.profile
-    dtype = profile.compile_dtype(ctx.input.quantized)
+    dtype = compile_dtype(ctx.config, profile, ctx.input.quantized)
     check_dtype(profile.backend, dtype)
     backend = get_backend(profile.backend)
     artifact, records = backend.compile(ctx.input.path("onnx"), profile, dtype, ctx.out_dir, progress=ctx.progress)
@@ -45,6 +55,22 @@ def run(ctx: StageContext) -> StageResult:
     artifact.save()
     return StageResult(artifact, records={"backend": profile.backend.value, "target": profile.name,
                                           "requested_dtype": dtype.value, **records, "fidelity": fidelity})
+
+
+def compile_dtype(config: PipelineConfig, profile: HardwareProfile, quantized: bool) -> DType:
+    """``compile.dtype``, or with ``auto`` the profile's choice for a quantized or float model."""
+    want = config.compile.dtype
+    if want == "auto":
+        return profile.compile_dtype(quantized)
+    dtype = DType(want)
+    if dtype not in profile.dtypes:
+        raise EdgepipeError(f"compile.dtype: target {profile.name} lists {', '.join(d.value for d in profile.dtypes)}, "
+                            f"not {dtype.value}; use auto or one of those")
+    if (dtype is DType.INT8) != quantized:
+        raise EdgepipeError(f"compile.dtype: {dtype.value} for a {'QDQ INT8' if quantized else 'float'} ONNX model; "
+                            f"{'an INT8 model compiles to int8' if quantized else 'int8 needs the qat stage'} "
+                            "(or use auto)")
+    return dtype
 
 
 def check_fidelity(ctx: StageContext, artifact: Any) -> dict[str, Any]:

@@ -2,18 +2,24 @@
 
 loss = alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * CE(student, labels) [+ beta * feature hints]
 (see edgepipe.distillation). Every epoch records the soft, hard and feature components and the
-validation accuracy; checkpoints after every epoch let an interrupted run resume.
+validation accuracy; checkpoints after every epoch let an interrupted run resume. With ``alpha: 0`` and
+no feature hints the loss is plain cross-entropy on the labels and the teacher is never run (the
+``scratch`` baseline is this stage with ``init: random, alpha: 0``).
 """
 from __future__ import annotations
 
 from edgepipe.distillation import FeatureHints, init_from_teacher, kd_step
 from edgepipe.models import build_from_spec, check_fits, load_torch_artifact, save_torch_artifact
 from edgepipe.stage import StageContext, StageResult
-from edgepipe.training import clear_checkpoints, fit, seed_everything
+from edgepipe.training import clear_checkpoints, cross_entropy_step, fit, seed_everything
 from edgepipe.types import ArtifactKind
 
 NAME = "distill"
 INPUT_KINDS = (ArtifactKind.TORCH,)
+SECTIONS = ("distill", "soft_targets", "data", "seed")
+USES_TEACHER = True
+MEASURED = True
+target_key = None  # the float student does not depend on the target
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -27,8 +33,12 @@ def run(ctx: StageContext) -> StageResult:
     hints = None
     if dcfg.feature_pairs and dcfg.beta > 0:
         hints = FeatureHints(teacher, student, dcfg.feature_pairs, data.calibration_batches(1, 8)[0])
-    targets = ctx.soft_targets(teacher)
-    history = fit(student, data, dcfg.optim, kd_step(targets, dcfg.temperature, dcfg.alpha, dcfg.beta, hints),
+    if dcfg.alpha == 0 and hints is None:  # labels only (the scratch baseline): no teacher forward at all
+        targets, loss = None, cross_entropy_step
+    else:
+        targets = ctx.soft_targets(teacher)
+        loss = kd_step(targets, dcfg.temperature, dcfg.alpha, dcfg.beta, hints)
+    history = fit(student, data, dcfg.optim, loss,
                   batch_size=cfg.data.batch_size, checkpoint_dir=ctx.checkpoint_dir, task="distill",
                   extra_modules=hints, progress=ctx.progress, eval_batch_size=cfg.data.eval_batch_size)
     if hints is not None:
@@ -39,7 +49,8 @@ def run(ctx: StageContext) -> StageResult:
     artifact = save_torch_artifact(student, build, ctx.out_dir, data.input_shape, data.num_classes)
     clear_checkpoints(ctx.checkpoint_dir)
     return StageResult(artifact, records={
-        "history": history, "init": init, "soft_targets": targets.record(), "temperature": dcfg.temperature, "alpha": dcfg.alpha, "beta": dcfg.beta,
+        "history": history, "init": init, "soft_targets": targets.record() if targets else None,
+        "loss": "KD" if targets else "cross-entropy on labels only (alpha 0, no feature hints)", "temperature": dcfg.temperature, "alpha": dcfg.alpha, "beta": dcfg.beta,
         "feature_pairs": [p.model_dump() for p in dcfg.feature_pairs],
         "teacher_params": teacher_params, "student_params": student_params,
         "params_ratio": student_params / teacher_params})

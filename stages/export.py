@@ -23,6 +23,10 @@ from edgepipe.types import ArtifactKind, DType
 
 NAME = "export"
 INPUT_KINDS = (ArtifactKind.TORCH,)
+SECTIONS = ("export", "data")
+USES_TEACHER = False
+MEASURED = True
+target_key = None  # the INT8 form is already in the QAT model (see stages.qat.target_key)
 ONNX_FILE = "model.onnx"
 log = logging.getLogger(__name__)
 

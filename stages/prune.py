@@ -29,6 +29,10 @@ from edgepipe.types import ArtifactKind, Importance
 
 NAME = "prune"
 INPUT_KINDS = (ArtifactKind.TORCH,)
+SECTIONS = ("prune", "soft_targets", "data", "seed")
+USES_TEACHER = True
+MEASURED = True
+target_key = None  # MACs/params targets; the same pruned model serves every target
 SMALL_STEPS = 200
 log = logging.getLogger(__name__)
 

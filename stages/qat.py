@@ -19,19 +19,33 @@ from typing import Any
 from torch import nn
 
 from edgepipe.distillation import kd_step
+from edgepipe.config import PipelineConfig
 from edgepipe.errors import EdgepipeError
 from edgepipe.models import load_torch_artifact, save_torch_artifact
 from edgepipe.calibration import calibrate
 from edgepipe.quant import (activation_quantizers, find_conv_bn_pairs, fold_batchnorm, insert_fake_quant,
                             placement_of, quant_layers, quant_settings)
-from edgepipe.quant_form import resolve_form
+from edgepipe.quant_form import form_key, resolve_form
+from edgepipe.profiles import HardwareProfile
 from edgepipe.stage import StageContext, StageResult
 from edgepipe.training import autocast_dtype, clear_checkpoints, evaluate, fit, seed_everything
 from edgepipe.types import ArtifactKind
 
 NAME = "qat"
 INPUT_KINDS = (ArtifactKind.TORCH,)
+SECTIONS = ("qat", "soft_targets", "data", "seed")
+USES_TEACHER = True
+MEASURED = True
 log = logging.getLogger(__name__)
+
+
+def target_key(profile: HardwareProfile, config: PipelineConfig) -> dict[str, Any]:
+    """Whether the target runs int8, and in which form on this host (edgepipe.quant_form): two targets
+    that need the same form share one QAT model; anything else gets its own."""
+    if not profile.supports_int8 or not config.qat.enabled:
+        return {"supports_int8": profile.supports_int8}
+    q = config.qat
+    return {"supports_int8": True, "form": form_key(resolve_form(profile, q.activations, q.weight_bits))}
 
 
 def run(ctx: StageContext) -> StageResult:

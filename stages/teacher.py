@@ -19,6 +19,10 @@ from edgepipe.training import clear_checkpoints, cross_entropy_step, fit, seed_e
 NAME = "teacher"
 PROGRAM_FILE = "teacher.pt2"
 INPUT_KINDS = ()
+SECTIONS = ("teacher", "data", "seed")
+USES_TEACHER = False
+MEASURED = True
+target_key = None  # a teacher is the same for every target
 log = logging.getLogger(__name__)
 
 

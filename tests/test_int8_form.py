@@ -166,7 +166,6 @@ class _Runner:
 def test_compile_fails_when_the_compiled_model_loses_accuracy(tmp_path, monkeypatch, scramble: bool) -> None:
     """A runtime that computes something else than the exported graph (here: reversed logits) fails the
     stage with one line; one that agrees passes and records both top-1 figures."""
-    import edgepipe.measure
     import stages.compile as compile_stage
     from edgepipe.artifacts import Artifact
     from edgepipe.stage import StageContext
@@ -185,8 +184,8 @@ def test_compile_fails_when_the_compiled_model_loses_accuracy(tmp_path, monkeypa
     exported = Artifact(kind=ArtifactKind.ONNX, root=tmp_path, files={"onnx": "model.onnx"})
     ctx = StageContext("compile", tiny_config(), get_profile("intel-xeon-amx"), tmp_path / "out", exported)
     ctx.__dict__["data"] = data
-    monkeypatch.setattr(edgepipe.measure, "runner_for",
-                        lambda art, profile, threads: (_Runner(OrtRunner(tmp_path / "model.onnx"), scramble), None))
+    monkeypatch.setattr(compile_stage, "runner_for",
+                        lambda art, threads: (_Runner(OrtRunner(tmp_path / "model.onnx"), scramble), None))
     if scramble:
         with pytest.raises(EdgepipeError, match=r"points lower \(compile.max_top1_drop "):
             compile_stage.check_fidelity(ctx, exported)

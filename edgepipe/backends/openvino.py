@@ -206,11 +206,11 @@ def save_ir(model: Any, out_dir: Path) -> Path:
     return out_dir / "model.xml"
 
 
-def convert(onnx_path: Path | str, out_dir: Path) -> Path:
-    """ONNX -> OpenVINO IR (model.xml + model.bin in ``out_dir``), nothing compiled; returns model.xml."""
+def convert(onnx_path: Path | str) -> Any:
+    """ONNX -> an in-memory OpenVINO model (``ov.Model``), nothing compiled; ``save_ir`` writes it."""
     import openvino as ov
 
-    return save_ir(ov.convert_model(str(onnx_path)), Path(out_dir))
+    return ov.convert_model(str(onnx_path))
 
 
 def compile(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_dir: Path,
@@ -242,8 +242,10 @@ def compile(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_dir: Pa
     measured_on = target if _device_present(core, target) else "CPU"
     config = inference_config(profile, dtype)
 
-    xml = convert(onnx_path, out_dir)
-    report("openvino: convert and save IR", 2, 3, {})
+    model = convert(onnx_path)
+    report("openvino: convert", 1, 3, {})
+    xml = save_ir(model, out_dir)
+    report("openvino: save IR", 2, 3, {})
     runner = OvRunner(xml, measured_on, config)  # compiles the saved IR: what ships is what is checked
     report(f"openvino: compile on {measured_on}", 3, 3, {})
     hist, achieved = runner.precisions, DType(runner.dtype)

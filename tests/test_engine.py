@@ -1,0 +1,111 @@
+"""The engine reads what each stage declares: a new stage is one file in stages/ plus its name in the order,
+a stage that breaks the protocol fails at import with one line, and measurement settings key the metrics."""
+from __future__ import annotations
+
+import json
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+
+import stages
+from edgepipe import stage as stage_mod
+from edgepipe.errors import EdgepipeError
+from edgepipe.pipeline import Run, run_pipeline
+from tests.support import tiny_config
+
+# A stage as a user would add it: it copies the teacher's model (its "transformation") and counts its calls.
+TRIVIAL = '''
+"""A trivial stage for the engine test: re-saves its input model."""
+import json
+
+from edgepipe.models import load_torch_artifact, save_torch_artifact
+from edgepipe.stage import StageResult
+from edgepipe.types import ArtifactKind
+
+NAME = "resave"
+INPUT_KINDS = (ArtifactKind.TORCH,)
+SECTIONS = ("seed",)
+USES_TEACHER = False
+MEASURED = True
+target_key = None
+CALLS = []
+
+
+def run(ctx):
+    CALLS.append(ctx.out_dir)
+    desc = json.loads(ctx.input.path("build").read_text())
+    art = save_torch_artifact(load_torch_artifact(ctx.input), desc["build"], ctx.out_dir,
+                              tuple(desc["input_shape"]), desc["num_classes"])
+    return StageResult(art, records={"calls": len(CALLS)})
+'''
+
+
+@pytest.fixture
+def extra_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """stages/resave.py (in a folder added to the stages package) and "resave" after the teacher in the order."""
+    folder = tmp_path / "stage_files"
+    folder.mkdir()
+    (folder / "resave.py").write_text(textwrap.dedent(TRIVIAL))
+    monkeypatch.setattr(stages, "__path__", [*stages.__path__, str(folder)])
+    monkeypatch.setattr(stage_mod, "STAGE_ORDER", ("teacher", "resave"))
+    monkeypatch.setattr(stage_mod, "_LOADED", {})
+    yield
+    import sys
+
+    sys.modules.pop("stages.resave", None)
+
+
+def _config(**measure):
+    return tiny_config(teacher={"model": {"arch": "cifar_resnet", "kwargs": {"depth": 8, "width": 4, "in_channels": 1}},
+                                "train": {"epochs": 1, "lr": 0.1}},
+                       measure={"warmup": 1, "iterations": 3, "throughput_batch": 4, **measure})
+
+
+def test_a_new_stage_is_one_file_and_its_name_in_the_order(tmp_path: Path, extra_stage) -> None:
+    run = Run.create(tmp_path / "run", _config(), "generic-cpu")
+    first = run_pipeline(run)
+    module = stage_mod.load_stage("resave")
+    assert list(first) == ["teacher", "resave"] and len(module.CALLS) == 1
+    m = first["resave"]
+    assert m["records"] == {"calls": 1} and 0 <= m["accuracy"]["top1"] <= 1 and m["latency"]["iterations"] == 3
+    assert [e["name"] for e in json.loads((run.root / "manifest.json").read_text())["stages"]] == ["teacher", "resave"]
+
+    again = run_pipeline(Run.open(run.root))  # cached: same key, same output
+    assert len(module.CALLS) == 1 and again["resave"] == m
+
+    # measure settings are not the stage's key: the stored model is re-measured, not rebuilt
+    run = Run.create(run.root, _config(iterations=7), "generic-cpu")
+    remeasured = run_pipeline(run)
+    assert len(module.CALLS) == 1
+    assert remeasured["resave"]["latency"]["iterations"] == 7 and remeasured["teacher"]["latency"]["iterations"] == 7
+    assert remeasured["resave"]["records"] == {"calls": 1}
+    assert remeasured["teacher"]["records"]["history"] == first["teacher"]["records"]["history"]
+
+    # its declared section is its key: a new seed rebuilds it (and the teacher, which declares seed too)
+    run = Run.create(run.root, _config(iterations=7).model_copy(update={"seed": 1}), "generic-cpu")
+    run_pipeline(run)
+    assert len(module.CALLS) == 2
+
+
+def test_stage_protocol_is_checked_at_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    good = stage_mod.load_stage("export")
+    assert good.SECTIONS == ("export", "data") and good.target_key is None
+    for name in stage_mod.known_stages():  # every shipped stage passes
+        stage_mod.check_stage(stage_mod.load_stage(name))
+    broken = types.ModuleType("stages.broken")
+    broken.__file__ = "stages/broken.py"
+    for attr, value in vars(good).items():
+        if attr.isupper() or attr in ("run", "target_key"):
+            setattr(broken, attr, value)
+    broken.NAME = "broken"
+    stage_mod.check_stage(broken)
+    del broken.SECTIONS
+    with pytest.raises(EdgepipeError, match=r"stages/broken.py: a stage must declare SECTIONS"):
+        stage_mod.check_stage(broken)
+    broken.SECTIONS = ("export", "nonsense")
+    with pytest.raises(EdgepipeError, match="SECTIONS names nonsense, not config sections"):
+        stage_mod.check_stage(broken)
+    with pytest.raises(EdgepipeError, match="unknown stage 'nope'"):
+        stage_mod.load_stage("nope")
