@@ -288,7 +288,8 @@ def _compare(args: argparse.Namespace) -> int:
     """`edgepipe compare`: the pipeline and its baselines in one resumable command (see edgepipe.compare)."""
     import shlex
 
-    from edgepipe.compare import compare, leading_comment
+    from edgepipe.benchmarks import leading_comment
+    from edgepipe.compare import compare
     from edgepipe.config import configs_dir, load_config, validate_config
 
     if not args.config or not args.target:

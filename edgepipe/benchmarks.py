@@ -1,0 +1,220 @@
+"""The benchmark document of ``edgepipe compare``: the recipe, the claims checked against the rows, and
+BENCHMARKS.md / BENCHMARKS.json / BENCHMARKS.png.
+
+Everything here reads a finished result (the rows the engine measured, see edgepipe.compare); no
+figure is computed or typed here except the claims' ratios, each from two measured rows.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from edgepipe.config import PipelineConfig
+from edgepipe import formatting as fmt
+
+LATENCY_BATCH, THROUGHPUT_BATCH = 1, 64
+ROW_KEYS = ("row", "method", "top1", "params", "macs", "size_bytes", "backend", "device", "requested_dtype",
+            "runtime_dtype", "threads", "warmup", "iterations", "latency_b1_p50_ms", "latency_b1_p90_ms",
+            "throughput_b64_images_per_s", "estimate", "note", "seconds")
+
+
+def recipe(config: PipelineConfig, notes: str = "") -> dict[str, Any]:
+    """The settings that decide the result, for the benchmark document."""
+    d, p, q = config.distill, config.prune, config.qat
+    return {
+        "notes": notes,
+        "teacher": config.teacher.model.model_dump(exclude_none=True, exclude_defaults=True),
+        "student": d.student.model_dump(exclude_none=True, exclude_defaults=True),
+        "distill": f"init {d.init}, T={d.temperature}, alpha={d.alpha}, {d.optim.epochs} epochs, peak lr {d.optim.lr}, "
+                   f"batch {config.data.batch_size}, channels_last {d.optim.channels_last}, autocast {d.optim.autocast}",
+        "prune": f"Torch-Pruning {p.importance.value} importance to <= {p.ratio:.0%} of the {p.target}, "
+                 f"{p.steps} step(s), round_to {p.round_to}, {p.optim.epochs} fine-tuning epochs from the teacher",
+        "qat": f"activations {q.activations}, weight bits {q.weight_bits} (auto: from target and host, see the "
+               f"qat stage's form record), {q.calibration} calibration on {q.calibration_batches} batches, "
+               f"{q.optim.epochs} epochs at lr {q.optim.lr}",
+        "soft_targets": f"teacher logits from {config.soft_targets.runtime}, cache {config.soft_targets.cache}",
+    }
+
+
+def leading_comment(path: Path) -> str:
+    """The comment block at the top of a YAML file, without the ``#`` marks."""
+    lines = []
+    for line in Path(path).read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line[1:].removeprefix(" "))
+    return "\n".join(lines).strip()
+
+
+# --- acceptance -------------------------------------------------------------------------------------
+def _by_name(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {r["row"]: r for r in result["rows"]}
+
+
+def acceptance(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The benchmark's claims, each computed from the measured rows: (claim, measured, required, pass)."""
+    r = _by_name(result)
+    final, t32, t8 = r["final"], r["teacher-fp32"], r["teacher-int8"]
+    tbf = r.get("teacher-bf16")  # only where the target profile lists bf16
+    thr = "throughput_b64_images_per_s"
+    train = result["training_throughput"]
+    checks = [
+        ("final INT8 top-1 >= teacher-fp32 - 2.0 points", final["top1"] - t32["top1"], ">= -0.020"),
+        ("final INT8 throughput (b64) >= 8x teacher-fp32", final[thr] / t32[thr], ">= 8"),
+        ("final INT8 latency (b1 p50) >= 3x lower than teacher-fp32",
+         t32["latency_b1_p50_ms"] / final["latency_b1_p50_ms"], ">= 3"),
+        ("final INT8 top-1 >= teacher-int8 - 1.5 points", final["top1"] - t8["top1"], ">= -0.015"),
+        ("final INT8 throughput (b64) >= 2.5x teacher-int8", final[thr] / t8[thr], ">= 2.5"),
+        *([("final INT8 throughput (b64) >= 2x teacher-bf16", final[thr] / tbf[thr], ">= 2")] if tbf else []),
+        ("distilled top-1 >= scratch + 0.5 points", r["distilled"]["top1"] - r["scratch"]["top1"], ">= 0.005"),
+        ("QAT (final) top-1 >= PTQ top-1", final["top1"] - r["ptq"]["top1"], ">= 0"),
+        ("distill training throughput >= 0.9x plain PyTorch loop", train.get("ratio") or 0.0, ">= 0.9"),
+        ("stretch: final top-1 within 1.0 point of teacher-fp32", final["top1"] - t32["top1"], ">= -0.010"),
+        ("stretch: final throughput (b64) >= 12x teacher-fp32", final[thr] / t32[thr], ">= 12"),
+    ]
+    return [{"claim": c, "measured": m, "required": req, "pass": bool(m >= float(req.split()[-1]) - 1e-12)}
+            for c, m, req in checks]
+
+
+# --- writing ----------------------------------------------------------------------------------------
+def _measured_of(check: dict[str, Any], value: float | None = None) -> str:
+    m = check["measured"] if value is None else value
+    return f"{100 * m:+.2f} pts" if "top-1" in check["claim"] else f"{m:.2f}x"
+
+
+def _required_of(check: dict[str, Any]) -> str:
+    op, value = check["required"].split()
+    return f"{op} {_measured_of(check, float(value))}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    c, h = result["conditions"], result["host"]
+    lines = [
+        "# Benchmarks", "",
+        f"CIFAR-10 benchmark of the `{result['config']}` recipe against the one-line alternatives, all measured "
+        "in one run on this machine. Produced by:", "",
+        "```", result["command"], "```", "",
+        f"- Date: {result['date']}",
+        f"- Machine: {h['cpu']}, {c['threads']} threads, ISA: {', '.join(h['isa_flags']) or 'none listed'}; "
+        f"native bf16: {'yes' if h['native_bf16'] else 'no'}; {h['os']}, Python {h['python']}",
+        f"- Libraries: {', '.join(f'{k} {v}' for k, v in sorted(result['versions'].items()))}",
+        f"- Every row below: OpenVINO CPU plugin, {c['threads']} inference threads, latency = p50 of "
+        f"{c['iterations']} timed runs at batch {c['latency_batch']} after {c['warmup']} warm-up runs, throughput = "
+        f"batch {c['throughput_batch']} over {c['iterations']} timed runs after {c['warmup']} warm-up runs; "
+        f"top-1 on all {c['accuracy_samples']:,} test images, computed by the same compiled model.",
+        f"- Run folder: `{result['run']}`; target profile `{result['target']}`. Compute time of the whole benchmark "
+        f"(pipeline stages + baselines + timing): {result['compute_seconds'] / 60:.1f} min"
+        f" (this invocation: {result['this_invocation_seconds'] / 60:.1f} min; training epochs of earlier, "
+        f"interrupted invocations: {result.get('earlier_invocation_epoch_seconds', 0.0) / 60:.1f} min; stages and "
+        "rows finished earlier are reused, not redone).", "",
+        *_recipe_lines(result.get("recipe") or {}),
+        "## Results", "",
+        fmt.md_table(["row", "top-1", "params", "MACs", "size on disk", "runtime dtype", "latency b1 p50",
+                      "throughput b64", "how"],
+                     [[r["row"], fmt.pct(r["top1"]), fmt.count(r["params"]), fmt.count(r["macs"]),
+                       fmt.size(r["size_bytes"]), _dtype(r), f"{fmt.ms(r['latency_b1_p50_ms'])} ms",
+                       f"{fmt.ips(r['throughput_b64_images_per_s'])} img/s", r["method"]] for r in result["rows"]],
+                     align=list("lrrrrlrrl"), markup=True),
+    ]
+    notes = [f"- {r['row']}: {r['note']}" for r in result["rows"] if r.get("note")]
+    if notes:
+        lines += ["", *notes]
+    d = result.get("device_row")
+    if d:
+        e1, e64 = d["estimate"][f"batch_{LATENCY_BATCH}"], d["estimate"][f"batch_{THROUGHPUT_BATCH}"]
+        lines += ["", f"## {result['device_target']} (estimate only)", "",
+                  f"{d['method']}: `{d['artifact_kind']}` in `{d['artifact_dir']}` "
+                  f"({fmt.size(d['size_bytes'])}). {d['compile_records'].get('reason', '')}".rstrip(), "",
+                  fmt.md_table(["batch", "ESTIMATED latency", "ESTIMATED throughput", "bound"],
+                               [[b, f"{est['latency_ms']:.3f} ms (estimate)", f"{fmt.ips(est['images_per_s'])} img/s "
+                                 "(estimate)", est.get("bound")] for b, est in ((LATENCY_BATCH, e1),
+                                                                               (THROUGHPUT_BATCH, e64))],
+                               align=list("rrrl"), markup=True)]
+        top1 = f"{d['top1']:.2%}" if d.get("top1") is not None else "n/a"
+        lines += ["", f"{d['note']}: {top1}. Measure it on the device with `edgepipe bench --artifact` after "
+                  "building the engine."]
+    t = result["training_throughput"]
+    stage_rates = ", ".join(f"{r:,.0f}" for r in t.get("distill_stage_epochs_images_per_s") or [])
+    lines += ["", "## Training throughput (distillation, teacher forward included)", "",
+              "Both loops timed back to back in this run on the same batches (same student, teacher, loss, "
+              "batch size).", "",
+              fmt.md_table(["loop", "images/s", "setup"],
+                           [["edgepipe training loop", fmt.ips(t["pipeline_images_per_s"]), t["pipeline_setup"]],
+                            ["plain PyTorch loop", fmt.ips(t["plain_images_per_s"]), t["plain_setup"]]],
+                           align=list("lrl"), markup=True),
+              "", f"Ratio edgepipe / plain: **{t['ratio']:.2f}x**. The distill stage itself ran at {stage_rates} "
+              "images/s per epoch (whole epochs, while the machine may have been doing other work)."]
+    lines += ["", "## Claims, checked against the rows above", "",
+              fmt.md_table(["claim", "measured", "required", "result"],
+                           [[ch["claim"], _measured_of(ch), _required_of(ch), "pass" if ch["pass"] else "**MISS**"]
+                            for ch in result["checks"]], align=list("lrrl"), markup=True)]
+    lines += ["", "## Accuracy vs latency", "", "![accuracy vs batch-1 latency](BENCHMARKS.png)", "",
+              "Every row at its measured batch-1 p50 latency; the line joins the Pareto-optimal rows "
+              "(no other row is both faster and more accurate).", "",
+              "## Stage wall times", "",
+              fmt.md_table(["stage", "seconds"],
+                           [*[[name, None if secs is None else f"{secs:.0f}"]
+                              for name, secs in result["stage_seconds"].items()],
+                            *[[f"baseline/measure: {r['row']}", f"{r.get('seconds') or 0:.0f}"]
+                              for r in result["rows"]]], align=list("lr"), markup=True)]
+    return "\n".join(lines) + "\n"
+
+
+def _dtype(r: dict[str, Any]) -> str:
+    asked = r["requested_dtype"]
+    return r["runtime_dtype"] + ("" if r["runtime_dtype"] == asked else f" (asked {asked})")
+
+
+def _recipe_lines(r: dict[str, Any]) -> list[str]:
+    if not r:
+        return []
+    lines = ["## Recipe", ""]
+    if r.get("notes"):
+        lines += ["> " + line if line else ">" for line in r["notes"].splitlines()] + [""]
+    lines += [f"- Teacher: `{json.dumps(r['teacher'])}`", f"- Student: `{json.dumps(r['student'])}`",
+              f"- Distill: {r['distill']}", f"- Prune: {r['prune']}", f"- QAT: {r['qat']}",
+              f"- Soft targets: {r['soft_targets']}", ""]
+    return lines
+
+
+def pareto(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of points (latency, accuracy) not dominated by a faster-and-at-least-as-accurate one."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    best, keep = -1.0, []
+    for i in order:
+        if points[i][1] > best:
+            keep.append(i)
+            best = points[i][1]
+    return keep
+
+
+def plot(result: dict[str, Any]) -> bytes:
+    rows = [r for r in result["rows"] if r.get("top1") is not None]
+    pts = [(r["latency_b1_p50_ms"], 100 * r["top1"]) for r in rows]
+    fig = fmt.new_figure(7.5, 4.8)
+    ax = fig.add_subplot()
+    for r, (x, y) in zip(rows, pts):
+        int8 = r["runtime_dtype"] == "int8"
+        ax.scatter([x], [y], s=60, marker="s" if int8 else "o", color="tab:red" if r["row"] == "final" else
+                   ("tab:blue" if int8 else "tab:gray"), zorder=3)
+        ax.annotate(r["row"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    front = sorted(pareto(pts), key=lambda i: pts[i][0])
+    ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", color="tab:red", lw=1, zorder=2,
+            label="Pareto front")
+    c = result["conditions"]
+    ax.set_xlabel(f"OpenVINO latency, batch 1, p50 (ms) — {c['threads']} threads, {result['host']['cpu']}")
+    ax.set_ylabel(f"top-1 on {c['accuracy_samples']:,} test images (%)")
+    ax.set_title("Accuracy vs latency (squares: INT8, circles: float)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return fmt.png_bytes(fig, dpi=120)
+
+
+def write_benchmarks(out_dir: Path, result: dict[str, Any]) -> None:
+    rows = [{k: r.get(k) for k in ROW_KEYS} for r in result["rows"]]
+    if result.get("device_row"):
+        rows.append({k: result["device_row"].get(k) for k in ROW_KEYS})
+    doc = {k: v for k, v in result.items() if k != "rows" and k != "device_row"}
+    fmt.write_document(out_dir, {"BENCHMARKS.json": {**doc, "rows": rows}, "BENCHMARKS.png": plot(result),
+                                 "BENCHMARKS.md": markdown(result)})

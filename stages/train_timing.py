@@ -1,0 +1,109 @@
+"""Stage train_timing (a baseline, outside the pipeline order): edgepipe's training loop against a plain
+PyTorch loop, timed back to back on the same batches.
+
+Both loops distill the configured student from the teacher (same student, teacher, loss and batch
+size) over ``TIMED_BATCHES`` augmented training batches: edgepipe's own ``edgepipe.training.fit`` as the
+distill stage configures it (channels-last, autocast, the soft-target runtime, with the logits cache
+off so every batch pays for its teacher forward), then the loop a user writes by hand (eager NCHW
+float32 student, teacher module under no_grad, KL + CE, SGD). Timed one after the other in one process,
+so both see the same machine load. The output is the records; the model passes through unchanged.
+Its key includes this host, so another CPU re-times it.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgepipe.artifacts import Artifact
+from edgepipe.config import PipelineConfig
+from edgepipe.data import DataBundle
+from edgepipe.host import host_cpu, host_isa
+from edgepipe.profiles import HardwareProfile
+from edgepipe.stage import StageContext, StageResult
+from edgepipe.types import ArtifactKind
+
+NAME = "train_timing"
+INPUT_KINDS = (ArtifactKind.TORCH,)
+SECTIONS = ("distill", "soft_targets", "data", "seed")
+USES_TEACHER = True
+MEASURED = False
+TIMED_BATCHES = 40
+"""Batches each loop is timed over."""
+Progress = Callable[[str, int, int, dict[str, float]], None]
+
+
+def target_key(profile: HardwareProfile, config: PipelineConfig) -> dict[str, Any]:
+    """This host: a timing from another CPU is not this one's."""
+    return {"cpu": host_cpu(), "isa": list(host_isa()), "threads": torch.get_num_threads()}
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg, data = ctx.config, ctx.data
+    teacher = ctx.teacher or ctx.input
+    n = TIMED_BATCHES * cfg.data.batch_size
+    subset = replace(data, train_images=data.train_images[:n], train_labels=data.train_labels[:n],
+                     val_images=data.val_images[:500], val_labels=data.val_labels[:500])
+    pipeline = pipeline_kd_loop_throughput(cfg, subset, teacher, ctx.checkpoint_dir, ctx.progress)
+    plain = plain_kd_loop_throughput(cfg, subset, teacher, ctx.progress)
+    return StageResult(ctx.input, records={**pipeline, **plain,
+                                           "ratio": pipeline["pipeline_images_per_s"] / plain["plain_images_per_s"]})
+
+
+def pipeline_kd_loop_throughput(config: PipelineConfig, data: DataBundle, teacher_art: Artifact, folder: Path,
+                                progress: Progress) -> dict[str, Any]:
+    """One epoch of edgepipe's own training loop (edgepipe.training.fit) over ``data``, configured as the
+    distill stage is (channels-last, autocast, soft-target runtime; the logits cache off, so every batch
+    pays for its teacher forward)."""
+    from edgepipe.distillation import SoftTargets, kd_step
+    from edgepipe.models import build_from_spec, load_torch_artifact
+    from edgepipe.training import clear_checkpoints, fit
+
+    dcfg = config.distill
+    torch.manual_seed(config.seed)
+    student = build_from_spec(dcfg.student)
+    targets = SoftTargets(load_torch_artifact(teacher_art), config.soft_targets.runtime, cache=False,
+                          example=torch.randn(2, *data.input_shape))
+    optim = dcfg.optim.model_copy(update={"epochs": 1})
+    history = fit(student, data, optim, kd_step(targets, dcfg.temperature, dcfg.alpha),
+                  batch_size=config.data.batch_size, checkpoint_dir=folder, task="edgepipe loop (timing)",
+                  progress=progress, eval_batch_size=config.data.eval_batch_size, tag="timing")
+    clear_checkpoints(folder)
+    return {"pipeline_images_per_s": history[0]["images_per_s"], "pipeline_batches_timed": len(data.train_labels)
+            // config.data.batch_size,
+            "pipeline_setup": (f"edgepipe.training.fit as in the distill stage: channels_last={dcfg.optim.channels_last}, "
+                               f"autocast {dcfg.optim.autocast} (ran {history[0]['autocast']}), teacher logits from "
+                               f"{config.soft_targets.runtime}, augmentation included; one epoch of "
+                               f"{len(data.train_labels) // config.data.batch_size} batches of {config.data.batch_size}")}
+
+
+def plain_kd_loop_throughput(config: PipelineConfig, data: DataBundle, teacher_art: Artifact,
+                             progress: Progress) -> dict[str, Any]:
+    """A textbook PyTorch distillation loop (what a user writes by hand) over the same batches, all timed
+    as the pipeline's are: eager student in NCHW float32, the teacher module under no_grad, KL + CE, SGD."""
+    from edgepipe.distillation import kd_terms
+    from edgepipe.models import build_from_spec, load_torch_artifact
+
+    dcfg = config.distill
+    torch.manual_seed(config.seed)
+    student = build_from_spec(dcfg.student).train()
+    teacher = load_torch_artifact(teacher_art).eval()
+    opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    total, seen = data.steps_per_epoch(config.data.batch_size), 0
+    t0 = time.perf_counter()
+    for i, (x, y) in enumerate(data.train_batches(config.data.batch_size, 0)):
+        with torch.no_grad():
+            t_logits = teacher(x)
+        loss = kd_terms(student(x), t_logits, y, dcfg.temperature, dcfg.alpha)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        seen += len(y)
+        progress("plain PyTorch loop (timing)", i + 1, total, {})
+    return {"plain_images_per_s": seen / (time.perf_counter() - t0), "plain_batches_timed": total,
+            "plain_setup": "eager student, NCHW, float32, teacher module forward under no_grad, KL+CE, SGD "
+                           f"Nesterov; the same {total} augmented batches of {config.data.batch_size}, all timed"}
