@@ -9,9 +9,13 @@ model itself.
 - teacher-fp32 / teacher-bf16: teacher -> export -> compile with ``compile.dtype`` fp32 / bf16 (OpenVINO
   precision hint); the row shows the precision the CPU plugin actually ran.
 - teacher-int8: teacher -> export -> ptq (NNCF ``nncf.quantize``, OpenVINO INT8).
-- scratch: the distill stage with ``init: random, alpha: 0`` (labels only, same optimizer, epochs, seed).
+- scratch: the distill stage with ``init: random, alpha: 0`` (labels only, same optimizer, epochs, seed):
+  what a user trains alone.
+- scratch-same-init: the distill stage with ``alpha: 0`` only: the distilled student's initialisation,
+  labels only; ``distilled - scratch-same-init`` is the KD gain and nothing else.
 - distilled / pruned: the pipeline's float models -> export -> compile fp32.
-- ptq: the pruned student -> export -> ptq instead of QAT.
+- ptq: the pruned student -> finetune (the qat stage's epochs, loss and batches, without fake quantization)
+  -> export -> ptq: ``final - ptq`` is the QAT gain at equal training epochs.
 - train-timing: teacher -> train_timing (edgepipe's training loop next to a plain PyTorch loop).
 
 Only a baseline's last stage is measured (its row); its compile fidelity limit is lifted, since a
@@ -58,12 +62,16 @@ BASELINES = (
              "same student ({student}, random init), labels only (cross-entropy), {epochs} epochs, same optimizer, "
              "OpenVINO fp32", {"distill.init": "random", "distill.alpha": 0.0, "distill.beta": 0.0,
                                "compile.dtype": "fp32"}),
+    Baseline("scratch-same-init", "pipeline", ("teacher",), ("distill", *FLOAT_TO_IR),
+             "same student and initialisation as distilled (init {init}), labels only (cross-entropy), {epochs} "
+             "epochs, same optimizer, OpenVINO fp32", {"distill.alpha": 0.0, "distill.beta": 0.0,
+                                                       "compile.dtype": "fp32"}),
     Baseline("distilled", "pipeline", ("teacher", "distill"), FLOAT_TO_IR, "pipeline distill stage, OpenVINO fp32",
              {"compile.dtype": "fp32"}),
     Baseline("pruned", "pipeline", ("teacher", "distill", "prune"), FLOAT_TO_IR,
              "pipeline prune stage, OpenVINO fp32", {"compile.dtype": "fp32"}),
-    Baseline("ptq", "pruned", ("teacher", "distill", "prune", "export"), ("ptq",),
-             "pruned student, {ptq} (instead of QAT), OpenVINO"),
+    Baseline("ptq", "pruned", ("teacher", "distill", "prune"), ("finetune", "export", "ptq"),
+             "pruned student fine-tuned {qat_epochs} epochs as QAT is (float), then {ptq} (instead of QAT), OpenVINO"),
 )
 TRAIN_TIMING = Baseline("train-timing", "pipeline", ("teacher",), ("train_timing",),
                         "edgepipe's training loop next to a plain PyTorch loop")

@@ -76,6 +76,8 @@ def compare(config: PipelineConfig, run_dir: Path, target: str, device_target: s
     timing = baseline_run(runs, TRAIN_TIMING, progress)
     training = _training(timing, run)
     all_runs = [run, *(runs[b.row] for b in built), timing, *([device_run] if device_run else [])]
+    run_of = {**{b.row: runs[b.row] for b in built}, "final": run}
+    stage_of = {**{b.row: runs[b.row].order[-1] for b in built}, "final": "compile"}
     earlier = _earlier_invocation_seconds(all_runs)
     measure = config.measure
     result = {
@@ -91,6 +93,8 @@ def compare(config: PipelineConfig, run_dir: Path, target: str, device_target: s
                        "accuracy_samples": (run.metrics_of("compile").get("accuracy") or {}).get("samples")},
         "rows": rows, "device_row": _device_row(device_run, device) if device_run else None,
         "training_throughput": training,
+        "per_class": {r: (run_of[r].metrics_of(stage_of[r]).get("accuracy") or {}).get("per_class")
+                      for r in ("teacher-fp32", "distilled", "final")},
         "stage_seconds": {e["name"]: e.get("wall_time_s") for e in run.manifest["stages"]},
         "compute_seconds": sum(own_seconds(r) for r in all_runs) + earlier,
         "this_invocation_seconds": time.perf_counter() - started,
@@ -103,7 +107,8 @@ def compare(config: PipelineConfig, run_dir: Path, target: str, device_target: s
 
 def _method(b: Baseline, runs: dict[str, Run], config: PipelineConfig) -> str:
     ptq = (runs[b.row].metrics_of("ptq").get("records") or {}).get("method", "")
-    return b.method.format(ptq=ptq, student=config.distill.student.arch, epochs=config.distill.optim.epochs)
+    return b.method.format(ptq=ptq, student=config.distill.student.arch, epochs=config.distill.optim.epochs,
+                           init=config.distill.init, qat_epochs=config.qat.optim.epochs)
 
 
 def _row(run: Run, name: str, method: str, stage: str | None = None, seconds: float | None = None) -> dict[str, Any]:

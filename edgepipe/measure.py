@@ -77,7 +77,7 @@ def measure_artifact(artifact: Artifact, data: DataBundle, cfg: MeasureConfig, p
     if dtype in profile.peak_tops:
         estimate = roofline_estimate(profile, dtype, counts["macs"], counts["params"] * dtype.bytes,
                                      counts["activation_elements"] * 2 * dtype.bytes, batch=1)
-    return {"accuracy": accuracy_record(logits, labels, runner), "params": counts["params"], "macs": counts["macs"],
+    return {"accuracy": accuracy_record(logits, labels, runner, data.class_names), "params": counts["params"], "macs": counts["macs"],
             # a torch artifact's size is its weights file (a teacher may also carry a copy of its .pt2)
             "size_bytes": artifact.path("model").stat().st_size if artifact.kind is ArtifactKind.TORCH
             else artifact.size_bytes(), "latency": latency.as_dict(), "throughput": throughput.as_dict(),

@@ -42,7 +42,7 @@ from edgepipe.stage import StageContext, StageResult, load_stage
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int, dict[str, float]], None]
-MEASURE_VERSION = 1
+MEASURE_VERSION = 2  # 2: per-class top-1
 """Bump when the engine measures differently, so stored figures are re-measured."""
 
 

@@ -1,5 +1,5 @@
 """The run report: one table of every stage's measured figures, the conditions they were measured under,
-and three plots, as Markdown (plots linked from ``report_assets/``) and as a self-contained HTML page
+and four plots, as Markdown (plots linked from ``report_assets/``) and as a self-contained HTML page
 (plots embedded as PNG data URIs).
 
 Everything shown is read from the run folder (``manifest.json`` and each stage's ``metrics.json``); no
@@ -268,10 +268,34 @@ def _plot_channels(stages: list[tuple[dict[str, Any], dict[str, Any]]]) -> bytes
     return fmt.png_bytes(fig)
 
 
+def _plot_per_class(stages: list[tuple[dict[str, Any], dict[str, Any]]]) -> bytes | str:
+    """Top-1 per class of the teacher, the distilled student and the last measured stage, side by side."""
+    measured = [(e.get("name"), _get(m, "accuracy", "per_class")) for e, m in stages]
+    measured = [(n, pc) for n, pc in measured if isinstance(pc, dict) and pc]
+    if not measured:
+        return "no stage recorded per-class top-1"
+    chosen = {n: pc for n, pc in measured if n in ("teacher", "distill")}
+    chosen.setdefault(*measured[-1])
+    classes = list(next(iter(chosen.values())))
+    fig = fmt.new_figure(width=max(6.0, 0.45 * len(classes) + 2), height=4.2)
+    ax = fig.add_subplot()
+    width = 0.8 / len(chosen)
+    for i, (name, pc) in enumerate(chosen.items()):
+        ax.bar([x + (i - (len(chosen) - 1) / 2) * width for x in range(len(classes))],
+               [100 * (pc.get(c) or 0.0) for c in classes], width=width, label=name)
+    ax.set_xticks(range(len(classes)), classes, rotation=90 if len(classes) > 12 else 0, fontsize=8)
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title("Top-1 per class")
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    return fmt.png_bytes(fig)
+
+
 PLOTS: tuple[tuple[str, str], ...] = (
     ("accuracy_vs_latency.png", "Top-1 vs batch-1 latency (log scale) for every stage"),
     ("distillation_losses.png", "Distillation loss components per epoch, with validation top-1"),
     ("pruning_channels.png", "Channels per layer before and after pruning"),
+    ("per_class_top1.png", "Top-1 per class: teacher, distilled student and the last stage"),
 )
 
 
@@ -294,7 +318,7 @@ def _document(manifest: dict[str, Any], stages: list[tuple[dict[str, Any], dict[
         ("h2", "Plots"),
     ]
     makers: list[Callable[[], bytes | str]] = [lambda: _plot_accuracy_latency(rows), lambda: _plot_distillation(stages),
-                                               lambda: _plot_channels(stages)]
+                                               lambda: _plot_channels(stages), lambda: _plot_per_class(stages)]
     for (name, caption), make in zip(PLOTS, makers):
         result = make()
         png, note = (result, None) if isinstance(result, bytes) else (None, f"Plot skipped: {result}.")

@@ -83,10 +83,16 @@ def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
     return float((top == labels[:, None]).any(axis=1).mean())
 
 
-def accuracy_record(logits: np.ndarray, labels: np.ndarray, runner: Runner) -> dict[str, Any]:
-    """top-1 (and top-5 when there are more than 5 classes) with the runtime that produced them."""
+def accuracy_record(logits: np.ndarray, labels: np.ndarray, runner: Runner,
+                    class_names: list[str] | None = None) -> dict[str, Any]:
+    """top-1 (and top-5 when there are more than 5 classes) with the runtime that produced them, and with
+    ``class_names`` the top-1 of each class (``per_class``: name -> fraction, None for a class with no images)."""
     rec: dict[str, Any] = {"top1": topk_accuracy(logits, labels, 1), "samples": int(len(labels)),
                            "backend": runner.backend, "dtype": runner.dtype}
     if logits.shape[1] > 5:
         rec["top5"] = topk_accuracy(logits, labels, 5)
+    if class_names is not None:
+        hit = logits.argmax(1) == labels
+        rec["per_class"] = {name: (float(hit[labels == i].mean()) if (labels == i).any() else None)
+                            for i, name in enumerate(class_names)}
     return rec

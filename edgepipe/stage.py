@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 STAGE_ORDER = ("teacher", "distill", "prune", "qat", "export", "compile")
 """The pipeline, in order: what ``edgepipe run`` executes."""
-EXTRA_STAGES = ("ptq", "train_timing")
+EXTRA_STAGES = ("finetune", "ptq", "train_timing")
 """Stages outside the pipeline that derived runs (edgepipe.baselines) put in their own order."""
 
 

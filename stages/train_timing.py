@@ -50,7 +50,8 @@ def run(ctx: StageContext) -> StageResult:
                      val_images=data.val_images[:500], val_labels=data.val_labels[:500])
     pipeline = pipeline_kd_loop_throughput(cfg, subset, teacher, ctx.checkpoint_dir, ctx.progress)
     plain = plain_kd_loop_throughput(cfg, subset, teacher, ctx.progress)
-    return StageResult(ctx.input, records={**pipeline, **plain,
+    return StageResult(ctx.input, records={**pipeline, **plain, "pipeline_teacher_runtime": cfg.soft_targets.runtime,
+                                           "plain_teacher_runtime": "pytorch (eager, no_grad)",
                                            "ratio": pipeline["pipeline_images_per_s"] / plain["plain_images_per_s"]})
 
 

@@ -10,7 +10,8 @@ from edgepipe.benchmarks import ROW_KEYS, acceptance, pareto
 from edgepipe.compare import compare
 from tests.support import tiny_config
 
-ROWS = ["teacher-fp32", "teacher-bf16", "teacher-int8", "scratch", "distilled", "pruned", "ptq", "final"]
+ROWS = ["teacher-fp32", "teacher-bf16", "teacher-int8", "scratch", "scratch-same-init", "distilled", "pruned", "ptq",
+        "final"]
 
 
 def _config():
@@ -40,11 +41,37 @@ def test_every_row_is_measured_the_same_way(compared):
         assert (r["threads"], r["warmup"], r["iterations"]) == (rows["final"]["threads"], 2, 5)
     assert rows["final"]["runtime_dtype"] == "int8" and rows["ptq"]["runtime_dtype"] == "int8"
     assert rows["teacher-int8"]["runtime_dtype"] == "int8" and rows["teacher-fp32"]["runtime_dtype"] == "fp32"
-    assert rows["pruned"]["macs"] < rows["distilled"]["macs"] == rows["scratch"]["macs"]
+    assert rows["pruned"]["macs"] < rows["distilled"]["macs"] == rows["scratch"]["macs"] == rows["scratch-same-init"]["macs"]
     assert rows["ptq"]["macs"] == rows["pruned"]["macs"] and rows["teacher-int8"]["macs"] == rows["teacher-fp32"]["macs"]
     # a bf16 request on a CPU without bf16 says what it actually ran
     if rows["teacher-bf16"]["runtime_dtype"] != "bf16":
         assert "no native bf16" in rows["teacher-bf16"]["note"]
+
+
+def test_gains_are_isolated(compared):
+    """KD gain: distilled vs the same init trained on labels only; QAT gain: PTQ after the same fine-tuning epochs."""
+    root, result = compared
+    base = root / "run" / "baselines"
+    import yaml
+
+    cfg = {row: yaml.safe_load((base / row / "config.yaml").read_text()) for row in ("scratch", "scratch-same-init")}
+    assert cfg["scratch-same-init"]["distill"]["init"] == "teacher" and cfg["scratch"]["distill"]["init"] == "random"
+    assert cfg["scratch-same-init"]["distill"]["alpha"] == 0.0 == cfg["scratch"]["distill"]["alpha"]
+    ptq = json.loads((base / "ptq" / "manifest.json").read_text())
+    assert ptq["order"] == ["teacher", "distill", "prune", "finetune", "export", "ptq"]
+    finetune = json.loads((base / "ptq" / "finetune" / "metrics.json").read_text())["records"]
+    qat = json.loads((root / "run" / "qat" / "metrics.json").read_text())["records"]
+    assert len(finetune["history"]) == len(qat["history"]) == finetune["epochs"]
+    claims = {c["claim"] for c in result["checks"]}
+    assert "KD gain: distilled top-1 >= scratch-same-init + 0.3 points" in claims
+
+
+def test_per_class_accuracy(compared):
+    root, result = compared
+    final = result["per_class"]["final"]
+    assert set(final) == set(result["per_class"]["teacher-fp32"]) and len(final) == 10
+    assert all(v is None or 0 <= v <= 1 for v in final.values())
+    assert "Where accuracy is lost (top-1 per class)" in (root / "out" / "BENCHMARKS.md").read_text()
 
 
 def test_device_row_is_labelled_an_estimate(compared):

@@ -61,7 +61,10 @@ def make_run(run_dir: Path, with_plot_data: bool = True) -> Path:
         "compile": _metrics("compile", 0.8702, 0.25, dtype="int8", size_bytes=300_000, estimate=estimate,
                             measure_note="host reference: the bundle's ONNX in ONNX Runtime on this CPU"),
     }
-    if not with_plot_data:
+    if with_plot_data:
+        for name, per_class in (("teacher", {"cat": 0.9, "dog": 0.8}), ("compile", {"cat": 0.85, "dog": 0.7})):
+            metrics[name]["accuracy"]["per_class"] = per_class
+    else:
         metrics["distill"]["status"] = "skipped"
     stages = []
     for name, m in metrics.items():
@@ -126,13 +129,13 @@ def test_report_html_embeds_plots_and_escapes_user_text(tmp_path: Path) -> None:
     md_path, html_path = write_report(run)
     page = html_path.read_text()
     uris = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert len(uris) == 3
+    assert len(uris) == 4
     assert all(base64.b64decode(u).startswith(PNG_MAGIC) for u in uris)
     assert "<script>" not in page and "<b>has</b>" not in page
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; tiny" in page
     assert "target &lt;b&gt;has&lt;/b&gt; no int8" in page
-    # The Markdown links the same three plots, saved as PNG files.
-    for name in ("accuracy_vs_latency.png", "distillation_losses.png", "pruning_channels.png"):
+    # The Markdown links the same four plots, saved as PNG files.
+    for name in ("accuracy_vs_latency.png", "distillation_losses.png", "pruning_channels.png", "per_class_top1.png"):
         assert f"](report_assets/{name})" in md_path.read_text()
         assert (run / "report_assets" / name).read_bytes().startswith(PNG_MAGIC)
 

@@ -1,0 +1,39 @@
+"""Stage finetune (a baseline, outside the pipeline order): the QAT stage's fine-tuning without fake quantization.
+
+Same schedule (``qat.optim``), loss (KD from the teacher at ``qat.temperature`` / ``qat.alpha``), seed and
+batches as the qat stage, on the float model. Put before ``ptq`` it gives post-training quantization the
+same extra epochs QAT gets, so "QAT vs PTQ" compares the quantization method, not the training budget
+(edgepipe.baselines' ``ptq`` row).
+"""
+from __future__ import annotations
+
+import json
+
+from edgepipe.distillation import kd_step
+from edgepipe.models import load_torch_artifact, save_torch_artifact
+from edgepipe.stage import StageContext, StageResult
+from edgepipe.training import clear_checkpoints, evaluate, fit, seed_everything
+from edgepipe.types import ArtifactKind
+
+NAME = "finetune"
+INPUT_KINDS = (ArtifactKind.TORCH,)
+SECTIONS = ("qat", "soft_targets", "data", "seed")
+USES_TEACHER = True
+MEASURED = True
+target_key = None  # a float model: the same for every target
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg, qcfg = ctx.config, ctx.config.qat
+    seed_everything(cfg.seed + 3)  # the qat stage's seed: the same batches in the same order
+    data, desc = ctx.data, json.loads(ctx.input.path("build").read_text())
+    model = load_torch_artifact(ctx.input)
+    before = evaluate(model, data, cfg.data.eval_batch_size)
+    targets = ctx.soft_targets(load_torch_artifact(ctx.teacher))
+    history = fit(model, data, qcfg.optim, kd_step(targets, qcfg.temperature, qcfg.alpha),
+                  batch_size=cfg.data.batch_size, checkpoint_dir=ctx.checkpoint_dir, task="finetune",
+                  progress=ctx.progress, eval_batch_size=cfg.data.eval_batch_size)
+    artifact = save_torch_artifact(model, desc["build"], ctx.out_dir, tuple(desc["input_shape"]), desc["num_classes"])
+    clear_checkpoints(ctx.checkpoint_dir)
+    return StageResult(artifact, records={"history": history, "top1_before": before, "epochs": qcfg.optim.epochs,
+                                          "soft_targets": targets.record()})
