@@ -108,8 +108,18 @@ class DistillConfig(_Strict):
 
 class PruneConfig(_Strict):
     enabled: bool = Field(True, description="Run structured channel pruning.")
-    target: Literal["macs", "params"] = Field("macs", description="What the ratio constrains.")
+    target: Literal["macs", "params", "latency"] = Field(
+        "macs", description="What pruning constrains: MACs or params (``ratio``), or batch-1 latency measured on "
+                            "the target's backend (``latency_ms`` or ``speedup``).")
     ratio: float = Field(0.5, gt=0, lt=1, description="Keep at most this fraction of MACs (or params).")
+    latency_ms: float | None = Field(
+        None, gt=0, description="target latency: prune until the batch-1 p50 on the target's backend is at most this.")
+    speedup: float | None = Field(
+        None, gt=1, description="target latency: prune until the batch-1 p50 is this many times lower than the "
+                                "unpruned student's, measured the same way.")
+    latency_check: float = Field(
+        0.03, gt=0, lt=1, description="target latency: measure a candidate each time its MACs have dropped by this "
+                                      "fraction of the unpruned student's since the last measurement.")
     importance: Importance = Field(Importance.MAGNITUDE, description="Channel importance criterion.")
     steps: int = Field(4, ge=1, description="Iterative pruning steps to reach the ratio.")
     finetune_per_step: int = Field(0, ge=0, description="Fine-tuning epochs between steps.")
@@ -121,6 +131,14 @@ class PruneConfig(_Strict):
     temperature: float = Field(4.0, gt=0, description="Distillation temperature while fine-tuning.")
     alpha: float = Field(0.9, ge=0, le=1, description="Soft-target weight while fine-tuning.")
     optim: OptimConfig = Field(OptimConfig(epochs=5, lr=0.05), description="Fine-tuning after the last step.")
+
+    @model_validator(mode="after")
+    def _budget(self) -> PruneConfig:
+        if self.target == "latency" and (self.latency_ms is None) == (self.speedup is None):
+            raise ValueError("target latency needs exactly one of latency_ms (a budget in ms) or speedup (a factor)")
+        if self.target != "latency" and (self.latency_ms is not None or self.speedup is not None):
+            raise ValueError(f"latency_ms/speedup apply to target: latency, not target: {self.target}")
+        return self
 
 
 class QATConfig(_Strict):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from edgepipe.estimate import activation_bytes, roofline_estimate
 from edgepipe.profiles import HardwareProfile
 from edgepipe.backends import runner_for
 from edgepipe.runtime import accuracy_record, predict, time_runner
-from edgepipe.types import ArtifactKind
+from edgepipe.types import ArtifactKind, Backend
 
 log = logging.getLogger(__name__)
 
@@ -83,3 +84,41 @@ def measure_artifact(artifact: Artifact, data: DataBundle, cfg: MeasureConfig, p
             else artifact.size_bytes(), "latency": latency.as_dict(), "throughput": throughput.as_dict(),
             "estimate": estimate, "measure_note": note}
 
+
+def candidate_latency(model: torch.nn.Module, input_shape: tuple[int, ...], profile: HardwareProfile,
+                      cfg: MeasureConfig, workdir: Path, rounds: int = 3) -> dict[str, Any]:
+    """Batch-1 latency of a float torch model on the target's own backend, for latency-constrained pruning.
+
+    The model is exported (edgepipe.onnx_export) and compiled by the profile's backend in its best float
+    dtype, then timed like every stage (``cfg``: warm-up, iterations, threads), ``rounds`` times: the
+    figure is the lowest round's p50, so a pruning decision does not follow a moment when the machine was
+    busy. A TensorRT target that cannot build here gets the profile's roofline estimate instead, marked
+    ``kind: estimate``.
+    """
+    import onnx
+
+    from edgepipe.backends import get_backend
+    from edgepipe.onnx_export import export_onnx
+
+    dtype = profile.best_float
+    workdir.mkdir(parents=True, exist_ok=True)
+    onnx_path = workdir / "candidate.onnx"
+    onnx.save(export_onnx(model, input_shape, 17), str(onnx_path))
+    backend = get_backend(profile.backend)
+    ok, reason = backend.available()
+    if profile.backend is Backend.TENSORRT and not ok:
+        counts = model_counts(model, input_shape)
+        est = roofline_estimate(profile, dtype, counts["macs"], counts["params"] * dtype.bytes,
+                                counts["activation_elements"] * 2 * dtype.bytes, batch=1)
+        return {"kind": "estimate", "p50_ms": est["latency_ms"], "backend": "tensorrt", "dtype": dtype.value,
+                "device": profile.name, "label": est.get("label"), "why": reason}
+    if profile.backend is Backend.ONNXRUNTIME:
+        from edgepipe.backends.onnxruntime import OrtRunner
+
+        runner = OrtRunner(onnx_path, cfg.threads or torch.get_num_threads())
+    else:
+        artifact, _ = backend.compile(onnx_path, profile, dtype, workdir / "compiled")
+        runner, _ = runner_for(artifact, cfg.threads or torch.get_num_threads())
+    lat = min((time_runner(runner, input_shape, 1, cfg.warmup, cfg.iterations) for _ in range(rounds)),
+              key=lambda x: x.p50_ms)
+    return {"kind": "measured", **lat.as_dict(), "rounds": rounds}

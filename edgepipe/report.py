@@ -1,5 +1,5 @@
 """The run report: one table of every stage's measured figures, the conditions they were measured under,
-and four plots, as Markdown (plots linked from ``report_assets/``) and as a self-contained HTML page
+and its plots (edgepipe.report_plots), as Markdown (plots linked from ``report_assets/``) and as a self-contained HTML page
 (plots embedded as PNG data URIs).
 
 Everything shown is read from the run folder (``manifest.json`` and each stage's ``metrics.json``); no
@@ -13,13 +13,13 @@ import base64
 import html
 import json
 import logging
-from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from edgepipe import formatting as fmt
 from edgepipe.errors import EdgepipeError
+from edgepipe.report_plots import make_plots, number, value_at
 from edgepipe.formatting import DASH
 
 log = logging.getLogger(__name__)
@@ -56,49 +56,37 @@ def _load_run(run_dir: Path) -> tuple[dict[str, Any], list[tuple[dict[str, Any],
     return manifest, stages
 
 
-def _get(d: Any, *keys: str) -> Any:
-    for k in keys:
-        if not isinstance(d, dict):
-            return None
-        d = d.get(k)
-    return d
-
-
-def _num(x: Any) -> float | None:
-    return float(x) if isinstance(x, int | float) and not isinstance(x, bool) else None
-
-
 def _int(x: Any) -> int | None:
-    return None if _num(x) is None else int(x)
+    return None if number(x) is None else int(x)
 
 
 # --- the stage table --------------------------------------------------------------------------------
 def _rows(stages: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[dict[str, Any]]:
-    teacher_top1 = next((_num(_get(m, "accuracy", "top1")) for e, m in stages if e.get("name") == "teacher"), None)
+    teacher_top1 = next((number(value_at(m, "accuracy", "top1")) for e, m in stages if e.get("name") == "teacher"), None)
     rows = []
     for entry, m in stages:
-        top1 = _num(_get(m, "accuracy", "top1"))
+        top1 = number(value_at(m, "accuracy", "top1"))
         estimate = m.get("estimate") if isinstance(m.get("estimate"), dict) else None
         rows.append({
             "stage": str(entry.get("name") or m.get("stage") or "?"),
             "status": str(entry.get("status") or m.get("status") or "pending"),
             "skipped_reason": entry.get("skipped_reason") or m.get("skipped_reason"),
-            "precision": _get(m, "artifact", "dtype"),
+            "precision": value_at(m, "artifact", "dtype"),
             "top1": top1,
             "delta": None if top1 is None or teacher_top1 is None else top1 - teacher_top1,
             "params": _int(m.get("params")),
             "macs": _int(m.get("macs")),
             "size_bytes": _int(m.get("size_bytes")),
-            "p50_ms": _num(_get(m, "latency", "p50_ms")),
-            "p99_ms": _num(_get(m, "latency", "p99_ms")),
+            "p50_ms": number(value_at(m, "latency", "p50_ms")),
+            "p99_ms": number(value_at(m, "latency", "p99_ms")),
             "latency": m.get("latency") if isinstance(m.get("latency"), dict) else None,
-            "throughput": _num(_get(m, "throughput", "images_per_s")),
-            "throughput_batch": _get(m, "throughput", "batch"),
+            "throughput": number(value_at(m, "throughput", "images_per_s")),
+            "throughput_batch": value_at(m, "throughput", "batch"),
             "throughput_record": m.get("throughput") if isinstance(m.get("throughput"), dict) else None,
-            "estimate_ms": _num(_get(estimate, "latency_ms")),
+            "estimate_ms": number(value_at(estimate, "latency_ms")),
             "estimate": estimate,
             "accuracy": m.get("accuracy") if isinstance(m.get("accuracy"), dict) else None,
-            "wall_time_s": next((v for v in (_num(entry.get("wall_time_s")), _num(m.get("wall_time_s")))
+            "wall_time_s": next((v for v in (number(entry.get("wall_time_s")), number(m.get("wall_time_s")))
                                  if v is not None), None),
             "measure_note": m.get("measure_note") if isinstance(m.get("measure_note"), str) else None,
         })
@@ -179,126 +167,6 @@ def _conditions(rows: list[dict[str, Any]]) -> list[str]:
     return notes
 
 
-# --- plots ------------------------------------------------------------------------------------------
-def _plot_accuracy_latency(rows: list[dict[str, Any]]) -> bytes | str:
-    points = [r for r in rows if r["top1"] is not None and r["p50_ms"] is not None and r["p50_ms"] > 0]
-    if not points:
-        return "no stage recorded both top-1 and a batch-1 latency"
-    fig = fmt.new_figure()
-    ax = fig.add_subplot()
-    ax.scatter([r["p50_ms"] for r in points], [100 * r["top1"] for r in points], zorder=3)
-    ax.margins(x=0.2, y=0.3)  # room for the labels at the edges
-    # Stages often share an accuracy; stagger labels above and below the points so they stay readable.
-    for i, r in enumerate(sorted(points, key=lambda r: r["p50_ms"])):
-        ax.annotate(f"{r['stage']} ({r['latency'].get('backend', '?')} {r['latency'].get('dtype', '')})",
-                    (r["p50_ms"], 100 * r["top1"]), textcoords="offset points", fontsize=8,
-                    xytext=(4, 6 + 12 * (i % 3)) if i % 2 == 0 else (4, -12 - 12 * (i % 3)),
-                    arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.5"})
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-    ax.set_xscale("log")
-    lats = [r["p50_ms"] for r in points]
-    wide = max(lats) / min(lats) > 300  # 1-2-5 ticks crowd the axis beyond ~2.5 decades
-    ax.xaxis.set_major_locator(LogLocator(subs=(1.0,) if wide else (1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.margins(x=0.3, y=0.15)  # room for the point labels
-    ax.set_xlabel("batch-1 latency p50 (ms, log scale, measured on this host)")
-    ax.set_ylabel("top-1 (%)")
-    ax.set_title("Accuracy vs latency per stage")
-    ax.grid(True, which="both", alpha=0.3)
-    return fmt.png_bytes(fig)
-
-
-def _plot_distillation(stages: list[tuple[dict[str, Any], dict[str, Any]]]) -> bytes | str:
-    metrics = next((m for e, m in stages if e.get("name") == "distill"), None)
-    if metrics is None:
-        return "the run has no distill stage"
-    history = [h for h in (_get(metrics, "records", "history") or []) if isinstance(h, dict)]
-    if not history:
-        return f"the distill stage recorded no per-epoch history (status: {metrics.get('status', 'not run')})"
-    epochs = [h.get("epoch", i + 1) for i, h in enumerate(history)]
-    fig = fmt.new_figure()
-    ax = fig.add_subplot()
-    for key, label in (("soft", "soft (KL)"), ("hard", "hard (CE)"), ("feature", "feature (MSE)"), ("loss", "total")):
-        values = [_num(h.get(key)) for h in history]
-        if any(v is not None for v in values):
-            ax.plot(epochs, [float("nan") if v is None else v for v in values], marker="o", label=label)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
-    ax.grid(True, alpha=0.3)
-    top1 = [_num(h.get("val_top1")) for h in history]
-    handles, labels = ax.get_legend_handles_labels()
-    if any(v is not None for v in top1):
-        ax2 = ax.twinx()
-        ax2.plot(epochs, [float("nan") if v is None else 100 * v for v in top1], color="black", ls="--",
-                 marker="s", label="val top-1 (%)")
-        ax2.set_ylabel("val top-1 (%)")
-        h2, l2 = ax2.get_legend_handles_labels()
-        handles, labels = handles + h2, labels + l2
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    fig.legend(handles, labels, fontsize=8, loc="outside lower center", ncols=len(labels))
-    ax.set_title("Distillation loss components per epoch")
-    return fmt.png_bytes(fig)
-
-
-def _plot_channels(stages: list[tuple[dict[str, Any], dict[str, Any]]]) -> bytes | str:
-    metrics = next((m for e, m in stages if e.get("name") == "prune"), None)
-    if metrics is None:
-        return "the run has no prune stage"
-    channels = _get(metrics, "records", "channels")
-    pairs = {name: (_num(v[0]), _num(v[1])) for name, v in (channels.items() if isinstance(channels, dict) else ())
-             if isinstance(v, list | tuple) and len(v) == 2}
-    pairs = {name: v for name, v in pairs.items() if None not in v}
-    if not pairs:
-        return f"the prune stage recorded no per-layer channel counts (status: {metrics.get('status', 'not run')})"
-    names = list(pairs)
-    before = [pairs[n][0] for n in names]
-    after = [pairs[n][1] for n in names]
-    xs = range(len(names))
-    fig = fmt.new_figure(width=max(6.0, 0.3 * len(names) + 2), height=4.5)
-    ax = fig.add_subplot()
-    ax.bar([x - 0.2 for x in xs], before, width=0.4, label="before pruning")
-    ax.bar([x + 0.2 for x in xs], after, width=0.4, label="after pruning")
-    ax.set_xticks(list(xs), names, rotation=90, fontsize=7)
-    ax.set_ylabel("output channels")
-    ax.set_title("Channels per layer before and after pruning")
-    ax.legend(fontsize=8)
-    ax.grid(True, axis="y", alpha=0.3)
-    return fmt.png_bytes(fig)
-
-
-def _plot_per_class(stages: list[tuple[dict[str, Any], dict[str, Any]]]) -> bytes | str:
-    """Top-1 per class of the teacher, the distilled student and the last measured stage, side by side."""
-    measured = [(e.get("name"), _get(m, "accuracy", "per_class")) for e, m in stages]
-    measured = [(n, pc) for n, pc in measured if isinstance(pc, dict) and pc]
-    if not measured:
-        return "no stage recorded per-class top-1"
-    chosen = {n: pc for n, pc in measured if n in ("teacher", "distill")}
-    chosen.setdefault(*measured[-1])
-    classes = list(next(iter(chosen.values())))
-    fig = fmt.new_figure(width=max(6.0, 0.45 * len(classes) + 2), height=4.2)
-    ax = fig.add_subplot()
-    width = 0.8 / len(chosen)
-    for i, (name, pc) in enumerate(chosen.items()):
-        ax.bar([x + (i - (len(chosen) - 1) / 2) * width for x in range(len(classes))],
-               [100 * (pc.get(c) or 0.0) for c in classes], width=width, label=name)
-    ax.set_xticks(range(len(classes)), classes, rotation=90 if len(classes) > 12 else 0, fontsize=8)
-    ax.set_ylabel("top-1 (%)")
-    ax.set_title("Top-1 per class")
-    ax.legend(fontsize=8)
-    ax.grid(True, axis="y", alpha=0.3)
-    return fmt.png_bytes(fig)
-
-
-PLOTS: tuple[tuple[str, str], ...] = (
-    ("accuracy_vs_latency.png", "Top-1 vs batch-1 latency (log scale) for every stage"),
-    ("distillation_losses.png", "Distillation loss components per epoch, with validation top-1"),
-    ("pruning_channels.png", "Channels per layer before and after pruning"),
-    ("per_class_top1.png", "Top-1 per class: teacher, distilled student and the last stage"),
-)
-
-
 # --- document ---------------------------------------------------------------------------------------
 def _document(manifest: dict[str, Any], stages: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[Block]:
     rows = _rows(stages)
@@ -317,12 +185,8 @@ def _document(manifest: dict[str, Any], stages: list[tuple[dict[str, Any], dict[
         ("list", _conditions(rows)),
         ("h2", "Plots"),
     ]
-    makers: list[Callable[[], bytes | str]] = [lambda: _plot_accuracy_latency(rows), lambda: _plot_distillation(stages),
-                                               lambda: _plot_channels(stages), lambda: _plot_per_class(stages)]
-    for (name, caption), make in zip(PLOTS, makers):
-        result = make()
-        png, note = (result, None) if isinstance(result, bytes) else (None, f"Plot skipped: {result}.")
-        blocks.append(("plot", name, caption, png, note))
+    for name, caption, png, note in make_plots(rows, stages):
+        blocks.append(("plot", name, caption, png, None if note is None else f"Plot skipped: {note}."))
     return blocks
 
 

@@ -2,7 +2,11 @@
 
 Torch-Pruning's dependency graph removes whole channels together with every layer coupled to them
 (residual adds, BatchNorms, the next layer's inputs), so the result is a genuinely smaller dense
-model. The target is a MACs (or params) ratio. Following Torch-Pruning's own progressive pruning
+model. The target is a MACs (or params) ratio, or a batch-1 latency on the target's own backend
+(``prune.target: latency`` with ``latency_ms`` or ``speedup``): candidates are exported, compiled by the
+profile's backend in its best float dtype and timed as every stage is (edgepipe.measure.candidate_latency;
+a TensorRT target that cannot build here uses the profile's roofline estimate, recorded as such), each
+time their MACs drop by ``latency_check`` of the unpruned count, until the budget holds. Following Torch-Pruning's own progressive pruning
 (benchmarks/main.py, ``progressive_pruning``), the pruner takes many small steps (pruning_ratio=1.0
 over ``SMALL_STEPS``) and stops as soon as the count reaches the target, which lands on the ratio
 far more precisely than a single channel ratio can. ``prune.steps`` rounds do this towards a
@@ -14,15 +18,21 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
-from edgepipe.config import PruneConfig
+from edgepipe.config import PipelineConfig, PruneConfig
 from edgepipe.distillation import kd_step
 from edgepipe.errors import EdgepipeError
+from edgepipe.host import host_cpu, host_isa
+from edgepipe.measure import candidate_latency
 from edgepipe.models import load_torch_artifact, save_torch_artifact
+from edgepipe.profiles import HardwareProfile
 from edgepipe.stage import StageContext, StageResult
 from edgepipe.training import clear_checkpoints, cross_entropy_step, evaluate, fit, seed_everything
 from edgepipe.types import ArtifactKind, Importance
@@ -32,7 +42,14 @@ INPUT_KINDS = (ArtifactKind.TORCH,)
 SECTIONS = ("prune", "soft_targets", "data", "seed")
 USES_TEACHER = True
 MEASURED = True
-target_key = None  # MACs/params targets; the same pruned model serves every target
+
+
+def target_key(profile: HardwareProfile, config: PipelineConfig) -> dict[str, Any] | None:
+    """A MACs/params target serves every target; a latency target is measured on this target and host."""
+    if config.prune.target != "latency":
+        return None
+    return {"profile": profile.model_dump(mode="json"), "host": [host_cpu(), list(host_isa())],
+            "measure": config.measure.model_dump(mode="json")}
 SMALL_STEPS = 200
 log = logging.getLogger(__name__)
 
@@ -82,12 +99,17 @@ def run(ctx: StageContext) -> StageResult:
         iterative_steps=SMALL_STEPS, max_pruning_ratio=pcfg.max_layer_ratio, global_pruning=pcfg.global_pruning,
         ignored_layers=ignored_layers(student, data.num_classes, pcfg.ignore), round_to=pcfg.round_to)
     step_log, histories = [], []
+    latency = _Latency(ctx, example, base_macs) if pcfg.target == "latency" else None
     for step in range(1, pcfg.steps + 1):
-        goal = pcfg.ratio ** (step / pcfg.steps)
-        reached = _prune_to(pruner, student, example, goal, base_macs, base_params, pcfg, data)
+        goal = pcfg.ratio ** (step / pcfg.steps) if latency is None else latency.goal(step, pcfg.steps)
+        if latency is None:
+            reached = _prune_to(pruner, student, example, goal, base_macs, base_params, pcfg, data)
+        else:
+            reached = latency.prune_to(pruner, student, goal, pcfg, data)
         macs, params = count(student, example)
-        step_log.append({"step": step, "goal_ratio": goal, "macs": macs, "params": params,
-                         "macs_ratio": macs / base_macs, "params_ratio": params / base_params, "reached": reached})
+        step_log.append({"step": step, "goal_ratio" if latency is None else "goal_ms": goal, "macs": macs,
+                         "params": params, "macs_ratio": macs / base_macs, "params_ratio": params / base_params,
+                         "reached": reached, **({"latency_ms": latency.last_ms} if latency else {})})
         ctx.progress("prune steps", step, pcfg.steps, {"macs_ratio": macs / base_macs})
         log.info("prune step %d/%d: MACs %.1f%% params %.1f%% of the student", step, pcfg.steps,
                  100 * macs / base_macs, 100 * params / base_params)
@@ -96,6 +118,10 @@ def run(ctx: StageContext) -> StageResult:
                              kd_step(teacher, pcfg.temperature, pcfg.alpha), batch_size=cfg.data.batch_size,
                              checkpoint_dir=ctx.checkpoint_dir, task=f"prune step {step} fine-tune",
                              progress=ctx.progress, tag=f"step{step}")
+    if latency is not None and not step_log[-1]["reached"]:
+        raise EdgepipeError(f"prune.{'latency_ms' if pcfg.latency_ms else 'speedup'}: pruning reached "
+                            f"{latency.last_ms:.4g} ms at batch 1 on {latency.where}, above the budget "
+                            f"{latency.budget_ms:.4g} ms; raise prune.max_layer_ratio or relax the budget")
     if not step_log[-1]["reached"]:
         raise EdgepipeError(f"prune.ratio: reached only {step_log[-1][f'{pcfg.target}_ratio']:.2f} of the {pcfg.target} "
                             f"(target {pcfg.ratio}); raise prune.max_layer_ratio or the ratio")
@@ -114,7 +140,8 @@ def run(ctx: StageContext) -> StageResult:
         "macs_before": base_macs, "params_before": base_params, "macs_after": macs, "params_after": params,
         "macs_ratio": macs / base_macs, "params_ratio": params / base_params, "top1_after_pruning": pruned_top1,
         "steps": step_log, "channels": {n: [before[n], after.get(n, before[n])] for n in before},
-        "soft_targets": teacher.record() if teacher is not None else None})
+        "soft_targets": teacher.record() if teacher is not None else None,
+        "latency": latency.record() if latency is not None else None})
 
 
 def _prune_to(pruner: tp.pruner.MetaPruner, model: nn.Module, example: torch.Tensor, goal: float, base_macs: int,
@@ -141,3 +168,66 @@ def _accumulate_gradients(model: nn.Module, data, batches: int) -> None:
             break
         nn.functional.cross_entropy(model(x), y).backward()
 
+
+class _Latency:
+    """Latency-constrained pruning: the budget, and candidates measured on the target's backend."""
+
+    def __init__(self, ctx: StageContext, example: torch.Tensor, base_macs: int) -> None:
+        self.ctx, self.example, self.base_macs = ctx, example, base_macs
+        self.shape = tuple(example.shape[1:])
+        self.measurements: list[dict[str, Any]] = []
+        unpruned = load_torch_artifact(ctx.input)
+        # Two independent compiles and timings, the lower kept: a budget relative to an inflated first figure
+        # would be met by noise, not by pruning.
+        base = min((self.measure(unpruned, base_macs) for _ in range(2)), key=lambda x: x["p50_ms"])
+        pcfg = ctx.config.prune
+        self.base_ms = base["p50_ms"]
+        self.budget_ms = pcfg.latency_ms if pcfg.latency_ms is not None else self.base_ms / pcfg.speedup
+        self.last_ms = self.base_ms
+        self.where = f"{base['backend']} {base['dtype']}" + (" (roofline ESTIMATE)" if base["kind"] == "estimate" else "")
+
+    def goal(self, step: int, steps: int) -> float:
+        """Geometric schedule from the unpruned latency to the budget over ``steps`` rounds."""
+        return self.base_ms * (self.budget_ms / self.base_ms) ** (step / steps)
+
+    def measure(self, model: nn.Module, macs: int) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(prefix="prune-candidate-") as tmp:
+            lat = candidate_latency(model, self.shape, self.ctx.profile, self.ctx.config.measure, Path(tmp))
+        model.train()
+        self.last_ms = lat["p50_ms"]
+        self.measurements.append({"macs": macs, "macs_ratio": macs / self.base_macs, "p50_ms": lat["p50_ms"],
+                                  "kind": lat["kind"]})
+        self.ctx.progress("prune: candidate latency", len(self.measurements), len(self.measurements),
+                          {"p50_ms": lat["p50_ms"], "macs_ratio": macs / self.base_macs})
+        self.last = lat
+        return lat
+
+    def prune_to(self, pruner: tp.pruner.MetaPruner, model: nn.Module, goal_ms: float, pcfg: PruneConfig,
+                 data) -> bool:
+        """Small pruner steps, measuring whenever MACs fell by ``latency_check``, until p50 <= goal_ms."""
+        measured_at = count(model, self.example)[0]
+        if self.last_ms <= goal_ms:
+            return True
+        while pruner.current_step < pruner.iterative_steps:
+            if pcfg.importance is Importance.TAYLOR:
+                _accumulate_gradients(model, data, pcfg.taylor_batches)
+            pruner.step()
+            macs = count(model, self.example)[0]
+            if measured_at - macs >= pcfg.latency_check * self.base_macs:
+                measured_at = macs
+                if self._meets(model, macs, goal_ms):
+                    return True
+        return self._meets(model, count(model, self.example)[0], goal_ms)
+
+    def _meets(self, model: nn.Module, macs: int, goal_ms: float) -> bool:
+        """The candidate meets ``goal_ms`` in a measurement and again in an independent one (a fresh compile)."""
+        return self.measure(model, macs)["p50_ms"] <= goal_ms and self.measure(model, macs)["p50_ms"] <= goal_ms
+
+    def record(self) -> dict[str, Any]:
+        last = self.last
+        return {"budget_ms": self.budget_ms, "unpruned_ms": self.base_ms, "final_ms": self.last_ms,
+                "speedup": self.base_ms / self.last_ms, "kind": last["kind"], "measured_on": self.where,
+                "conditions": {k: last.get(k) for k in ("backend", "device", "dtype", "batch", "threads", "warmup",
+                                                        "iterations", "rounds")},
+                "note": "candidates timed in the target's best float dtype before QAT; INT8 runs faster still",
+                "measurements": self.measurements}
