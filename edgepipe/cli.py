@@ -237,15 +237,23 @@ def _compile_standalone(args: argparse.Namespace) -> int:
 
     from edgepipe.backends import get_backend
     from edgepipe.profiles import get_profile
+    from edgepipe.types import Backend
+
     if not args.target or not args.out:
         raise EdgepipeError("standalone compile needs --onnx, --target and --out")
     if not args.onnx.is_file():
         raise EdgepipeError(f"{args.onnx}: ONNX file not found")
     profile = get_profile(args.target)
+    backend = get_backend(profile.backend)
+    ok, reason = backend.available()
+    if profile.backend is Backend.TENSORRT and not ok:
+        # On the device this command builds the engine; a bundle written here would be a bundle inside a bundle.
+        raise EdgepipeError(f"compile --onnx {args.onnx}: no TensorRT engine can be built on this machine ({reason}); "
+                            f"run it on the {profile.name} device (see the bundle's README.md)")
     graph = onnx.load(str(args.onnx), load_external_data=False).graph
     quantized = any(n.op_type == "QuantizeLinear" for n in graph.node)
     dtype = profile.compile_dtype(quantized)
-    artifact, records = get_backend(profile.backend).compile(args.onnx, profile, dtype, args.out)
+    artifact, records = backend.compile(args.onnx, profile, dtype, args.out)
     dims = graph.input[0].type.tensor_type.shape.dim
     artifact.meta.setdefault("input_shape", [d.dim_value for d in dims[1:]] if all(d.dim_value for d in dims[1:]) else None)
     artifact.meta.setdefault("target", profile.name)

@@ -22,6 +22,18 @@ needs_teacher = pytest.mark.skipif(not (TEACHERS / "resnet56_cifar10.state_dict.
                                    reason=f"needs the ResNet-56 teacher at {TEACHERS} (../shared is not in a user's clone)")
 
 
+def tensorrt_here() -> bool:
+    """TensorRT and a CUDA device present: a Jetson target's compile builds an engine instead of a bundle."""
+    from edgepipe.backends import get_backend
+
+    return get_backend("tensorrt").available()[0]
+
+
+JETSON_COMPILED_KIND = "tensorrt_engine" if tensorrt_here() else "tensorrt_bundle"
+without_tensorrt = pytest.mark.skipif(tensorrt_here(), reason="TensorRT and a CUDA device are here: the Jetson "
+                                                               "target builds an engine, not a deploy bundle")
+
+
 class TinyCNN(nn.Module):
     """conv-bn-relu x2 + linear on 1x8x8 inputs: prunable, quantizable, exportable, instant."""
 

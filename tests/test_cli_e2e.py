@@ -10,7 +10,7 @@ import yaml
 
 from edgepipe.cli import main
 from edgepipe.stage import STAGE_ORDER
-from tests.support import tiny_config
+from tests.support import tiny_config, without_tensorrt
 
 pytestmark = pytest.mark.e2e
 
@@ -50,6 +50,7 @@ def test_every_stage_recorded(jetson_run: tuple[Path, Path]) -> None:
     assert (run / "config.yaml").exists()
 
 
+@without_tensorrt
 def test_jetson_bundle_is_int8_qdq_zero_point_0(jetson_run: tuple[Path, Path]) -> None:
     from edgepipe.onnx_export import qdq_report
 
@@ -131,13 +132,17 @@ def test_profiles_and_models_commands(capsys: pytest.CaptureFixture) -> None:
     assert "cifar_resnet" in capsys.readouterr().out
 
 
-def test_standalone_compile_and_bench_from_artifacts(jetson_run: tuple[Path, Path], tmp_path: Path) -> None:
+@without_tensorrt
+def test_standalone_compile_and_bench_from_artifacts(jetson_run: tuple[Path, Path], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
     run, _ = jetson_run
     bundle = run / "compile"
-    # what the bundle's build_engine.sh runs on a device; here (no CUDA) it writes a bundle again, never an engine
+    # what the bundle's build_engine.sh runs on a device; here (no CUDA) it fails with one line: no bundle in a bundle
     assert main(["compile", "--onnx", str(bundle / "model.onnx"), "--target", str(bundle / "profile.yaml"),
-                 "--out", str(tmp_path / "engine")]) == 0
-    assert (tmp_path / "engine" / "README.md").exists() and not list((tmp_path / "engine").glob("*.engine"))
+                 "--out", str(tmp_path / "engine")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no TensorRT engine can be built on this machine" in err
+    assert not (tmp_path / "engine").exists()
     # the same exported ONNX compiled for OpenVINO and benchmarked alone
     assert main(["compile", "--onnx", str(run / "export" / "model.onnx"), "--target", "intel-xeon-amx",
                  "--out", str(tmp_path / "ov")]) == 0
@@ -165,3 +170,22 @@ def test_new_target_reuses_training_and_compiles_for_onnxruntime(jetson_run: tup
     assert m["artifact"]["kind"] == "ort_optimized"
     speedup = m["records"]["speedup"]
     assert speedup["baseline_p50_ms"] > 0 and speedup["optimized_p50_ms"] > 0 and speedup["ratio_p50"] > 0
+
+
+@without_tensorrt
+def test_device_command_imports_no_torch_or_openvino(jetson_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """The bundle's build command, run where no engine can be built: exit 2, one line, and none of the host-side
+    libraries imported (a Jetson has TensorRT and numpy, not torch, openvino or matplotlib)."""
+    import subprocess
+    import sys
+
+    run, _ = jetson_run
+    bundle = run / "compile"
+    code = ("import sys\nfrom edgepipe.cli import main\n"
+            f"rc = main(['compile', '--onnx', {str(bundle / 'model.onnx')!r}, '--target', "
+            f"{str(bundle / 'profile.yaml')!r}, '--out', {str(tmp_path / 'engine')!r}])\n"
+            "print([m for m in ('torch', 'torchvision', 'openvino', 'matplotlib') if m in sys.modules])\n"
+            "sys.exit(rc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stdout.strip() == "[]"
+    assert len(out.stderr.strip().splitlines()) == 1 and "no TensorRT engine can be built" in out.stderr

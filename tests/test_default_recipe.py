@@ -21,6 +21,7 @@ from onnx import numpy_helper
 
 from edgepipe.cli import main
 from edgepipe.quant_form import exact_8bit_weights_on_cpu
+from tests.support import JETSON_COMPILED_KIND, without_tensorrt
 from edgepipe.stage import STAGE_ORDER
 
 pytestmark = pytest.mark.e2e
@@ -60,9 +61,10 @@ def test_default_digits_pipeline_meets_targets(default_run: Path) -> None:
     for final in ("qat", "export", "compile"):
         assert m[final]["accuracy"]["top1"] >= teacher_top1 - 0.02, final
     assert m["export"]["artifact"]["dtype"] == "int8"
-    assert m["compile"]["artifact"]["kind"] == "tensorrt_bundle"
+    assert m["compile"]["artifact"]["kind"] == JETSON_COMPILED_KIND
 
 
+@without_tensorrt
 def test_jetson_bundle_has_the_tensorrt_form(default_run: Path) -> None:
     """8-bit weights, int8 zero-point 0, per-channel weights on axis 0, Q/DQ on every residual Add input."""
     from edgepipe.onnx_export import qdq_report

@@ -77,26 +77,65 @@ SUPPORTED_OPS = frozenset({
 })
 
 
-def _missing() -> list[str]:
-    missing = []
+SUPPORTED_MAJOR = 10
+"""The TensorRT API this backend uses (JetPack 6.1/6.2 ship TensorRT 10.3; JetPack 6.0 ships 8.6)."""
+
+
+def version_problem(version: str) -> str | None:
+    """None for a supported TensorRT version, else one line saying which JetPack release to use."""
     try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        missing.append("tensorrt is not installed")
+        major = int(version.split(".")[0])
+    except ValueError:
+        return f"TensorRT reports version '{version}'; edgepipe needs TensorRT {SUPPORTED_MAJOR}.x"
+    if major == SUPPORTED_MAJOR:
+        return None
+    hint = ("JetPack 6.0 ships TensorRT 8.6: flash JetPack 6.1 or 6.2 (TensorRT 10.3)" if major < SUPPORTED_MAJOR
+            else "TensorRT 11 removed the INT8/FP16 builder flags this build uses: install tensorrt 10.x "
+                 "(pip install 'tensorrt>=10,<11', or JetPack 6.1/6.2's TensorRT 10.3)")
+    return f"TensorRT {version} found, edgepipe builds with the TensorRT {SUPPORTED_MAJOR} API; {hint}"
+
+
+def _cuda_devices() -> tuple[int | None, str]:
+    """CUDA devices through pycuda, else NVIDIA's cuda-python (aarch64 wheels); never through torch."""
     try:
         import pycuda.driver as cuda
 
         cuda.init()
-        if cuda.Device.count() == 0:
-            missing.append("no CUDA device")
+        return cuda.Device.count(), ""
+    except ImportError:
+        pass
+    except Exception as e:  # noqa: BLE001 - pycuda raises its own LogicError/RuntimeError when no device is found
+        return 0, f" ({e})"
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import cudart  # older cuda-python
+        except ImportError:
+            return None, ""
+    err, count = cudart.cudaGetDeviceCount()
+    return (count if int(err) == 0 else 0), ("" if int(err) == 0 else f" ({err})")
+
+
+def _missing() -> list[str]:
+    missing = []
+    try:
+        import tensorrt
+    except ImportError:
+        missing.append("tensorrt is not installed")
+    else:
+        problem = version_problem(tensorrt.__version__)
+        if problem:
+            missing.append(problem)
+    try:
+        import pycuda.driver  # noqa: F401 - the runner's memory and streams
     except ImportError:
         missing.append("pycuda is not installed")
-        import torch
-
-        if not torch.cuda.is_available():
-            missing.append("no CUDA device")
-    except Exception as e:  # pycuda raises its own LogicError/RuntimeError when the driver finds no device
-        missing.append(f"no CUDA device ({e})")
+    count, why = _cuda_devices()
+    if count is None:
+        missing.append("no CUDA binding to look for a device (pip install pycuda or cuda-python)")
+    elif count == 0:
+        missing.append(f"no CUDA device{why}")
     return missing
 
 
@@ -133,6 +172,10 @@ def build_settings(profile: HardwareProfile, dtype: DType, input_shape: tuple[in
             raise EdgepipeError(f"{name}: DLA runs only fp16 and int8; compile fp16/int8 or set use_dla_core: null")
         flags.append("GPU_FALLBACK")
     per_sample = [int(d) for d in input_shape]
+    batches = {"min": 1, "opt": opts.opt_batch, "max": opts.max_batch}
+    if opts.use_dla_core is not None:
+        # DLA engines have static shapes: min = opt = max (TensorRT "Working with DLA"); one batch size.
+        batches = dict.fromkeys(batches, opts.opt_batch)
     return {
         "dtype": dtype.value,
         "workspace_bytes": opts.workspace_mb * 1024 * 1024,
@@ -140,7 +183,7 @@ def build_settings(profile: HardwareProfile, dtype: DType, input_shape: tuple[in
         "device_type": "DLA" if opts.use_dla_core is not None else "GPU",
         "dla_core": opts.use_dla_core,
         "input_name": input_name,
-        "shapes": {"min": [1, *per_sample], "opt": [opts.opt_batch, *per_sample], "max": [opts.max_batch, *per_sample]},
+        "shapes": {k: [b, *per_sample] for k, b in batches.items()},
         "builder_optimization_level": opts.builder_optimization_level,
     }
 
@@ -206,6 +249,24 @@ def check_onnx_for_tensorrt(onnx_path: Path | str) -> list[str]:
         elif node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             problems.extend(_qdq_problems(node, values))
     return problems
+
+
+def trtexec_command(settings: dict[str, Any], onnx: str = "model.onnx", engine: str = "engine/model.engine") -> str:
+    """The ``trtexec`` line that builds the same engine as ``build_engine(settings)``: shapes, precision
+    flags, workspace, DLA core, optimization level, with per-layer information exported beside it."""
+    def dims(shape: list[int]) -> str:
+        return f"{settings['input_name']}:{'x'.join(str(d) for d in shape)}"
+
+    flags = {"INT8": "--int8", "FP16": "--fp16", "GPU_FALLBACK": "--allowGPUFallback"}
+    parts = ["trtexec", f"--onnx={onnx}", f"--saveEngine={engine}",
+             *(f"--{k}Shapes={dims(settings['shapes'][k])}" for k in ("min", "opt", "max")),
+             *(flags[f] for f in settings["flags"]),
+             f"--memPoolSize=workspace:{settings['workspace_bytes'] // (1024 * 1024)}M",
+             f"--builderOptimizationLevel={settings['builder_optimization_level']}"]
+    if settings.get("dla_core") is not None:
+        parts.append(f"--useDLACore={settings['dla_core']}")
+    parts += ["--profilingVerbosity=detailed", f"--exportLayerInfo={Path(engine).parent / 'layers.json'}"]
+    return " ".join(parts)
 
 
 def build_command(profile: HardwareProfile) -> str:
@@ -364,7 +425,8 @@ def _write_bundle(onnx_path: Path, profile: HardwareProfile, settings: dict[str,
     command = build_command(profile)
     _copy(onnx_path, out_dir / BUNDLE_FILES["onnx"])
     atomic_write_text(out_dir / BUNDLE_FILES["profile"], yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False))
-    atomic_write_json(out_dir / BUNDLE_FILES["settings"], {"onnx": BUNDLE_FILES["onnx"], **settings})
+    trtexec = trtexec_command(settings, BUNDLE_FILES["onnx"])
+    atomic_write_json(out_dir / BUNDLE_FILES["settings"], {"onnx": BUNDLE_FILES["onnx"], **settings, "trtexec": trtexec})
     steps = command.replace(" && ", "\n")
     atomic_write_text(out_dir / BUNDLE_FILES["readme"], f"""# TensorRT deploy bundle for `{profile.name}`
 
@@ -377,6 +439,30 @@ Build it on the device ({profile.description or profile.name}):
 ```
 
 or run `sh build_engine.sh`. The engine is written to `engine/` and benchmarked there.
+
+## Install on the device (JetPack 6.1 / 6.2)
+
+JetPack 6.1 and 6.2 ship TensorRT 10.3 for the system Python 3.10 (apt package `python3-libnvinfer`);
+edgepipe builds with the TensorRT 10 API (JetPack 6.0 ships TensorRT 8.6: flash 6.1 or later).
+
+```sh
+sudo apt install python3-libnvinfer python3-venv          # TensorRT's Python bindings, if not installed
+python3 -m venv --system-site-packages ~/edgepipe-venv    # system site packages: the apt TensorRT
+. ~/edgepipe-venv/bin/activate
+pip install pycuda                                        # compiles on the device (needs the CUDA toolkit)
+pip install edgepipe                                      # or: pip install /path/to/an/edgepipe/checkout
+python3 -c "import tensorrt; print(tensorrt.__version__)" # 10.3.x
+```
+
+## The same engine with trtexec
+
+```sh
+mkdir -p engine && /usr/src/tensorrt/bin/{trtexec}
+```
+
+Same shapes (min/opt/max batch{" (static: DLA)" if settings.get("dla_core") is not None else ""}), precision flags,
+workspace and optimization level as `build_settings.json`; `engine/layers.json` lists every layer and
+the precision it runs in.
 
 - `model.onnx`: the exported model ({settings['dtype']}), already checked for TensorRT compatibility.
 - `profile.yaml`: the hardware profile `{profile.name}` used here; the commands above read it, so the

@@ -18,6 +18,8 @@ from tests.backends.conftest import INPUT_SHAPE, make_profile, random_batch
 
 TRT_OK, TRT_REASON = trtb.available()
 needs_trt = pytest.mark.skipif(not TRT_OK, reason=TRT_REASON or "requires TensorRT and a CUDA device")
+without_trt = pytest.mark.skipif(TRT_OK, reason="TensorRT and a CUDA device are here: compile builds an engine, "
+                                                "not a deploy bundle (see the engine tests)")
 
 
 def jetson(name: str, dtypes: tuple[DType, ...] = (DType.INT8, DType.FP16), **tensorrt: object) -> HardwareProfile:
@@ -43,8 +45,11 @@ def test_build_settings(profile: HardwareProfile, dtype: DType, flags: list[str]
     opts = profile.options.tensorrt
     assert s["flags"] == flags and s["device_type"] == device_type and s["workspace_bytes"] == workspace
     assert s["dla_core"] == opts.use_dla_core and s["input_name"] == "input" and s["dtype"] == dtype.value
-    assert s["shapes"] == {"min": [1, *INPUT_SHAPE], "opt": [opts.opt_batch, *INPUT_SHAPE],
-                           "max": [opts.max_batch, *INPUT_SHAPE]}
+    if device_type == "DLA":  # DLA engines are static: min = opt = max
+        assert s["shapes"] == dict.fromkeys(("min", "opt", "max"), [opts.opt_batch, *INPUT_SHAPE])
+    else:
+        assert s["shapes"] == {"min": [1, *INPUT_SHAPE], "opt": [opts.opt_batch, *INPUT_SHAPE],
+                               "max": [opts.max_batch, *INPUT_SHAPE]}
     assert s["builder_optimization_level"] == opts.builder_optimization_level
     json.dumps(s)  # plain data: goes into build_settings.json as is
 
@@ -108,6 +113,7 @@ def test_compile_refuses_an_incompatible_model(uint8_onnx: Path, tmp_path: Path)
 
 
 @pytest.mark.skipif(TRT_OK, reason="TensorRT and a CUDA device are present: compile builds an engine instead")
+@without_trt
 def test_compile_without_cuda_writes_a_bundle(qdq_onnx: Path, tmp_path: Path) -> None:
     artifact, records = trtb.compile(qdq_onnx, ORIN_NANO, DType.INT8, tmp_path)
 
@@ -121,12 +127,15 @@ def test_compile_without_cuda_writes_a_bundle(qdq_onnx: Path, tmp_path: Path) ->
     assert (tmp_path / "model.onnx").read_bytes() == qdq_onnx.read_bytes()
     assert HardwareProfile.model_validate(yaml.safe_load((tmp_path / "profile.yaml").read_text())) == ORIN_NANO
     settings = json.loads((tmp_path / "build_settings.json").read_text())
-    assert settings == {"onnx": "model.onnx", **trtb.build_settings(ORIN_NANO, DType.INT8, INPUT_SHAPE)}
+    expected = trtb.build_settings(ORIN_NANO, DType.INT8, INPUT_SHAPE)
+    assert settings == {"onnx": "model.onnx", **expected, "trtexec": trtb.trtexec_command(expected)}
     script = (tmp_path / "build_engine.sh").read_text()
     assert os.access(tmp_path / "build_engine.sh", os.X_OK)
     assert "edgepipe compile --onnx model.onnx --target profile.yaml --out engine/\n" in script
     assert script.rstrip().endswith("edgepipe bench --artifact engine/ --target profile.yaml")
-    assert "edgepipe compile --onnx model.onnx --target profile.yaml --out engine/" in (tmp_path / "README.md").read_text()
+    readme = (tmp_path / "README.md").read_text()
+    assert "edgepipe compile --onnx model.onnx --target profile.yaml --out engine/" in readme
+    assert trtb.trtexec_command(expected) in readme and "--system-site-packages" in readme and "JetPack 6.1" in readme
     with pytest.raises(EdgepipeError, match="bundle holds no engine; build it on the device with: edgepipe compile"):
         trtb.load(artifact)
 
@@ -153,3 +162,26 @@ def test_engine_build_reports_parser_errors(float_onnx: Path, tmp_path: Path) ->
     with pytest.raises(EdgepipeError, match="ONNX parser failed"):
         trtb.build_engine(bad, settings, tmp_path / "x.engine")
     assert not (tmp_path / "x.engine").exists()
+
+
+def test_trtexec_command_builds_the_same_engine() -> None:
+    gpu = trtb.build_settings(ORIN_NANO, DType.INT8, INPUT_SHAPE)
+    line = trtb.trtexec_command(gpu)
+    opts = ORIN_NANO.options.tensorrt
+    dims = "x".join(str(d) for d in INPUT_SHAPE)
+    assert line.startswith("trtexec --onnx=model.onnx --saveEngine=engine/model.engine")
+    assert f"--minShapes=input:1x{dims}" in line and f"--maxShapes=input:{opts.max_batch}x{dims}" in line
+    assert "--int8 --fp16" in line and f"--memPoolSize=workspace:{opts.workspace_mb}M" in line
+    assert "--exportLayerInfo=engine/layers.json" in line and "--useDLACore" not in line
+    dla = trtb.trtexec_command(trtb.build_settings(AGX_ORIN_DLA, DType.INT8, INPUT_SHAPE))
+    batch = AGX_ORIN_DLA.options.tensorrt.opt_batch
+    assert "--useDLACore=1" in dla and "--allowGPUFallback" in dla
+    assert all(f"--{k}Shapes=input:{batch}x{dims}" in dla for k in ("min", "opt", "max"))
+
+
+@pytest.mark.parametrize("version, ok, says", [("10.3.0", True, ""), ("10.7.0.post1", True, ""),
+                                               ("8.6.2", False, "JetPack 6.0 ships TensorRT 8.6"),
+                                               ("11.0.0", False, "TensorRT 11 removed the INT8/FP16 builder flags")])
+def test_tensorrt_version_check(version: str, ok: bool, says: str) -> None:
+    problem = trtb.version_problem(version)
+    assert (problem is None) == ok and says in (problem or "")
