@@ -11,6 +11,7 @@ import yaml
 
 from edgepipe.backends import onnxruntime as ortb
 from edgepipe.backends import tensorrt as trtb
+from edgepipe.backends import tensorrt_plan as plan
 from edgepipe.errors import EdgepipeError
 from edgepipe.profiles import HardwareProfile
 from edgepipe.types import ArtifactKind, DType
@@ -41,7 +42,7 @@ AGX_ORIN_DLA = jetson("jetson-agx-orin", workspace_mb=4096, dla_cores=2, use_dla
 ])
 def test_build_settings(profile: HardwareProfile, dtype: DType, flags: list[str], device_type: str,
                         workspace: int) -> None:
-    s = trtb.build_settings(profile, dtype, INPUT_SHAPE)
+    s = plan.build_settings(profile, dtype, INPUT_SHAPE)
     opts = profile.options.tensorrt
     assert s["flags"] == flags and s["device_type"] == device_type and s["workspace_bytes"] == workspace
     assert s["dla_core"] == opts.use_dla_core and s["input_name"] == "input" and s["dtype"] == dtype.value
@@ -63,12 +64,12 @@ def test_build_settings(profile: HardwareProfile, dtype: DType, flags: list[str]
 ])
 def test_build_settings_rejects_impossible_profiles(profile: HardwareProfile, dtype: DType, match: str) -> None:
     with pytest.raises(EdgepipeError, match=match):
-        trtb.build_settings(profile, dtype, INPUT_SHAPE)
+        plan.build_settings(profile, dtype, INPUT_SHAPE)
 
 
 def test_check_passes_on_exported_models(qdq_onnx: Path, float_onnx: Path) -> None:
-    assert trtb.check_onnx_for_tensorrt(qdq_onnx) == []
-    assert trtb.check_onnx_for_tensorrt(float_onnx) == []
+    assert plan.check_onnx_for_tensorrt(qdq_onnx) == []
+    assert plan.check_onnx_for_tensorrt(float_onnx) == []
 
 
 @pytest.fixture(scope="module")
@@ -80,14 +81,14 @@ def uint8_onnx(qdq_onnx: Path, models_dir: Path) -> Path:
 
 
 def test_check_reports_uint8_zero_point_128(uint8_onnx: Path) -> None:
-    problems = trtb.check_onnx_for_tensorrt(uint8_onnx)
+    problems = plan.check_onnx_for_tensorrt(uint8_onnx)
     assert len([p for p in problems if "zero-point type is uint8" in p]) == 6  # 3 Q + 3 DQ
     assert len([p for p in problems if "zero-point is [128]" in p]) == 6
     assert len(problems) == 12 and all(p.split()[0] in ("QuantizeLinear", "DequantizeLinear") for p in problems)
 
 
 def test_check_reports_weight_axis_1(qdq_onnx_axis1: Path) -> None:
-    problems = trtb.check_onnx_for_tensorrt(qdq_onnx_axis1)
+    problems = plan.check_onnx_for_tensorrt(qdq_onnx_axis1)
     assert len(problems) == 2 and all("per-channel weight scales on axis 1" in p for p in problems)
 
 
@@ -99,7 +100,7 @@ def test_check_reports_opset_fixed_batch_and_unsupported_ops(float_onnx: Path, t
     model.graph.node.append(onnx.helper.make_node("QLinearConv", ["logits"], ["q"], name="qconv"))
     path = tmp_path / "bad.onnx"
     onnx.save(model, str(path))
-    problems = trtb.check_onnx_for_tensorrt(path)
+    problems = plan.check_onnx_for_tensorrt(path)
     assert any(p.startswith("opset 12 < 13") for p in problems)
     assert any("input 'input': batch dim is 8, not dynamic" in p for p in problems)
     assert any("NonMaxSuppression 'nms'" in p for p in problems) and any("QLinearConv 'qconv'" in p for p in problems)
@@ -127,15 +128,15 @@ def test_compile_without_cuda_writes_a_bundle(qdq_onnx: Path, tmp_path: Path) ->
     assert (tmp_path / "model.onnx").read_bytes() == qdq_onnx.read_bytes()
     assert HardwareProfile.model_validate(yaml.safe_load((tmp_path / "profile.yaml").read_text())) == ORIN_NANO
     settings = json.loads((tmp_path / "build_settings.json").read_text())
-    expected = trtb.build_settings(ORIN_NANO, DType.INT8, INPUT_SHAPE)
-    assert settings == {"onnx": "model.onnx", **expected, "trtexec": trtb.trtexec_command(expected)}
+    expected = plan.build_settings(ORIN_NANO, DType.INT8, INPUT_SHAPE)
+    assert settings == {"onnx": "model.onnx", **expected, "trtexec": plan.trtexec_command(expected)}
     script = (tmp_path / "build_engine.sh").read_text()
     assert os.access(tmp_path / "build_engine.sh", os.X_OK)
     assert "edgepipe compile --onnx model.onnx --target profile.yaml --out engine/\n" in script
     assert script.rstrip().endswith("edgepipe bench --artifact engine/ --target profile.yaml")
     readme = (tmp_path / "README.md").read_text()
     assert "edgepipe compile --onnx model.onnx --target profile.yaml --out engine/" in readme
-    assert trtb.trtexec_command(expected) in readme and "--system-site-packages" in readme and "JetPack 6.1" in readme
+    assert plan.trtexec_command(expected) in readme and "--system-site-packages" in readme and "JetPack 6.1" in readme
     with pytest.raises(EdgepipeError, match="bundle holds no engine; build it on the device with: edgepipe compile"):
         trtb.load(artifact)
 
@@ -158,22 +159,22 @@ def test_engine_build_and_run_match_onnxruntime(qdq_onnx: Path, tmp_path: Path) 
 def test_engine_build_reports_parser_errors(float_onnx: Path, tmp_path: Path) -> None:
     bad = tmp_path / "truncated.onnx"
     bad.write_bytes(float_onnx.read_bytes()[:100])
-    settings = trtb.build_settings(ORIN_NANO, DType.FP16, INPUT_SHAPE)
+    settings = plan.build_settings(ORIN_NANO, DType.FP16, INPUT_SHAPE)
     with pytest.raises(EdgepipeError, match="ONNX parser failed"):
         trtb.build_engine(bad, settings, tmp_path / "x.engine")
     assert not (tmp_path / "x.engine").exists()
 
 
 def test_trtexec_command_builds_the_same_engine() -> None:
-    gpu = trtb.build_settings(ORIN_NANO, DType.INT8, INPUT_SHAPE)
-    line = trtb.trtexec_command(gpu)
+    gpu = plan.build_settings(ORIN_NANO, DType.INT8, INPUT_SHAPE)
+    line = plan.trtexec_command(gpu)
     opts = ORIN_NANO.options.tensorrt
     dims = "x".join(str(d) for d in INPUT_SHAPE)
     assert line.startswith("trtexec --onnx=model.onnx --saveEngine=engine/model.engine")
     assert f"--minShapes=input:1x{dims}" in line and f"--maxShapes=input:{opts.max_batch}x{dims}" in line
     assert "--int8 --fp16" in line and f"--memPoolSize=workspace:{opts.workspace_mb}M" in line
     assert "--exportLayerInfo=engine/layers.json" in line and "--useDLACore" not in line
-    dla = trtb.trtexec_command(trtb.build_settings(AGX_ORIN_DLA, DType.INT8, INPUT_SHAPE))
+    dla = plan.trtexec_command(plan.build_settings(AGX_ORIN_DLA, DType.INT8, INPUT_SHAPE))
     batch = AGX_ORIN_DLA.options.tensorrt.opt_batch
     assert "--useDLACore=1" in dla and "--allowGPUFallback" in dla
     assert all(f"--{k}Shapes=input:{batch}x{dims}" in dla for k in ("min", "opt", "max"))
@@ -183,5 +184,5 @@ def test_trtexec_command_builds_the_same_engine() -> None:
                                                ("8.6.2", False, "JetPack 6.0 ships TensorRT 8.6"),
                                                ("11.0.0", False, "TensorRT 11 removed the INT8/FP16 builder flags")])
 def test_tensorrt_version_check(version: str, ok: bool, says: str) -> None:
-    problem = trtb.version_problem(version)
+    problem = plan.version_problem(version)
     assert (problem is None) == ok and says in (problem or "")
