@@ -86,7 +86,7 @@ def measure_artifact(artifact: Artifact, data: DataBundle, cfg: MeasureConfig, p
 
 
 def candidate_latency(model: torch.nn.Module, input_shape: tuple[int, ...], profile: HardwareProfile,
-                      cfg: MeasureConfig, workdir: Path, rounds: int = 3) -> dict[str, Any]:
+                      cfg: MeasureConfig, workdir: Path, rounds: int = 3, quantized: bool = False) -> dict[str, Any]:
     """Batch-1 latency of a float torch model on the target's own backend, for latency-constrained pruning.
 
     The model is exported (edgepipe.onnx_export) and compiled by the profile's backend in its best float
@@ -98,12 +98,15 @@ def candidate_latency(model: torch.nn.Module, input_shape: tuple[int, ...], prof
     import onnx
 
     from edgepipe.backends import get_backend
-    from edgepipe.onnx_export import export_onnx
+    from edgepipe.onnx_export import export_onnx, fold_weight_quantizers
 
-    dtype = profile.best_float
+    dtype = profile.compile_dtype(quantized)  # a QAT model compiles to int8 where the target has it
     workdir.mkdir(parents=True, exist_ok=True)
     onnx_path = workdir / "candidate.onnx"
-    onnx.save(export_onnx(model, input_shape, 17), str(onnx_path))
+    proto = export_onnx(model, input_shape, 17)
+    if quantized:
+        fold_weight_quantizers(proto)  # int8 weight initializers, as the export stage ships them
+    onnx.save(proto, str(onnx_path))
     backend = get_backend(profile.backend)
     ok, reason = backend.available()
     if profile.backend is Backend.TENSORRT and not ok:
@@ -122,3 +125,28 @@ def candidate_latency(model: torch.nn.Module, input_shape: tuple[int, ...], prof
     lat = min((time_runner(runner, input_shape, 1, cfg.warmup, cfg.iterations) for _ in range(rounds)),
               key=lambda x: x.p50_ms)
     return {"kind": "measured", **lat.as_dict(), "rounds": rounds}
+
+
+def stage_gain(before: Artifact, after: Artifact, before_top1: float, after_top1: float, profile: HardwareProfile,
+               cfg: MeasureConfig, input_shape: tuple[int, ...], before_stage: str) -> dict[str, Any]:
+    """Does a stage earn its place? Its output against its input, both compiled for the target and timed
+    at batch 1 the same way (``candidate_latency``), with top-1 from the engine's measurements. A stage
+    whose output is less accurate and not faster by ``profile.min_speedup`` is flagged."""
+    import tempfile
+
+    from edgepipe.models import load_torch_artifact
+
+    with tempfile.TemporaryDirectory(prefix="edgepipe-gain-") as tmp:
+        lat = [candidate_latency(load_torch_artifact(a), input_shape, profile, cfg, Path(tmp) / str(i),
+                                 quantized=a.quantized) for i, a in enumerate((before, after))]
+    speedup = lat[0]["p50_ms"] / lat[1]["p50_ms"]
+    delta = 100 * (after_top1 - before_top1)
+    faster = speedup >= profile.min_speedup
+    earned = delta >= 0 or faster
+    where = f"{lat[1]['backend']} {lat[1]['dtype']}" + (" (roofline ESTIMATE)" if lat[1]["kind"] == "estimate" else "")
+    verdict = (f"{'kept' if earned else 'flagged'}: {delta:+.2f} pts top-1 and {speedup:.2f}x batch-1 speed against "
+               f"{before_stage} on {where} (faster counts from {profile.min_speedup}x)"
+               + ("" if earned else "; less accurate and not faster: it does not earn its place"))
+    return {"against": before_stage, "top1_delta_points": delta, "before_ms": lat[0]["p50_ms"],
+            "after_ms": lat[1]["p50_ms"], "speedup": speedup, "min_speedup": profile.min_speedup,
+            "kind": lat[1]["kind"], "measured_on": where, "earned": earned, "verdict": verdict}

@@ -5,8 +5,11 @@ output (``edgepipe.stage.Stage``: its config sections, whether it trains against
 the target shapes it); from those the engine computes the stage's key together with the content
 hashes of its input (and teacher) artifacts. A stage whose key and output are unchanged is reused;
 ``force`` reruns from a stage on. Measuring is keyed apart: the metrics key adds the ``measure``
-settings, the data and this host, so changing ``measure.iterations`` (or the CPU) re-measures the
-stored artifact without retraining it.
+settings, the data, the target and this host, so changing ``measure.iterations`` (or the CPU)
+re-measures the stored artifact without retraining it. A stage that transforms a torch model into
+another is also checked against its input on the target (``gain`` in metrics.json, see
+edgepipe.measure.stage_gain): one less accurate and not faster by the profile's ``min_speedup`` is
+flagged in the log and the report.
 
 A run folder gets ``config.yaml`` (resolved), ``profile.yaml`` and ``manifest.json`` (order, status,
 times, hashes, library versions, git revision, host); each stage folder gets ``metrics.json``. Every
@@ -42,7 +45,7 @@ from edgepipe.stage import StageContext, StageResult, load_stage
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int, dict[str, float]], None]
-MEASURE_VERSION = 2  # 2: per-class top-1
+MEASURE_VERSION = 3  # 2: per-class top-1; 3: the gain check
 """Bump when the engine measures differently, so stored figures are re-measured."""
 
 
@@ -206,10 +209,12 @@ def stage_key(run: Run, name: str, input_hash: str | None, teacher: Artifact | N
 
 
 def metrics_key(run: Run, name: str, key: str) -> str:
-    """What decides the stage's figures: its output (``key``), the measure settings, the data and this host."""
+    """What decides the stage's figures: its output (``key``), the measure settings, the data, the target
+    (estimates, the gain check) and this host."""
     cfg = run.config
     measure = cfg.measure.model_dump(mode="json") if run.is_measured(name) else None
     return _hash({"stage_key": key, "measure": measure, "data": cfg.data.model_dump(mode="json"),
+                  "profile": run.profile.model_dump(mode="json"),  # estimates and the gain check are per target
                   "host": [host_cpu(), list(host_isa())], "version": MEASURE_VERSION})
 
 
@@ -289,7 +294,24 @@ def _metrics(run: Run, name: str, result: StageResult, ctx: StageContext, wall: 
     figures = measure_artifact(art, ctx.data, run.config.measure, run.profile, counts,
                                eval_batch_size=run.config.data.eval_batch_size,
                                progress=lambda t, i, n, v: progress(f"{name}: {t}", i, n, v))
-    return {**base, **figures, "counts": counts, "records": result.records}
+    return {**base, **figures, "counts": counts, "gain": _gain(run, name, ctx, art, figures), "records": result.records}
+
+
+def _gain(run: Run, name: str, ctx: StageContext, art: Artifact, figures: dict[str, Any]) -> dict[str, Any] | None:
+    """A model-transforming stage (torch in, torch out) against its input on the target (edgepipe.measure.stage_gain)."""
+    from edgepipe.measure import stage_gain
+    from edgepipe.types import ArtifactKind
+
+    found = run.input_of(name)
+    if found is None or found[1].kind is not ArtifactKind.TORCH or art.kind is not ArtifactKind.TORCH:
+        return None
+    before = (run.metrics_of(found[0]).get("accuracy") or {}).get("top1")
+    if before is None:  # the input stage was not measured (e.g. a derived run measuring only its last stage)
+        return None
+    gain = stage_gain(found[1], art, before, figures["accuracy"]["top1"], run.profile, run.config.measure,
+                      tuple(ctx.data.input_shape), found[0])
+    (log.info if gain["earned"] else log.warning)("%s: %s", name, gain["verdict"])
+    return gain
 
 
 def _counts(run: Run, name: str, art: Artifact, ctx: StageContext) -> dict[str, Any]:

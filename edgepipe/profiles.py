@@ -70,6 +70,9 @@ class HardwareProfile(_Strict):
     memory_bandwidth_gbps: float = Field(gt=0, description="Peak memory bandwidth, GB/s.")
     memory_gb: float = Field(gt=0, description="Device memory, GB.")
     power_w: float | None = Field(None, gt=0, description="Module power budget in the quoted mode, W.")
+    min_speedup: float = Field(
+        1.05, ge=1, description="A stage's output counts as faster on this target only when its batch-1 latency is "
+                                "at least this many times lower than its input's (the engine's gain check).")
     options: BackendOptions = BackendOptions()
 
     @model_validator(mode="after")

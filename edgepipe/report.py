@@ -89,6 +89,7 @@ def _rows(stages: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[dict[str,
             "wall_time_s": next((v for v in (number(entry.get("wall_time_s")), number(m.get("wall_time_s")))
                                  if v is not None), None),
             "measure_note": m.get("measure_note") if isinstance(m.get("measure_note"), str) else None,
+            "gain": m.get("gain") if isinstance(m.get("gain"), dict) else None,
         })
     return rows
 
@@ -168,6 +169,12 @@ def _conditions(rows: list[dict[str, Any]]) -> list[str]:
 
 
 # --- document ---------------------------------------------------------------------------------------
+def _gain_blocks(rows: list[dict[str, Any]]) -> list[Block]:
+    """Which model-transforming stages earned their place on the target, and why (the engine's gain check)."""
+    verdicts = [f"{r['stage']} {r['gain'].get('verdict', '')}" for r in rows if r["gain"]]
+    return [("h3", "Does each stage earn its place?"), ("list", verdicts)] if verdicts else []
+
+
 def _document(manifest: dict[str, Any], stages: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[Block]:
     rows = _rows(stages)
     host = manifest.get("host") or {}
@@ -183,6 +190,7 @@ def _document(manifest: dict[str, Any], stages: list[tuple[dict[str, Any], dict[
         ("table", TABLE_HEAD, [_table_cells(r) for r in rows]),
         ("h3", "Measurement conditions"),
         ("list", _conditions(rows)),
+        *_gain_blocks(rows),
         ("h2", "Plots"),
     ]
     for name, caption, png, note in make_plots(rows, stages):

@@ -109,3 +109,24 @@ def test_stage_protocol_is_checked_at_import(tmp_path: Path, monkeypatch: pytest
         stage_mod.check_stage(broken)
     with pytest.raises(EdgepipeError, match="unknown stage 'nope'"):
         stage_mod.load_stage("nope")
+
+
+def test_each_model_stage_is_checked_against_its_input_on_the_target(tmp_path: Path) -> None:
+    """distill vs teacher and prune vs distill, both compiled for the target and timed the same way; the verdict
+    follows the rule (less accurate and not faster by the profile's min_speedup -> flagged) and reaches the report."""
+    from edgepipe.report import write_report
+
+    run = Run.create(tmp_path / "run", _config(), "generic-cpu")
+    metrics = run_pipeline(run, stages=["teacher", "distill", "prune"])
+    assert metrics["teacher"]["gain"] is None  # nothing before it
+    for name, against in (("distill", "teacher"), ("prune", "distill")):
+        gain = metrics[name]["gain"]
+        assert gain["against"] == against and gain["kind"] == "measured" and gain["measured_on"].startswith("onnxruntime")
+        delta = 100 * (metrics[name]["accuracy"]["top1"] - metrics[against]["accuracy"]["top1"])
+        assert gain["top1_delta_points"] == pytest.approx(delta)
+        assert gain["speedup"] == pytest.approx(gain["before_ms"] / gain["after_ms"])
+        assert gain["earned"] == (delta >= 0 or gain["speedup"] >= run.profile.min_speedup)
+        assert gain["verdict"].startswith("kept" if gain["earned"] else "flagged")
+    md, _ = write_report(run.root)
+    text = md.read_text()
+    assert "Does each stage earn its place?" in text and f"prune {metrics['prune']['gain']['verdict'][:20]}" in text
