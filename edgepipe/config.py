@@ -196,6 +196,9 @@ class BenchConfig(_Strict):
 class PipelineConfig(_Strict):
     name: str = Field("edgepipe-run", description="A name for the recipe.")
     seed: int = Field(0, description="Seed for data order, initialisation and augmentation.")
+    on_no_gain: Literal["flag", "skip"] = Field(
+        "flag", description="A stage whose output is less accurate than its input and not faster on the target by "
+                            "the profile's min_speedup: flag it in the report, or skip it (pass its input through).")
     data: DataConfig = Field(DataConfig(), description="The dataset.")
     teacher: TeacherConfig = Field(description="Where the teacher comes from.")
     distill: DistillConfig = Field(description="Knowledge distillation into the student.")

@@ -9,7 +9,8 @@ settings, the data, the target and this host, so changing ``measure.iterations``
 re-measures the stored artifact without retraining it. A stage that transforms a torch model into
 another is also checked against its input on the target (``gain`` in metrics.json, see
 edgepipe.measure.stage_gain): one less accurate and not faster by the profile's ``min_speedup`` is
-flagged in the log and the report.
+flagged in the log and the report, or with ``on_no_gain: skip`` passes its input through instead (its
+key then includes the target, host and measure settings that decided it).
 
 A run folder gets ``config.yaml`` (resolved), ``profile.yaml`` and ``manifest.json`` (order, status,
 times, hashes, library versions, git revision, host); each stage folder gets ``metrics.json``. Every
@@ -201,11 +202,18 @@ class Run:
 
 def stage_key(run: Run, name: str, input_hash: str | None, teacher: Artifact | None) -> str:
     """What decides the stage's output, as its module declares it (edgepipe.stage.Stage)."""
+    from edgepipe.types import ArtifactKind
+
     module = load_stage(name)
     cfg = run.config.model_dump(mode="json")
     target = module.target_key(run.profile, run.config) if module.target_key else None
-    return _hash({"stage": name, "config": {s: cfg[s] for s in module.SECTIONS}, "profile": target,
-                  "input": input_hash, "teacher": teacher.content_hash() if teacher and module.USES_TEACHER else None})
+    key = {"stage": name, "config": {s: cfg[s] for s in module.SECTIONS}, "profile": target,
+           "input": input_hash, "teacher": teacher.content_hash() if teacher and module.USES_TEACHER else None}
+    if run.config.on_no_gain == "skip" and ArtifactKind.TORCH in module.INPUT_KINDS:
+        # Whether the stage passes its own output or its input on depends on measurements on this target.
+        key["on_no_gain"] = {"profile": run.profile.model_dump(mode="json"), "host": [host_cpu(), list(host_isa())],
+                             "measure": cfg["measure"]}
+    return _hash(key)
 
 
 def metrics_key(run: Run, name: str, key: str) -> str:
@@ -264,6 +272,12 @@ def _record(run: Run, name: str, result: StageResult, ctx: StageContext, wall: f
     """Measure the stage's artifact, write metrics.json, then mark the stage done in the manifest."""
     t0 = time.perf_counter()
     metrics = _metrics(run, name, result, ctx, wall, progress)
+    gain = metrics.get("gain")
+    if gain and not gain["earned"] and run.config.on_no_gain == "skip":
+        log.warning("%s: skipped (on_no_gain: skip); %s's model passes through", name, gain["against"])
+        result = StageResult(ctx.input, records={**result.records, "gain": gain},
+                             skipped=f"on_no_gain: skip: {gain['verdict']}")
+        metrics = {**_metrics(run, name, result, ctx, wall, progress), "gain": gain}
     atomic_write_json(run.root / name / "metrics.json", metrics)
     art = result.artifact
     run.entry(name).update(status="skipped" if result.skipped else "done", ended=_now(), wall_time_s=wall,
@@ -305,11 +319,15 @@ def _gain(run: Run, name: str, ctx: StageContext, art: Artifact, figures: dict[s
     found = run.input_of(name)
     if found is None or found[1].kind is not ArtifactKind.TORCH or art.kind is not ArtifactKind.TORCH:
         return None
-    before = (run.metrics_of(found[0]).get("accuracy") or {}).get("top1")
+    order = run.order
+    i = order.index(found[0])
+    while i > 0 and run.metrics_of(order[i]).get("status") == "skipped":  # a skipped stage passed this model on
+        i -= 1
+    before = (run.metrics_of(order[i]).get("accuracy") or {}).get("top1")
     if before is None:  # the input stage was not measured (e.g. a derived run measuring only its last stage)
         return None
     gain = stage_gain(found[1], art, before, figures["accuracy"]["top1"], run.profile, run.config.measure,
-                      tuple(ctx.data.input_shape), found[0])
+                      tuple(ctx.data.input_shape), order[i])
     (log.info if gain["earned"] else log.warning)("%s: %s", name, gain["verdict"])
     return gain
 

@@ -130,3 +130,36 @@ def test_each_model_stage_is_checked_against_its_input_on_the_target(tmp_path: P
     md, _ = write_report(run.root)
     text = md.read_text()
     assert "Does each stage earn its place?" in text and f"prune {metrics['prune']['gain']['verdict'][:20]}" in text
+
+
+def test_on_no_gain_skip_passes_the_input_through(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage that does not earn its place is skipped: the next stage takes its input, the report says why,
+    and its key follows the target (the verdict was measured there)."""
+    import edgepipe.measure
+    from edgepipe.pipeline import stage_key
+
+    real = edgepipe.measure.stage_gain
+
+    def prune_loses(before, after, before_top1, after_top1, profile, cfg, shape, before_stage):
+        gain = real(before, after, before_top1, after_top1, profile, cfg, shape, before_stage)
+        if before_stage == "distill":  # pretend prune made the model less accurate and no faster
+            gain.update(earned=False, verdict="flagged: made up by the test; it does not earn its place")
+        return gain
+
+    monkeypatch.setattr(edgepipe.measure, "stage_gain", prune_loses)
+    config = _config().model_copy(update={"on_no_gain": "skip"})
+    run = Run.create(tmp_path / "run", config, "generic-cpu")
+    metrics = run_pipeline(run, stages=["teacher", "distill", "prune", "qat"])
+    prune = run.entry("prune")
+    assert prune["status"] == "skipped" and prune["skipped_reason"].startswith("on_no_gain: skip: flagged")
+    assert prune["output_hash"] == run.entry("distill")["output_hash"]  # distill's model passes through
+    assert metrics["prune"]["gain"]["earned"] is False and metrics["qat"]["gain"]["against"] == "distill"
+    assert run.artifact_of("prune").root == run.artifact_of("distill").root
+    # the skip was decided on this target: another target keys prune anew
+    inp = run.artifact_of("distill").content_hash()
+    other = Run.create(tmp_path / "other", config, "intel-xeon-amx")
+    assert stage_key(run, "prune", inp, run.artifact_of("teacher")) != stage_key(other, "prune", inp,
+                                                                                 run.artifact_of("teacher"))
+    flag = Run.create(tmp_path / "flag", _config(), "generic-cpu")
+    flag_other = Run.create(tmp_path / "flag-other", _config(), "intel-xeon-amx")
+    assert stage_key(flag, "prune", inp, None) == stage_key(flag_other, "prune", inp, None)
