@@ -131,7 +131,9 @@ def stage_gain(before: Artifact, after: Artifact, before_top1: float, after_top1
                cfg: MeasureConfig, input_shape: tuple[int, ...], before_stage: str) -> dict[str, Any]:
     """Does a stage earn its place? Its output against its input, both compiled for the target and timed
     at batch 1 the same way (``candidate_latency``), with top-1 from the engine's measurements. A stage
-    whose output is less accurate and not faster by ``profile.min_speedup`` is flagged."""
+    whose output is less accurate and not faster by ``profile.min_speedup`` is flagged. The input is timed
+    again rather than reusing the previous stage's figure: back to back, one machine state decides the
+    ratio (sub-millisecond figures moved by ±30% between minutes on a shared 2-core host)."""
     import tempfile
 
     from edgepipe.models import load_torch_artifact
