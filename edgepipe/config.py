@@ -171,6 +171,9 @@ class CompileConfig(_Strict):
     max_top1_drop: float = Field(
         0.3, ge=0, le=100, description="Points of top-1 the compiled model may lose against the exported ONNX run in "
                                        "ONNX Runtime on the same validation images; more fails the compile stage.")
+    device_val_images: int = Field(
+        1000, ge=1, description="A TensorRT deploy bundle carries this many validation images (at most 32 MiB of "
+                                "them) so the device measures the engine's top-1.")
 
 
 class PTQConfig(_Strict):

@@ -175,7 +175,10 @@ def _gain_blocks(rows: list[dict[str, Any]]) -> list[Block]:
     return [("h3", "Does each stage earn its place?"), ("list", verdicts)] if verdicts else []
 
 
-def _document(manifest: dict[str, Any], stages: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[Block]:
+def _document(manifest: dict[str, Any], stages: list[tuple[dict[str, Any], dict[str, Any]]],
+              run_dir: Path | None = None) -> list[Block]:
+    from edgepipe.device_results import device_blocks
+
     rows = _rows(stages)
     host = manifest.get("host") or {}
     versions = manifest.get("versions") or {}
@@ -191,6 +194,7 @@ def _document(manifest: dict[str, Any], stages: list[tuple[dict[str, Any], dict[
         ("h3", "Measurement conditions"),
         ("list", _conditions(rows)),
         *_gain_blocks(rows),
+        *(device_blocks(run_dir, rows) if run_dir is not None else []),
         ("h2", "Plots"),
     ]
     for name, caption, png, note in make_plots(rows, stages):
@@ -260,7 +264,7 @@ def write_report(run_dir: Path) -> tuple[Path, Path]:
     """
     run_dir = Path(run_dir)
     manifest, stages = _load_run(run_dir)
-    blocks = _document(manifest, stages)
+    blocks = _document(manifest, stages, run_dir)
     plots = [args for kind, *args in blocks if kind == "plot"]
     for name, _, png, note in plots:
         if not png:

@@ -52,6 +52,8 @@ def run(ctx: StageContext) -> StageResult:
         log.warning("compile: %d compute op(s) run in float in the INT8 model: %s", len(float_ops),
                     ", ".join(f"{o['op']} {o['name']} ({o['precision']})" for o in float_ops[:8]))
     fidelity = check_fidelity(ctx, artifact)
+    if artifact.kind is ArtifactKind.TENSORRT_BUNDLE:
+        records["device_validation"] = add_validation_set(ctx, artifact)
     artifact.save()
     return StageResult(artifact, records={"backend": profile.backend.value, "target": profile.name,
                                           "requested_dtype": dtype.value, **records, "fidelity": fidelity})
@@ -71,6 +73,27 @@ def compile_dtype(config: PipelineConfig, profile: HardwareProfile, quantized: b
                             f"{'an INT8 model compiles to int8' if quantized else 'int8 needs the qat stage'} "
                             "(or use auto)")
     return dtype
+
+
+def add_validation_set(ctx: StageContext, artifact: Any) -> dict[str, Any]:
+    """Put the first validation images into the bundle (``val.npz``) with the exported ONNX's top-1 on exactly
+    those inputs (ONNX Runtime reference), so the device's top-1 has a reference to be compared with."""
+    from edgepipe.backends.onnxruntime import OrtRunner
+    from edgepipe.backends.tensorrt_device import validation_inputs
+    from edgepipe.backends.tensorrt_plan import VALIDATION_FILE, validation_arrays, write_validation_set
+    from edgepipe.runtime import predict, topk_accuracy
+
+    data = ctx.data
+    arrays = validation_arrays(data.val_images.numpy(), data.val_labels.numpy(), data.mean.numpy(), data.std.numpy(),
+                               ctx.config.compile.device_val_images)
+    write_validation_set(artifact.root, arrays)
+    artifact.files["validation"] = VALIDATION_FILE
+    x, y = validation_inputs(arrays)
+    batch = ctx.config.data.eval_batch_size
+    logits, labels = predict(OrtRunner(ctx.input.path("onnx"), ctx.config.measure.threads, reference=True),
+                             [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(x), batch)])
+    return {"file": VALIDATION_FILE, "images": int(len(y)), "reference_top1": topk_accuracy(logits, labels, 1),
+            "reference": "exported ONNX in ONNX Runtime, graph optimizations off, on the same inputs"}
 
 
 def check_fidelity(ctx: StageContext, artifact: Any) -> dict[str, Any]:

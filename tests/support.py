@@ -98,3 +98,57 @@ def tiny_config(**overrides: Any) -> PipelineConfig:
         else:
             cfg[section] = value
     return validate_config(cfg, "tiny_config")
+
+
+DEVICE_FORBIDDEN = ("torch", "torchvision", "openvino", "matplotlib", "onnxruntime", "nncf", "torch_pruning",
+                    "edgepipe")  # pycuda is a device binding the script may try
+FAKES = Path(__file__).resolve().parent
+
+
+def run_device_script(bundle: Path, args: list[str], fakes: bool, env: dict[str, str] | None = None,
+                      timeout: int = 120) -> tuple[int, str, str, list[str]]:
+    """Run a bundle's ``edgepipe_trt.py`` the way a Jetson would, in an environment holding only the device
+    requirements: ``python -S`` (no site-packages, so torch, openvino, matplotlib... cannot be imported), numpy
+    linked in alone, and with ``fakes`` the strict fake TensorRT 10.3 (tests/fake_tensorrt) and a fake
+    cuda-python runtime (tests/fake_cuda). Every attempt to import a ``DEVICE_FORBIDDEN`` module is recorded.
+
+    Returns:
+        (exit code, stdout, stderr, forbidden imports attempted).
+    """
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    import numpy
+
+    with tempfile.TemporaryDirectory() as tmp:
+        site = Path(tmp) / "site"
+        site.mkdir()
+        np_dir = Path(numpy.__file__).parent
+        for d in (np_dir, np_dir.parent / "numpy.libs"):  # numpy and its bundled BLAS, nothing else
+            if d.exists():
+                (site / d.name).symlink_to(d)
+        paths = ([str(FAKES / "fake_tensorrt"), str(FAKES / "fake_cuda")] if fakes else []) + [str(site)]
+        attempts = Path(tmp) / "attempts.json"
+        boot = f"""
+import importlib.abc, json, runpy, sys
+sys.path[:0] = {paths!r}
+seen = []
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {DEVICE_FORBIDDEN!r}:
+            seen.append(name)
+            raise ModuleNotFoundError(f"No module named {{name!r}} (device environment)")
+        return None
+sys.meta_path.insert(0, Block())
+sys.argv = [{str(bundle / "edgepipe_trt.py")!r}, *{args!r}]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    open({str(attempts)!r}, "w").write(json.dumps(seen))
+"""
+        proc = subprocess.run([sys.executable, "-S", "-c", boot], capture_output=True, text=True, timeout=timeout,
+                              cwd=bundle, env={"PATH": os.environ.get("PATH", ""), **(env or {})})
+        seen = json.loads(attempts.read_text()) if attempts.is_file() else ["<interpreter did not finish>"]
+    return proc.returncode, proc.stdout, proc.stderr, seen

@@ -10,7 +10,7 @@ import yaml
 
 from edgepipe.cli import main
 from edgepipe.stage import STAGE_ORDER
-from tests.support import tiny_config, without_tensorrt
+from tests.support import run_device_script, tiny_config, without_tensorrt
 
 pytestmark = pytest.mark.e2e
 
@@ -173,19 +173,48 @@ def test_new_target_reuses_training_and_compiles_for_onnxruntime(jetson_run: tup
 
 
 @without_tensorrt
-def test_device_command_imports_no_torch_or_openvino(jetson_run: tuple[Path, Path], tmp_path: Path) -> None:
-    """The bundle's build command, run where no engine can be built: exit 2, one line, and none of the host-side
-    libraries imported (a Jetson has TensorRT and numpy, not torch, openvino or matplotlib)."""
-    import subprocess
-    import sys
-
+def test_device_command_imports_no_torch_or_openvino(jetson_run: tuple[Path, Path]) -> None:
+    """The bundle's device command, run here as on a Jetson without TensorRT: exit 2, one line naming what is
+    missing, and nothing but numpy imported (a Jetson has TensorRT and numpy, not torch, openvino or matplotlib)."""
     run, _ = jetson_run
     bundle = run / "compile"
-    code = ("import sys\nfrom edgepipe.cli import main\n"
-            f"rc = main(['compile', '--onnx', {str(bundle / 'model.onnx')!r}, '--target', "
-            f"{str(bundle / 'profile.yaml')!r}, '--out', {str(tmp_path / 'engine')!r}])\n"
-            "print([m for m in ('torch', 'torchvision', 'openvino', 'matplotlib') if m in sys.modules])\n"
-            "sys.exit(rc)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and out.stdout.strip() == "[]"
-    assert len(out.stderr.strip().splitlines()) == 1 and "no TensorRT engine can be built" in out.stderr
+    readme = (bundle / "README.md").read_text()
+    assert "python3 edgepipe_trt.py run" in readme and "trtexec --onnx=model.onnx" in readme
+    assert "sudo apt install python3-libnvinfer" in readme
+    rc, out, err, forbidden = run_device_script(bundle, ["run"], fakes=False)
+    assert rc == 2 and forbidden == [], (err, forbidden)
+    assert len(err.strip().splitlines()) == 1 and "no TensorRT engine can be built" in err
+    assert "tensorrt is not installed" in err and not (bundle / "engine").exists()
+
+
+@without_tensorrt
+def test_device_results_import_into_the_run_and_show_in_the_report(jetson_run: tuple[Path, Path], tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    """The bundle run on a (simulated) Jetson, its results.json imported: report.md shows them beside the estimate."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(jetson_run[0], run)
+    bundle = tmp_path / "bundle"
+    shutil.copytree(run / "compile", bundle)  # what the owner copies to the device
+    val = json.loads((run / "compile" / "metrics.json").read_text())["records"]["device_validation"]
+    assert (bundle / "val.npz").is_file() and val["images"] > 0 and 0 <= val["reference_top1"] <= 1
+    rc, _, err, forbidden = run_device_script(bundle, ["run", "--warmup", "2", "--iterations", "5"], fakes=True)
+    assert rc == 0 and forbidden == [], err
+    assert main(["import-results", "--run", str(run), str(bundle / "results.json")]) == 0
+    stored = json.loads((run / "device" / "jetson-orin-nano.json").read_text())
+    assert stored["latency"]["p50_ms"] > 0
+    assert main(["report", "--run", str(run)]) == 0
+    report = (run / "report.md").read_text()
+    section = report[report.index("## Measured on the device"):]
+    assert "Fake Orin (simulated)" in section and "10.3" in section and "estimate (not measured)" in section
+    assert f"reference (exported ONNX, ONNX Runtime): {100 * val['reference_top1']:.2f}%" in section
+    # results from another model are refused with one line, and the run keeps what it had
+    other = json.loads((bundle / "results.json").read_text())
+    other["engine"]["onnx_sha256"] = "0" * 64
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    capsys.readouterr()
+    assert main(["import-results", "--run", str(run), str(tmp_path / "other.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "bundle is stale" in err
+    assert json.loads((run / "device" / "jetson-orin-nano.json").read_text()) == stored

@@ -5,9 +5,10 @@ Owns the host side of the TensorRT backend, none of which imports TensorRT or ne
   explicit-quantization rules: signed int8, zero-point 0, per-channel weights on axis 0);
 - ``build_settings`` / ``trtexec_command``: workspace, precision flags, DLA core (static shapes), batch
   range and optimization level, as data and as the equivalent ``trtexec`` line;
-- ``version_problem``: the TensorRT versions the device code supports, and the JetPack release to use;
-- ``write_bundle``: the folder a Jetson owner receives (ONNX, profile, settings, README, build script).
-The GPU-only build and run code is ``edgepipe.backends.tensorrt``.
+- ``write_bundle`` / ``write_validation_set``: the folder a Jetson owner receives (ONNX, profile, settings,
+  README, build script, validation images and the device script ``edgepipe_trt.py``).
+The device code (build, run, time, evaluate; the TensorRT version rule) is
+``edgepipe.backends.tensorrt_device``, copied into every bundle.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from edgepipe.backends.tensorrt_device import SUPPORTED_MAJOR, version_problem  # noqa: F401 - re-exported
 from edgepipe.errors import EdgepipeError
 from edgepipe.io import atomic_write, atomic_write_json, atomic_write_text
 from edgepipe.profiles import HardwareProfile
@@ -25,7 +27,7 @@ from edgepipe.types import DType
 
 DTYPES = (DType.INT8, DType.FP16, DType.FP32)
 BUNDLE_FILES = {"onnx": "model.onnx", "profile": "profile.yaml", "settings": "build_settings.json",
-                "readme": "README.md", "script": "build_engine.sh"}
+                "readme": "README.md", "script": "build_engine.sh", "device_script": "edgepipe_trt.py"}
 MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (the axis attribute) needs opset 13
 SUPPORTED_OPS = frozenset({
     # convolution, pooling, normalization
@@ -45,24 +47,6 @@ SUPPORTED_OPS = frozenset({
     # explicit quantization
     "QuantizeLinear", "DequantizeLinear",
 })
-
-
-SUPPORTED_MAJOR = 10
-"""The TensorRT API this backend uses (JetPack 6.1/6.2 ship TensorRT 10.3; JetPack 6.0 ships 8.6)."""
-
-
-def version_problem(version: str) -> str | None:
-    """None for a supported TensorRT version, else one line saying which JetPack release to use."""
-    try:
-        major = int(version.split(".")[0])
-    except ValueError:
-        return f"TensorRT reports version '{version}'; edgepipe needs TensorRT {SUPPORTED_MAJOR}.x"
-    if major == SUPPORTED_MAJOR:
-        return None
-    hint = ("JetPack 6.0 ships TensorRT 8.6: flash JetPack 6.1 or 6.2 (TensorRT 10.3)" if major < SUPPORTED_MAJOR
-            else "TensorRT 11 removed the INT8/FP16 builder flags this build uses: install tensorrt 10.x "
-                 "(pip install 'tensorrt>=10,<11', or JetPack 6.1/6.2's TensorRT 10.3)")
-    return f"TensorRT {version} found, edgepipe builds with the TensorRT {SUPPORTED_MAJOR} API; {hint}"
 
 
 def build_settings(profile: HardwareProfile, dtype: DType, input_shape: tuple[int, ...],
@@ -190,10 +174,14 @@ def trtexec_command(settings: dict[str, Any], onnx: str = "model.onnx", engine: 
     return " ".join(parts)
 
 
+DEVICE_SCRIPT = BUNDLE_FILES["device_script"]
+VALIDATION_FILE = "val.npz"
+VALIDATION_BYTES = 32 * 1024 * 1024  # keeps a bundle small enough to copy to a device: ~10k CIFAR or ~200 ImageNet images
+
+
 def build_command(profile: HardwareProfile) -> str:
-    # The bundle's own profile.yaml travels with it, so a custom profile needs no install on the device.
-    return ("edgepipe compile --onnx model.onnx --target profile.yaml --out engine/"
-            " && edgepipe bench --artifact engine/ --target profile.yaml")
+    """What the device owner runs inside the bundle: the self-contained device script (no torch, no edgepipe)."""
+    return f"python3 {DEVICE_SCRIPT} run"
 
 
 def onnx_input_shape(onnx_path: Path) -> tuple[int, ...]:
@@ -209,39 +197,77 @@ def copy_file(src: Path, dst: Path) -> Path:
     return atomic_write(dst, lambda p: shutil.copyfile(src, p))
 
 
+def validation_arrays(images: np.ndarray, labels: np.ndarray, mean: np.ndarray, std: np.ndarray,
+                      limit: int) -> dict[str, np.ndarray]:
+    """The first images of the validation set as the bundle stores them: raw pixels (uint8 stays uint8)
+    plus mean/std, at most ``limit`` images and ``VALIDATION_BYTES``; ``normalized`` gives the float input."""
+    per_image = max(1, images[0].nbytes)
+    n = max(1, min(limit, len(images), VALIDATION_BYTES // per_image))
+    return {"images": np.ascontiguousarray(images[:n]), "labels": labels[:n].astype(np.int64),
+            "mean": np.asarray(mean, np.float32), "std": np.asarray(std, np.float32)}
+
+
+def write_validation_set(out_dir: Path, arrays: dict[str, np.ndarray]) -> Path:
+    def write(p: Path) -> None:
+        with open(p, "wb") as f:  # a file object: given a path, numpy would append ".npz" to the temporary name
+            np.savez_compressed(f, **arrays)
+
+    return atomic_write(out_dir / VALIDATION_FILE, write)
+
+
 def write_bundle(onnx_path: Path, profile: HardwareProfile, settings: dict[str, Any], out_dir: Path,
                   reason: str) -> str:
+    """The deploy bundle: ONNX, profile, build settings, the device script, README and build script.
+
+    The validation set (``val.npz``) is added by the compile stage, which has the data
+    (``write_validation_set``); without it the device run reports no top-1.
+    """
     import yaml
+
+    from edgepipe.backends import tensorrt_device
 
     command = build_command(profile)
     copy_file(onnx_path, out_dir / BUNDLE_FILES["onnx"])
+    copy_file(Path(tensorrt_device.__file__), out_dir / DEVICE_SCRIPT)
     atomic_write_text(out_dir / BUNDLE_FILES["profile"], yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False))
     trtexec = trtexec_command(settings, BUNDLE_FILES["onnx"])
-    atomic_write_json(out_dir / BUNDLE_FILES["settings"], {"onnx": BUNDLE_FILES["onnx"], **settings, "trtexec": trtexec})
-    steps = command.replace(" && ", "\n")
+    atomic_write_json(out_dir / BUNDLE_FILES["settings"],
+                      {"onnx": BUNDLE_FILES["onnx"], "target": profile.name, **settings, "trtexec": trtexec})
+    dla = settings.get("dla_core") is not None
+    shapes = settings["shapes"]
     atomic_write_text(out_dir / BUNDLE_FILES["readme"], f"""# TensorRT deploy bundle for `{profile.name}`
 
 This folder holds no engine: a TensorRT engine is specific to the GPU and TensorRT version that built
 it, and the host that made this bundle could not build one ({reason}).
-Build it on the device ({profile.description or profile.name}):
+Build, time and evaluate it on the device ({profile.description or profile.name}):
 
 ```sh
-{steps}
+{command}
 ```
 
-or run `sh build_engine.sh`. The engine is written to `engine/` and benchmarked there.
+(or `sh build_engine.sh`). It builds `engine/model.engine` with the settings in `build_settings.json`,
+times it (batch-1 latency p50/p90/p99 from CUDA events around `execute_async_v3`, throughput at batch
+{shapes['opt'][0]}), lists every layer's precision from the engine inspector, measures top-1 on `val.npz`
+and writes `results.json`. Bring that file back to the machine that made this bundle:
+
+```sh
+edgepipe import-results --run RUN_FOLDER results.json
+```
+
+and `report.md` shows the measured device figures beside the estimates. `python3 {DEVICE_SCRIPT} check`
+says what is missing; `build` and `bench` run the two halves; `--help` lists the options.
 
 ## Install on the device (JetPack 6.1 / 6.2)
 
+`{DEVICE_SCRIPT}` needs TensorRT 10, numpy and a CUDA binding, nothing else (no torch, no edgepipe).
 JetPack 6.1 and 6.2 ship TensorRT 10.3 for the system Python 3.10 (apt package `python3-libnvinfer`);
-edgepipe builds with the TensorRT 10 API (JetPack 6.0 ships TensorRT 8.6: flash 6.1 or later).
+JetPack 6.0 ships TensorRT 8.6, which this bundle does not support: flash 6.1 or later.
 
 ```sh
 sudo apt install python3-libnvinfer python3-venv          # TensorRT's Python bindings, if not installed
-python3 -m venv --system-site-packages ~/edgepipe-venv    # system site packages: the apt TensorRT
-. ~/edgepipe-venv/bin/activate
-pip install pycuda                                        # compiles on the device (needs the CUDA toolkit)
-pip install edgepipe                                      # or: pip install /path/to/an/edgepipe/checkout
+python3 -m venv --system-site-packages ~/trt-venv         # system site packages: the apt TensorRT
+. ~/trt-venv/bin/activate
+pip install numpy 'cuda-python>=12,<13'                   # aarch64 wheels; or: pip install pycuda (compiles)
 python3 -c "import tensorrt; print(tensorrt.__version__)" # 10.3.x
 ```
 
@@ -251,19 +277,22 @@ python3 -c "import tensorrt; print(tensorrt.__version__)" # 10.3.x
 mkdir -p engine && /usr/src/tensorrt/bin/{trtexec}
 ```
 
-Same shapes (min/opt/max batch{" (static: DLA)" if settings.get("dla_core") is not None else ""}), precision flags,
-workspace and optimization level as `build_settings.json`; `engine/layers.json` lists every layer and
-the precision it runs in.
+Same shapes (min/opt/max batch {shapes['min'][0]}/{shapes['opt'][0]}/{shapes['max'][0]}{": static, as DLA requires" if dla else ""}),
+precision flags, workspace and optimization level as `build_settings.json`; `engine/layers.json` lists
+every layer and the precision it runs in.
+
+## Files
 
 - `model.onnx`: the exported model ({settings['dtype']}), already checked for TensorRT compatibility.
-- `profile.yaml`: the hardware profile `{profile.name}` used here; the commands above read it, so the
-  engine is built with exactly these settings.
+- `{DEVICE_SCRIPT}`: the device code (edgepipe's `edgepipe/backends/tensorrt_device.py`, copied verbatim).
 - `build_settings.json`: workspace, builder flags, DLA core and batch range (min/opt/max) of the build.
+- `val.npz`: the first validation images of the run (raw pixels, mean and std), for top-1 on the device.
+- `profile.yaml`: the hardware profile `{profile.name}` the settings came from.
 """)
 
     def write_script(p: Path) -> None:
-        p.write_text(f"#!/bin/sh\n# Build and benchmark the TensorRT engine for {profile.name} on the device.\n"
-                     f"set -e\ncd \"$(dirname \"$0\")\"\n{steps}\n")
+        p.write_text(f"#!/bin/sh\n# Build, time and evaluate the TensorRT engine for {profile.name} on the device.\n"
+                     f"set -e\ncd \"$(dirname \"$0\")\"\n{command}\n")
         os.chmod(p, 0o755)
 
     atomic_write(out_dir / BUNDLE_FILES["script"], write_script)

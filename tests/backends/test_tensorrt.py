@@ -11,6 +11,7 @@ import yaml
 
 from edgepipe.backends import onnxruntime as ortb
 from edgepipe.backends import tensorrt as trtb
+from edgepipe.backends import tensorrt_device as device
 from edgepipe.backends import tensorrt_plan as plan
 from edgepipe.errors import EdgepipeError
 from edgepipe.profiles import HardwareProfile
@@ -119,7 +120,7 @@ def test_compile_without_cuda_writes_a_bundle(qdq_onnx: Path, tmp_path: Path) ->
     artifact, records = trtb.compile(qdq_onnx, ORIN_NANO, DType.INT8, tmp_path)
 
     files = {"onnx": "model.onnx", "profile": "profile.yaml", "settings": "build_settings.json",
-             "readme": "README.md", "script": "build_engine.sh"}
+             "readme": "README.md", "script": "build_engine.sh", "device_script": "edgepipe_trt.py"}
     assert artifact.kind is ArtifactKind.TENSORRT_BUNDLE and artifact.files == files
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files.values())  # no engine, no temp files
     assert records["engine_built"] is False
@@ -129,15 +130,18 @@ def test_compile_without_cuda_writes_a_bundle(qdq_onnx: Path, tmp_path: Path) ->
     assert HardwareProfile.model_validate(yaml.safe_load((tmp_path / "profile.yaml").read_text())) == ORIN_NANO
     settings = json.loads((tmp_path / "build_settings.json").read_text())
     expected = plan.build_settings(ORIN_NANO, DType.INT8, INPUT_SHAPE)
-    assert settings == {"onnx": "model.onnx", **expected, "trtexec": plan.trtexec_command(expected)}
+    assert settings == {"onnx": "model.onnx", "target": ORIN_NANO.name, **expected,
+                        "trtexec": plan.trtexec_command(expected)}
+    # the device script is the library's device module, verbatim
+    assert (tmp_path / "edgepipe_trt.py").read_text() == Path(device.__file__).read_text()
     script = (tmp_path / "build_engine.sh").read_text()
     assert os.access(tmp_path / "build_engine.sh", os.X_OK)
-    assert "edgepipe compile --onnx model.onnx --target profile.yaml --out engine/\n" in script
-    assert script.rstrip().endswith("edgepipe bench --artifact engine/ --target profile.yaml")
+    assert script.rstrip().endswith("python3 edgepipe_trt.py run")
     readme = (tmp_path / "README.md").read_text()
-    assert "edgepipe compile --onnx model.onnx --target profile.yaml --out engine/" in readme
+    assert "python3 edgepipe_trt.py run" in readme and "edgepipe import-results --run" in readme
     assert plan.trtexec_command(expected) in readme and "--system-site-packages" in readme and "JetPack 6.1" in readme
-    with pytest.raises(EdgepipeError, match="bundle holds no engine; build it on the device with: edgepipe compile"):
+    assert "cuda-python" in readme
+    with pytest.raises(EdgepipeError, match="bundle holds no engine; build it on the device with: python3 edgepipe_trt"):
         trtb.load(artifact)
 
 
