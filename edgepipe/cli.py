@@ -51,6 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--data", help="override data.path (the ImageFolder root)")
     sp.add_argument("--teacher", help="override teacher.model.program (a torch.export .pt2 file)")
     sp.add_argument("--out", type=Path, default=Path("."), help="folder for BENCHMARKS.md/.json/.png (default: .)")
+    sp = sub.add_parser("import-results", help="merge a device's results.json (from a TensorRT bundle's "
+                        "edgepipe_trt.py) into the run; the report shows it beside the estimate")
+    sp.add_argument("--run", type=Path, required=True, help="the run whose compile stage wrote the bundle")
+    sp.add_argument("results", type=Path, help="results.json written on the device")
     sp = sub.add_parser("report", help="write report.md and report.html with plots")
     sp.add_argument("--run", type=Path, required=True)
     sp = sub.add_parser("profiles", help="list hardware profiles; `profiles show NAME` for one")
@@ -59,6 +63,17 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list registered architectures")
     sp = sub.add_parser("validate", help="validate a config file")
     sp.add_argument("config")
+    sp = sub.add_parser("estimate", help="ESTIMATE latency and throughput on a target device (calibrated roofline, "
+                        "not measured) for a registered architecture or an ONNX file")
+    src = sp.add_mutually_exclusive_group(required=True)
+    src.add_argument("--arch", help="registered architecture (see `edgepipe models`), e.g. tv_resnet50")
+    src.add_argument("--onnx", type=Path, help="ONNX file; its layers are read from the graph (shape inference)")
+    sp.add_argument("--kwargs", default="{}", help='architecture kwargs as JSON, e.g. \'{"num_classes": 1000}\'')
+    sp.add_argument("--input-shape", help="one image's shape C,H,W (needed with --arch), e.g. 3,224,224")
+    sp.add_argument("--target", required=True, help="hardware profile name, alias or YAML path")
+    sp.add_argument("--dtype", help="deployed dtype (default: int8 where the target lists it, else its best float)")
+    sp.add_argument("--batch", type=int, default=1, help="images per inference (default 1)")
+    sp.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return p
 
 
@@ -101,11 +116,19 @@ def _dispatch(args: argparse.Namespace) -> int:
         cfg = load_config(args.config)
         print(f"{args.config}: valid ({cfg.name})")
         return 0
+    if cmd == "estimate":
+        return _estimate(args)
     if cmd == "report":
         from edgepipe.report import write_report
 
         md, html = write_report(args.run)
         print(f"wrote {md} and {html}")
+        return 0
+    if cmd == "import-results":
+        from edgepipe.device_results import import_results
+
+        out = import_results(args.run, args.results)
+        print(f"imported {args.results} -> {out}; `edgepipe report --run {args.run}` shows it")
         return 0
     if cmd == "compile" and args.onnx:
         return _compile_standalone(args)
@@ -228,6 +251,71 @@ def _profiles(args: argparse.Namespace) -> int:
         aliases = f" (alias: {', '.join(prof.aliases)})" if prof.aliases else ""
         print(f"{name:20s} {prof.backend.value:12s} {','.join(d.value for d in prof.dtypes):18s} "
               f"{prof.description}{aliases}")
+    return 0
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    """`edgepipe estimate`: the calibrated latency ESTIMATE of one model on a target, with its assumptions."""
+    import json
+
+    from edgepipe.estimate import layer_estimate, model_layers, onnx_layers
+    from edgepipe.profiles import get_profile
+    from edgepipe.types import DType
+
+    shape = None
+    if args.input_shape:
+        try:
+            shape = tuple(int(v) for v in args.input_shape.split(","))
+        except ValueError:
+            raise EdgepipeError(f"--input-shape {args.input_shape}: expected integers C,H,W, e.g. 3,224,224") from None
+        if not shape or any(v < 1 for v in shape):
+            raise EdgepipeError(f"--input-shape {args.input_shape}: every dimension must be >= 1")
+    if args.batch < 1:
+        raise EdgepipeError(f"--batch {args.batch}: must be >= 1")
+    profile = get_profile(args.target)
+    try:
+        dtype = DType(args.dtype) if args.dtype else profile.compile_dtype(quantized=True)
+    except ValueError:
+        raise EdgepipeError(f"--dtype {args.dtype}: unknown (known: {', '.join(d.value for d in DType)})") from None
+    if args.arch:
+        from edgepipe.models import build_arch
+
+        if shape is None:
+            raise EdgepipeError("--arch needs --input-shape C,H,W (one image, e.g. 3,224,224)")
+        try:
+            kwargs = json.loads(args.kwargs)
+        except json.JSONDecodeError as e:
+            raise EdgepipeError(f"--kwargs: not valid JSON ({e.msg} at char {e.pos})") from None
+        if not isinstance(kwargs, dict):
+            raise EdgepipeError("--kwargs: expected a JSON object, e.g. '{\"num_classes\": 1000}'")
+        layers, what = model_layers(build_arch(args.arch, kwargs), shape), f"{args.arch} {'x'.join(map(str, shape))}"
+    else:
+        layers, what = onnx_layers(args.onnx, shape), str(args.onnx)
+    result = {"model": what, "target": profile.name, **layer_estimate(profile, dtype, layers, args.batch)}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    ideal, cal = result["lower_bound"], result["calibration"]
+    print(f"ESTIMATE (not measured): {what} on {profile.name} ({profile.description}), {result['dtype']}, "
+          f"batch {result['batch']}")
+    print(f"  latency            {result['latency_ms']:.4g} ms per batch")
+    print(f"  throughput         {result['images_per_s']:,.0f} images/s")
+    if cal:
+        print(f"  breakdown          {result['bound']}-bound: compute-limited layers {result['compute_limited_ms']:.3g} ms, "
+              f"memory-limited layers {result['memory_limited_ms']:.3g} ms, overheads {result['overhead_ms']:.3g} ms")
+    print(f"  ideal lower bound  {ideal['latency_ms']:.4g} ms ({ideal['images_per_s']:,.0f} images/s; {ideal['bound']}-bound "
+          "at datasheet peaks, no overheads)")
+    print(f"  model              {result['kernels']} kernels, {result['macs'] / 1e9:.3g} GMACs, "
+          f"{result['weight_bytes'] / 1e6:.3g} MB weights, {result['activation_bytes'] / 1e6:.3g} MB activations "
+          f"per image ({result['dtype']})")
+    if cal:
+        print(f"  calibration        {cal['family']}: compute efficiency {cal['compute_efficiency']}, bandwidth "
+              f"efficiency {cal['bandwidth_efficiency']}, {cal['kernel_launch_us']} us per kernel, "
+              f"{cal['enqueue_us']} us per inference; fitted to {len(cal['fitted_on'])} {cal['source']} results "
+              f"({cal['table']}), reproduced within {cal['max_fit_error']}x")
+    else:
+        print(f"  calibration        none: no published results for {profile.name}; the figure is the ideal lower bound")
+    print(f"  assumptions        {result['assumptions']}")
     return 0
 
 

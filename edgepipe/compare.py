@@ -100,9 +100,26 @@ def compare(config: PipelineConfig, run_dir: Path, target: str, device_target: s
         "this_invocation_seconds": time.perf_counter() - started,
         "earlier_invocation_epoch_seconds": earlier,
     }
+    result["paired"] = _paired(run_of, stage_of, run, config.measure, progress)
     result["checks"] = acceptance(result)
     write_benchmarks(Path(out_dir), result)
     return result
+
+
+PAIRED_AGAINST = ("teacher-fp32", "teacher-bf16", "teacher-int8")
+
+
+def _paired(run_of: dict[str, Run], stage_of: dict[str, str], run: Run, measure: Any,
+            progress: Progress) -> dict[str, Any]:
+    """The final model against each teacher row, timed back to back in alternating rounds
+    (edgepipe.measure.paired_speedup): what the speed-up claims are computed from."""
+    from edgepipe.measure import paired_speedup
+
+    final = run.artifact_of("compile")
+    shape = tuple(final.meta["input_shape"])
+    return {row: paired_speedup(run_of[row].artifact_of(stage_of[row]), final, shape, measure,
+                                (LATENCY_BATCH, THROUGHPUT_BATCH), progress=progress)
+            for row in PAIRED_AGAINST if row in run_of}
 
 
 def _method(b: Baseline, runs: dict[str, Run], config: PipelineConfig) -> str:
@@ -135,16 +152,16 @@ def _row(run: Run, name: str, method: str, stage: str | None = None, seconds: fl
 
 def _device_row(child: Run, device: HardwareProfile) -> dict[str, Any]:
     """The device target's compiled model: accuracy of its QDQ ONNX in ONNX Runtime on this host (the export
-    stage's figure) and a roofline estimate of its latency from the profile, labelled as such."""
-    from edgepipe.estimate import roofline_estimate
+    stage's figure) and a calibrated estimate of its latency (edgepipe.estimate), labelled as such."""
+    from edgepipe.estimate import artifact_layers, target_estimate
 
     compiled = child.artifact_of("compile")
     qat, export = child.metrics_of("qat"), child.metrics_of("export")
     records = child.metrics_of("compile").get("records") or {}
     dtype = device.compile_dtype(compiled.quantized)
     c = qat.get("counts") or {}
-    est = {f"batch_{b}": roofline_estimate(device, dtype, c["macs"], c["params"] * dtype.bytes,
-                                           c["activation_elements"] * 2 * dtype.bytes, batch=b)
+    layers = artifact_layers(compiled)  # the deployed ONNX's layers: the estimate is calibrated where published
+    est = {f"batch_{b}": target_estimate(device, dtype, c, batch=b, layers=layers)  # results exist for the device
            for b in (LATENCY_BATCH, THROUGHPUT_BATCH)}
     form = (qat.get("records") or {}).get("form") or {}
     return {"row": f"device-{device.name}",
@@ -155,8 +172,9 @@ def _device_row(child: Run, device: HardwareProfile) -> dict[str, Any]:
             "artifact_kind": compiled.kind.value, "artifact_dir": str(compiled.root),
             "compile_records": {k: v for k, v in records.items() if k != "settings"},
             "estimate": est, "top1": (export.get("accuracy") or {}).get("top1"), "seconds": own_seconds(child),
-            "note": "latency is a roofline ESTIMATE from the profile's peak figures, not a measurement; top-1 is "
-                    "the device-form QDQ ONNX in ONNX Runtime on this host"}
+            "note": "latency is an ESTIMATE (roofline with efficiency factors and launch overheads calibrated on "
+                    "published MLPerf results, see `edgepipe estimate`), not a measurement; top-1 is the device-form "
+                    "QDQ ONNX in ONNX Runtime on this host"}
 
 
 def _training(timing: Run, run: Run) -> dict[str, Any]:

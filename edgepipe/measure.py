@@ -14,13 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from edgepipe.artifacts import Artifact
 from edgepipe.config import MeasureConfig
 from edgepipe.data import DataBundle
 from edgepipe.errors import EdgepipeError
-from edgepipe.estimate import activation_bytes, roofline_estimate
+from edgepipe.estimate import activation_bytes, artifact_layers, model_layers, target_estimate
 from edgepipe.profiles import HardwareProfile
 from edgepipe.backends import runner_for
 from edgepipe.runtime import accuracy_record, predict, time_runner
@@ -76,8 +77,8 @@ def measure_artifact(artifact: Artifact, data: DataBundle, cfg: MeasureConfig, p
     dtype = artifact.dtype if artifact.dtype in profile.dtypes else profile.compile_dtype(artifact.quantized)
     estimate = None
     if dtype in profile.peak_tops:
-        estimate = roofline_estimate(profile, dtype, counts["macs"], counts["params"] * dtype.bytes,
-                                     counts["activation_elements"] * 2 * dtype.bytes, batch=1)
+        # calibrated on published results where the profile has them (per-layer counts of this artifact)
+        estimate = target_estimate(profile, dtype, counts, batch=1, layers=lambda: artifact_layers(artifact, shape))
     return {"accuracy": accuracy_record(logits, labels, runner, data.class_names), "params": counts["params"], "macs": counts["macs"],
             # a torch artifact's size is its weights file (a teacher may also carry a copy of its .pt2)
             "size_bytes": artifact.path("model").stat().st_size if artifact.kind is ArtifactKind.TORCH
@@ -111,8 +112,7 @@ def candidate_latency(model: torch.nn.Module, input_shape: tuple[int, ...], prof
     ok, reason = backend.available()
     if profile.backend is Backend.TENSORRT and not ok:
         counts = model_counts(model, input_shape)
-        est = roofline_estimate(profile, dtype, counts["macs"], counts["params"] * dtype.bytes,
-                                counts["activation_elements"] * 2 * dtype.bytes, batch=1)
+        est = target_estimate(profile, dtype, counts, batch=1, layers=lambda: model_layers(model, input_shape))
         return {"kind": "estimate", "p50_ms": est["latency_ms"], "backend": "tensorrt", "dtype": dtype.value,
                 "device": profile.name, "label": est.get("label"), "why": reason}
     if profile.backend is Backend.ONNXRUNTIME:
@@ -152,3 +152,34 @@ def stage_gain(before: Artifact, after: Artifact, before_top1: float, after_top1
     return {"against": before_stage, "top1_delta_points": delta, "before_ms": lat[0]["p50_ms"],
             "after_ms": lat[1]["p50_ms"], "speedup": speedup, "min_speedup": profile.min_speedup,
             "kind": lat[1]["kind"], "measured_on": where, "earned": earned, "verdict": verdict}
+
+
+def paired_speedup(reference: Artifact, candidate: Artifact, input_shape: tuple[int, ...], cfg: MeasureConfig,
+                   batches: tuple[int, ...], rounds: int = 5,
+                   progress: Callable[[str, int, int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """How many times faster ``candidate`` runs than ``reference``, timed back to back in alternating rounds.
+
+    A claim such as "8x the teacher's throughput" is a ratio of two measurements; taken minutes apart on a
+    shared VM, each moved by up to ±30% with the machine's state, so the ratio did too. Here each round times
+    the reference, then the candidate (``cfg`` warm-up and iterations, the same threads and backend as every
+    row), at each batch size; the ratio per round is reference mean latency / candidate mean latency (= the
+    images/s ratio), and the figure is the median over ``rounds``, with every round recorded.
+    """
+    progress = progress or (lambda *a: None)
+    threads = cfg.threads or torch.get_num_threads()
+    runners = [runner_for(a, threads)[0] for a in (reference, candidate)]
+    out: dict[str, Any] = {"rounds": rounds, "warmup": cfg.warmup, "iterations": cfg.iterations, "threads": threads,
+                           "backend": runners[1].backend, "dtypes": [r.dtype for r in runners], "by_batch": {}}
+    for batch in batches:
+        per_round = []
+        for i in range(rounds):
+            ref, cand = (time_runner(r, input_shape, batch, cfg.warmup, cfg.iterations) for r in runners)
+            per_round.append({"reference_images_per_s": ref.images_per_s, "candidate_images_per_s": cand.images_per_s,
+                              "reference_p50_ms": ref.p50_ms, "candidate_p50_ms": cand.p50_ms,
+                              "ratio": cand.images_per_s / ref.images_per_s})
+            progress(f"paired timing (batch {batch})", i + 1, rounds, {})
+        out["by_batch"][str(batch)] = {"ratio": float(np.median([r["ratio"] for r in per_round])),
+                                       "p50_ratio": float(np.median([r["reference_p50_ms"] / r["candidate_p50_ms"]
+                                                                     for r in per_round])),
+                                       "per_round": per_round}
+    return out

@@ -1,14 +1,20 @@
-"""Roofline estimate arithmetic and activation-traffic counting."""
+"""Roofline estimate arithmetic, activation-traffic counting, layer counting, and the calibrated estimate against
+the published table it is fitted to (hardware_profiles/published/jetson.yaml)."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 from torch import nn
 
+from edgepipe.cli import main
 from edgepipe.errors import EdgepipeError
-from edgepipe.estimate import activation_bytes, roofline_estimate
+from edgepipe.estimate import (Layer, activation_bytes, calibrate, calibration_for, layer_estimate, model_layers,
+                               onnx_layers, published_results, published_table, roofline_estimate, row_estimate,
+                               target_estimate)
+from edgepipe.models import build_arch
 from edgepipe.profiles import HardwareProfile, get_profile
 from edgepipe.types import DType
 
@@ -116,3 +122,222 @@ def test_activation_bytes_runs_in_eval_without_grad():
 
     assert activation_bytes(nn.Sequential(nn.BatchNorm1d(3), Probe()), torch.randn(1, 3), 1) == (3 + 3) * 2
     assert seen == {"training": False, "grad": False}
+
+
+# --- layer counting ------------------------------------------------------------------------------------
+def _small() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(64, 10))
+
+
+def test_model_layers_known_counts():
+    # conv: 4x8x8 outputs x 3x3x3 = 6912 MACs, 108 weights, 3x8x8 in + 4x8x8 out; BN/ReLU fused (not counted);
+    # pool: 256 in + 64 out; linear: 64 x 10 = 640 MACs, 640 weights, 64 in + 10 out.
+    layers = model_layers(_small(), (3, 8, 8))
+    assert layers == [Layer("conv", 6912, 108, 192 + 256), Layer("pool", 0, 0, 256 + 64), Layer("gemm", 640, 640, 74)]
+
+
+def test_model_layers_restores_mode_and_rejects_a_wrong_shape():
+    model = _small().train()
+    with pytest.raises(EdgepipeError, match=r"forward pass on one \[1, 8, 8\] input failed") as e:
+        model_layers(model, (1, 8, 8))
+    assert "\n" not in str(e.value)
+    assert model.training
+
+
+def test_onnx_layers_match_the_torch_count(tmp_path):
+    import onnx
+
+    from edgepipe.onnx_export import export_onnx
+
+    model = build_arch("resnet8_cifar", {"num_classes": 10})
+    path = tmp_path / "m.onnx"
+    onnx.save(export_onnx(model, (3, 32, 32), 17), str(path))
+    assert onnx_layers(path) == model_layers(model, (3, 32, 32))
+
+
+@pytest.mark.parametrize("content", [None, b"not an onnx file"])
+def test_onnx_layers_bad_file_is_one_error(tmp_path, content):
+    path = tmp_path / "bad.onnx"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(EdgepipeError, match="bad.onnx: (ONNX file not found|not a readable ONNX model)"):
+        onnx_layers(path)
+
+
+# --- the published table and the calibration ----------------------------------------------------------
+def _row(device: str, scenario: str) -> dict:
+    return next(r for r in published_results(device=device) if r["scenario"] == scenario)
+
+
+def test_published_rows_are_cited_and_match_their_quote():
+    rows = published_results()
+    assert {r["device"] for r in rows} == {"jetson-agx-orin", "jetson-orin-nx"}
+    for r in rows:
+        assert r["url"].startswith("https://github.com/mlcommons/inference_results_v3.1/blob/main/closed/NVIDIA/")
+        assert r["round"] == "MLPerf Inference v3.1" and r["use"] in ("fit", "check")
+        number = float(re.search(r"[:] *([0-9.]+)$", r["quote"]).group(1))
+        # latencies are quoted in ns (the log's unit) and stored in ms; throughput as logged
+        assert r["value"] == pytest.approx(number / 1e6 if "(ns)" in r["quote"] else number, rel=1e-9)
+
+
+@pytest.fixture(scope="module")
+def resnet50_layers() -> list[Layer]:
+    return model_layers(build_arch("tv_resnet50", {"num_classes": 1000}), (3, 224, 224))
+
+
+def test_acceptance_resnet50_int8_agx_orin_batch1_within_2x_of_singlestream(resnet50_layers):
+    row = _row("jetson-agx-orin", "SingleStream")
+    assert (row["arch"], row["input_shape"], row["dtype"], row["batch"]) == ("tv_resnet50", [3, 224, 224], "int8", 1)
+    est = layer_estimate(get_profile("jetson-agx-orin"), DType.INT8, resnet50_layers, batch=1)
+    assert est["calibration"] is not None and est["kind"] == "estimate"
+    assert 0.5 <= est["latency_ms"] / row["value"] <= 2.0
+    assert est["lower_bound"]["latency_ms"] < est["latency_ms"]  # the ideal stays available as the lower bound
+
+
+def test_acceptance_resnet50_int8_agx_orin_large_batch_within_2x_of_offline(resnet50_layers):
+    row = _row("jetson-agx-orin", "Offline")
+    est = layer_estimate(get_profile("jetson-agx-orin"), DType.INT8, resnet50_layers, batch=row["batch"])
+    assert row["batch"] >= 64
+    assert 0.5 <= est["images_per_s"] / row["value"] <= 2.0
+
+
+def test_every_published_row_reproduced_within_2x(resnet50_layers):
+    for row in published_results():
+        got = row_estimate(row, calibration_for(get_profile(row["device"])), layers=resnet50_layers)
+        assert 0.5 <= got["ratio"] <= 2.0, got
+        if row["use"] == "fit":
+            assert 0.9 <= got["ratio"] <= 1.1, got  # the fit itself is close; Offline rows include the DLAs
+
+
+def test_stored_calibration_is_the_fit():
+    stored = published_table()["calibration"]
+    for family, fitted in calibrate().items():
+        for key in ("compute_efficiency", "bandwidth_efficiency", "kernel_launch_us", "enqueue_us",
+                    "enqueue_share", "max_fit_error"):
+            assert stored[family][key] == pytest.approx(fitted[key], rel=1e-3), key
+        for key in ("profiles", "fitted_on", "fitted_devices", "fitted_dtypes"):
+            assert stored[family][key] == fitted[key], key
+        assert 0 < fitted["compute_efficiency"] <= 1 and 0 < fitted["bandwidth_efficiency"] <= 1
+
+
+def test_overhead_sets_a_floor_for_a_tiny_model():
+    profile = get_profile("jetson")  # the Orin Nano: no rows of its own, the family's factors apply
+    cal = calibration_for(profile)
+    layers = model_layers(_small(), (3, 8, 8))
+    est = layer_estimate(profile, DType.INT8, layers)
+    floor_us = cal.enqueue_us + len(layers) * cal.kernel_launch_us
+    assert floor_us >= 100  # fitted overhead: ~0.26 ms per ResNet-50 inference, half of it per inference
+    assert est["latency_ms"] * 1e3 >= floor_us
+    assert est["latency_ms"] >= 100 * est["lower_bound"]["latency_ms"] and est["bound"] == "overhead"
+    assert "jetson-orin-nano has no published rows" in est["assumptions"]
+
+
+def test_calibrated_estimate_is_labelled_and_json_able(resnet50_layers):
+    est = layer_estimate(get_profile("jetson-orin-nx"), DType.FP16, resnet50_layers, batch=2)
+    assert "estimate" in est["label"] and "not measured" in est["label"]
+    assert est["assumptions"].startswith("ESTIMATE") and "applied unchanged to fp16" in est["assumptions"]
+    assert est["images_per_s"] == pytest.approx(2 / est["latency_ms"] * 1e3)
+    assert json.loads(json.dumps(est)) == est
+
+
+def test_uncalibrated_profile_gives_the_ideal_lower_bound():
+    profile = get_profile("intel-xeon-amx")
+    assert calibration_for(profile) is None
+    est = layer_estimate(profile, DType.INT8, model_layers(_small(), (3, 8, 8)))
+    assert est["calibration"] is None and "UNCALIBRATED" in est["assumptions"]
+    assert est["latency_ms"] == est["lower_bound"]["latency_ms"]
+
+
+def test_target_estimate_falls_back_to_the_counts_roofline():
+    counts = {"macs": 10**9, "params": 10**6, "activation_elements": 10**6}
+    jetson = get_profile("jetson-agx-orin")
+    ideal = roofline_estimate(jetson, DType.INT8, 10**9, 10**6, 2 * 10**6)
+    assert target_estimate(jetson, DType.INT8, counts) == ideal  # no layers: ideal, as before calibration
+    assert target_estimate(jetson, DType.INT8, counts, layers=lambda: None) == ideal
+    calibrated = target_estimate(jetson, DType.INT8, counts, layers=lambda: model_layers(_small(), (3, 8, 8)))
+    assert calibrated["calibration"]["family"] == "jetson-orin-tensorrt"
+    xeon = get_profile("intel-xeon-amx")
+    assert target_estimate(xeon, DType.INT8, counts, layers=[Layer("conv", 1, 1, 1)]) == roofline_estimate(
+        xeon, DType.INT8, 10**9, 10**6, 2 * 10**6)
+
+
+# --- edgepipe estimate ---------------------------------------------------------------------------------
+def test_cli_estimate_json(capsys):
+    rc = main(["estimate", "--arch", "resnet8_cifar", "--kwargs", '{"num_classes": 10}', "--input-shape", "3,32,32",
+               "--target", "jetson-agx-orin", "--dtype", "int8", "--batch", "4", "--json"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    result = json.loads(out)
+    assert result["latency_ms"] > 0 and result["images_per_s"] == pytest.approx(4e3 / result["latency_ms"])
+    assert (result["kind"], result["batch"], result["dtype"], result["target"]) == ("estimate", 4, "int8",
+                                                                                    "jetson-agx-orin")
+    assert result["lower_bound"]["latency_ms"] < result["latency_ms"]
+
+
+def test_cli_estimate_onnx_text(tmp_path, capsys):
+    import onnx
+
+    from edgepipe.onnx_export import export_onnx
+
+    path = tmp_path / "m.onnx"
+    onnx.save(export_onnx(_small(), (3, 8, 8), 17), str(path))
+    assert main(["estimate", "--onnx", str(path), "--target", "jetson-orin-nx"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ESTIMATE (not measured)") and "ideal lower bound" in out and "assumptions" in out
+    assert "MLPerf Inference v3.1" in out and "3 kernels" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--arch", "no_such_arch", "--input-shape", "3,32,32"], "unknown architecture 'no_such_arch'"),
+    (["--arch", "resnet8_cifar"], "--arch needs --input-shape"),
+    (["--arch", "resnet8_cifar", "--input-shape", "3,x"], "--input-shape 3,x"),
+    (["--arch", "resnet8_cifar", "--input-shape", "1,32,32"], "cannot count layers"),
+    (["--onnx", "missing.onnx"], "missing.onnx: ONNX file not found"),
+])
+def test_cli_estimate_bad_input_is_exit_2_with_one_line(argv, message, capsys):
+    assert main(["estimate", *argv, "--target", "jetson"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("edgepipe: error:") and message in err
+
+
+def test_qat_model_counts_like_its_float_model():
+    from edgepipe.models import CifarResNet
+    from edgepipe.quant import insert_fake_quant, quant_settings
+
+    float_layers = model_layers(CifarResNet(8, width=4).eval(), (3, 16, 16))
+    qat = insert_fake_quant(CifarResNet(8, width=4).eval(), quant_settings(), (3, 16, 16))
+    for name, buf in qat.named_buffers():
+        if name.endswith("amax"):
+            buf.fill_(4.0)  # a calibrated range (any), so the fake-quant ops run
+    qat_layers = model_layers(qat, (3, 16, 16))
+    assert [(x.op, x.macs, x.weight_elements) for x in qat_layers] == \
+        [(x.op, x.macs, x.weight_elements) for x in float_layers]
+    # the QDQ ONNX of the deploy bundle (int8 weight initializers behind DequantizeLinear) counts the same
+    from edgepipe.onnx_export import export_onnx, fold_weight_quantizers
+
+    proto = export_onnx(qat, (3, 16, 16), 17)
+    fold_weight_quantizers(proto)
+    assert onnx_layers(proto) == qat_layers
+
+
+def test_artifact_layers_from_torch_onnx_or_none(tmp_path):
+    import onnx
+
+    from edgepipe.artifacts import Artifact
+    from edgepipe.estimate import artifact_layers
+    from edgepipe.models import save_torch_artifact
+    from edgepipe.onnx_export import export_onnx
+    from edgepipe.types import ArtifactKind
+
+    model = build_arch("resnet8_cifar", {"num_classes": 10})
+    expected = model_layers(model, (3, 32, 32))
+    torch_art = save_torch_artifact(model, {"arch": "resnet8_cifar", "kwargs": {"num_classes": 10}}, tmp_path / "t",
+                                    (3, 32, 32), 10)
+    assert artifact_layers(torch_art, (3, 32, 32)) == expected
+    (tmp_path / "o").mkdir()
+    onnx.save(export_onnx(model, (3, 32, 32), 17), str(tmp_path / "o" / "model.onnx"))
+    onnx_art = Artifact(kind=ArtifactKind.TENSORRT_BUNDLE, root=tmp_path / "o", files={"onnx": "model.onnx"})
+    assert artifact_layers(onnx_art) == expected
+    ir = Artifact(kind=ArtifactKind.OPENVINO_IR, root=tmp_path, files={"xml": "model.xml", "bin": "model.bin"})
+    assert artifact_layers(ir) is None
