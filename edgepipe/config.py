@@ -50,6 +50,9 @@ class ModelSpec(_Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the architecture.")
     weights: str | None = Field(None, description="State-dict file for `arch` (loaded with weights_only=True).")
     program: str | None = Field(None, description="A torch.export program file (.pt2).")
+    trust_pickle: bool = Field(
+        False, description="program: allow a .pt2 whose tensors or constants need full unpickling, which can run "
+                           "code from the file (off: such a file is refused). Only for files from a trusted source.")
     factory: str | None = Field(None, description="Explicit 'module:function' returning an nn.Module.")
 
     @model_validator(mode="after")

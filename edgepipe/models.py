@@ -8,8 +8,10 @@ architecture and its layers resized to the saved shapes (see ``restore_shapes``)
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -161,16 +163,63 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+class _Refused(Exception):
+    pass
+
+
+def load_program(path: Path, trust_pickle: bool = False) -> torch.export.ExportedProgram:
+    """``torch.export.load`` without running code from the file, unless ``trust_pickle``.
+
+    A .pt2 archive is JSON (the graph) plus raw tensor bytes, but ``torch.export.load`` also unpickles some
+    entries in full: tensors or constants saved "with pickle" (``torch.load(weights_only=False)``), opaque
+    constants (``pickle.loads``), custom script objects, and a fallback in the serde code. A crafted archive
+    can run any code that way. torch offers no weights-only switch for programs (2.14), so edgepipe loads
+    with those entry points restricted: ``torch.load`` is forced to ``weights_only=True`` (tensors only) and
+    the object unpicklers refuse. A program that needs them is refused with one line naming
+    ``trust_pickle: true`` (off by default), the option for a file from a source the user trusts.
+    """
+    from unittest import mock
+
+    from torch.export.pt2_archive import _package
+
+    real_load = torch.load
+
+    def tensors_only(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        try:
+            return real_load(*args, **kwargs)
+        except pickle.UnpicklingError:
+            raise _Refused("a pickled entry is not a plain tensor") from None
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise _Refused("it holds pickled Python objects")
+
+    class _NoPickle:  # stands in for the pickle module inside torch.export's archive reader
+        loads = load = staticmethod(refuse)
+
+    patches = [] if trust_pickle else [mock.patch.object(torch, "load", tensors_only),
+                                       mock.patch.object(_package, "pickle", _NoPickle),
+                                       mock.patch.object(torch._C, "_pickle_load_obj", refuse)]
+    try:
+        with contextlib.ExitStack() as stack:
+            for patch in patches:
+                stack.enter_context(patch)
+            return torch.export.load(path)
+    except _Refused as e:
+        raise EdgepipeError(f"{path}: loading this program would unpickle arbitrary Python objects ({e}), which can "
+                            "run code from the file; if you trust its source, set trust_pickle: true next to "
+                            "program: in the config") from None
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged or foreign archive
+        raise EdgepipeError(f"{path}: not a torch.export program ({type(e).__name__}: {str(e)[:200]})") from None
+
+
 def build_from_spec(spec: ModelSpec) -> nn.Module:
     """Build the model a config's ModelSpec describes (weights loaded when given)."""
     if spec.program:
         p = Path(spec.program)
         if not p.exists():
             raise EdgepipeError(f"{p}: torch.export program not found")
-        try:
-            return ExportedProgramModel(torch.export.load(p).module())
-        except Exception as e:  # noqa: BLE001
-            raise EdgepipeError(f"{p}: not a torch.export program ({type(e).__name__}: {e})") from None
+        return ExportedProgramModel(load_program(p, trust_pickle=spec.trust_pickle).module())
     model = resolve_factory(spec.factory)(**spec.kwargs) if spec.factory else build_arch(spec.arch, spec.kwargs)
     if not isinstance(model, nn.Module):
         raise EdgepipeError(f"{spec.factory or spec.arch}: returned {type(model).__name__}, not an nn.Module")
