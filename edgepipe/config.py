@@ -16,7 +16,7 @@ from edgepipe.types import DType, Importance
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # inf/NaN in a config is always a mistake
 
 
 class DataConfig(_Strict):
@@ -40,6 +40,10 @@ class DataConfig(_Strict):
     def _check(self) -> DataConfig:
         if self.kind == "imagefolder" and not self.path:
             raise ValueError("path: imagefolder data needs a path to the dataset root")
+        if self.std is not None and any(v <= 0 for v in self.std):
+            raise ValueError(f"std: every value must be > 0 (it divides the pixels), got {list(self.std)}")
+        if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
+            raise ValueError(f"mean and std: one value per channel each, got {len(self.mean)} and {len(self.std)}")
         return self
 
 
@@ -201,7 +205,8 @@ class BenchConfig(_Strict):
 
 class PipelineConfig(_Strict):
     name: str = Field("edgepipe-run", description="A name for the recipe.")
-    seed: int = Field(0, description="Seed for data order, initialisation and augmentation.")
+    seed: int = Field(0, ge=0, lt=2**32, description="Seed for data order, initialisation and augmentation "
+                                                    "(0 <= seed < 2**32, what numpy accepts).")
     on_no_gain: Literal["flag", "skip"] = Field(
         "flag", description="A stage whose output is less accurate than its input and not faster on the target by "
                             "the profile's min_speedup: flag it in the report, or skip it (pass its input through).")

@@ -108,6 +108,12 @@ def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
         bundle = _digits(cfg, seed)
     else:
         bundle = _imagefolder(cfg, seed)
+    channels = bundle.train_images.shape[1]
+    for field in ("mean", "std"):
+        given = getattr(cfg, field)
+        if given is not None and len(given) != channels:
+            raise EdgepipeError(f"data.{field}: {len(given)} value(s) for images with {channels} channel(s); "
+                                f"give one per channel")
     if cfg.limit_train:
         bundle.train_images, bundle.train_labels = bundle.train_images[: cfg.limit_train], bundle.train_labels[: cfg.limit_train]
     if cfg.limit_val:

@@ -174,6 +174,12 @@ def compare_with_torch(model: nn.Module, onnx_bytes: bytes, data: DataBundle, ba
         out.append(session.run(["logits"], {"input": x.numpy().astype(np.float32)})[0])
         labels.append(y.numpy())
     ref_logits, ort_logits, y_all = np.concatenate(ref), np.concatenate(out), np.concatenate(labels)
+    bad = ~(np.isfinite(ref_logits).all(1) & np.isfinite(ort_logits).all(1))
+    if bad.any():  # NaN logits would pass a max-difference check (NaN > x is False) and agree on argmax 0
+        raise EdgepipeError(f"export: the model outputs NaN or inf logits for {int(bad.sum())} of {len(y_all)} "
+                            f"validation images (PyTorch: {int((~np.isfinite(ref_logits).all(1)).sum())}, ONNX Runtime: "
+                            f"{int((~np.isfinite(ort_logits).all(1)).sum())}); the model is broken: check the earlier "
+                            "stages' training losses and data.mean/std")
     checks: dict[str, Any] = {"samples": int(len(y_all)), "ort_top1": topk_accuracy(ort_logits, y_all, 1),
                               "torch_top1": topk_accuracy(ref_logits, y_all, 1)}
     if quantized:

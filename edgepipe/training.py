@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from torch import nn
 
 from edgepipe.config import OptimConfig
 from edgepipe.data import DataBundle
+from edgepipe.errors import EdgepipeError
 from edgepipe.io import atomic_torch_save, is_main_process
 from edgepipe.host import host_has_native_bf16
 
@@ -104,6 +106,10 @@ def fit(model: nn.Module, data: DataBundle, cfg: OptimConfig, loss_step: LossSte
         for i, (x, y) in enumerate(_batches(data, batch_size, epoch, fmt)):
             with autocast(amp):
                 parts = loss_step(model, x, y)
+            loss_value = float(parts["loss"].detach())
+            if not math.isfinite(loss_value):
+                raise EdgepipeError(f"{task} epoch {epoch + 1}, batch {i + 1}: the loss is {loss_value} (training "
+                                    f"diverged); lower this stage's optim.lr (now {cfg.lr:g}) or check data.mean/std")
             opt.zero_grad(set_to_none=True)
             parts["loss"].backward()
             opt.step()
@@ -111,8 +117,12 @@ def fit(model: nn.Module, data: DataBundle, cfg: OptimConfig, loss_step: LossSte
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(y)
             seen += len(y)
-            progress(f"{task} epoch {epoch + 1}/{cfg.epochs}", i + 1, steps, {"loss": float(parts["loss"].detach())})
+            progress(f"{task} epoch {epoch + 1}/{cfg.epochs}", i + 1, steps, {"loss": loss_value})
         seconds = time.perf_counter() - t0
+        broken = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+        if broken:
+            raise EdgepipeError(f"{task} epoch {epoch + 1}: {len(broken)} weight tensor(s) hold NaN or inf (first: "
+                                f"{broken[0]}); lower this stage's optim.lr (now {cfg.lr:g})")
         row = {"epoch": epoch + 1, "lr": sched.get_last_lr()[0], **{k: v / max(1, seen) for k, v in sums.items()},
                "val_top1": evaluate(model, data, eval_batch_size), "images_per_s": seen / seconds,
                "seconds": seconds, "autocast": str(amp).replace("torch.", "") if amp else "off"}

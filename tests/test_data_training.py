@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from edgepipe.config import DataConfig, OptimConfig
@@ -66,3 +67,37 @@ def test_fit_resumes_after_interruption(tmp_path: Path) -> None:
     assert abs(hist[-1]["loss"] - ref[-1]["loss"]) < 1e-5
     for p, q in zip(full.parameters(), resumed.parameters()):
         assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_diverging_training_stops_with_one_line_and_no_checkpoint(tmp_path: Path) -> None:
+    import pytest
+
+    from edgepipe.errors import EdgepipeError
+
+    torch.manual_seed(0)
+    with pytest.raises(EdgepipeError, match=r"distill epoch 1, batch \d+: the loss is (nan|inf).*lower this stage's "
+                                            r"optim.lr \(now 1e\+30\)"):
+        fit(TinyCNN(), tiny_data(), OptimConfig(epochs=2, lr=1e30, autocast="off"), cross_entropy_step,
+            batch_size=32, checkpoint_dir=tmp_path, task="distill")
+    assert not list(tmp_path.glob("*.pt"))  # nothing diverged is kept to resume from
+
+
+@pytest.mark.parametrize("data, says", [
+    ({"std": [0.5, 0.0, 0.5]}, "std: every value must be > 0"),
+    ({"std": [float("inf")] * 3}, "finite"),
+    ({"mean": [0.5, 0.5], "std": [0.2, 0.2, 0.2]}, "one value per channel each"),
+])
+def test_config_rejects_non_finite_and_zero_std(data: dict, says: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=says):
+        DataConfig(**data)
+
+
+def test_std_of_the_wrong_length_for_the_images_is_one_line() -> None:
+    import pytest
+
+    from edgepipe.errors import EdgepipeError
+
+    with pytest.raises(EdgepipeError, match=r"data.mean: 3 value\(s\) for images with 1 channel\(s\)"):
+        load_data(DataConfig(kind="digits", mean=[0.5, 0.5, 0.5], std=[0.2, 0.2, 0.2]))

@@ -134,3 +134,18 @@ def test_export_refuses_bad_inputs_and_mismatches(tmp_path: Path, runs: dict) ->
     assert not (tmp_path / "strict" / "model.onnx").exists()
     with pytest.raises(EdgepipeError, match="export.opset: 21 is above 20"):
         run_export(tmp_path / "opset", runs["student"], data, export={"opset": 21})
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_nan_logits_fail_the_export_check(quantized: bool) -> None:
+    """NaN vs NaN would pass a max-difference check and 'agree' on argmax 0: counted as broken instead."""
+    from tests.support import TinyCNN
+
+    model = TinyCNN().eval()
+    with torch.no_grad():
+        model.fc.bias.fill_(float("nan"))
+    data = tiny_data()
+    proto = onnx_export.export_onnx(model, data.input_shape, 17)
+    with pytest.raises(EdgepipeError, match=r"export: the model outputs NaN or inf logits for 64 of 64 validation "
+                                            r"images \(PyTorch: 64, ONNX Runtime: 64\)"):
+        onnx_export.compare_with_torch(model, proto.SerializeToString(), data, 32, quantized, 1e-4, 0.99)
