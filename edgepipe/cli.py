@@ -81,7 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
-        return _dispatch(args)
+        if getattr(args, "run", None) is None:
+            return _dispatch(args)
+        from edgepipe.io import run_lock
+
+        with run_lock(args.run):  # one writer per run folder
+            return _dispatch(args)
     except EdgepipeError as e:
         print(f"edgepipe: error: {e}", file=sys.stderr)
         return 2

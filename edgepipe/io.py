@@ -6,10 +6,11 @@ new one, never half of one. Under torch.distributed only rank 0 writes.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,12 @@ def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
     """Call ``write(tmp_path)`` then atomically move ``tmp_path`` to ``path``."""
     path = Path(path)
@@ -30,6 +37,8 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a run's files follow the user's umask like any other
+
         write(Path(tmp))
         os.replace(tmp, path)
     finally:
@@ -50,3 +59,52 @@ def atomic_torch_save(path: Path, obj: Any) -> Path:
     import torch
 
     return atomic_write(path, lambda p: torch.save(obj, p))
+
+
+LOCK_FILE = ".edgepipe.lock"
+
+
+def _lock_holder(path: Path) -> int | None:
+    """PID holding the flock on ``path``, from /proc/locks (Linux); None where that cannot be read."""
+    try:
+        inode = path.stat().st_ino
+        for line in Path("/proc/locks").read_text().splitlines():
+            parts = line.split()
+            if len(parts) > 5 and parts[1] == "FLOCK" and parts[5].split(":")[-1] == str(inode):
+                return int(parts[4])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``run_dir`` while a command writes to it (``fcntl.flock``, released by the OS
+    even on SIGKILL). A second writer fails at once with one line naming the holder's PID. The lock file is
+    empty and never rewritten, so taking the lock leaves a finished run's files as they were."""
+    import fcntl
+
+    from edgepipe.errors import EdgepipeError
+
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise EdgepipeError(f"{run_dir}: is a file, not a run folder; give --run a folder path")
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _lock_holder(path)
+            raise EdgepipeError(f"{run_dir}: another edgepipe command{f' (PID {pid})' if pid else ''} is writing to "
+                                "this run folder; wait for it to finish or stop it, then run this again") from None
+        yield
+    except BaseException:
+        if created and [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:  # a new run that wrote nothing
+            path.unlink()
+            run_dir.rmdir()
+        raise
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

@@ -101,3 +101,4 @@ def test_std_of_the_wrong_length_for_the_images_is_one_line() -> None:
 
     with pytest.raises(EdgepipeError, match=r"data.mean: 3 value\(s\) for images with 1 channel\(s\)"):
         load_data(DataConfig(kind="digits", mean=[0.5, 0.5, 0.5], std=[0.2, 0.2, 0.2]))
+
