@@ -102,6 +102,32 @@ class DataBundle:
         return [self.normalize(self.train_images[order[i:i + batch_size]]) for i in range(0, len(order), batch_size)]
 
 
+def data_fingerprint(cfg: DataConfig) -> str:
+    """What the data files are, cheaply: for an ImageFolder, every file's path, size and modification time
+    under its train and validation splits (a stat per file, no reading); for digits, scikit-learn's version.
+    Part of every data-dependent stage key, so replaced or added images retrain instead of passing as
+    "unchanged"."""
+    digest = hashlib.sha256()
+    if cfg.kind == "digits":
+        import sklearn
+
+        digest.update(f"sklearn {sklearn.__version__} load_digits".encode())
+        return digest.hexdigest()
+    root = Path(cfg.path or "")
+    for split in (cfg.train_split, cfg.val_split):
+        base = root / split
+        for folder, dirs, files in os.walk(base):
+            dirs.sort()
+            for name in sorted(files):
+                path = Path(folder) / name
+                try:
+                    st = path.stat()
+                except OSError:
+                    continue
+                digest.update(f"{path.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
     """Load the dataset a config names."""
     if cfg.kind == "digits":

@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -195,6 +196,14 @@ class Run:
                                 f"run `edgepipe {prev} --run {self.root}` first (or `edgepipe run`)")
         return prev, art
 
+    def data_fingerprint(self) -> str:
+        """edgepipe.data.data_fingerprint of this run's data, computed once per command."""
+        if getattr(self, "_data_fingerprint", None) is None:
+            from edgepipe.data import data_fingerprint
+
+            self._data_fingerprint = data_fingerprint(self.config.data)
+        return self._data_fingerprint
+
     def is_measured(self, name: str) -> bool:
         chosen = self.manifest.get("measured")
         return load_stage(name).MEASURED and (chosen is None or name in chosen)
@@ -209,6 +218,8 @@ def stage_key(run: Run, name: str, input_hash: str | None, teacher: Artifact | N
     target = module.target_key(run.profile, run.config) if module.target_key else None
     key = {"stage": name, "config": {s: cfg[s] for s in module.SECTIONS}, "profile": target,
            "input": input_hash, "teacher": teacher.content_hash() if teacher and module.USES_TEACHER else None}
+    if "data" in module.SECTIONS:  # the files themselves, not only the data settings
+        key["data_files"] = run.data_fingerprint()
     if run.config.on_no_gain == "skip" and ArtifactKind.TORCH in module.INPUT_KINDS:
         # Whether the stage passes its own output or its input on depends on measurements on this target.
         key["on_no_gain"] = {"profile": run.profile.model_dump(mode="json"), "host": [host_cpu(), list(host_isa())],
@@ -257,6 +268,7 @@ def run_stage(run: Run, name: str, force: bool = False, progress: Progress | Non
     entry.update(status="running", started=_now(), key=key, metrics_key=None, input_hash=input_hash,
                  ended=None, skipped_reason=None)
     run.save()
+    _checkpoints_for(ctx.checkpoint_dir, key, name)
     t0 = time.perf_counter()
     try:
         result: StageResult = module.run(ctx)
@@ -285,7 +297,30 @@ def _record(run: Run, name: str, result: StageResult, ctx: StageContext, wall: f
                            output_hash=art.content_hash(), artifact_dir=os.path.relpath(art.root, run.root),
                            skipped_reason=result.skipped)
     run.save()
+    from edgepipe.training import clear_checkpoints
+
+    clear_checkpoints(ctx.checkpoint_dir)  # only now: a kill before this line resumes from the last epoch
     return metrics
+
+
+CHECKPOINT_KEY = "stage_key"
+
+
+def _checkpoints_for(folder: Path, key: str, name: str) -> None:
+    """Keep a stage's per-epoch checkpoints only if they were written for this very stage key (its config,
+    input model, teacher and data files); otherwise drop them, so training never resumes from a model
+    trained on other inputs."""
+    marker = folder / CHECKPOINT_KEY
+    if folder.is_dir():
+        try:
+            same = marker.read_text().strip() == key
+        except OSError:
+            same = False
+        if not same:
+            log.info("%s: discarding checkpoints written for other inputs or settings", name)
+            shutil.rmtree(folder)
+    if not marker.exists():
+        atomic_write_text(marker, key + "\n")
 
 
 def _metrics(run: Run, name: str, result: StageResult, ctx: StageContext, wall: float,

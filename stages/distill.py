@@ -11,7 +11,7 @@ from __future__ import annotations
 from edgepipe.distillation import FeatureHints, init_from_teacher, kd_step
 from edgepipe.models import build_from_spec, check_fits, load_torch_artifact, save_torch_artifact
 from edgepipe.stage import StageContext, StageResult
-from edgepipe.training import clear_checkpoints, cross_entropy_step, fit, seed_everything
+from edgepipe.training import cross_entropy_step, fit, seed_everything
 from edgepipe.types import ArtifactKind
 
 NAME = "distill"
@@ -47,7 +47,6 @@ def run(ctx: StageContext) -> StageResult:
     student_params = sum(p.numel() for p in student.parameters())
     build = dcfg.student.model_dump(exclude_none=True, exclude={"weights"})
     artifact = save_torch_artifact(student, build, ctx.out_dir, data.input_shape, data.num_classes)
-    clear_checkpoints(ctx.checkpoint_dir)
     return StageResult(artifact, records={
         "history": history, "init": init, "soft_targets": targets.record() if targets else None,
         "loss": "KD" if targets else "cross-entropy on labels only (alpha 0, no feature hints)", "temperature": dcfg.temperature, "alpha": dcfg.alpha, "beta": dcfg.beta,

@@ -12,7 +12,7 @@ import json
 from edgepipe.distillation import kd_step
 from edgepipe.models import load_torch_artifact, save_torch_artifact
 from edgepipe.stage import StageContext, StageResult
-from edgepipe.training import clear_checkpoints, evaluate, fit, seed_everything
+from edgepipe.training import evaluate, fit, seed_everything
 from edgepipe.types import ArtifactKind
 
 NAME = "finetune"
@@ -34,6 +34,5 @@ def run(ctx: StageContext) -> StageResult:
                   batch_size=cfg.data.batch_size, checkpoint_dir=ctx.checkpoint_dir, task="finetune",
                   progress=ctx.progress, eval_batch_size=cfg.data.eval_batch_size)
     artifact = save_torch_artifact(model, desc["build"], ctx.out_dir, tuple(desc["input_shape"]), desc["num_classes"])
-    clear_checkpoints(ctx.checkpoint_dir)
     return StageResult(artifact, records={"history": history, "top1_before": before, "epochs": qcfg.optim.epochs,
                                           "soft_targets": targets.record()})

@@ -34,7 +34,7 @@ from edgepipe.measure import candidate_latency
 from edgepipe.models import load_torch_artifact, save_torch_artifact
 from edgepipe.profiles import HardwareProfile
 from edgepipe.stage import StageContext, StageResult
-from edgepipe.training import clear_checkpoints, cross_entropy_step, evaluate, fit, seed_everything
+from edgepipe.training import cross_entropy_step, evaluate, fit, seed_everything
 from edgepipe.types import ArtifactKind, Importance
 
 NAME = "prune"
@@ -133,7 +133,6 @@ def run(ctx: StageContext) -> StageResult:
     after = channels(student)
     build = json.loads(ctx.input.path("build").read_text())["build"]
     artifact = save_torch_artifact(student, build, ctx.out_dir, data.input_shape, data.num_classes)
-    clear_checkpoints(ctx.checkpoint_dir)
     macs, params = count(student, example)
     return StageResult(artifact, records={
         "history": histories, "importance": pcfg.importance.value, "target": pcfg.target, "ratio": pcfg.ratio,

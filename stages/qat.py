@@ -28,7 +28,7 @@ from edgepipe.quant import (activation_quantizers, find_conv_bn_pairs, fold_batc
 from edgepipe.quant_form import form_key, resolve_form
 from edgepipe.profiles import HardwareProfile
 from edgepipe.stage import StageContext, StageResult
-from edgepipe.training import autocast_dtype, clear_checkpoints, evaluate, fit, seed_everything
+from edgepipe.training import autocast_dtype, evaluate, fit, seed_everything
 from edgepipe.types import ArtifactKind
 
 NAME = "qat"
@@ -91,7 +91,6 @@ def run(ctx: StageContext) -> StageResult:
     saved = {**settings(pairs), "activation_quantizers": placement}
     artifact = save_torch_artifact(model, desc["build"], ctx.out_dir, input_shape, desc["num_classes"],
                                    quantization=saved)
-    clear_checkpoints(ctx.checkpoint_dir)
     return StageResult(artifact, records={
         "history": history,
         "calibration": {"method": qcfg.calibration, "percentile": qcfg.percentile, "batches": len(batches),

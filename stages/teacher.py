@@ -14,7 +14,7 @@ from edgepipe.errors import EdgepipeError
 from edgepipe.io import atomic_write
 from edgepipe.models import build_from_spec, check_fits, save_torch_artifact
 from edgepipe.stage import StageContext, StageResult
-from edgepipe.training import clear_checkpoints, cross_entropy_step, fit, seed_everything
+from edgepipe.training import cross_entropy_step, fit, seed_everything
 
 NAME = "teacher"
 PROGRAM_FILE = "teacher.pt2"
@@ -48,7 +48,6 @@ def run(ctx: StageContext) -> StageResult:
         build["program"], files = PROGRAM_FILE, {"program": PROGRAM_FILE}
     artifact = save_torch_artifact(model, build, ctx.out_dir, data.input_shape, data.num_classes,
                                    meta={"source": _source(spec)}, extra_files=files)
-    clear_checkpoints(ctx.checkpoint_dir)
     return StageResult(artifact, records={"history": history, "source": _source(spec)})
 
 

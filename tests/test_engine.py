@@ -163,3 +163,60 @@ def test_on_no_gain_skip_passes_the_input_through(tmp_path: Path, monkeypatch: p
     flag = Run.create(tmp_path / "flag", _config(), "generic-cpu")
     flag_other = Run.create(tmp_path / "flag-other", _config(), "intel-xeon-amx")
     assert stage_key(flag, "prune", inp, None) == stage_key(flag_other, "prune", inp, None)
+
+
+def test_checkpoints_outlive_a_kill_between_trained_and_recorded(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The teacher trains, then the process dies while its artifact is measured: the rerun resumes from the
+    last epoch's checkpoint (no retraining); checkpoints go only once the manifest says done."""
+    from edgepipe import pipeline
+    from edgepipe.pipeline import run_stage
+
+    run = Run.create(tmp_path / "run", _config(), "generic-cpu")
+    real = pipeline._metrics
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # stands in for SIGKILL after training, before the manifest records it
+
+    monkeypatch.setattr(pipeline, "_metrics", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(run, "teacher")
+    ckpts = run.root / "teacher" / "checkpoints"
+    assert (ckpts / "last.pt").is_file()
+    monkeypatch.setattr(pipeline, "_metrics", real)
+    run = Run.open(run.root)
+    m = run_stage(run, "teacher")
+    history = m["records"]["history"]
+    assert history and all(row.get("earlier_invocation") for row in history)  # nothing retrained
+    assert not ckpts.exists()  # recorded done: now they go
+
+
+def test_checkpoints_of_other_inputs_are_discarded(tmp_path: Path) -> None:
+    from edgepipe.pipeline import _checkpoints_for
+
+    folder = tmp_path / "checkpoints"
+    _checkpoints_for(folder, "key-a", "distill")
+    (folder / "last.pt").write_bytes(b"epoch 3 of a distill against the old teacher")
+    _checkpoints_for(folder, "key-a", "distill")
+    assert (folder / "last.pt").exists()  # same stage key: resume
+    _checkpoints_for(folder, "key-b", "distill")  # the teacher (or data, or config) changed
+    assert not (folder / "last.pt").exists() and (folder / "stage_key").read_text().strip() == "key-b"
+
+
+def test_replaced_images_change_every_data_stage_key(tmp_path: Path) -> None:
+    import os
+
+    from edgepipe.config import DataConfig
+    from edgepipe.data import data_fingerprint
+
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            (tmp_path / split / cls / "0.png").write_bytes(b"x" * 10)
+    cfg = DataConfig(kind="imagefolder", path=str(tmp_path))
+    before = data_fingerprint(cfg)
+    assert data_fingerprint(cfg) == before
+    img = tmp_path / "train" / "a" / "0.png"
+    img.write_bytes(b"y" * 10)  # same size, new content: the modification time tells
+    os.utime(img, ns=(img.stat().st_atime_ns, img.stat().st_mtime_ns + 1_000_000))
+    assert data_fingerprint(cfg) != before
