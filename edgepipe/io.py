@@ -90,9 +90,13 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     if run_dir.exists() and not run_dir.is_dir():
         raise EdgepipeError(f"{run_dir}: is a file, not a run folder; give --run a folder path")
     created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_FILE
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise EdgepipeError(f"{run_dir}: cannot create the run folder or its lock file ({e.strerror}); check the "
+                            "path and its permissions") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -51,3 +51,16 @@ def test_a_failed_command_on_a_new_folder_leaves_nothing(tmp_path: Path) -> None
         with run_lock(tmp_path / "new"):
             raise RuntimeError("bad config")
     assert not (tmp_path / "new").exists()
+
+
+
+def test_a_run_folder_that_cannot_be_created_is_one_line(tmp_path: Path) -> None:
+    import pytest
+
+    from edgepipe.errors import EdgepipeError
+    from edgepipe.io import run_lock
+
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(EdgepipeError, match="a-file/run: cannot create the run folder or its lock file"):
+        with run_lock(tmp_path / "a-file" / "run"):  # fails for every user, root included
+            pass
