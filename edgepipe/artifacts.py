@@ -46,9 +46,9 @@ class Artifact:
         for role in sorted(self.files):
             p = self.root / self.files[role]
             h.update(role.encode())
-            if p.is_file() and p.suffix == ".pt":
-                _hash_state_dict(p, h)
-            elif p.is_file():
+            if p.is_file() and p.suffix == ".pt" and _hash_state_dict(p, h):
+                continue
+            if p.is_file():  # any other file, or a .pt that does not load (damaged: its bytes then differ anyway)
                 with p.open("rb") as fh:
                     for chunk in iter(lambda: fh.read(1 << 20), b""):
                         h.update(chunk)
@@ -65,22 +65,39 @@ class Artifact:
     def load(cls, root: Path) -> Artifact:
         desc = Path(root) / DESCRIPTOR
         try:
-            d = json.loads(desc.read_text())
+            d = json.loads(desc.read_bytes())
         except FileNotFoundError:
-            raise EdgepipeError(f"{desc}: no artifact here; run the stage that produces it first") from None
-        except json.JSONDecodeError:
-            raise EdgepipeError(f"{desc}: corrupt descriptor; rerun the stage with --force") from None
-        return cls(kind=ArtifactKind(d["kind"]), root=Path(root), files=d["files"], dtype=DType(d["dtype"]),
-                   quantized=d.get("quantized", False), meta=d.get("meta", {}))
+            raise EdgepipeError(f"{desc}: no artifact here; run the stage that produces it (with --force if it is "
+                                "recorded as done)") from None
+        except ValueError:  # JSONDecodeError, or random bytes that are not even UTF-8
+            raise EdgepipeError(f"{desc}: damaged descriptor (not readable JSON); rerun the stage that produced it "
+                                "with --force") from None
+        try:
+            files = d["files"]
+            if not (isinstance(files, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in files.items())):
+                raise TypeError("files")
+            return cls(kind=ArtifactKind(d["kind"]), root=Path(root), files=files, dtype=DType(d["dtype"]),
+                       quantized=bool(d.get("quantized", False)), meta=dict(d.get("meta") or {}))
+        except (KeyError, TypeError, ValueError) as e:
+            raise EdgepipeError(f"{desc}: damaged descriptor ({type(e).__name__}: {e}); rerun the stage that produced "
+                                "it with --force") from None
 
 
-def _hash_state_dict(path: Path, h: "hashlib._Hash") -> None:
+def _hash_state_dict(path: Path, h: "hashlib._Hash") -> bool:
     """Hash a saved state dict by its tensors: torch.save embeds a random serialization id, so two
-    saves of identical weights differ byte-wise, which would defeat caching and lineage checks."""
+    saves of identical weights differ byte-wise, which would defeat caching and lineage checks.
+    False when the file is not a loadable state dict (a damaged file: the caller hashes its bytes)."""
     import torch
 
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    for name in sorted(state):
-        t = state[name]
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        items = sorted(state.items())
+    except Exception:  # noqa: BLE001 - torch raises many types for a truncated or foreign file
+        return False
+    for name, t in items:
+        if not isinstance(t, torch.Tensor):
+            h.update(f"{name}:{t!r}".encode())
+            continue
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return True

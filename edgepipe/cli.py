@@ -90,10 +90,28 @@ def main(argv: list[str] | None = None) -> int:
     except EdgepipeError as e:
         print(f"edgepipe: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # read-only folder, disk full, a path that is a file: one line, never a traceback
+        log.debug("where the OSError came from", exc_info=True)  # -v shows the traceback
+        print(f"edgepipe: error: {_os_error_line(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("edgepipe: interrupted; run the same command again to resume from the last checkpoint",
               file=sys.stderr)
         return 130
+
+
+def _os_error_line(e: OSError) -> str:
+    import errno
+
+    where = f"{e.filename}: " if e.filename else ""
+    advice = {errno.ENOSPC: "free some space, then run the same command again (finished stages are kept)",
+              errno.EDQUOT: "free some space, then run the same command again (finished stages are kept)",
+              errno.EACCES: "the folder is not writable by you; fix its permissions or give another --run",
+              errno.EPERM: "the folder is not writable by you; fix its permissions or give another --run",
+              errno.EROFS: "the file system is read-only; give a --run folder on a writable one",
+              errno.ENOTDIR: "a path component is a file, not a folder; check the path",
+              errno.EISDIR: "a folder stands where a file is expected; check the path"}
+    return f"{where}{e.strerror or type(e).__name__}; {advice.get(e.errno, 'check the path and run the same command again')}"
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -161,17 +179,24 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _open_run(args: argparse.Namespace):
+    """The run a command writes to. A new config or target is proven first (edgepipe.pipeline.preflight) and only
+    then written, so a command that fails its checks leaves an existing run folder byte for byte as it was."""
     from edgepipe.config import load_config
-    from edgepipe.pipeline import Run
+    from edgepipe.pipeline import Run, preflight
 
-    if args.config or args.target:
-        if not (args.config and args.target) and not (args.run / "manifest.json").exists():
-            raise EdgepipeError("a new run folder needs both --config and --target")
-        existing = Run.open(args.run) if (args.run / "manifest.json").exists() else None
-        config = load_config(args.config) if args.config else existing.config
-        target = args.target or existing.profile.name
-        return Run.create(args.run, config, target)
-    return Run.open(args.run)
+    exists = (args.run / "manifest.json").exists()
+    if not (args.config or args.target):
+        run = Run.open(args.run)
+        preflight(run)
+        return run
+    if not (args.config and args.target) and not exists:
+        raise EdgepipeError("a new run folder needs both --config and --target")
+    existing = Run.open(args.run) if not (args.config and args.target) else None
+    config = load_config(args.config) if args.config else existing.config
+    run = Run.create(args.run, config, args.target or existing.profile.name, write=False)
+    preflight(run)
+    run.write_files()
+    return run
 
 
 def _summary(m: dict) -> str:
@@ -343,7 +368,13 @@ def _compile_standalone(args: argparse.Namespace) -> int:
         # On the device this command builds the engine; a bundle written here would be a bundle inside a bundle.
         raise EdgepipeError(f"compile --onnx {args.onnx}: no TensorRT engine can be built on this machine ({reason}); "
                             f"run it on the {profile.name} device (see the bundle's README.md)")
-    graph = onnx.load(str(args.onnx), load_external_data=False).graph
+    try:
+        graph = onnx.load(str(args.onnx), load_external_data=False).graph
+        if not graph.input or not graph.node:
+            raise ValueError("no inputs or no nodes")
+    except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError and friends for a file that is not ONNX
+        raise EdgepipeError(f"{args.onnx}: not an ONNX model ({type(e).__name__}); give the model.onnx of a deploy "
+                            "bundle or an export stage") from None
     quantized = any(n.op_type == "QuantizeLinear" for n in graph.node)
     dtype = profile.compile_dtype(quantized)
     artifact, records = backend.compile(args.onnx, profile, dtype, args.out)
@@ -405,6 +436,9 @@ def _compare(args: argparse.Namespace) -> int:
             raise EdgepipeError(f"--teacher {args.teacher}: file not found; give the teacher's torch.export .pt2")
         data["teacher"]["model"] = {"program": args.teacher}
     config = validate_config(data, args.config)
+    from edgepipe.pipeline import Run, preflight
+
+    preflight(Run.create(args.run, config, args.target, write=False))
     command = "edgepipe " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "edgepipe compare"
     with _progress() as progress:
         config_file = Path(args.config) if Path(args.config).is_file() else configs_dir() / f"{args.config}.yaml"

@@ -83,6 +83,13 @@ class TeacherConfig(_Strict):
     model: ModelSpec = Field(description="The teacher model (trained below when train.epochs > 0).")
     train: OptimConfig = Field(OptimConfig(epochs=0), description="Train the teacher first (0 epochs: use as is).")
 
+    @model_validator(mode="after")
+    def _program_is_inference_only(self) -> TeacherConfig:
+        if self.model.program and self.train.epochs > 0:
+            raise ValueError("train.epochs: a torch.export program (model.program) is inference-only; give arch + "
+                             "weights (or a factory) to train the teacher, or set epochs: 0")
+        return self
+
 
 class FeaturePair(_Strict):
     teacher: str = Field(description="Teacher module name whose output is the hint (e.g. layer3).")
@@ -95,9 +102,10 @@ class SoftTargetsConfig(_Strict):
     runtime: Literal["torch", "openvino"] = Field(
         "torch", description="torch: the teacher module itself; openvino: the teacher compiled by OpenVINO in "
                              "FP32 (inference only, the same logits to ~1e-5, faster on CPU). Feature hints need torch.")
-    cache: bool = Field(False, description="Keep each batch's teacher logits in memory, keyed by the batch's bytes, "
-                                           "so later stages of the same process reuse them (the data order and "
-                                           "augmentation depend only on seed and epoch).")
+    cache: bool = Field(False, description="Keep each batch's teacher logits, keyed by the batch's bytes, in memory "
+                                           "and in the run's cache/ folder, so later stages, resumed runs and the "
+                                           "baselines reuse them (the data order and augmentation depend only on "
+                                           "seed and epoch).")
 
 
 class DistillConfig(_Strict):

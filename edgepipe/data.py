@@ -170,23 +170,43 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("EDGEPIPE_CACHE", Path.home() / ".cache" / "edgepipe"))
 
 
+def _files_signature(paths: list[str]) -> str:
+    """Path, size and modification time of each file: the decode cache's key, so an image replaced under the same
+    name is decoded again (the same facts as data_fingerprint, which keys the stages)."""
+    parts = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            parts.append(f"{p}\0{st.st_size}\0{st.st_mtime_ns}")
+        except OSError:
+            parts.append(f"{p}\0missing")
+    return "\n".join(parts)
+
+
 def _decode_split(root: Path, size: int | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     from torchvision.datasets import ImageFolder
 
     if not root.is_dir():
         raise EdgepipeError(f"{root}: image folder not found; data.path must hold the train/val split folders")
-    ds = ImageFolder(str(root))
-    key = hashlib.sha256(("\n".join(p for p, _ in ds.samples) + f"|{size}").encode()).hexdigest()[:16]
+    try:
+        ds = ImageFolder(str(root))
+    except FileNotFoundError as e:  # no class folders, or a class folder without a single image file
+        raise EdgepipeError(f"{root}: {str(e).rstrip('.')}; every class needs a sub-folder holding at least one "
+                            "image (.jpg, .png, ...)") from None
+    key = hashlib.sha256((_files_signature([p for p, _ in ds.samples]) + f"|{size}").encode()).hexdigest()[:16]
     cache = _cache_dir() / f"imagefolder-{key}.npz"
     if cache.exists():
-        with np.load(cache) as z:
-            return z["images"], z["labels"], list(ds.classes)
+        try:
+            with np.load(cache, allow_pickle=False) as z:
+                return z["images"], z["labels"], list(ds.classes)
+        except Exception as e:  # noqa: BLE001 - a damaged cache file is decoded again, never trusted
+            log.warning("%s: damaged decode cache (%s), decoding the images again", cache, type(e).__name__)
     log.info("decoding %d images under %s (cached afterwards in %s)", len(ds), root, cache)
-    first = ds.loader(ds.samples[0][0]).convert("RGB")
+    first = _open_image(ds, ds.samples[0][0])
     shape = (size, size) if size else first.size[::-1]
     images = np.empty((len(ds), 3, *shape), dtype=np.uint8)
     for i, (path, _) in enumerate(ds.samples):
-        img = ds.loader(path).convert("RGB")
+        img = _open_image(ds, path)
         if size:
             img = img.resize((size, size))
         elif img.size[::-1] != shape:
@@ -195,6 +215,17 @@ def _decode_split(root: Path, size: int | None) -> tuple[np.ndarray, np.ndarray,
     labels = np.asarray(ds.targets, dtype=np.int64)
     atomic_write(cache, lambda p: np.savez(p.open("wb"), images=images, labels=labels))
     return images, labels, list(ds.classes)
+
+
+def _open_image(ds, path: str):
+    """One image as RGB, or one clear error naming the file (PIL raises OSError, SyntaxError, ValueError...)."""
+    try:
+        img = ds.loader(path)
+        img.load()
+        return img.convert("RGB")
+    except Exception as e:  # noqa: BLE001 - whatever PIL raises, the file is the problem
+        raise EdgepipeError(f"{path}: cannot decode this image ({type(e).__name__}: {str(e)[:120]}); remove or "
+                            "replace the file") from None
 
 
 def _imagefolder(cfg: DataConfig, seed: int) -> DataBundle:

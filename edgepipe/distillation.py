@@ -10,8 +10,12 @@ map is resized to the teacher's.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 import torch
 from torch import nn
@@ -19,6 +23,9 @@ from torch.nn import functional as F
 
 from edgepipe.config import FeaturePair, SoftTargetsConfig
 from edgepipe.errors import EdgepipeError
+from edgepipe.io import atomic_write, is_main_process
+
+log = logging.getLogger(__name__)
 
 
 def kd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -84,6 +91,7 @@ class FeatureHints(nn.Module):
 # Teacher logits kept across stages of one process: {(teacher key, runtime): {batch digest: logits}}.
 _LOGITS_CACHE: dict[tuple[str, str], dict[bytes, torch.Tensor]] = {}
 _CACHE_LIMIT_BYTES = 512 * 2**20
+_SHARD_ENTRIES = 64  # batches per file on disk: a kill loses at most this many teacher forwards
 
 
 class SoftTargets:
@@ -93,17 +101,25 @@ class SoftTargets:
     logits (checked against PyTorch when built) at a fraction of PyTorch's CPU cost, which is most of
     a distillation step's time for a deep teacher. With ``cache``, each batch's logits are kept in
     memory keyed by a digest of the batch's bytes; fine-tuning stages that replay the same seeded
-    epochs then skip the teacher entirely. The hit/miss counts are reported in the stage records.
+    epochs then skip the teacher entirely. With a ``cache_dir`` (the run's ``cache/``) they are also
+    written to disk in small shards, so a later process (a resumed run, a single-stage command, the
+    baselines) reuses them too. The key is the digest of the input itself, so a hit can only return
+    this teacher's logits for these very pixels. The hit/miss counts are reported in the stage records.
     """
 
     def __init__(self, teacher: nn.Module, runtime: str = "torch", cache: bool = False, key: str = "",
-                 example: torch.Tensor | None = None) -> None:
+                 example: torch.Tensor | None = None, cache_dir: Path | None = None) -> None:
         self.teacher, self.runtime = teacher.eval(), runtime
         for p in teacher.parameters():
             p.requires_grad_(False)
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.loaded = 0
         self.max_abs_diff: float | None = None
         self._store = _LOGITS_CACHE.setdefault((key, runtime), {}) if cache and key else None
+        self._disk: Path | None = None
+        self._pending: list[tuple[bytes, torch.Tensor]] = []
+        if self._store is not None and cache_dir is not None:
+            self._disk = Path(cache_dir) / "soft_targets" / hashlib.sha256(f"{key}|{runtime}".encode()).hexdigest()[:16]
+            self.loaded = _load_shards(self._disk, self._store)
         self._request = None
         if runtime == "openvino":
             if example is None:
@@ -137,11 +153,62 @@ class SoftTargets:
         logits = self._openvino(x) if self._request is not None else self.teacher(x).float()
         if digest is not None and len(self._store) * logits.numel() * 4 < _CACHE_LIMIT_BYTES:
             self._store[digest] = logits
+            if self._disk is not None:
+                self._pending.append((digest, logits))
+                if len(self._pending) >= _SHARD_ENTRIES:
+                    self.flush()
         return logits
 
+    def flush(self) -> None:
+        """Write the logits computed since the last flush as one shard (atomically; rank 0 only)."""
+        if not self._pending or self._disk is None:
+            return
+        pending, self._pending = self._pending, []
+        if not is_main_process():
+            return
+        digests = np.frombuffer(b"".join(d for d, _ in pending), dtype=np.uint8).reshape(len(pending), 16)
+        rows = np.array([len(t) for _, t in pending], dtype=np.int64)  # batch sizes (the last batch may be smaller)
+        logits = torch.cat([t for _, t in pending]).float().numpy()
+        name = hashlib.sha256(digests.tobytes()).hexdigest()[:16]
+
+        def write(p: Path) -> None:
+            with p.open("wb") as fh:
+                np.savez(fh, digests=digests, rows=rows, logits=logits)
+        try:
+            atomic_write(self._disk / f"{name}.npz", write)
+        except OSError as e:  # the cache only saves time: a full disk must not stop training
+            log.warning("soft targets: cannot write the logits cache in %s (%s); continuing without it", self._disk,
+                        e.strerror)
+            self._disk = None
+
     def record(self) -> dict[str, Any]:
+        self.flush()
         return {"runtime": self.runtime, "cache": self.caching, "cache_hits": self.hits,
-                "teacher_forwards": self.misses, "openvino_max_abs_diff": self.max_abs_diff}
+                "teacher_forwards": self.misses, "openvino_max_abs_diff": self.max_abs_diff,
+                "loaded_from_disk": self.loaded}
+
+
+def _load_shards(folder: Path, store: dict[bytes, torch.Tensor]) -> int:
+    """Add the logits saved in ``folder`` to ``store``; a shard that does not read back whole is ignored."""
+    added = 0
+    for shard in sorted(folder.glob("*.npz")) if folder.is_dir() else ():
+        try:
+            with np.load(shard, allow_pickle=False) as z:
+                digests, rows, logits = z["digests"], z["rows"], z["logits"]
+            if digests.dtype != np.uint8 or digests.ndim != 2 or digests.shape[1] != 16 or logits.ndim != 2 \
+                    or logits.dtype != np.float32 or rows.shape != (len(digests),) or rows.sum() != len(logits):
+                raise ValueError("unexpected arrays")
+        except Exception as e:  # noqa: BLE001 - a damaged shard is recomputed, never trusted
+            log.warning("soft targets: ignoring damaged cache file %s (%s)", shard, type(e).__name__)
+            continue
+        for d, t in zip(digests, np.split(logits, np.cumsum(rows)[:-1])):
+            if len(store) * t.size * 4 >= _CACHE_LIMIT_BYTES:
+                return added
+            key = d.tobytes()
+            if key not in store:
+                store[key] = torch.from_numpy(t.copy())
+                added += 1
+    return added
 
 
 def _openvino_request(teacher: nn.Module, example: torch.Tensor) -> Any:
@@ -154,8 +221,8 @@ def _openvino_request(teacher: nn.Module, example: torch.Tensor) -> Any:
 
 
 def soft_targets_for(teacher: nn.Module, cfg: SoftTargetsConfig, key: str, input_shape: tuple[int, ...],
-                     ) -> SoftTargets:
-    return SoftTargets(teacher, cfg.runtime, cfg.cache, key, torch.randn(2, *input_shape))
+                     cache_dir: Path | None = None) -> SoftTargets:
+    return SoftTargets(teacher, cfg.runtime, cfg.cache, key, torch.randn(2, *input_shape), cache_dir=cache_dir)
 
 
 def init_from_teacher(student: nn.Module, teacher: nn.Module) -> dict[str, Any]:

@@ -9,6 +9,7 @@ architecture and its layers resized to the saved shapes (see ``restore_shapes``)
 from __future__ import annotations
 
 import contextlib
+import logging
 import importlib
 import json
 import pickle
@@ -200,10 +201,14 @@ def load_program(path: Path, trust_pickle: bool = False) -> torch.export.Exporte
     patches = [] if trust_pickle else [mock.patch.object(torch, "load", tensors_only),
                                        mock.patch.object(_package, "pickle", _NoPickle),
                                        mock.patch.object(torch._C, "_pickle_load_obj", refuse)]
+    quiet = logging.getLogger("torch.export")  # it logs a traceback for a damaged file; the one line below says it
+    level = quiet.level
     try:
         with contextlib.ExitStack() as stack:
             for patch in patches:
                 stack.enter_context(patch)
+            quiet.setLevel(logging.CRITICAL)
+            stack.callback(quiet.setLevel, level)
             return torch.export.load(path)
     except _Refused as e:
         raise EdgepipeError(f"{path}: loading this program would unpickle arbitrary Python objects ({e}), which can "
@@ -220,7 +225,15 @@ def build_from_spec(spec: ModelSpec) -> nn.Module:
         if not p.exists():
             raise EdgepipeError(f"{p}: torch.export program not found")
         return ExportedProgramModel(load_program(p, trust_pickle=spec.trust_pickle).module())
-    model = resolve_factory(spec.factory)(**spec.kwargs) if spec.factory else build_arch(spec.arch, spec.kwargs)
+    if spec.factory:
+        fn = resolve_factory(spec.factory)
+        try:
+            model = fn(**spec.kwargs)
+        except TypeError as e:  # wrong or missing kwargs (or not a model factory at all, e.g. os:system)
+            raise EdgepipeError(f"factory '{spec.factory}': calling it with kwargs {spec.kwargs} failed ({e}); give "
+                                "the function that builds your nn.Module and the kwargs it takes") from None
+    else:
+        model = build_arch(spec.arch, spec.kwargs)
     if not isinstance(model, nn.Module):
         raise EdgepipeError(f"{spec.factory or spec.arch}: returned {type(model).__name__}, not an nn.Module")
     if spec.weights:

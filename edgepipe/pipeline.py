@@ -38,7 +38,7 @@ import yaml
 
 from edgepipe import stage as stages
 from edgepipe.artifacts import Artifact
-from edgepipe.config import PipelineConfig, validate_config
+from edgepipe.config import PipelineConfig, load_config
 from edgepipe.errors import EdgepipeError
 from edgepipe.host import git_revision, host_cpu, host_isa, library_versions
 from edgepipe.io import atomic_write_json, atomic_write_text, is_main_process
@@ -59,6 +59,47 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def read_manifest(path: Path) -> dict[str, Any]:
+    """A run's manifest.json, checked for the shape the engine relies on; anything else is one clear error."""
+    recover = (f"restore it from a copy, or move {path.parent} aside and start the run again (a new run folder "
+               "retrains every stage)")
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError and UnicodeDecodeError (random bytes)
+        raise EdgepipeError(f"{path}: damaged manifest, not readable JSON ({type(e).__name__}); {recover}") from None
+    stages = manifest.get("stages") if isinstance(manifest, dict) else None
+    if (not isinstance(manifest, dict) or not isinstance(manifest.get("target"), str) or not isinstance(stages, list)
+            or not all(isinstance(e, dict) and isinstance(e.get("name"), str) for e in stages)):
+        raise EdgepipeError(f"{path}: damaged manifest (expected an object with 'target' and a list of 'stages'); "
+                            f"{recover}")
+    return manifest
+
+
+def preflight(run: Run) -> None:
+    """Prove what a command on ``run`` needs before anything in its folder changes: the profile's dtypes against
+    its backend, the data (every image decoded, so a damaged file fails here and not mid-run), and the models a
+    stage will build (teacher unless its stage is recorded with this very key, student), checked against the
+    data's image shape and class count."""
+    from edgepipe.backends import get_backend
+    from edgepipe.data import load_data
+    from edgepipe.models import build_from_spec, check_fits
+
+    profile, config = run.profile, run.config
+    allowed = get_backend(profile.backend).DTYPES
+    bad = [d.value for d in profile.dtypes if d not in allowed]
+    if bad:
+        raise EdgepipeError(f"profile {profile.name}: dtypes lists {', '.join(bad)}, which backend "
+                            f"{profile.backend.value} cannot compile (it compiles {', '.join(d.value for d in allowed)});"
+                            " remove them from dtypes or choose another backend")
+    data = load_data(config.data, seed=config.seed)
+    entry = run._find("teacher") or {}
+    if "teacher" in run.order and not (entry.get("status") == "done" and
+                                       entry.get("key") == stage_key(run, "teacher", None, None)):
+        check_fits(build_from_spec(config.teacher.model), "teacher.model", data.input_shape, data.num_classes)
+    if "distill" in run.order and config.distill.enabled:
+        check_fits(build_from_spec(config.distill.student), "distill.student", data.input_shape, data.num_classes)
+
+
 @dataclass
 class Run:
     """A run folder: resolved config, target profile, manifest, one folder per stage."""
@@ -67,20 +108,28 @@ class Run:
     config: PipelineConfig
     profile: HardwareProfile
     manifest: dict[str, Any]
+    cache_root: Path | None = None
+    """The top run's cache folder, for a derived run (baselines, other targets); None: ``root / "cache"``."""
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.cache_root or self.root / "cache"
 
     @classmethod
     def create(cls, root: Path, config: PipelineConfig, target: str, order: tuple[str, ...] | None = None,
-               measured: tuple[str, ...] | None = None) -> Run:
+               measured: tuple[str, ...] | None = None, write: bool = True) -> Run:
         """Open ``root`` for ``config`` and ``target``; an existing run keeps its manifest (so caching works).
 
         ``order`` is the stages this run executes (default: the pipeline, ``STAGE_ORDER``); ``measured``
-        the stages whose artifacts the engine measures (default: all that declare MEASURED)."""
+        the stages whose artifacts the engine measures (default: all that declare MEASURED). With
+        ``write=False`` nothing is written yet: the caller proves the inputs (``preflight``) and then calls
+        ``write_files``, so a command that fails its checks leaves an existing run as it was."""
         root = Path(root)
         profile = get_profile(target)
         for name in order or ():
             load_stage(name)
         manifest_path = root / "manifest.json"
-        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+        manifest = read_manifest(manifest_path) if manifest_path.exists() else None
         if manifest is None:
             manifest = {"run": root.name, "target": profile.name, "created": _now(), "stages": []}
         manifest["target"] = profile.name
@@ -89,11 +138,18 @@ class Run:
         if measured is not None:
             manifest["measured"] = list(measured)
         run = cls(root, config, profile, manifest)
-        if is_main_process():
-            atomic_write_text(root / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-            atomic_write_text(root / "profile.yaml", yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False))
-        run.save()
+        if write:
+            run.write_files()
         return run
+
+    def write_files(self) -> None:
+        """Write the resolved config, the profile and the manifest (only once the command's inputs are proven)."""
+        if is_main_process():
+            atomic_write_text(self.root / "config.yaml", yaml.safe_dump(self.config.model_dump(mode="json"),
+                                                                        sort_keys=False))
+            atomic_write_text(self.root / "profile.yaml", yaml.safe_dump(self.profile.model_dump(mode="json"),
+                                                                         sort_keys=False))
+        self.save()
 
     @classmethod
     def open(cls, root: Path) -> Run:
@@ -103,14 +159,20 @@ class Run:
         if not manifest_path.exists() or not cfg_path.exists():
             raise EdgepipeError(f"{root}: not a run folder (no manifest.json/config.yaml); start it with "
                                 f"`edgepipe run --config CONFIG --target TARGET --run {root}` or pass --config and --target")
+        manifest = read_manifest(manifest_path)
         try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError:
-            raise EdgepipeError(f"{manifest_path}: corrupt manifest; remove the run folder and start again") from None
-        config = validate_config(yaml.safe_load(cfg_path.read_text()), cfg_path)
+            config = load_config(cfg_path)
+        except EdgepipeError as e:
+            raise EdgepipeError(f"{e}; this is the run's own copy of its config: restore it, or give the run a config "
+                                f"again with --config FILE --target {manifest['target']} (unchanged stages are reused)"
+                                ) from None
         # The run's own copy of its profile: a target given as a YAML path may not exist any more.
         saved = root / "profile.yaml"
-        profile = load_profile_file(saved, require_stem=False) if saved.exists() else get_profile(manifest["target"])
+        try:
+            profile = load_profile_file(saved, require_stem=False) if saved.exists() else get_profile(manifest["target"])
+        except EdgepipeError as e:
+            raise EdgepipeError(f"{e}; this is the run's own copy of its profile: restore it, or give the target again "
+                                f"with --target {manifest['target']}") from None
         return cls(root, config, profile, manifest)
 
     @property
@@ -128,6 +190,7 @@ class Run:
         root = Path(root)
         child = Run.create(root, config or self.config, target or self.profile.name, order=order or self.order,
                            measured=measured)
+        child.cache_root = self.cache_dir
         for name in shared:
             parent = self._find(name)
             if parent is None or parent.get("status") not in ("done", "skipped") or not parent.get("artifact_dir"):
@@ -175,7 +238,13 @@ class Run:
     def metrics_of(self, name: str) -> dict[str, Any]:
         """The stage's metrics.json ({} when it has none)."""
         path = self.root / name / "metrics.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+        if not path.exists():
+            return {}
+        try:
+            return json.loads(path.read_bytes())
+        except ValueError:
+            raise EdgepipeError(f"{path}: damaged (not readable JSON); `edgepipe run --run {self.root}` redoes the "
+                                f"{name} stage") from None
 
     def own_stages(self) -> list[str]:
         """The stages this run executes itself (its order without the ones it shares from a parent)."""
@@ -248,16 +317,23 @@ def run_stage(run: Run, name: str, force: bool = False, progress: Progress | Non
                             f"it takes {', '.join(k.value for k in module.INPUT_KINDS)}")
     teacher = run.artifact_of("teacher") if module.USES_TEACHER else None
     input_hash = inp.content_hash() if inp else None  # hashed once: it reads every byte of the model
+    if found is not None:
+        recorded = (run._find(found[0]) or {}).get("output_hash")
+        if recorded and input_hash != recorded:
+            raise EdgepipeError(f"{inp.root}: the {found[0]} stage's output changed or was damaged after it was "
+                                f"recorded; run `edgepipe run --run {run.root}` (it redoes {found[0]} first) or "
+                                f"`edgepipe {found[0]} --run {run.root}`")
     key = stage_key(run, name, input_hash, teacher)
     mkey = metrics_key(run, name, key)
     entry = run.entry(name)
     out_dir = run.root / name
     metrics_path = out_dir / "metrics.json"
     ctx = StageContext(name=name, config=run.config, profile=run.profile, out_dir=out_dir, input=inp,
-                       teacher=teacher, progress=progress)
-    if not force and entry.get("key") == key and entry.get("status") in ("done", "skipped") and metrics_path.exists():
-        art = run.artifact_of(name)
-        if art is not None and art.content_hash() == entry.get("output_hash"):
+                       teacher=teacher, progress=progress, cache_dir=run.cache_dir)
+    if not force and entry.get("key") == key and entry.get("status") in ("done", "skipped"):
+        damage = _damage(run, name, entry, metrics_path)
+        if damage is None:
+            art = run.artifact_of(name)
             old = json.loads(metrics_path.read_text())
             if entry.get("metrics_key") == mkey:
                 log.info("%s: unchanged (key %s), reusing %s", name, key, entry["artifact_dir"])
@@ -265,6 +341,7 @@ def run_stage(run: Run, name: str, force: bool = False, progress: Progress | Non
             log.info("%s: unchanged (key %s), measurement settings or host changed: re-measuring", name, key)
             result = StageResult(art, records=old.get("records") or {}, skipped=old.get("skipped_reason"))
             return _record(run, name, result, ctx, entry.get("wall_time_s") or 0.0, mkey, progress)
+        log.warning("%s: %s; redoing the stage", name, damage)
     entry.update(status="running", started=_now(), key=key, metrics_key=None, input_hash=input_hash,
                  ended=None, skipped_reason=None)
     run.save()
@@ -272,11 +349,39 @@ def run_stage(run: Run, name: str, force: bool = False, progress: Progress | Non
     t0 = time.perf_counter()
     try:
         result: StageResult = module.run(ctx)
-    except BaseException:
-        entry.update(status="failed", ended=_now())
-        run.save()
+    except BaseException as e:
+        entry.update(status="failed", ended=_now(), error=f"{type(e).__name__}: {str(e)[:300]}")
+        try:
+            run.save()
+        except OSError as save_error:  # e.g. the disk is still full: the error that stopped the stage matters more
+            log.warning("%s: could not record the failure in %s (%s)", name, run.root / "manifest.json",
+                        save_error.strerror)
         raise
     return _record(run, name, result, ctx, time.perf_counter() - t0, mkey, progress)
+
+
+def _damage(run: Run, name: str, entry: dict[str, Any], metrics_path: Path) -> str | None:
+    """Why a stage recorded as finished cannot be reused, or None: its metrics.json must be the bytes the
+    manifest recorded (sha256) and its artifact must load and hash to the recorded output hash."""
+    try:
+        raw = metrics_path.read_bytes()
+    except FileNotFoundError:
+        return f"{metrics_path} is missing"
+    recorded = entry.get("metrics_sha256")
+    if recorded and hashlib.sha256(raw).hexdigest() != recorded:
+        return f"{metrics_path} differs from what was recorded (damaged or edited)"
+    try:
+        json.loads(raw)
+    except ValueError:
+        return f"{metrics_path} is not readable JSON"
+    try:
+        art = run.artifact_of(name)
+    except EdgepipeError as e:
+        return str(e).split(";")[0]
+    if art is None or art.content_hash() != entry.get("output_hash"):
+        return f"its artifact in {run.root / (entry.get('artifact_dir') or name)} differs from what was recorded " \
+               "(damaged or edited)"
+    return None
 
 
 def _record(run: Run, name: str, result: StageResult, ctx: StageContext, wall: float, mkey: str,
@@ -290,9 +395,11 @@ def _record(run: Run, name: str, result: StageResult, ctx: StageContext, wall: f
         result = StageResult(ctx.input, records={**result.records, "gain": gain},
                              skipped=f"on_no_gain: skip: {gain['verdict']}")
         metrics = {**_metrics(run, name, result, ctx, wall, progress), "gain": gain}
-    atomic_write_json(run.root / name / "metrics.json", metrics)
+    metrics_file = atomic_write_json(run.root / name / "metrics.json", metrics)
     art = result.artifact
+    run.entry(name).pop("error", None)
     run.entry(name).update(status="skipped" if result.skipped else "done", ended=_now(), wall_time_s=wall,
+                           metrics_sha256=hashlib.sha256(metrics_file.read_bytes()).hexdigest(),
                            measure_time_s=time.perf_counter() - t0, metrics_key=mkey,
                            output_hash=art.content_hash(), artifact_dir=os.path.relpath(art.root, run.root),
                            skipped_reason=result.skipped)

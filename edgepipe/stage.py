@@ -53,6 +53,9 @@ class StageContext:
     progress: Callable[[str, int, int, dict[str, float]], None] = lambda *a: None
     """progress(task, done, total, values): epochs, batches, iterations. The CLI renders it."""
     extra: dict[str, Any] = field(default_factory=dict)
+    cache_dir: Path | None = None
+    """Where reusable intermediate results live (the teacher's logits): the top run's ``cache/``, shared by its
+    derived runs; safe to delete."""
 
     @cached_property
     def data(self) -> DataBundle:
@@ -65,7 +68,7 @@ class StageContext:
         from edgepipe.distillation import soft_targets_for
 
         key = self.teacher.content_hash() if self.teacher is not None else ""
-        return soft_targets_for(teacher, self.config.soft_targets, key, self.data.input_shape)
+        return soft_targets_for(teacher, self.config.soft_targets, key, self.data.input_shape, self.cache_dir)
 
     @property
     def checkpoint_dir(self) -> Path:

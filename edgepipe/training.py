@@ -77,7 +77,9 @@ def fit(model: nn.Module, data: DataBundle, cfg: OptimConfig, loss_step: LossSte
     steps = data.steps_per_epoch(batch_size)
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
                           weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(1, cfg.epochs * steps) + 1,
+    # OneCycleLR divides by its warm-up length (pct_start x total_steps - 1): fewer than 9 steps (a handful of
+    # images) would divide by zero or go negative, so the schedule spans at least 9 steps.
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(9, cfg.epochs * steps + 1),
                                                 pct_start=0.25, anneal_strategy="linear",
                                                 div_factor=10.0, final_div_factor=100.0)
     amp = autocast_dtype(cfg)
@@ -87,18 +89,25 @@ def fit(model: nn.Module, data: DataBundle, cfg: OptimConfig, loss_step: LossSte
     start = 0
     ckpt = Path(checkpoint_dir) / f"last{('-' + tag) if tag else ''}.pt"
     fingerprint = _fingerprint(cfg, tag)
+    state = None
     if ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if state.get("fingerprint") == fingerprint:
-            model.load_state_dict(state["model"])
-            if extra_modules is not None and "extra" in state:
-                extra_modules.load_state_dict(state["extra"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            history, start = json.loads(state["history"]), int(state["epoch"])
-            for row in history:  # these epochs ran in an earlier, interrupted invocation
-                row.setdefault("earlier_invocation", True)
-            log.info("%s: resuming after epoch %d from %s", task, start, ckpt)
+        try:
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict):
+                raise TypeError(type(state).__name__)
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign checkpoint is never trusted
+            log.warning("%s: checkpoint %s is damaged (%s); starting this training over", task, ckpt, type(e).__name__)
+            state = None
+    if state is not None and state.get("fingerprint") == fingerprint:
+        model.load_state_dict(state["model"])
+        if extra_modules is not None and "extra" in state:
+            extra_modules.load_state_dict(state["extra"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        history, start = json.loads(state["history"]), int(state["epoch"])
+        for row in history:  # these epochs ran in an earlier, interrupted invocation
+            row.setdefault("earlier_invocation", True)
+        log.info("%s: resuming after epoch %d from %s", task, start, ckpt)
     for epoch in range(start, cfg.epochs):
         model.train()
         sums: dict[str, float] = {}

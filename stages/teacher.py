@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import shutil
 
-from edgepipe.errors import EdgepipeError
 from edgepipe.io import atomic_write
 from edgepipe.models import build_from_spec, check_fits, save_torch_artifact
 from edgepipe.stage import StageContext, StageResult
@@ -30,9 +29,6 @@ def run(ctx: StageContext) -> StageResult:
     cfg = ctx.config
     spec = cfg.teacher.model
     seed_everything(cfg.seed)
-    if spec.program and cfg.teacher.train.epochs > 0:
-        raise EdgepipeError("teacher.train.epochs: a torch.export program (teacher.model.program) is inference-only; "
-                            "give arch + weights (or a factory) to train the teacher, or set epochs: 0")
     model = build_from_spec(spec)
     data = ctx.data
     check_fits(model, "teacher.model", data.input_shape, data.num_classes)

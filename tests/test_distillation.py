@@ -61,3 +61,32 @@ def test_feature_hints_need_the_torch_teacher() -> None:
     targets = SoftTargets(teacher, "openvino", example=torch.randn(2, 1, 8, 8))
     with pytest.raises(EdgepipeError, match="soft_targets.runtime: torch"):
         kd_step(targets, 4.0, 0.9, 0.5, hints)
+
+
+def test_cached_logits_outlive_the_process_on_disk(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    """A resumed run or a later stage command reads the teacher's logits back instead of recomputing them, and a
+    damaged cache file is recomputed, never trusted."""
+    import edgepipe.distillation as distillation
+
+    teacher = cifar_resnet(8, width=4).eval()
+    batches = [torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i, n in enumerate((5, 5, 3))]
+    first = SoftTargets(teacher, cache=True, key="t-disk", cache_dir=tmp_path)
+    want = [first(x) for x in batches]
+    assert first.record()["teacher_forwards"] == 3
+    shards = list((tmp_path / "soft_targets").rglob("*.npz"))
+    assert len(shards) == 1
+    distillation._LOGITS_CACHE.clear()  # a new process
+    second = SoftTargets(teacher, cache=True, key="t-disk", cache_dir=tmp_path)
+    got = [second(x) for x in batches]
+    rec = second.record()
+    assert rec["loaded_from_disk"] == 3 and rec["cache_hits"] == 3 and rec["teacher_forwards"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    distillation._LOGITS_CACHE.clear()
+    shards[0].write_bytes(shards[0].read_bytes()[:100])
+    with caplog.at_level("WARNING"):
+        third = SoftTargets(teacher, cache=True, key="t-disk", cache_dir=tmp_path)
+    assert "damaged cache file" in caplog.text and third.loaded == 0
+    assert torch.equal(third(batches[0]), want[0]) and third.misses == 1
+    distillation._LOGITS_CACHE.clear()
+    other = SoftTargets(cifar_resnet(8, width=4), cache=True, key="another-teacher", cache_dir=tmp_path)
+    assert other.loaded == 0  # another teacher's logits live under another key

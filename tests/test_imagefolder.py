@@ -57,3 +57,20 @@ def test_cifar10_test_split_through_imagefolder(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setenv("EDGEPIPE_CACHE", str(tmp_path))  # never write into the user's cache from a test
     images, labels, classes = _decode_split(CIFAR10 / "test", None)
     assert images.shape == (10_000, 3, 32, 32) and classes[0] == "airplane" and np.bincount(labels).tolist() == [1000] * 10
+
+
+def test_an_image_replaced_under_the_same_name_is_decoded_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decode cache is keyed by each file's size and modification time, not its name only: stale pixels would
+    otherwise reach a retrained stage whose key did change (edgepipe.data.data_fingerprint)."""
+    import os
+
+    monkeypatch.setenv("EDGEPIPE_CACHE", str(tmp_path / "cache"))
+    _tree(tmp_path / "data")
+    cfg = DataConfig(kind="imagefolder", path=str(tmp_path / "data"))
+    first = load_data(cfg)
+    target = sorted((tmp_path / "data" / "train").rglob("*.png"))[0]
+    Image.fromarray(np.full((12, 12, 3), 7, np.uint8)).save(target)
+    os.utime(target, ns=(1, 1))  # a different modification time even on a coarse clock
+    second = load_data(cfg)
+    assert not (second.train_images == first.train_images).all()
+    assert (second.train_images[0] == 7).all()
