@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("action", nargs="?", choices=["list", "show"], default="list")
     sp.add_argument("name", nargs="?")
     sub.add_parser("models", help="list registered architectures")
+    sp = sub.add_parser("cache", help="list or clear the decoded-image cache ($EDGEPIPE_CACHE, default "
+                        "~/.cache/edgepipe); a run's teacher-logits cache is its cache/ folder")
+    sp.add_argument("action", nargs="?", choices=["list", "clear"], default="list")
     sp = sub.add_parser("validate", help="validate a config file")
     sp.add_argument("config")
     sp = sub.add_parser("estimate", help="ESTIMATE latency and throughput on a target device (calibrated roofline, "
@@ -132,6 +135,19 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         for name, fn in sorted(ARCHITECTURES.items()):
             print(f"{name:24s} {(fn.__doc__ or '').strip().splitlines()[0] if fn.__doc__ else ''}")
+        return 0
+    if cmd == "cache":
+        from edgepipe.data import clear_decode_cache, decode_cache
+
+        folder, files = decode_cache()
+        if args.action == "clear":
+            n, freed = clear_decode_cache()
+            print(f"removed {n} decoded-image file(s), {freed / 2**20:.1f} MiB, from {folder}")
+            return 0
+        for f in files:
+            print(f"{f.stat().st_size / 2**20:10.1f} MiB  {f.name}")
+        print(f"{len(files)} decoded-image file(s) in {folder} ({sum(f.stat().st_size for f in files) / 2**20:.1f} "
+              "MiB); `edgepipe cache clear` removes them")
         return 0
     if cmd == "validate":
         from edgepipe.config import load_config

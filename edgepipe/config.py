@@ -26,6 +26,12 @@ class DataConfig(_Strict):
     train_split: str = Field("train", description="imagefolder: sub-folder with training images.")
     val_split: str = Field("test", description="imagefolder: sub-folder with validation images.")
     image_size: int | None = Field(None, gt=0, description="Resize images to this square size (None: keep).")
+    channels: Literal[1, 3] | None = Field(
+        None, description="imagefolder: 1 (grayscale) or 3 (RGB) channels per image; None follows the teacher's first "
+                          "layer. Every image is converted explicitly (16-bit scaled, not clipped; alpha dropped; "
+                          "palette, CMYK and others to RGB or luma) and the conversions are recorded in the run.")
+    strict: bool = Field(False, description="imagefolder: stop at the first unreadable image instead of skipping it "
+                                            "with a warning (skipped files are counted in the run and the report).")
     mean: tuple[float, ...] | None = Field(None, description="Per-channel normalization mean (None: data default).")
     std: tuple[float, ...] | None = Field(None, description="Per-channel normalization std (None: data default).")
     val_fraction: float = Field(0.2, gt=0, lt=1, description="digits: fraction held out for validation.")

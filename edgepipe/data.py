@@ -10,18 +10,24 @@ tensors, which on a 2-core CPU is far cheaper than per-image PIL transforms in w
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from edgepipe.config import DataConfig
 from edgepipe.errors import EdgepipeError
 from edgepipe.io import atomic_write
+
+if TYPE_CHECKING:
+    from edgepipe.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +46,8 @@ class DataBundle:
     hflip: bool = True
     pad: int = 4
     seed: int = 0
+    notes: dict[str, Any] = field(default_factory=dict)
+    """How the files became tensors: channels, source image modes, files skipped as unreadable (per split)."""
 
     @property
     def num_classes(self) -> int:
@@ -128,17 +136,23 @@ def data_fingerprint(cfg: DataConfig) -> str:
     return digest.hexdigest()
 
 
-def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
-    """Load the dataset a config names."""
+def load_data(cfg: DataConfig, seed: int = 0, channels: int | None = None) -> DataBundle:
+    """Load the dataset a config names; ``channels`` (1 or 3) when ``data.channels`` is not set (default 3)."""
+    want = cfg.channels or channels or (1 if cfg.kind == "digits" else 3)
     if cfg.kind == "digits":
         bundle = _digits(cfg, seed)
+        if want == 3:
+            bundle.train_images = bundle.train_images.repeat(1, 3, 1, 1)
+            bundle.val_images = bundle.val_images.repeat(1, 3, 1, 1)
+            bundle.mean, bundle.std = bundle.mean.expand(3).clone(), bundle.std.expand(3).clone()
+        bundle.notes = {"channels": want}
     else:
-        bundle = _imagefolder(cfg, seed)
+        bundle = _imagefolder(cfg, seed, want)
     channels = bundle.train_images.shape[1]
-    for field in ("mean", "std"):
-        given = getattr(cfg, field)
+    for name in ("mean", "std"):
+        given = getattr(cfg, name)
         if given is not None and len(given) != channels:
-            raise EdgepipeError(f"data.{field}: {len(given)} value(s) for images with {channels} channel(s); "
+            raise EdgepipeError(f"data.{name}: {len(given)} value(s) for images with {channels} channel(s); "
                                 f"give one per channel")
     if cfg.limit_train:
         bundle.train_images, bundle.train_labels = bundle.train_images[: cfg.limit_train], bundle.train_labels[: cfg.limit_train]
@@ -166,8 +180,53 @@ def _digits(cfg: DataConfig, seed: int) -> DataBundle:
                       pad=max(1, (cfg.image_size or 8) // 8), seed=seed)
 
 
+def run_data(config: PipelineConfig) -> DataBundle:
+    """The data of a run: ``data.channels``, or as many channels as the teacher's first layer takes."""
+    return load_data(config.data, seed=config.seed, channels=teacher_channels(config))
+
+
+_CHANNELS: dict[str, int | None] = {}
+
+
+def teacher_channels(config: PipelineConfig) -> int | None:
+    """Input channels of the teacher's first layer (None when it takes neither 1 nor 3, or has no such layer)."""
+    if config.data.channels:
+        return config.data.channels
+    spec = config.teacher.model
+    key = spec.model_dump_json()
+    if key not in _CHANNELS:
+        if spec.arch and "in_channels" in spec.kwargs:
+            found = spec.kwargs["in_channels"]
+        else:
+            from edgepipe.models import build_from_spec
+
+            found = next((m.in_channels for m in build_from_spec(spec).modules()
+                          if isinstance(getattr(m, "in_channels", None), int)), None)
+            if found is None and spec.arch:
+                found = 3  # a registered architecture without in_channels kwarg: torchvision's RGB models
+        _CHANNELS[key] = found if found in (1, 3) else None
+    return _CHANNELS[key]
+
+
 def _cache_dir() -> Path:
     return Path(os.environ.get("EDGEPIPE_CACHE", Path.home() / ".cache" / "edgepipe"))
+
+
+def decode_cache() -> tuple[Path, list[Path]]:
+    """The decoded-image cache folder ($EDGEPIPE_CACHE, default ~/.cache/edgepipe) and its files."""
+    folder = _cache_dir()
+    return folder, sorted(folder.glob("imagefolder-*.npz")) if folder.is_dir() else []
+
+
+def clear_decode_cache() -> tuple[int, int]:
+    """Delete every decoded-image file of the cache; returns (files, bytes) removed. Images are decoded again,
+    from the dataset itself, the next time a run needs them."""
+    _, files = decode_cache()
+    freed = 0
+    for f in files:
+        freed += f.stat().st_size
+        f.unlink()
+    return len(files), freed
 
 
 def _files_signature(paths: list[str]) -> str:
@@ -183,57 +242,127 @@ def _files_signature(paths: list[str]) -> str:
     return "\n".join(parts)
 
 
-def _decode_split(root: Path, size: int | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+DECODE_VERSION = 2  # 2: explicit mode conversion, 1 or 3 channels, unreadable files skipped and recorded
+
+
+def _decode_split(root: Path, size: int | None, channels: int = 3, strict: bool = False,
+                  ) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, Any]]:
+    """Decode every image under ``root/<class>/`` to uint8 [N, channels, H, W] (cached on disk).
+
+    Returns images, labels, class names and notes: the source modes counted and the files skipped as unreadable
+    (with the reason), which the run records. With ``strict`` the first unreadable file is an error instead.
+    """
     from torchvision.datasets import ImageFolder
 
     if not root.is_dir():
         raise EdgepipeError(f"{root}: image folder not found; data.path must hold the train/val split folders")
     try:
-        ds = ImageFolder(str(root))
+        ds = ImageFolder(str(root), loader=_open_raw)
     except FileNotFoundError as e:  # no class folders, or a class folder without a single image file
         raise EdgepipeError(f"{root}: {str(e).rstrip('.')}; every class needs a sub-folder holding at least one "
                             "image (.jpg, .png, ...)") from None
-    key = hashlib.sha256((_files_signature([p for p, _ in ds.samples]) + f"|{size}").encode()).hexdigest()[:16]
-    cache = _cache_dir() / f"imagefolder-{key}.npz"
+    signature = _files_signature([p for p, _ in ds.samples]) + f"|{size}|{channels}|{strict}|v{DECODE_VERSION}"
+    cache = _cache_dir() / f"imagefolder-{hashlib.sha256(signature.encode()).hexdigest()[:16]}.npz"
     if cache.exists():
         try:
             with np.load(cache, allow_pickle=False) as z:
-                return z["images"], z["labels"], list(ds.classes)
+                images, labels, notes = z["images"], z["labels"], json.loads(str(z["notes"]))
+            _warn_skipped(root, notes, cached=True)
+            return images, labels, list(ds.classes), notes
         except Exception as e:  # noqa: BLE001 - a damaged cache file is decoded again, never trusted
             log.warning("%s: damaged decode cache (%s), decoding the images again", cache, type(e).__name__)
     log.info("decoding %d images under %s (cached afterwards in %s)", len(ds), root, cache)
-    first = _open_image(ds, ds.samples[0][0])
-    shape = (size, size) if size else first.size[::-1]
-    images = np.empty((len(ds), 3, *shape), dtype=np.uint8)
+    images: np.ndarray | None = None
+    keep: list[int] = []
+    modes: dict[str, int] = {}
+    skipped: list[list[str]] = []
     for i, (path, _) in enumerate(ds.samples):
-        img = _open_image(ds, path)
+        try:
+            img = _open_raw(path)
+        except Exception as e:  # noqa: BLE001 - whatever PIL raises, the file is the problem
+            reason = f"{type(e).__name__}: {str(e)[:120]}" if str(e) else type(e).__name__
+            if strict:
+                raise EdgepipeError(f"{path}: cannot decode this image ({reason}); remove or replace the file, or set "
+                                    "data.strict: false to skip unreadable images with a warning") from None
+            log.warning("%s: skipped, cannot decode this image (%s)", path, reason)
+            skipped.append([os.path.relpath(path, root), reason])
+            continue
+        modes[img.mode] = modes.get(img.mode, 0) + 1
+        pixels = to_channels(img, channels)
         if size:
-            img = img.resize((size, size))
-        elif img.size[::-1] != shape:
-            raise EdgepipeError(f"{path}: size {img.size} differs from {shape[::-1]}; set data.image_size")
-        images[i] = np.asarray(img).transpose(2, 0, 1)
-    labels = np.asarray(ds.targets, dtype=np.int64)
-    atomic_write(cache, lambda p: np.savez(p.open("wb"), images=images, labels=labels))
-    return images, labels, list(ds.classes)
+            pixels = np.asarray(Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels).resize((size, size)))
+            pixels = pixels.reshape(size, size, channels)
+        if images is None:
+            images = np.empty((len(ds), channels, *pixels.shape[:2]), dtype=np.uint8)
+        elif pixels.shape[:2] != images.shape[2:]:
+            raise EdgepipeError(f"{path}: size {pixels.shape[1]}x{pixels.shape[0]} differs from "
+                                f"{images.shape[3]}x{images.shape[2]} (the first image's); set data.image_size")
+        images[len(keep)] = pixels.transpose(2, 0, 1)
+        keep.append(i)
+    targets = np.asarray(ds.targets, dtype=np.int64)
+    labels = targets[keep]
+    empty = [c for k, c in enumerate(ds.classes) if not (labels == k).any()]
+    if empty:
+        raise EdgepipeError(f"{root / empty[0]}: none of its {int((targets == ds.classes.index(empty[0])).sum())} "
+                            f"image file(s) could be read; replace them or remove the class folder")
+    images = images[: len(keep)] if images is not None else np.empty((0, channels, 1, 1), np.uint8)
+    notes = {"images": len(keep), "modes": modes, "channels": channels, "skipped": skipped}
+    _warn_skipped(root, notes, cached=False)
+    atomic_write(cache, lambda p: np.savez(p.open("wb"), images=images, labels=labels, notes=np.array(json.dumps(notes))))
+    return images, labels, list(ds.classes), notes
 
 
-def _open_image(ds, path: str):
-    """One image as RGB, or one clear error naming the file (PIL raises OSError, SyntaxError, ValueError...)."""
-    try:
-        img = ds.loader(path)
+def _warn_skipped(root: Path, notes: dict[str, Any], cached: bool) -> None:
+    if notes["skipped"]:
+        log.warning("%s: %d unreadable image(s) skipped%s (data.strict: true stops at the first instead)", root,
+                    len(notes["skipped"]), ", as when they were first decoded" if cached else "")
+
+
+def _open_raw(path: str) -> Image.Image:
+    """The file decoded as stored (any mode); raises whatever PIL raises for a damaged or foreign file."""
+    with open(path, "rb") as fh:
+        img = Image.open(fh)
         img.load()
-        return img.convert("RGB")
-    except Exception as e:  # noqa: BLE001 - whatever PIL raises, the file is the problem
-        raise EdgepipeError(f"{path}: cannot decode this image ({type(e).__name__}: {str(e)[:120]}); remove or "
-                            "replace the file") from None
+    return img
 
 
-def _imagefolder(cfg: DataConfig, seed: int) -> DataBundle:
+def to_channels(img: Image.Image, channels: int) -> np.ndarray:
+    """``img`` as uint8 [H, W, channels], every mode converted explicitly (PIL's own convert clips 16-bit to 255):
+
+    - 16-bit grayscale (I;16*, and I holding values above 255) is scaled by 255/65535 to keep its dynamic range;
+      32-bit float (F) is clipped to 0..255.
+    - Alpha (RGBA, LA, PA, palette with transparency) is dropped, as torchvision's loader does.
+    - Palette, CMYK, YCbCr, LAB, HSV and bilevel images go through RGB.
+    - 3 channels from grayscale repeat the channel; 1 channel from color is ITU-R 601-2 luma (PIL's "L").
+    """
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(img, dtype=np.int64)
+        if mode.startswith("I;16") or a.max(initial=0) > 255:
+            a = (np.clip(a, 0, 65535) * 255 + 32767) // 65535
+        img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
+    elif mode == "F":
+        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L")
+    elif mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("LA", "La"):
+        img = img.getchannel(0)
+    elif img.mode not in ("L", "RGB"):
+        img = img.convert("RGB")  # RGBA/RGBa/PA drop alpha; CMYK, YCbCr, LAB, HSV, 1 convert
+    img = img.convert("L" if channels == 1 else "RGB")
+    a = np.asarray(img, dtype=np.uint8)
+    return a[..., None] if channels == 1 else a
+
+
+def _imagefolder(cfg: DataConfig, seed: int, channels: int) -> DataBundle:
     root = Path(cfg.path)  # type: ignore[arg-type]
-    tr_x, tr_y, classes = _decode_split(root / cfg.train_split, cfg.image_size)
-    va_x, va_y, va_classes = _decode_split(root / cfg.val_split, cfg.image_size)
+    tr_x, tr_y, classes, tr_notes = _decode_split(root / cfg.train_split, cfg.image_size, channels, cfg.strict)
+    va_x, va_y, va_classes, va_notes = _decode_split(root / cfg.val_split, cfg.image_size, channels, cfg.strict)
     if classes != va_classes:
         raise EdgepipeError(f"{root}: class folders of {cfg.train_split}/ and {cfg.val_split}/ differ")
+    if tr_x.shape[2:] != va_x.shape[2:]:
+        raise EdgepipeError(f"{root}: {cfg.train_split}/ images are {tr_x.shape[3]}x{tr_x.shape[2]}, {cfg.val_split}/ "
+                            f"images {va_x.shape[3]}x{va_x.shape[2]}; set data.image_size")
     tr, va = torch.from_numpy(tr_x), torch.from_numpy(va_x)
     if cfg.mean and cfg.std:
         mean, std = torch.tensor(cfg.mean), torch.tensor(cfg.std)
@@ -241,4 +370,5 @@ def _imagefolder(cfg: DataConfig, seed: int) -> DataBundle:
         f = tr.float() / 255.0
         mean, std = f.mean(dim=(0, 2, 3)), f.std(dim=(0, 2, 3))
     return DataBundle(tr, torch.from_numpy(tr_y), va, torch.from_numpy(va_y), mean, std, classes,
-                      augment=cfg.augment, hflip=cfg.hflip, pad=max(1, tr.shape[-1] // 8), seed=seed)
+                      augment=cfg.augment, hflip=cfg.hflip, pad=max(1, tr.shape[-1] // 8), seed=seed,
+                      notes={"channels": channels, cfg.train_split: tr_notes, cfg.val_split: va_notes})

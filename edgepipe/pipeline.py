@@ -81,7 +81,7 @@ def preflight(run: Run) -> None:
     stage will build (teacher unless its stage is recorded with this very key, student), checked against the
     data's image shape and class count."""
     from edgepipe.backends import get_backend
-    from edgepipe.data import load_data
+    from edgepipe.data import run_data
     from edgepipe.models import build_from_spec, check_fits
 
     profile, config = run.profile, run.config
@@ -91,7 +91,8 @@ def preflight(run: Run) -> None:
         raise EdgepipeError(f"profile {profile.name}: dtypes lists {', '.join(bad)}, which backend "
                             f"{profile.backend.value} cannot compile (it compiles {', '.join(d.value for d in allowed)});"
                             " remove them from dtypes or choose another backend")
-    data = load_data(config.data, seed=config.seed)
+    data = run_data(config)
+    run.manifest["data"] = data.notes  # written with the manifest's next save, never by a command that fails
     entry = run._find("teacher") or {}
     if "teacher" in run.order and not (entry.get("status") == "done" and
                                        entry.get("key") == stage_key(run, "teacher", None, None)):

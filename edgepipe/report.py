@@ -189,6 +189,7 @@ def _document(manifest: dict[str, Any], stages: list[tuple[dict[str, Any], dict[
                 ("Versions", ", ".join(f"{k} {v}" for k, v in versions.items()) or DASH),
                 ("Git revision", manifest.get("git_revision") or DASH), ("Created", manifest.get("created") or DASH),
                 ("Report written", datetime.now(timezone.utc).isoformat(timespec="seconds"))]),
+        *_data_blocks(manifest.get("data") or {}),
         ("h2", "Stages"),
         ("table", TABLE_HEAD, [_table_cells(r) for r in rows]),
         ("h3", "Measurement conditions"),
@@ -199,6 +200,29 @@ def _document(manifest: dict[str, Any], stages: list[tuple[dict[str, Any], dict[
     ]
     for name, caption, png, note in make_plots(rows, stages):
         blocks.append(("plot", name, caption, png, None if note is None else f"Plot skipped: {note}."))
+    return blocks
+
+
+def _data_blocks(notes: dict[str, Any]) -> list[Block]:
+    """How the images became tensors (edgepipe.data: channels, source modes, files skipped as unreadable)."""
+    if not notes:
+        return []
+    items = [f"{notes.get('channels', '?')} channel(s) per image"]
+    skipped_total = 0
+    for split, info in notes.items():
+        if not isinstance(info, dict):
+            continue
+        modes = ", ".join(f"{m} {n:,}" for m, n in sorted((info.get("modes") or {}).items()))
+        skipped = info.get("skipped") or []
+        skipped_total += len(skipped)
+        items.append(f"{split}: {info.get('images', 0):,} images read (source modes: {modes or DASH}); "
+                     f"{len(skipped)} unreadable file(s) skipped")
+        items += [f"skipped {split}/{path}: {reason}" for path, reason in skipped[:20]]
+        if len(skipped) > 20:
+            items.append(f"... and {len(skipped) - 20} more in {split} (manifest.json, data)")
+    blocks: list[Block] = [("h2", "Data"), ("list", items)]
+    if skipped_total:
+        blocks.insert(1, ("kv", [("Unreadable images skipped", f"{skipped_total} (data.strict: true stops instead)")]))
     return blocks
 
 

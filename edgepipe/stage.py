@@ -59,9 +59,9 @@ class StageContext:
 
     @cached_property
     def data(self) -> DataBundle:
-        from edgepipe.data import load_data
+        from edgepipe.data import run_data
 
-        return load_data(self.config.data, seed=self.config.seed)
+        return run_data(self.config)
 
     def soft_targets(self, teacher: Any) -> Any:
         """The teacher's logits as configured in ``soft_targets`` (edgepipe.distillation.SoftTargets)."""

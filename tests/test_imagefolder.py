@@ -55,7 +55,8 @@ def test_cifar10_test_split_through_imagefolder(tmp_path: Path, monkeypatch: pyt
     from edgepipe.data import _decode_split
 
     monkeypatch.setenv("EDGEPIPE_CACHE", str(tmp_path))  # never write into the user's cache from a test
-    images, labels, classes = _decode_split(CIFAR10 / "test", None)
+    images, labels, classes, notes = _decode_split(CIFAR10 / "test", None)
+    assert notes["skipped"] == [] and notes["modes"] == {"RGB": 10_000}
     assert images.shape == (10_000, 3, 32, 32) and classes[0] == "airplane" and np.bincount(labels).tolist() == [1000] * 10
 
 
@@ -74,3 +75,127 @@ def test_an_image_replaced_under_the_same_name_is_decoded_again(tmp_path: Path, 
     second = load_data(cfg)
     assert not (second.train_images == first.train_images).all()
     assert (second.train_images[0] == 7).all()
+
+
+def test_every_image_mode_is_converted_explicitly(tmp_path: Path) -> None:
+    """16-bit keeps its range (PIL's own convert clips it to 255), alpha is dropped, palette and CMYK go through RGB,
+    and grayscale becomes 3 equal channels or stays 1."""
+    from edgepipe.data import to_channels
+
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)  # 0 .. 63,000 of 65,535
+    path = tmp_path / "deep.png"
+    Image.fromarray(ramp).save(path)
+    deep = Image.open(path)
+    assert deep.mode.startswith("I")
+    gray = to_channels(deep, 1)
+    assert gray.shape == (8, 8, 1) and gray.dtype == np.uint8
+    assert (gray[..., 0] == ((ramp.astype(np.int64) * 255 + 32767) // 65535)).all()
+    assert (gray == 255).mean() < 0.05 and gray.max() == 245  # not clipped: 63,000 -> 245
+    rgba = Image.fromarray(np.dstack([np.full((4, 4, 3), 100, np.uint8), np.zeros((4, 4), np.uint8)]), "RGBA")
+    assert (to_channels(rgba, 3) == 100).all()  # alpha dropped, colour kept
+    palette = Image.fromarray(np.full((4, 4, 3), 50, np.uint8)).convert("P")
+    assert to_channels(palette, 3).shape == (4, 4, 3)
+    cmyk = Image.new("CMYK", (4, 4), (0, 0, 0, 0))
+    assert (to_channels(cmyk, 3) == 255).all()  # no ink is white
+    luma = Image.fromarray(np.full((4, 4), 77, np.uint8), "L")
+    assert (to_channels(luma, 3) == 77).all() and to_channels(luma, 3).shape == (4, 4, 3)
+
+
+def _gray_tree(root: Path, n: int = 6) -> None:
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for label, cls in enumerate(("dark", "light")):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 60, (8, 8), dtype=np.uint8) + 150 * label, "L").save(
+                    root / split / cls / f"{i}.png")
+
+
+def test_grayscale_folder_follows_a_one_channel_teacher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgepipe.config import validate_config
+    from edgepipe.data import run_data
+
+    monkeypatch.setenv("EDGEPIPE_CACHE", str(tmp_path / "cache"))
+    _gray_tree(tmp_path / "data")
+    base = {"data": {"kind": "imagefolder", "path": str(tmp_path / "data")},
+            "teacher": {"model": {"arch": "cifar_resnet", "kwargs": {"depth": 8, "in_channels": 1, "num_classes": 2}}},
+            "distill": {"student": {"arch": "cifar_resnet", "kwargs": {"depth": 8, "in_channels": 1, "num_classes": 2}}}}
+    one = run_data(validate_config(base))
+    assert one.input_shape == (1, 8, 8) and one.notes["channels"] == 1 and one.notes["train"]["modes"] == {"L": 12}
+    base["data"]["channels"] = 3  # an explicit setting wins over the teacher
+    assert run_data(validate_config(base)).input_shape == (3, 8, 8)
+
+
+def test_damaged_files_are_skipped_counted_or_stop_a_strict_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("EDGEPIPE_CACHE", str(tmp_path / "cache"))
+    _tree(tmp_path / "data")
+    cat = tmp_path / "data" / "train" / "cat"
+    Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(cat / "whole.jpg")
+    (cat / "truncated.jpg").write_bytes((cat / "whole.jpg").read_bytes()[:200])
+    (cat / "empty.jpg").write_bytes(b"")
+    (cat / "notes.jpg").write_text("this is not an image")
+    cfg = DataConfig(kind="imagefolder", path=str(tmp_path / "data"))
+    with caplog.at_level("WARNING"):
+        d = load_data(cfg)
+    skipped = d.notes["train"]["skipped"]
+    assert sorted(p for p, _ in skipped) == ["cat/empty.jpg", "cat/notes.jpg", "cat/truncated.jpg"]
+    assert sum("skipped, cannot decode" in r.getMessage() for r in caplog.records) == 3
+    assert len(d.train_labels) == 7  # 6 good PNGs and whole.jpg
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        again = load_data(cfg)  # from the decode cache: the same notes, one summary line
+    assert again.notes == d.notes and "3 unreadable image(s) skipped" in caplog.text
+    with pytest.raises(EdgepipeError, match=r"(empty|notes|truncated)\.jpg: cannot decode this image .*data.strict"):
+        load_data(DataConfig(kind="imagefolder", path=str(tmp_path / "data"), strict=True))
+    for f in cat.iterdir():  # a class left with no readable image at all
+        if f.suffix == ".png" or f.name == "whole.jpg":
+            f.unlink()
+    with pytest.raises(EdgepipeError, match="cat: none of its 3 image file"):
+        load_data(cfg)
+
+
+def test_the_decode_cache_is_listed_and_cleared(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture) -> None:
+    from edgepipe.cli import main
+
+    monkeypatch.setenv("EDGEPIPE_CACHE", str(tmp_path / "cache"))
+    _tree(tmp_path / "data")
+    load_data(DataConfig(kind="imagefolder", path=str(tmp_path / "data")))
+    assert main(["cache"]) == 0
+    assert "2 decoded-image file(s)" in capsys.readouterr().out
+    assert main(["cache", "clear"]) == 0
+    assert "removed 2 decoded-image file(s)" in capsys.readouterr().out
+    assert not list((tmp_path / "cache").glob("*.npz"))
+
+
+@pytest.mark.e2e
+def test_grayscale_folder_runs_end_to_end_with_one_channel_models(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    import yaml
+
+    from edgepipe.cli import main
+
+    monkeypatch.setenv("EDGEPIPE_CACHE", str(tmp_path / "cache"))
+    _gray_tree(tmp_path / "data", n=12)
+    net = {"arch": "cifar_resnet", "kwargs": {"depth": 8, "width": 8, "in_channels": 1, "num_classes": 2}}
+    cfg = {"data": {"kind": "imagefolder", "path": str(tmp_path / "data"), "batch_size": 8, "augment": False},
+           "teacher": {"model": net, "train": {"epochs": 1, "lr": 0.05}},
+           "distill": {"student": net, "optim": {"epochs": 1, "lr": 0.05}},
+           "prune": {"ratio": 0.7, "steps": 1, "optim": {"epochs": 1, "lr": 0.02}},
+           "qat": {"calibration_batches": 1, "optim": {"epochs": 1, "lr": 0.005, "autocast": "off"}},
+           "export": {"int8_min_agreement": 0.5}, "compile": {"max_top1_drop": 100.0},
+           "measure": {"warmup": 1, "iterations": 3, "throughput_batch": 4}}
+    (tmp_path / "gray.yaml").write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    assert main(["run", "--config", str(tmp_path / "gray.yaml"), "--target", "generic-cpu", "--run", str(run)]) == 0
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["data"]["channels"] == 1 and manifest["data"]["train"]["modes"] == {"L": 24}
+    assert all(e["status"] == "done" for e in manifest["stages"])
+    import onnx
+
+    dims = onnx.load(str(next((run / "export").glob("*.onnx")))).graph.input[0].type.tensor_type.shape.dim
+    assert dims[1].dim_value == 1  # the deployed model takes one channel
+    assert "1 channel(s) per image" in (run / "report.md").read_text()

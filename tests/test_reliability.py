@@ -138,11 +138,11 @@ def _run_with(cfg_changes: dict[str, Any], expect: str) -> Case:
     return case
 
 
-def _run_with_data(mutate: Callable[[Path], None], expect: str) -> Case:
+def _run_with_data(mutate: Callable[[Path], None], expect: str, **more: Any) -> Case:
     def case(f: Finished, tmp: Path) -> tuple[list[str], Path, str]:
         data = _copy_data(f, tmp / "data")
         mutate(data)
-        cfg = _write_config(tmp / "bad.yaml", f.config, **{"data.path": str(data)})
+        cfg = _write_config(tmp / "bad.yaml", f.config, **{"data.path": str(data)}, **more)
         return ["run", "--config", str(cfg), "--target", TARGET, "--run", str(f.run)], f.run, expect
     return case
 
@@ -192,6 +192,11 @@ def _garbage_image(d: Path) -> None:
 def _truncated_image(d: Path) -> None:
     p = d / "test" / "cat" / "03.png"
     p.write_bytes(p.read_bytes()[:60])
+
+
+def _unreadable_class(d: Path) -> None:
+    for p in (d / "test" / "owl").iterdir():
+        p.write_bytes(b"")
 
 
 def _other_size(d: Path) -> None:
@@ -284,8 +289,10 @@ CASES: dict[str, Case] = {
     "data-folder-missing": _run_with({"data.path": "/nonexistent/images"}, "image folder not found"),
     "data-empty-class": _run_with_data(_empty_class, "every class needs a sub-folder"),
     "data-no-classes": _run_with_data(_no_classes, "every class needs a sub-folder"),
-    "data-damaged-image": _run_with_data(_garbage_image, "07.png: cannot decode this image"),
-    "data-truncated-image": _run_with_data(_truncated_image, "03.png: cannot decode this image"),
+    "data-damaged-image": _run_with_data(_garbage_image, "07.png: cannot decode this image", **{"data.strict": True}),
+    "data-truncated-image": _run_with_data(_truncated_image, "03.png: cannot decode this image",
+                                           **{"data.strict": True}),
+    "data-class-all-unreadable": _run_with_data(_unreadable_class, "none of its 6 image file(s) could be read"),
     "data-classes-differ": _run_with_data(_class_missing_in_test, "class folders"),
     "data-mixed-sizes": _run_with_data(_other_size, "data.image_size"),
     # targets and profiles
