@@ -75,9 +75,15 @@ def test_prune_taylor_importance(tmp_path: Path, chain: dict) -> None:
 def test_bad_teacher_shape_is_clear(tmp_path: Path) -> None:
     import stages.teacher as teacher
 
-    cfg = tiny_config(teacher={"model": {"arch": "cifar_resnet", "kwargs": {"depth": 8, "in_channels": 3}}})
+    # data.channels: 1 fixes the images to one channel; a teacher taking three cannot read them.
+    # (Without it the data follows the teacher: digits would be repeated to 3 channels.)
+    rgb_teacher = {"model": {"arch": "cifar_resnet", "kwargs": {"depth": 8, "in_channels": 3}}}
+    cfg = tiny_config(data__channels=1, teacher=rgb_teacher)
     with pytest.raises(EdgepipeError, match="in_channels"):
         teacher.run(StageContext("teacher", cfg, PROFILE, tmp_path, None))
+    follows = tiny_config(teacher=rgb_teacher)
+    ctx = StageContext("teacher", follows, PROFILE, tmp_path / "follows", None)
+    assert ctx.data.input_shape[0] == 3 and ctx.data.notes["channels"] == 3
 
 
 def test_teacher_from_torch_export_program(tmp_path: Path) -> None:
