@@ -180,6 +180,7 @@ def test_grayscale_folder_runs_end_to_end_with_one_channel_models(tmp_path: Path
 
     monkeypatch.setenv("EDGEPIPE_CACHE", str(tmp_path / "cache"))
     _gray_tree(tmp_path / "data", n=12)
+    (tmp_path / "data" / "train" / "dark" / "zero-bytes.png").write_bytes(b"")  # skipped, counted in the report
     net = {"arch": "cifar_resnet", "kwargs": {"depth": 8, "width": 8, "in_channels": 1, "num_classes": 2}}
     cfg = {"data": {"kind": "imagefolder", "path": str(tmp_path / "data"), "batch_size": 8, "augment": False},
            "teacher": {"model": net, "train": {"epochs": 1, "lr": 0.05}},
@@ -198,4 +199,6 @@ def test_grayscale_folder_runs_end_to_end_with_one_channel_models(tmp_path: Path
 
     dims = onnx.load(str(next((run / "export").glob("*.onnx")))).graph.input[0].type.tensor_type.shape.dim
     assert dims[1].dim_value == 1  # the deployed model takes one channel
-    assert "1 channel(s) per image" in (run / "report.md").read_text()
+    report = (run / "report.md").read_text()
+    assert "1 channel(s) per image" in report and "**Unreadable images skipped:** 1" in report
+    assert manifest["data"]["train"]["skipped"][0][0] == "dark/zero-bytes.png"
