@@ -59,19 +59,19 @@ BASELINES = (
              "teacher, OpenVINO bf16 precision hint", {"compile.dtype": "bf16"}, requires_dtype=DType.BF16),
     Baseline("teacher-int8", "teacher-fp32", ("teacher", "export"), ("ptq",), "teacher, {ptq}, OpenVINO"),
     Baseline("scratch", "pipeline", ("teacher",), ("distill", *FLOAT_TO_IR),
-             "same student ({student}, random init), labels only (cross-entropy), {epochs} epochs, same optimizer, "
+             "same student ({student}, random init), labels only (cross-entropy), {epochs}, same optimizer, "
              "OpenVINO fp32", {"distill.init": "random", "distill.alpha": 0.0, "distill.beta": 0.0,
                                "compile.dtype": "fp32"}),
     Baseline("scratch-same-init", "pipeline", ("teacher",), ("distill", *FLOAT_TO_IR),
-             "same student and initialisation as distilled (init {init}), labels only (cross-entropy), {epochs} "
-             "epochs, same optimizer, OpenVINO fp32", {"distill.alpha": 0.0, "distill.beta": 0.0,
+             "same student and initialisation as distilled (init {init}), labels only (cross-entropy), {epochs}, "
+             "same optimizer, OpenVINO fp32", {"distill.alpha": 0.0, "distill.beta": 0.0,
                                                        "compile.dtype": "fp32"}),
     Baseline("distilled", "pipeline", ("teacher", "distill"), FLOAT_TO_IR, "pipeline distill stage, OpenVINO fp32",
              {"compile.dtype": "fp32"}),
     Baseline("pruned", "pipeline", ("teacher", "distill", "prune"), FLOAT_TO_IR,
              "pipeline prune stage, OpenVINO fp32", {"compile.dtype": "fp32"}),
     Baseline("ptq", "pruned", ("teacher", "distill", "prune"), ("finetune", "export", "ptq"),
-             "pruned student fine-tuned {qat_epochs} epochs as QAT is (float), then {ptq} (instead of QAT), OpenVINO"),
+             "pruned student fine-tuned {qat_epochs} as QAT is (float), then {ptq} (instead of QAT), OpenVINO"),
 )
 TRAIN_TIMING = Baseline("train-timing", "pipeline", ("teacher",), ("train_timing",),
                         "edgepipe's training loop next to a plain PyTorch loop")

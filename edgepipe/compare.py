@@ -124,8 +124,11 @@ def _paired(run_of: dict[str, Run], stage_of: dict[str, str], run: Run, measure:
 
 def _method(b: Baseline, runs: dict[str, Run], config: PipelineConfig) -> str:
     ptq = (runs[b.row].metrics_of("ptq").get("records") or {}).get("method", "")
-    return b.method.format(ptq=ptq, student=config.distill.student.arch, epochs=config.distill.optim.epochs,
-                           init=config.distill.init, qat_epochs=config.qat.optim.epochs)
+    def n_epochs(n: int) -> str:
+        return f"{n} epoch{'' if n == 1 else 's'}"
+
+    return b.method.format(ptq=ptq, student=config.distill.student.arch, epochs=n_epochs(config.distill.optim.epochs),
+                           init=config.distill.init, qat_epochs=n_epochs(config.qat.optim.epochs))
 
 
 def _row(run: Run, name: str, method: str, stage: str | None = None, seconds: float | None = None) -> dict[str, Any]:
