@@ -16,7 +16,7 @@ DATA ?= $(SHARED)/datasets/cifar10
 TEACHER ?= $(SHARED)/teachers/resnet56_cifar10.pt2
 BENCH_RUN ?= runs/cifar10-bench
 
-.PHONY: setup setup-bench pipeline test bench bench-run report clean
+.PHONY: setup setup-bench pipeline test bench bench-data bench-run report clean
 
 setup: $(VENV)/.installed
 
@@ -43,6 +43,11 @@ test: setup
 bench: setup-bench
 	$(BIN)/edgepipe compare --config configs/cifar10.yaml --target intel-xeon-amx --device jetson \
 		--data $(DATA) --teacher $(TEACHER) --run $(BENCH_RUN) --out .
+
+# Data loading: peak memory and images/s of one distillation epoch on synthetic ImageFolders of 10k, 50k and
+# 200k 64x64 images, streamed and in memory -> the data-loading section of BENCHMARKS.md (folders in runs/).
+bench-data: setup
+	$(BIN)/python -m edgepipe.data_bench --workdir runs/data-bench --out BENCHMARKS.md
 
 # Every stage artifact of one run across runtimes, dtypes and batch sizes -> $(RUN)/bench/.
 bench-run: setup

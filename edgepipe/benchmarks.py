@@ -259,5 +259,7 @@ def write_benchmarks(out_dir: Path, result: dict[str, Any]) -> None:
     if result.get("device_row"):
         rows.append({k: result["device_row"].get(k) for k in ROW_KEYS})
     doc = {k: v for k, v in result.items() if k != "rows" and k != "device_row"}
+    old = Path(out_dir) / "BENCHMARKS.md"
+    kept = fmt.kept_sections(old.read_text()) if old.exists() else ""  # sections other benchmark commands own
     fmt.write_document(out_dir, {"BENCHMARKS.json": {**doc, "rows": rows}, "BENCHMARKS.png": plot(result),
-                                 "BENCHMARKS.md": markdown(result)})
+                                 "BENCHMARKS.md": markdown(result).rstrip("\n") + ("\n\n" + kept if kept else "\n")})

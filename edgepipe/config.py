@@ -25,13 +25,26 @@ class DataConfig(_Strict):
     path: str | None = Field(None, description="imagefolder: root holding train/ and val/ (or test/) folders.")
     train_split: str = Field("train", description="imagefolder: sub-folder with training images.")
     val_split: str = Field("test", description="imagefolder: sub-folder with validation images.")
-    image_size: int | None = Field(None, gt=0, description="Resize images to this square size (None: keep).")
+    image_size: int | None = Field(
+        None, gt=0, description="imagefolder: resize the shorter side to image_size / crop_fraction, then take the "
+                                "centre image_size x image_size (torchvision Resize + CenterCrop); None keeps the "
+                                "stored size. digits: resize to this square size.")
+    crop_fraction: float = Field(
+        1.0, gt=0, le=1, description="imagefolder with image_size: the centre crop's share of the resized shorter "
+                                     "side (1.0: the whole shorter side; 0.875 is the usual ImageNet evaluation crop).")
     channels: Literal[1, 3] | None = Field(
         None, description="imagefolder: 1 (grayscale) or 3 (RGB) channels per image; None follows the teacher's first "
                           "layer. Every image is converted explicitly (16-bit scaled, not clipped; alpha dropped; "
                           "palette, CMYK and others to RGB or luma) and the conversions are recorded in the run.")
     strict: bool = Field(False, description="imagefolder: stop at the first unreadable image instead of skipping it "
                                             "with a warning (skipped files are counted in the run and the report).")
+    streaming: bool | Literal["auto"] = Field(
+        "auto", description="imagefolder: read images from disk batch by batch through a torch DataLoader with "
+                            "worker processes (true), hold every decoded image in memory (false), or stream when the "
+                            "decoded images would take more than memory_limit_mb (auto).")
+    memory_limit_mb: float = Field(2048, gt=0, description="streaming: auto streams above this many MiB of decoded images.")
+    workers: int | None = Field(None, ge=0, description="streaming: DataLoader worker processes (None: one per CPU "
+                                                        "core this process may use, at most 8; 0: decode in-process).")
     mean: tuple[float, ...] | None = Field(None, description="Per-channel normalization mean (None: data default).")
     std: tuple[float, ...] | None = Field(None, description="Per-channel normalization std (None: data default).")
     val_fraction: float = Field(0.2, gt=0, lt=1, description="digits: fraction held out for validation.")

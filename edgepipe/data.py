@@ -1,20 +1,35 @@
-"""Datasets, held in memory as tensors and served in seeded, augmented batches.
+"""Datasets, served in seeded, augmented batches: held in memory as tensors, or streamed from disk.
 
 Two sources: scikit-learn's ``digits`` (embedded: 1,797 8x8 grey images, no download) and an
-ImageFolder tree (``root/<split>/<class>/*.jpg``) read through torchvision's ImageFolder. Decoded
-images are cached as uint8 arrays (``$EDGEPIPE_CACHE`` or ``~/.cache/edgepipe``) keyed by the
-folder's file list, so a benchmark decodes 60,000 JPEGs once, not once per stage.
-Batches are normalized and augmented (random crop with reflect padding, horizontal flip) on whole
-tensors, which on a 2-core CPU is far cheaper than per-image PIL transforms in worker processes.
+ImageFolder tree (``root/<split>/<class>/*.jpg``) listed by torchvision's ImageFolder. Every image
+file goes through one function (``decode_file``: explicit mode conversion, then torchvision's Resize +
+CenterCrop when ``data.image_size`` is set), whichever of the two paths serves it:
+
+- **In memory** (``DataBundle``, small sets): every image decoded once to one uint8 array, cached on
+  disk (``$EDGEPIPE_CACHE`` or ``~/.cache/edgepipe``) keyed by the files' paths, sizes and times, so a
+  benchmark decodes 60,000 JPEGs once, not once per stage. Batches are normalized and augmented
+  (random crop with reflect padding, horizontal flip) on whole tensors, which on a 2-core CPU is far
+  cheaper than per-image transforms in worker processes.
+- **Streamed** (``StreamingBundle``, above ``data.memory_limit_mb`` of decoded images, or
+  ``data.streaming: true``): a ``torch.utils.data.DataLoader`` with worker processes decodes and
+  augments each image on the fly (torchvision transforms v2), so memory does not grow with the data.
+  Files are checked once (every one decoded, in the workers) and the result kept in the cache, so
+  unreadable images are skipped and recorded exactly as in memory.
+
+Both serve the same batches in the same order for a given seed and epoch (a permutation drawn from
+seed and epoch only). A streamed sample's augmentation is drawn from a generator seeded by (seed,
+epoch, index), so the batches do not depend on the number of workers, and a rank of a distributed
+run can take its shard of every global batch (``shard=(rank, world)``).
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,8 +47,97 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> tuple[torch.Tensor, torch.Generator]:
+    """The training order of one epoch (a function of seed and epoch only) and the generator after drawing it."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=gen), gen
+
+
+def batch_starts(n: int, batch_size: int) -> range:
+    """Start of every full batch (the last partial one is dropped; a set smaller than one batch is one batch)."""
+    return range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size)
+
+
+def shard_of(idx: torch.Tensor, shard: tuple[int, int]) -> torch.Tensor:
+    """Rank ``shard[0]``'s part of one global batch among ``shard[1]`` ranks: a contiguous, disjoint slice."""
+    rank, world = shard
+    if world == 1:
+        return idx
+    if len(idx) % world:
+        raise EdgepipeError(f"data.batch_size: a batch of {len(idx)} does not split evenly over {world} processes; "
+                            f"give a batch size divisible by {world}")
+    per = len(idx) // world
+    return idx[rank * per:(rank + 1) * per]
+
+
+class Batches:
+    """What the stages read from a dataset, whichever way it is held (in memory or streamed)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    class_names: list[str]
+    notes: dict[str, Any]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+    @property
+    def train_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def val_size(self) -> int:
+        raise NotImplementedError
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float()
+        if images.dtype == torch.uint8:
+            x = x / 255.0
+        return (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return max(1, self.train_size // batch_size)
+
+    def train_batches(self, batch_size: int, epoch: int, augment: bool | None = None, shard: tuple[int, int] = (0, 1),
+                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch of shuffled (and augmented) training batches; the order depends only on seed and epoch.
+        ``shard=(rank, world)`` yields that rank's slice of every global batch of ``batch_size``."""
+        raise NotImplementedError
+
+    def val_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The validation set in file order, normalized, never augmented."""
+        raise NotImplementedError
+
+    def val_numpy(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for x, y in self.val_batches(batch_size):
+            yield x.numpy(), y.numpy()
+
+    def calibration_order(self, n: int, batch_size: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed + 7)  # type: ignore[attr-defined]
+        return torch.randperm(self.train_size, generator=gen)[: n * batch_size]
+
+    def calibration_batches(self, n: int, batch_size: int) -> list[torch.Tensor]:
+        """``n`` un-augmented training batches (fixed order) for range calibration."""
+        raise NotImplementedError
+
+    def val_head(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``n`` validation images as stored (uint8 [n, C, H, W], or float in [0, 1]) and their labels."""
+        raise NotImplementedError
+
+    def subset(self, n_train: int, n_val: int) -> Batches:
+        """The same data limited to the first ``n_train`` training and ``n_val`` validation images."""
+        raise NotImplementedError
+
+
 @dataclass
-class DataBundle:
+class DataBundle(Batches):
+    """Every image decoded in memory; batches are cut, normalized and augmented as whole tensors."""
+
     train_images: torch.Tensor
     """uint8 or float [N, C, H, W] in [0, 255] (uint8) or [0, 1] (float)."""
     train_labels: torch.Tensor
@@ -50,18 +154,16 @@ class DataBundle:
     """How the files became tensors: channels, source image modes, files skipped as unreadable (per split)."""
 
     @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.train_images.shape[1:])  # type: ignore[return-value]
 
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float()
-        if images.dtype == torch.uint8:
-            x = x / 255.0
-        return (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+    @property
+    def train_size(self) -> int:
+        return len(self.train_labels)
+
+    @property
+    def val_size(self) -> int:
+        return len(self.val_labels)
 
     def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Random crop from a reflect-padded copy (per-sample offsets), then random horizontal flip."""
@@ -79,35 +181,31 @@ class DataBundle:
             x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
         return x
 
-    def train_batches(self, batch_size: int, epoch: int, augment: bool | None = None,
+    def train_batches(self, batch_size: int, epoch: int, augment: bool | None = None, shard: tuple[int, int] = (0, 1),
                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One epoch of shuffled (and augmented) training batches; the order depends only on seed and epoch."""
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        order = torch.randperm(len(self.train_labels), generator=gen)
+        order, gen = epoch_order(self.train_size, self.seed, epoch)
         aug = self.augment if augment is None else augment
-        for i in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
-            idx = order[i:i + batch_size]
+        for i in batch_starts(len(order), batch_size):
+            idx = shard_of(order[i:i + batch_size], shard)
             x = self.normalize(self.train_images[idx])
             if aug:
                 x = self._augment(x, gen)
             yield x, self.train_labels[idx]
 
-    def steps_per_epoch(self, batch_size: int) -> int:
-        return max(1, len(self.train_labels) // batch_size)
-
     def val_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for i in range(0, len(self.val_labels), batch_size):
             yield self.normalize(self.val_images[i:i + batch_size]), self.val_labels[i:i + batch_size]
 
-    def val_numpy(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for x, y in self.val_batches(batch_size):
-            yield x.numpy(), y.numpy()
-
     def calibration_batches(self, n: int, batch_size: int) -> list[torch.Tensor]:
-        """``n`` un-augmented training batches (fixed order) for range calibration."""
-        gen = torch.Generator().manual_seed(self.seed + 7)
-        order = torch.randperm(len(self.train_labels), generator=gen)[: n * batch_size]
+        order = self.calibration_order(n, batch_size)
         return [self.normalize(self.train_images[order[i:i + batch_size]]) for i in range(0, len(order), batch_size)]
+
+    def val_head(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.val_images[:n].numpy(), self.val_labels[:n].numpy()
+
+    def subset(self, n_train: int, n_val: int) -> DataBundle:
+        return replace(self, train_images=self.train_images[:n_train], train_labels=self.train_labels[:n_train],
+                       val_images=self.val_images[:n_val], val_labels=self.val_labels[:n_val])
 
 
 def data_fingerprint(cfg: DataConfig) -> str:
@@ -136,7 +234,7 @@ def data_fingerprint(cfg: DataConfig) -> str:
     return digest.hexdigest()
 
 
-def load_data(cfg: DataConfig, seed: int = 0, channels: int | None = None) -> DataBundle:
+def load_data(cfg: DataConfig, seed: int = 0, channels: int | None = None) -> Batches:
     """Load the dataset a config names; ``channels`` (1 or 3) when ``data.channels`` is not set (default 3)."""
     want = cfg.channels or channels or (1 if cfg.kind == "digits" else 3)
     if cfg.kind == "digits":
@@ -148,16 +246,14 @@ def load_data(cfg: DataConfig, seed: int = 0, channels: int | None = None) -> Da
         bundle.notes = {"channels": want}
     else:
         bundle = _imagefolder(cfg, seed, want)
-    channels = bundle.train_images.shape[1]
+    channels = bundle.input_shape[0]
     for name in ("mean", "std"):
         given = getattr(cfg, name)
         if given is not None and len(given) != channels:
             raise EdgepipeError(f"data.{name}: {len(given)} value(s) for images with {channels} channel(s); "
                                 f"give one per channel")
-    if cfg.limit_train:
-        bundle.train_images, bundle.train_labels = bundle.train_images[: cfg.limit_train], bundle.train_labels[: cfg.limit_train]
-    if cfg.limit_val:
-        bundle.val_images, bundle.val_labels = bundle.val_images[: cfg.limit_val], bundle.val_labels[: cfg.limit_val]
+    if cfg.limit_train or cfg.limit_val:
+        bundle = bundle.subset(cfg.limit_train or bundle.train_size, cfg.limit_val or bundle.val_size)
     return bundle
 
 
@@ -180,7 +276,7 @@ def _digits(cfg: DataConfig, seed: int) -> DataBundle:
                       pad=max(1, (cfg.image_size or 8) // 8), seed=seed)
 
 
-def run_data(config: PipelineConfig) -> DataBundle:
+def run_data(config: PipelineConfig) -> Batches:
     """The data of a run: ``data.channels``, or as many channels as the teacher's first layer takes."""
     return load_data(config.data, seed=config.seed, channels=teacher_channels(config))
 
@@ -215,7 +311,7 @@ def _cache_dir() -> Path:
 def decode_cache() -> tuple[Path, list[Path]]:
     """The decoded-image cache folder ($EDGEPIPE_CACHE, default ~/.cache/edgepipe) and its files."""
     folder = _cache_dir()
-    return folder, sorted(folder.glob("imagefolder-*.npz")) if folder.is_dir() else []
+    return folder, sorted(folder.glob("imagefolder-*")) if folder.is_dir() else []
 
 
 def clear_decode_cache() -> tuple[int, int]:
@@ -242,16 +338,23 @@ def _files_signature(paths: list[str]) -> str:
     return "\n".join(parts)
 
 
-DECODE_VERSION = 2  # 2: explicit mode conversion, 1 or 3 channels, unreadable files skipped and recorded
+# 3: Resize + CenterCrop (torchvision) for data.image_size, 2: explicit mode conversion, 1 or 3 channels,
+# unreadable files skipped and recorded
+DECODE_VERSION = 3
 
 
-def _decode_split(root: Path, size: int | None, channels: int = 3, strict: bool = False,
-                  ) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, Any]]:
-    """Decode every image under ``root/<class>/`` to uint8 [N, channels, H, W] (cached on disk).
+@dataclass
+class Listing:
+    """The image files of one split in ImageFolder order, with their class indices (nothing decoded yet)."""
 
-    Returns images, labels, class names and notes: the source modes counted and the files skipped as unreadable
-    (with the reason), which the run records. With ``strict`` the first unreadable file is an error instead.
-    """
+    root: Path
+    paths: list[str]
+    targets: list[int]
+    classes: list[str]
+
+
+def list_split(root: Path) -> Listing:
+    """``root/<class>/<image>`` as torchvision's ImageFolder lists it (sorted classes, image extensions only)."""
     from torchvision.datasets import ImageFolder
 
     if not root.is_dir():
@@ -261,7 +364,48 @@ def _decode_split(root: Path, size: int | None, channels: int = 3, strict: bool 
     except FileNotFoundError as e:  # no class folders, or a class folder without a single image file
         raise EdgepipeError(f"{root}: {str(e).rstrip('.')}; every class needs a sub-folder holding at least one "
                             "image (.jpg, .png, ...)") from None
-    signature = _files_signature([p for p, _ in ds.samples]) + f"|{size}|{channels}|{strict}|v{DECODE_VERSION}"
+    return Listing(root, [p for p, _ in ds.samples], list(ds.targets), list(ds.classes))
+
+
+def decode_file(path: str, channels: int, size: int | None, crop_fraction: float = 1.0) -> tuple[torch.Tensor, str]:
+    """One image file as uint8 [channels, H, W], and the mode it was stored in: ``to_channels``, then, with
+    ``size``, torchvision's Resize of the shorter side to size / crop_fraction and CenterCrop to size x size.
+    Both the in-memory and the streamed path decode through here, so they see the same pixels.
+    Raises whatever PIL raises for a damaged or foreign file."""
+    img = _open_raw(path)
+    x = torch.from_numpy(to_channels(img, channels)).permute(2, 0, 1)
+    if size:
+        from torchvision.transforms.v2 import functional as F
+
+        short = round(size / crop_fraction)
+        if min(x.shape[1:]) != short or x.shape[1] != x.shape[2]:
+            x = F.resize(x, [short], antialias=True)
+        x = F.center_crop(x, [size, size])
+    return x.contiguous(), img.mode
+
+
+def _reason(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e)[:120]}" if str(e) else type(e).__name__
+
+
+def _unreadable(path: str, reason: str, strict: bool) -> str:
+    """Warn that a file is skipped, and return why; with ``strict``, the error that stops the run instead."""
+    if strict:
+        raise EdgepipeError(f"{path}: cannot decode this image ({reason}); remove or replace the file, or set "
+                            "data.strict: false to skip unreadable images with a warning") from None
+    log.warning("%s: skipped, cannot decode this image (%s)", path, reason)
+    return reason
+
+
+def _decode_split(root: Path, size: int | None, channels: int = 3, strict: bool = False, crop_fraction: float = 1.0,
+                  listing: Listing | None = None) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, Any]]:
+    """Decode every image under ``root/<class>/`` to uint8 [N, channels, H, W] (cached on disk).
+
+    Returns images, labels, class names and notes: the source modes counted and the files skipped as unreadable
+    (with the reason), which the run records. With ``strict`` the first unreadable file is an error instead.
+    """
+    ds = listing or list_split(root)
+    signature = (_files_signature(ds.paths) + f"|{size}|{crop_fraction}|{channels}|{strict}|v{DECODE_VERSION}")
     cache = _cache_dir() / f"imagefolder-{hashlib.sha256(signature.encode()).hexdigest()[:16]}.npz"
     if cache.exists():
         try:
@@ -271,33 +415,24 @@ def _decode_split(root: Path, size: int | None, channels: int = 3, strict: bool 
             return images, labels, list(ds.classes), notes
         except Exception as e:  # noqa: BLE001 - a damaged cache file is decoded again, never trusted
             log.warning("%s: damaged decode cache (%s), decoding the images again", cache, type(e).__name__)
-    log.info("decoding %d images under %s (cached afterwards in %s)", len(ds), root, cache)
+    log.info("decoding %d images under %s (cached afterwards in %s)", len(ds.paths), root, cache)
     images: np.ndarray | None = None
     keep: list[int] = []
     modes: dict[str, int] = {}
     skipped: list[list[str]] = []
-    for i, (path, _) in enumerate(ds.samples):
+    for i, path in enumerate(ds.paths):
         try:
-            img = _open_raw(path)
+            pixels, mode = decode_file(path, channels, size, crop_fraction)
         except Exception as e:  # noqa: BLE001 - whatever PIL raises, the file is the problem
-            reason = f"{type(e).__name__}: {str(e)[:120]}" if str(e) else type(e).__name__
-            if strict:
-                raise EdgepipeError(f"{path}: cannot decode this image ({reason}); remove or replace the file, or set "
-                                    "data.strict: false to skip unreadable images with a warning") from None
-            log.warning("%s: skipped, cannot decode this image (%s)", path, reason)
-            skipped.append([os.path.relpath(path, root), reason])
+            skipped.append([os.path.relpath(path, root), _unreadable(path, _reason(e), strict)])
             continue
-        modes[img.mode] = modes.get(img.mode, 0) + 1
-        pixels = to_channels(img, channels)
-        if size:
-            pixels = np.asarray(Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels).resize((size, size)))
-            pixels = pixels.reshape(size, size, channels)
+        modes[mode] = modes.get(mode, 0) + 1
         if images is None:
-            images = np.empty((len(ds), channels, *pixels.shape[:2]), dtype=np.uint8)
-        elif pixels.shape[:2] != images.shape[2:]:
-            raise EdgepipeError(f"{path}: size {pixels.shape[1]}x{pixels.shape[0]} differs from "
+            images = np.empty((len(ds.paths), channels, *pixels.shape[1:]), dtype=np.uint8)
+        elif pixels.shape[1:] != images.shape[2:]:
+            raise EdgepipeError(f"{path}: size {pixels.shape[2]}x{pixels.shape[1]} differs from "
                                 f"{images.shape[3]}x{images.shape[2]} (the first image's); set data.image_size")
-        images[len(keep)] = pixels.transpose(2, 0, 1)
+        images[len(keep)] = pixels.numpy()
         keep.append(i)
     targets = np.asarray(ds.targets, dtype=np.int64)
     labels = targets[keep]
@@ -308,7 +443,7 @@ def _decode_split(root: Path, size: int | None, channels: int = 3, strict: bool 
     images = images[: len(keep)] if images is not None else np.empty((0, channels, 1, 1), np.uint8)
     notes = {"images": len(keep), "modes": modes, "channels": channels, "skipped": skipped}
     _warn_skipped(root, notes, cached=False)
-    atomic_write(cache, lambda p: np.savez(p.open("wb"), images=images, labels=labels, notes=np.array(json.dumps(notes))))
+    _write_cache(cache, lambda p: np.savez(p.open("wb"), images=images, labels=labels, notes=np.array(json.dumps(notes))))
     return images, labels, list(ds.classes), notes
 
 
@@ -350,19 +485,22 @@ def to_channels(img: Image.Image, channels: int) -> np.ndarray:
     elif img.mode not in ("L", "RGB"):
         img = img.convert("RGB")  # RGBA/RGBa/PA drop alpha; CMYK, YCbCr, LAB, HSV, 1 convert
     img = img.convert("L" if channels == 1 else "RGB")
-    a = np.asarray(img, dtype=np.uint8)
+    a = np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy takes it as is
     return a[..., None] if channels == 1 else a
 
 
-def _imagefolder(cfg: DataConfig, seed: int, channels: int) -> DataBundle:
+def _imagefolder(cfg: DataConfig, seed: int, channels: int) -> Batches:
     root = Path(cfg.path)  # type: ignore[arg-type]
-    tr_x, tr_y, classes, tr_notes = _decode_split(root / cfg.train_split, cfg.image_size, channels, cfg.strict)
-    va_x, va_y, va_classes, va_notes = _decode_split(root / cfg.val_split, cfg.image_size, channels, cfg.strict)
-    if classes != va_classes:
+    train, val = list_split(root / cfg.train_split), list_split(root / cfg.val_split)
+    if train.classes != val.classes:
         raise EdgepipeError(f"{root}: class folders of {cfg.train_split}/ and {cfg.val_split}/ differ")
-    if tr_x.shape[2:] != va_x.shape[2:]:
-        raise EdgepipeError(f"{root}: {cfg.train_split}/ images are {tr_x.shape[3]}x{tr_x.shape[2]}, {cfg.val_split}/ "
-                            f"images {va_x.shape[3]}x{va_x.shape[2]}; set data.image_size")
+    stream, reason = _streaming_choice(cfg, train, val, channels)
+    if stream:
+        return _streamed_imagefolder(cfg, seed, channels, train, val, reason)
+    tr_x, tr_y, classes, tr_notes = _decode_split(train.root, cfg.image_size, channels, cfg.strict, cfg.crop_fraction,
+                                                  train)
+    va_x, va_y, _, va_notes = _decode_split(val.root, cfg.image_size, channels, cfg.strict, cfg.crop_fraction, val)
+    _same_size(root, cfg, tuple(tr_x.shape[2:]), tuple(va_x.shape[2:]))
     tr, va = torch.from_numpy(tr_x), torch.from_numpy(va_x)
     if cfg.mean and cfg.std:
         mean, std = torch.tensor(cfg.mean), torch.tensor(cfg.std)
@@ -371,4 +509,306 @@ def _imagefolder(cfg: DataConfig, seed: int, channels: int) -> DataBundle:
         mean, std = f.mean(dim=(0, 2, 3)), f.std(dim=(0, 2, 3))
     return DataBundle(tr, torch.from_numpy(tr_y), va, torch.from_numpy(va_y), mean, std, classes,
                       augment=cfg.augment, hflip=cfg.hflip, pad=max(1, tr.shape[-1] // 8), seed=seed,
-                      notes={"channels": channels, cfg.train_split: tr_notes, cfg.val_split: va_notes})
+                      notes={"channels": channels, "streaming": {"on": False, "reason": reason},
+                             cfg.train_split: tr_notes, cfg.val_split: va_notes})
+
+
+def _same_size(root: Path, cfg: DataConfig, train_hw: tuple[int, ...], val_hw: tuple[int, ...]) -> None:
+    if train_hw != val_hw:
+        raise EdgepipeError(f"{root}: {cfg.train_split}/ images are {train_hw[1]}x{train_hw[0]}, {cfg.val_split}/ "
+                            f"images {val_hw[1]}x{val_hw[0]}; set data.image_size")
+
+
+# --- streaming ------------------------------------------------------------------------------------------
+def default_workers() -> int:
+    """DataLoader workers when data.workers is not set: one per CPU core this process may use, at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
+def _streaming_choice(cfg: DataConfig, train: Listing, val: Listing, channels: int) -> tuple[bool, str]:
+    """Whether to stream, and why: data.streaming, or (auto) the decoded size against data.memory_limit_mb."""
+    if cfg.streaming is not True and cfg.streaming is not False:
+        n = len(train.paths) + len(val.paths)
+        h = w = cfg.image_size
+        if not h:
+            for path in train.paths[:16]:  # the stored size from the file header, without decoding
+                try:
+                    with Image.open(path) as img:
+                        w, h = img.size
+                    break
+                except Exception:  # noqa: BLE001 - a damaged file is reported when the images are checked
+                    continue
+        mib = n * channels * (h or 0) * (w or 0) / 2**20
+        stream = mib > cfg.memory_limit_mb
+        return stream, (f"auto: {n} images of {channels}x{h}x{w} take {mib:,.0f} MiB decoded, "
+                        f"{'above' if stream else 'within'} data.memory_limit_mb {cfg.memory_limit_mb}")
+    return bool(cfg.streaming), f"data.streaming: {str(cfg.streaming).lower()}"
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one sample's augmentation in one epoch: independent of batches, ranks and workers."""
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % (2**63 - 1)
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """The image files of one split, decoded (``decode_file``) and augmented one at a time, in DataLoader workers.
+
+    An item is addressed by ``(index, epoch)``; ``epoch`` None means un-augmented. Paths are one numpy byte-string
+    array, not a list of Python strings: forked workers would otherwise touch every string's reference count and
+    copy the whole list into each worker (pytorch/pytorch#13246), memory that grows with the data.
+    """
+
+    def __init__(self, root: Path, relpaths: list[str], labels: np.ndarray, channels: int, size: int | None,
+                 crop_fraction: float, pad: int, hflip: bool, seed: int) -> None:
+        self.root = str(root)
+        self.paths = np.array([p.encode() for p in relpaths], dtype=np.bytes_)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.channels, self.size, self.crop_fraction = channels, size, crop_fraction
+        self.pad, self.hflip, self.seed = pad, hflip, seed
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def head(self, n: int) -> ImageFiles:
+        part = copy.copy(self)
+        part.paths, part.labels = self.paths[:n], self.labels[:n]
+        return part
+
+    def path(self, index: int) -> str:
+        return os.path.join(self.root, self.paths[index].decode())
+
+    def __getitem__(self, key: tuple[int, int | None]) -> tuple[torch.Tensor, int]:
+        index, epoch = key
+        path = self.path(index)
+        try:
+            x, _ = decode_file(path, self.channels, self.size, self.crop_fraction)
+        except Exception as e:  # noqa: BLE001 - it decoded when the files were checked
+            raise EdgepipeError(f"{path}: cannot decode this image any more ({type(e).__name__}); it was readable when "
+                                "the run checked its files: was it changed during the run? Run the command again") from None
+        if epoch is not None:
+            x = self._augment(x, torch.Generator().manual_seed(_sample_seed(self.seed, epoch, index)))
+        return x, int(self.labels[index])
+
+    def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """The in-memory path's augmentation on one image: random crop of a reflect-padded copy, random flip."""
+        from torchvision.transforms.v2 import functional as F
+
+        if self.pad:
+            dy, dx = torch.randint(0, 2 * self.pad + 1, (2,), generator=gen).tolist()
+            x = F.crop(F.pad(x, [self.pad], padding_mode="reflect"), dy, dx, x.shape[1], x.shape[2])
+        if self.hflip and float(torch.rand(1, generator=gen)) < 0.5:
+            x = F.horizontal_flip(x)
+        return x
+
+
+class _KeyBatches:
+    """A DataLoader batch sampler over precomputed keys, drawn lazily (an epoch's list is never held whole)."""
+
+    def __init__(self, make: Callable[[], Iterator[list[tuple[int, int | None]]]], count: int) -> None:
+        self.make, self.count = make, count
+
+    def __iter__(self) -> Iterator[list[tuple[int, int | None]]]:
+        return self.make()
+
+    def __len__(self) -> int:
+        return self.count
+
+
+@dataclass
+class StreamingBundle(Batches):
+    """Images read from disk batch by batch: a DataLoader with ``workers`` processes decodes and augments them."""
+
+    train: ImageFiles
+    val: ImageFiles
+    mean: torch.Tensor
+    std: torch.Tensor
+    class_names: list[str]
+    shape: tuple[int, int, int]
+    augment: bool = True
+    seed: int = 0
+    workers: int = 0
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.shape
+
+    @property
+    def train_size(self) -> int:
+        return len(self.train)
+
+    @property
+    def val_size(self) -> int:
+        return len(self.val)
+
+    def _load(self, files: ImageFiles, batches: _KeyBatches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """uint8 batches in the sampler's order (the DataLoader keeps it with any number of workers)."""
+        loader = torch.utils.data.DataLoader(files, batch_sampler=batches, num_workers=self.workers,
+                                             prefetch_factor=4 if self.workers else None)
+        try:
+            yield from loader
+        except EdgepipeError as e:  # raised in a worker: DataLoader wraps it in the worker's traceback
+            raise EdgepipeError(str(e).rstrip().rsplit("EdgepipeError: ", 1)[-1]) from None
+
+    def train_batches(self, batch_size: int, epoch: int, augment: bool | None = None, shard: tuple[int, int] = (0, 1),
+                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        tag = epoch if (self.augment if augment is None else augment) else None
+        starts = batch_starts(self.train_size, batch_size)
+
+        def keys() -> Iterator[list[tuple[int, int | None]]]:
+            order, _ = epoch_order(self.train_size, self.seed, epoch)
+            for i in starts:
+                yield [(j, tag) for j in shard_of(order[i:i + batch_size], shard).tolist()]
+        for x, y in self._load(self.train, _KeyBatches(keys, len(starts))):
+            yield self.normalize(x), y
+
+    def val_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        starts = range(0, self.val_size, batch_size)
+
+        def keys() -> Iterator[list[tuple[int, int | None]]]:
+            for i in starts:
+                yield [(j, None) for j in range(i, min(i + batch_size, self.val_size))]
+        for x, y in self._load(self.val, _KeyBatches(keys, len(starts))):
+            yield self.normalize(x), y
+
+    def _images(self, files: ImageFiles, indices: list[int], batch_size: int) -> Iterator[torch.Tensor]:
+        starts = range(0, len(indices), batch_size)
+        batches = _KeyBatches(lambda: ([(j, None) for j in indices[i:i + batch_size]] for i in starts), len(starts))
+        for x, _ in self._load(files, batches):
+            yield x
+
+    def calibration_batches(self, n: int, batch_size: int) -> list[torch.Tensor]:
+        order = self.calibration_order(n, batch_size).tolist()
+        return [self.normalize(x) for x in self._images(self.train, order, batch_size)]
+
+    def val_head(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        n = min(n, self.val_size)
+        images = torch.cat(list(self._images(self.val, list(range(n)), 256))) if n else torch.empty(0, *self.shape)
+        return images.to(torch.uint8).numpy(), self.val.labels[:n].copy()
+
+    def subset(self, n_train: int, n_val: int) -> StreamingBundle:
+        return replace(self, train=self.train.head(n_train), val=self.val.head(n_val))
+
+
+class _Check(torch.utils.data.Dataset):
+    """Decodes one file exactly as training will; returns its mode and size, or why it cannot be read."""
+
+    def __init__(self, files: ImageFiles) -> None:
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[str | None, tuple[int, int] | None, str | None]:
+        try:
+            x, mode = decode_file(self.files.path(index), self.files.channels, self.files.size,
+                                  self.files.crop_fraction)
+        except Exception as e:  # noqa: BLE001 - whatever PIL raises, the file is the problem
+            return None, None, _reason(e)
+        return mode, (int(x.shape[1]), int(x.shape[2])), None
+
+
+def _check_split(listing: Listing, cfg: DataConfig, channels: int, workers: int,
+                 ) -> tuple[ImageFiles, tuple[int, int], dict[str, Any]]:
+    """Decode every file of a split once (in the workers) to find the unreadable ones, the modes and the size.
+
+    The outcome is cached beside the decoded-image cache (``imagefolder-check-*.json``, same key: every file's
+    path, size and modification time), so later commands only stat the files. Returns the readable files,
+    their common height and width, and the notes the run records (as the in-memory path does).
+    """
+    root = listing.root
+    rel = [os.path.relpath(p, root) for p in listing.paths]
+    files = ImageFiles(root, rel, np.asarray(listing.targets), channels, cfg.image_size, cfg.crop_fraction, 0, False, 0)
+    signature = (_files_signature(listing.paths) + f"|{cfg.image_size}|{cfg.crop_fraction}|{channels}|check"
+                 f"|v{DECODE_VERSION}")
+    cache = _cache_dir() / f"imagefolder-check-{hashlib.sha256(signature.encode()).hexdigest()[:16]}.json"
+    found = None
+    if cache.exists():
+        try:
+            found = json.loads(cache.read_text())
+            skipped, modes, sizes = found["skipped"], found["modes"], found["sizes"]
+        except Exception as e:  # noqa: BLE001 - a damaged cache file is checked again, never trusted
+            log.warning("%s: damaged file-check cache (%s), checking the images again", cache, type(e).__name__)
+            found = None
+    if found is None:
+        skipped, modes, sizes = [], {}, {}
+        log.info("checking %d images under %s (decoding each once, %d worker(s); remembered in %s)", len(files), root,
+                 workers, cache)
+        loader = torch.utils.data.DataLoader(_Check(files), batch_size=256, num_workers=workers,
+                                             collate_fn=lambda items: items)
+        done, step = 0, max(1, len(files) // 10)
+        for batch in loader:
+            for mode, hw, reason in batch:
+                if reason is not None:
+                    skipped.append([rel[done], reason])
+                else:
+                    modes[mode] = modes.get(mode, 0) + 1
+                    sizes.setdefault(f"{hw[1]}x{hw[0]}", rel[done])  # each size's first file
+                done += 1
+                if done % step == 0:
+                    log.info("checked %d/%d images under %s", done, len(files), root)
+        record = json.dumps({"skipped": skipped, "modes": modes, "sizes": sizes})
+        _write_cache(cache, lambda p: p.write_text(record))
+    for path, reason in skipped:  # in file order: with data.strict the first one stops the run
+        if cfg.strict or found is None:  # a remembered check repeats only the summary line, as the decode cache does
+            _unreadable(str(root / path), reason, cfg.strict)
+    if len(sizes) > 1:
+        (first, a), (size, b) = list(sizes.items())[:2]
+        raise EdgepipeError(f"{root / b}: size {size} differs from {first} ({root / a}); set data.image_size")
+    bad = {p for p, _ in skipped}
+    keep = [i for i, p in enumerate(rel) if p not in bad]
+    labels = files.labels[keep]
+    empty = [c for k, c in enumerate(listing.classes) if not (labels == k).any()]
+    if empty:
+        raise EdgepipeError(f"{root / empty[0]}: none of its image file(s) could be read; replace them or remove the "
+                            "class folder")
+    files.paths, files.labels = files.paths[keep], labels
+    w, h = (int(v) for v in next(iter(sizes)).split("x"))
+    notes = {"images": len(keep), "modes": modes, "channels": channels, "skipped": skipped}
+    _warn_skipped(root, notes, cached=found is not None)
+    return files, (h, w), notes
+
+
+def _write_cache(path: Path, write: Callable[[Path], Any]) -> None:
+    """Write a cache file atomically; a full or read-only disk only costs the decoding again next time."""
+    try:
+        atomic_write(path, write)
+    except OSError as e:
+        log.warning("%s: cannot write the cache (%s); continuing without it", path, e.strerror)
+
+
+STAT_SAMPLE = 2048
+"""Training images the per-channel mean and std are estimated from when a streamed set has no data.mean/std."""
+
+
+def _streamed_imagefolder(cfg: DataConfig, seed: int, channels: int, train: Listing, val: Listing,
+                          reason: str) -> StreamingBundle:
+    workers = default_workers() if cfg.workers is None else cfg.workers
+    tr_files, tr_hw, tr_notes = _check_split(train, cfg, channels, workers)
+    va_files, va_hw, va_notes = _check_split(val, cfg, channels, workers)
+    root = Path(cfg.path)  # type: ignore[arg-type]
+    _same_size(root, cfg, tr_hw, va_hw)
+    pad = max(1, tr_hw[1] // 8)
+    for files in (tr_files, va_files):
+        files.pad, files.hflip, files.seed = pad, cfg.hflip, seed
+    bundle = StreamingBundle(tr_files, va_files, torch.zeros(channels), torch.ones(channels), train.classes,
+                             (channels, *tr_hw), augment=cfg.augment, seed=seed, workers=workers)
+    stats = "data.mean/std"
+    if cfg.mean and cfg.std:
+        bundle.mean, bundle.std = torch.tensor(cfg.mean), torch.tensor(cfg.std)
+    else:  # from a fixed sample: reading every image of a set too big for memory only for two numbers costs an epoch
+        n = min(STAT_SAMPLE, bundle.train_size)
+        pick = torch.randperm(bundle.train_size, generator=torch.Generator().manual_seed(seed + 11))[:n].tolist()
+        f = torch.cat(list(bundle._images(tr_files, pick, 256))).float() / 255.0
+        bundle.mean, bundle.std = f.mean(dim=(0, 2, 3)), f.std(dim=(0, 2, 3))
+        stats = f"estimated from {n} of {bundle.train_size} training images (set data.mean/std to fix them)"
+    bundle.notes = {"channels": channels, "streaming": {"on": True, "reason": reason, "workers": workers,
+                                                        "mean_std": stats},
+                    cfg.train_split: tr_notes, cfg.val_split: va_notes}
+    log.info("data: streaming %d training and %d validation images from %s with %d worker(s) (%s)",
+             bundle.train_size, bundle.val_size, root, workers, reason)
+    return bundle

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -128,3 +129,22 @@ def write_document(out_dir: Path, files: dict[str, str | bytes | dict[str, Any] 
             atomic_write_json(path, content)
         paths[name] = path
     return paths
+
+
+_SECTION = re.compile(r"<!-- begin: (?P<name>[\w.-]+) -->\n.*?<!-- end: (?P=name) -->\n", re.S)
+
+
+def kept_sections(text: str) -> str:
+    """The ``<!-- begin: NAME -->`` ... ``<!-- end: NAME -->`` blocks of a document, which other commands own:
+    a rewrite of the document by its main command keeps them (appended at its end)."""
+    return "".join(m.group(0) for m in _SECTION.finditer(text))
+
+
+def replace_section(path: Path, name: str, body: str) -> Path:
+    """Put ``body`` into ``path`` as the section ``name`` (replacing that section, or appending it), atomically."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else ""
+    block = f"<!-- begin: {name} -->\n{body.rstrip()}\n<!-- end: {name} -->\n"
+    pattern = re.compile(rf"<!-- begin: {re.escape(name)} -->\n.*?<!-- end: {re.escape(name)} -->\n", re.S)
+    text = pattern.sub(lambda _m: block, text, count=1) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
+    return atomic_write_text(path, text)

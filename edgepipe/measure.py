@@ -19,7 +19,7 @@ import torch
 
 from edgepipe.artifacts import Artifact
 from edgepipe.config import MeasureConfig
-from edgepipe.data import DataBundle
+from edgepipe.data import Batches
 from edgepipe.errors import EdgepipeError
 from edgepipe.estimate import activation_bytes, artifact_layers, model_layers, target_estimate
 from edgepipe.profiles import HardwareProfile
@@ -58,7 +58,7 @@ def model_counts(model: torch.nn.Module, input_shape: tuple[int, ...]) -> dict[s
     return {**counts, "macs": int(macs), "params": int(params), "mac_counter": "torch_pruning.utils.count_ops_and_params"}
 
 
-def measure_artifact(artifact: Artifact, data: DataBundle, cfg: MeasureConfig, profile: HardwareProfile,
+def measure_artifact(artifact: Artifact, data: Batches, cfg: MeasureConfig, profile: HardwareProfile,
                      counts: dict[str, Any], eval_batch_size: int = 256,
                      progress: Callable[[str, int, int, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """All figures of one artifact; ``counts`` are the MACs/params/activations of its torch source."""

@@ -22,7 +22,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from edgepipe.data import DataBundle
+from edgepipe.data import Batches
 from edgepipe.errors import EdgepipeError
 from edgepipe.onnx_graph import constant_values, consumers
 from edgepipe.quant import frozen_weight_scales
@@ -153,7 +153,7 @@ def qdq_report(onnx_path: str | Path) -> dict[str, Any]:
 
 # --- ONNX Runtime vs PyTorch ---------------------------------------------------------------------------
 @torch.no_grad()
-def compare_with_torch(model: nn.Module, onnx_bytes: bytes, data: DataBundle, batch_size: int, quantized: bool,
+def compare_with_torch(model: nn.Module, onnx_bytes: bytes, data: Batches, batch_size: int, quantized: bool,
                        tolerance: float, min_agreement: float, threads: int | None = None) -> dict[str, Any]:
     """Run the validation set through both; raise EdgepipeError when they disagree beyond the limits."""
     import onnxruntime as ort

@@ -279,12 +279,20 @@ class Run:
         return load_stage(name).MEASURED and (chosen is None or name in chosen)
 
 
+def _keyed_config(config: PipelineConfig) -> dict[str, Any]:
+    """The config as the keys see it: without data.workers, which changes no pixel and no batch order (every
+    sample's augmentation is seeded by seed, epoch and index; tests/test_streaming.py checks 0 against 2)."""
+    cfg = config.model_dump(mode="json")
+    cfg["data"].pop("workers", None)
+    return cfg
+
+
 def stage_key(run: Run, name: str, input_hash: str | None, teacher: Artifact | None) -> str:
     """What decides the stage's output, as its module declares it (edgepipe.stage.Stage)."""
     from edgepipe.types import ArtifactKind
 
     module = load_stage(name)
-    cfg = run.config.model_dump(mode="json")
+    cfg = _keyed_config(run.config)
     target = module.target_key(run.profile, run.config) if module.target_key else None
     key = {"stage": name, "config": {s: cfg[s] for s in module.SECTIONS}, "profile": target,
            "input": input_hash, "teacher": teacher.content_hash() if teacher and module.USES_TEACHER else None}
@@ -302,7 +310,7 @@ def metrics_key(run: Run, name: str, key: str) -> str:
     (estimates, the gain check) and this host."""
     cfg = run.config
     measure = cfg.measure.model_dump(mode="json") if run.is_measured(name) else None
-    return _hash({"stage_key": key, "measure": measure, "data": cfg.data.model_dump(mode="json"),
+    return _hash({"stage_key": key, "measure": measure, "data": _keyed_config(cfg)["data"],
                   "profile": run.profile.model_dump(mode="json"),  # estimates and the gain check are per target
                   "host": [host_cpu(), list(host_isa())], "version": MEASURE_VERSION})
 

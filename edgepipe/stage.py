@@ -29,7 +29,7 @@ from edgepipe.profiles import HardwareProfile
 from edgepipe.types import ArtifactKind
 
 if TYPE_CHECKING:
-    from edgepipe.data import DataBundle
+    from edgepipe.data import Batches
 
 STAGE_ORDER = ("teacher", "distill", "prune", "qat", "export", "compile")
 """The pipeline, in order: what ``edgepipe run`` executes."""
@@ -58,7 +58,7 @@ class StageContext:
     derived runs; safe to delete."""
 
     @cached_property
-    def data(self) -> DataBundle:
+    def data(self) -> Batches:
         from edgepipe.data import run_data
 
         return run_data(self.config)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from edgepipe.config import OptimConfig
-from edgepipe.data import DataBundle
+from edgepipe.data import Batches
 from edgepipe.errors import EdgepipeError
 from edgepipe.io import atomic_torch_save, is_main_process
 from edgepipe.host import host_has_native_bf16
@@ -47,7 +47,7 @@ def autocast(dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: DataBundle, batch_size: int = 256) -> float:
+def evaluate(model: nn.Module, data: Batches, batch_size: int = 256) -> float:
     """Top-1 accuracy of ``model`` on the validation set, in float32 eval mode."""
     was_training = model.training
     model.eval()
@@ -63,7 +63,7 @@ def _fingerprint(cfg: OptimConfig, tag: str) -> str:
     return hashlib.sha256((cfg.model_dump_json() + tag).encode()).hexdigest()[:16]
 
 
-def fit(model: nn.Module, data: DataBundle, cfg: OptimConfig, loss_step: LossStep, *, batch_size: int,
+def fit(model: nn.Module, data: Batches, cfg: OptimConfig, loss_step: LossStep, *, batch_size: int,
         checkpoint_dir: Path, task: str = "train", extra_modules: nn.Module | None = None,
         progress: Progress | None = None, eval_batch_size: int = 256, tag: str = "",
         ) -> list[dict[str, Any]]:
@@ -148,7 +148,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: OptimConfig, loss_step: LossSte
     return history
 
 
-def _batches(data: DataBundle, batch_size: int, epoch: int, fmt: torch.memory_format,
+def _batches(data: Batches, batch_size: int, epoch: int, fmt: torch.memory_format,
              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for x, y in data.train_batches(batch_size, epoch):
         yield x.contiguous(memory_format=fmt), y

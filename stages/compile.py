@@ -84,8 +84,8 @@ def add_validation_set(ctx: StageContext, artifact: Any) -> dict[str, Any]:
     from edgepipe.runtime import predict, topk_accuracy
 
     data = ctx.data
-    arrays = validation_arrays(data.val_images.numpy(), data.val_labels.numpy(), data.mean.numpy(), data.std.numpy(),
-                               ctx.config.compile.device_val_images)
+    limit = ctx.config.compile.device_val_images
+    arrays = validation_arrays(*data.val_head(limit), data.mean.numpy(), data.std.numpy(), limit)
     write_validation_set(artifact.root, arrays)
     artifact.files["validation"] = VALIDATION_FILE
     x, y = validation_inputs(arrays)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import torch
 
 from edgepipe.artifacts import Artifact
 from edgepipe.config import PipelineConfig
-from edgepipe.data import DataBundle
+from edgepipe.data import Batches
 from edgepipe.host import host_cpu, host_isa
 from edgepipe.profiles import HardwareProfile
 from edgepipe.stage import StageContext, StageResult
@@ -46,8 +45,7 @@ def run(ctx: StageContext) -> StageResult:
     cfg, data = ctx.config, ctx.data
     teacher = ctx.teacher or ctx.input
     n = TIMED_BATCHES * cfg.data.batch_size
-    subset = replace(data, train_images=data.train_images[:n], train_labels=data.train_labels[:n],
-                     val_images=data.val_images[:500], val_labels=data.val_labels[:500])
+    subset = data.subset(n, 500)
     pipeline = pipeline_kd_loop_throughput(cfg, subset, teacher, ctx.checkpoint_dir, ctx.progress)
     plain = plain_kd_loop_throughput(cfg, subset, teacher, ctx.progress)
     return StageResult(ctx.input, records={**pipeline, **plain, "pipeline_teacher_runtime": cfg.soft_targets.runtime,
@@ -55,7 +53,7 @@ def run(ctx: StageContext) -> StageResult:
                                            "ratio": pipeline["pipeline_images_per_s"] / plain["plain_images_per_s"]})
 
 
-def pipeline_kd_loop_throughput(config: PipelineConfig, data: DataBundle, teacher_art: Artifact, folder: Path,
+def pipeline_kd_loop_throughput(config: PipelineConfig, data: Batches, teacher_art: Artifact, folder: Path,
                                 progress: Progress) -> dict[str, Any]:
     """One epoch of edgepipe's own training loop (edgepipe.training.fit) over ``data``, configured as the
     distill stage is (channels-last, autocast, soft-target runtime; the logits cache off, so every batch
@@ -74,15 +72,15 @@ def pipeline_kd_loop_throughput(config: PipelineConfig, data: DataBundle, teache
                   batch_size=config.data.batch_size, checkpoint_dir=folder, task="edgepipe loop (timing)",
                   progress=progress, eval_batch_size=config.data.eval_batch_size, tag="timing")
     clear_checkpoints(folder)
-    return {"pipeline_images_per_s": history[0]["images_per_s"], "pipeline_batches_timed": len(data.train_labels)
+    return {"pipeline_images_per_s": history[0]["images_per_s"], "pipeline_batches_timed": data.train_size
             // config.data.batch_size,
             "pipeline_setup": (f"edgepipe.training.fit as in the distill stage: channels_last={dcfg.optim.channels_last}, "
                                f"autocast {dcfg.optim.autocast} (ran {history[0]['autocast']}), teacher logits from "
                                f"{config.soft_targets.runtime}, augmentation included; one epoch of "
-                               f"{len(data.train_labels) // config.data.batch_size} batches of {config.data.batch_size}")}
+                               f"{data.train_size // config.data.batch_size} batches of {config.data.batch_size}")}
 
 
-def plain_kd_loop_throughput(config: PipelineConfig, data: DataBundle, teacher_art: Artifact,
+def plain_kd_loop_throughput(config: PipelineConfig, data: Batches, teacher_art: Artifact,
                              progress: Progress) -> dict[str, Any]:
     """A textbook PyTorch distillation loop (what a user writes by hand) over the same batches, all timed
     as the pipeline's are: eager student in NCHW float32, the teacher module under no_grad, KL + CE, SGD."""
