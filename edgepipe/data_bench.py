@@ -175,7 +175,7 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "## Data loading: memory and speed of one distillation epoch",
         "",
         f"Command: `{meta['command']}` — {meta['date']}.",
-        f"Host: {meta['cpu']} ({meta['isa']}), {meta['cores']} cores; torch {meta['torch']}.",
+        f"Host: {meta['cpu']}, ISA flags {meta['isa']}; torch {meta['torch']}.",
         "",
         f"Synthetic ImageFolders of {meta['image_size']}x{meta['image_size']} RGB JPEGs ({CLASSES} classes, plus "
         f"{VAL_IMAGES:,} validation images). One epoch of `edgepipe.training.fit` with `kd_step` (teacher and student: "
@@ -186,13 +186,13 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "workers (shared pages split among the processes that map them, so nothing is counted twice).",
         "",
         "| images | data path | workers | peak RSS, main (MiB) | peak total PSS, with workers (MiB) | images/s | "
-        "epoch (s) | data ready (s) |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "epoch (s) | data ready (s) | load avg before |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(f"| {r['images']:,} | {'streamed' if r['streaming'] else 'in memory'} | {r['workers']} | "
                      f"{r['peak_rss_mib']:,.0f} | {r['peak_tree_pss_mib']:,.0f} | {r['images_per_s']:,.0f} | "
-                     f"{r['epoch_seconds']:,.1f} | {r['load_seconds']:,.1f} |")
+                     f"{r['epoch_seconds']:,.1f} | {r['load_seconds']:,.1f} | {r.get('load_before', float('nan')):.2f} |")
     streamed = [r for r in rows if r["streaming"]]
     if len(streamed) > 1:
         lo, hi = streamed[0], streamed[-1]
@@ -202,7 +202,9 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             lines.append(f"Streamed, {what} grows {growth:+.1%} from {lo['images']:,} to {hi['images']:,} images: "
                          f"{'meets' if growth <= BOUND else 'MISSES'} the bound of +{BOUND:.0%}.")
     lines.append("")
-    lines.append("'data ready' is the time to list and check (streamed: decode once, in the workers; remembered "
+    lines.append("'load avg before' is the 1-minute load average when the row started (2 cores: above ~0.5, "
+                 "other work shared the CPU and images/s is low by that much; the memory figures do not depend on it). "
+                 "'data ready' is the time to list and check (streamed: decode once, in the workers; remembered "
                  "afterwards) or decode (in memory) the files before the epoch; each size starts with an empty cache.")
     return "\n".join(lines) + "\n"
 
@@ -241,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
             cache = args.workdir / f"cache-{n}-{streaming}"
             subprocess.run(["rm", "-rf", str(cache)], check=True)  # every measurement decodes from the files
             log.info("measuring %d images, %s", n, "streamed" if streaming else "in memory")
-            rows.append(measure(folder, streaming, args.batch_size, args.workers, cache))
+            load = os.getloadavg()[0]  # other work on the machine slows the epoch: the row says how busy it was
+            rows.append({**measure(folder, streaming, args.batch_size, args.workers, cache), "load_before": load})
             subprocess.run(["rm", "-rf", str(cache)], check=True)
             log.info("%s", rows[-1])
     meta = {"command": "make bench-data", "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
