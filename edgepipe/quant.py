@@ -230,7 +230,13 @@ class ActQuant(nn.Module):
         scale = (self.amax / hi).detach()
         zero = torch.zeros((), dtype=torch.int32, device=x.device)
         x = x if x.dtype == torch.float32 else x.float()  # the kernel is float32 (bf16 under autocast)
-        return torch.fake_quantize_per_tensor_affine(x, scale, zero, lo, hi)
+        if torch.jit.is_tracing():  # exported as QuantizeLinear -> DequantizeLinear
+            return torch.fake_quantize_per_tensor_affine(x, scale, zero, lo, hi)
+        # PyTorch's kernel rounds x * (1 / scale); ONNX's QuantizeLinear (and every runtime) rounds x / scale.
+        # Where x / scale is within an ulp of a .5 tie the two give integers one apart, and a deep network
+        # carries each such flip on (see round_like_onnx in tests/test_quant.py). Dividing first and
+        # quantizing with scale 1 rounds exactly as the exported graph does; the gradient is the same STE.
+        return torch.fake_quantize_per_tensor_affine(x / scale, torch.ones((), device=x.device), zero, lo, hi) * scale
 
     def extra_repr(self) -> str:
         return f"{'int8' if self.signed else 'uint8'}, amax={float(self.amax):.4g}" + (f", group={self.group}"
@@ -262,7 +268,11 @@ class _WeightQuant:
         scale = self.frozen_weight_scale if self.frozen_weight_scale is not None else weight_scale(w, q)
         zero = torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
         # |w| / scale <= q by construction, so the int8 range never clips; ONNX export accepts only that range
-        return torch.fake_quantize_per_channel_affine(w, scale, zero, 0, QMIN, QMAX)
+        if torch.jit.is_tracing():
+            return torch.fake_quantize_per_channel_affine(w, scale, zero, 0, QMIN, QMAX)
+        per_channel = scale.view(-1, *[1] * (w.ndim - 1))  # rounds w / scale, as the export's folding does
+        return torch.fake_quantize_per_channel_affine(w / per_channel, torch.ones_like(scale), zero, 0,
+                                                      QMIN, QMAX) * per_channel
 
 
 class QuantConv2d(_WeightQuant, nn.Conv2d):
@@ -358,6 +368,11 @@ def _shape_only(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
             or isinstance(_module_of(modules, node), nn.Flatten))
 
 
+def _dropout(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    return (node.op == "call_function" and node.target is _F.dropout) or \
+        isinstance(_module_of(modules, node), nn.Dropout)
+
+
 def _is_tensor(node: Any) -> bool:
     meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
     return node.op != "get_attr" and meta is not None and hasattr(meta, "dtype") and meta.dtype.is_floating_point
@@ -406,10 +421,13 @@ def plan_placement(gm: fx.GraphModule, example: torch.Tensor, activations: str) 
         if type(module) in _WRAP and node.args and isinstance(node.args[0], fx.Node):
             # Above a reshape, not below it: OpenVINO fuses the quantizer into the op before the reshape
             # (e.g. the global pooling before a classifier's flatten), as in NNCF's graphs.
+            # Above a dropout too (torchvision's classifiers: Dropout -> Linear): it is the identity at inference,
+            # but while QAT trains it scales the kept values by 1 / (1 - p), which a quantizer calibrated in eval
+            # mode below it would clip (measured on MobileNetV2's classifier, p = 0.2: see tests/test_quant.py).
             src, consumer, op = node.args[0], node, type(module).__name__
-            while (_shape_only(src, modules) and len(src.users) == 1 and src.args
+            while ((_shape_only(src, modules) or _dropout(src, modules)) and len(src.users) == 1 and src.args
                    and isinstance(src.args[0], fx.Node) and _is_tensor(src.args[0])):
-                src, consumer, op = src.args[0], src, "Reshape"
+                src, consumer, op = src.args[0], src, "Dropout" if _dropout(src, modules) else "Reshape"
             wanted.setdefault(src, []).append((consumer, op))
         elif ((node.op == "call_function" and node.target in _ADDS) or (node.op == "call_method" and node.target in
                                                                          ("add", "add_"))) and len(node.args) >= 2:

@@ -259,3 +259,80 @@ def test_seven_bit_weights_stay_within_63_levels_and_survive_export() -> None:
         insert_fake_quant(TinyCNN(), {k: v for k, v in quant_settings().items() if k != "placement"}, SHAPE)
     with pytest.raises(EdgepipeError, match="weight_bits must be 7 or 8"):
         insert_fake_quant(TinyCNN(), {**quant_settings(), "weight_bits": 6}, SHAPE)
+
+
+class _QuantizedIdentity(nn.Module):
+    """A 1x1 convolution with weight 1: its output is the dequantized input, so any rounding shows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 1, bias=False)
+        nn.init.ones_(self.conv.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def test_fake_quant_rounds_like_onnx_quantizelinear_at_ties() -> None:
+    """round_like_onnx: PyTorch's fake-quant kernels round x * (1 / scale), ONNX's QuantizeLinear rounds x / scale.
+    For an x whose x / scale is within an ulp of a .5 tie they give integers one apart. On a CIFAR MobileNetV2
+    (width 0.5, calibrated) that happened to 106 of 481M activations per 500 images at identical inputs, and each
+    flip spreads through the following layers. edgepipe's quantizers round x / scale: the exported graph in ONNX
+    Runtime must then give the PyTorch model's outputs exactly on such inputs."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from edgepipe.onnx_export import export_onnx, fold_weight_quantizers
+
+    amax = 3.1984
+    scale = torch.tensor(amax / 127, dtype=torch.float32)
+    k = torch.arange(-120, 120, dtype=torch.float32)
+    candidates = torch.cat([((k + 0.5) * scale).nextafter(torch.tensor(d)) for d in (-1e9, 0.0, 1e9)]
+                           + [(k + 0.5) * scale])
+    ties = candidates[torch.round(candidates * (1 / scale)) != torch.round(candidates / scale)]
+    assert len(ties) >= 8, "the scale was chosen to give x * (1/s) != x / s roundings; pick another if torch changes"
+    model = insert_fake_quant(_QuantizedIdentity(), quant_settings(activations="int8"), (1, 4, 4))
+    activation_quantizers(model)["act_quant.x"].amax.fill_(amax)
+    x = torch.zeros(1, 1, 4, 4 * ((len(ties) + 3) // 4)).flatten()
+    x[: len(ties)] = ties
+    x = x.view(1, 1, 4, -1)
+    model.eval()
+    proto = export_onnx(model, (1, 4, x.shape[-1]), 17)
+    fold_weight_quantizers(proto)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ort_out = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(
+        ["logits"], {"input": x.numpy()})[0]
+    with torch.no_grad():
+        torch_out = model(x).numpy()
+    assert np.array_equal(torch_out, ort_out), f"{int((torch_out != ort_out).sum())} of {len(ties)} ties rounded apart"
+    # and the integers are those of QuantizeLinear: round half to even of x / scale
+    assert np.array_equal(np.rint(torch_out.ravel()[: len(ties)] / scale.numpy()), np.rint(ties.numpy() / scale.numpy()))
+
+
+def test_classifier_quantizer_sits_above_dropout() -> None:
+    """torchvision's classifiers are Dropout -> Linear. Dropout is the identity at inference but scales by
+    1 / (1 - p) while QAT trains; a quantizer below it, calibrated in eval mode, would clip those values."""
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            self.classifier = nn.Sequential(nn.Dropout(0.5), nn.Linear(4, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = torch.flatten(nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 1), 1)
+            return self.classifier(x)
+
+    torch.manual_seed(0)
+    model = insert_fake_quant(Head(), quant_settings(activations="uint8_after_relu"), (1, 8, 8))
+    assert "act_quant.classifier_0" not in activation_quantizers(model)
+    head_quant = activation_quantizers(model)["act_quant.adaptive_avg_pool2d"]
+    calibrate(model, _batches())
+    seen = []
+    head_quant.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    x = _batches()[2]
+    with torch.no_grad():
+        model.eval()(x)
+        model.train()(x)
+    assert torch.equal(seen[0], seen[1])  # training's dropout (x2 here) happens after the quantizer, not before
