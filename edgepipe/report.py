@@ -90,8 +90,20 @@ def _rows(stages: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[dict[str,
                                  if v is not None), None),
             "measure_note": m.get("measure_note") if isinstance(m.get("measure_note"), str) else None,
             "gain": m.get("gain") if isinstance(m.get("gain"), dict) else None,
+            "qat_choice": _qat_choice(m.get("records")),
         })
     return rows
+
+
+def _qat_choice(records: Any) -> str | None:
+    """Which QAT model the stage kept, with both measured top-1s (stages/qat.py's records), as one sentence."""
+    if not isinstance(records, dict) or records.get("kept") not in ("calibrated", "fine-tuned"):
+        return None
+    ptq, qat = number(records.get("ptq_top1")), number(records.get("qat_top1"))
+    figures = ", ".join(f"{what} {DASH if v is None else f'{100 * v:.2f}%'}"
+                        for what, v in (("calibrated", ptq), ("fine-tuned", qat)))
+    return (f"kept the {records['kept']} INT8 model, the better on the validation set ({figures} top-1, PyTorch "
+            "fake-quant with BatchNorm folded)")
 
 
 def stage_table_rows(run_dir: Path) -> list[dict[str, Any]]:
@@ -164,6 +176,7 @@ def _conditions(rows: list[dict[str, Any]]) -> list[str]:
         notes.append(f"Target {label}: an ideal lower bound computed from datasheet figures, never timed"
                      + (f" ({assumptions})." if assumptions else "."))
     notes += [f"{r['stage']}: {r['measure_note']}" for r in rows if r["measure_note"]]
+    notes += [f"{r['stage']} {r['qat_choice']}" for r in rows if r["qat_choice"]]
     notes += [f"{r['stage']} skipped: {r['skipped_reason']}" for r in rows if r["skipped_reason"]]
     return notes
 

@@ -4,10 +4,13 @@ resolve the INT8 form for the target on this host (edgepipe.quant_form: int8 or 
 activations, 8- or 7-bit weights) -> place fake quantizers on the graph (edgepipe.quant: Conv/Linear
 inputs, both inputs of residual adds, concat inputs with one scale; weights per-channel) ->
 calibrate activation ranges (edgepipe.calibration) on ``qat.calibration_batches`` un-augmented
-training batches -> record the calibrated accuracy (what post-training quantization
-alone would give) -> fine-tune against the teacher's soft targets with the ranges fixed and BatchNorm
-live -> fold BatchNorm into the convolutions (exact for per-channel scales, see edgepipe.quant) ->
-save. A target without int8, or ``qat.enabled: false``, passes the input through.
+training batches -> snapshot the calibrated model with its BatchNorm folded and measure it (what
+post-training quantization alone gives) -> fine-tune against the teacher's soft targets with the ranges
+fixed and BatchNorm live -> fold BatchNorm into the convolutions (exact for per-channel scales, see
+edgepipe.quant) and measure -> save the better of the two on the validation set (``kept``: calibrated or
+fine-tuned; a tie keeps the fine-tuned one). Both are the same kind of model (the same quantizers and
+ranges, BatchNorm folded the same way), so what is saved and exported is exactly what was measured. A
+target without int8, or ``qat.enabled: false``, passes the input through.
 """
 from __future__ import annotations
 
@@ -79,7 +82,10 @@ def run(ctx: StageContext) -> StageResult:
 
     batches = data.calibration_batches(qcfg.calibration_batches, cfg.data.batch_size)
     amax = calibrate(model, batches, qcfg.calibration, qcfg.percentile)
-    ptq_top1 = evaluate(model, data, eval_bs)
+    # The calibrated model as it would be saved: BN folded with its running statistics, as after fine-tuning.
+    calibrated = copy.deepcopy(model)
+    fold_batchnorm(calibrated, pairs)
+    ptq_top1 = evaluate(calibrated, data, eval_bs)
     log.info("qat: float top-1 %.4f, calibrated (PTQ) top-1 %.4f", float_top1, ptq_top1)
 
     targets = ctx.soft_targets(teacher) if ctx.teacher else teacher
@@ -88,6 +94,11 @@ def run(ctx: StageContext) -> StageResult:
                   progress=ctx.progress, eval_batch_size=eval_bs)
     fold_batchnorm(model, pairs)
     qat_top1 = evaluate(model, data, eval_bs)
+    kept = "fine-tuned" if qat_top1 >= ptq_top1 else "calibrated"
+    if kept == "calibrated":
+        log.warning("qat: fine-tuning lowered top-1 from %.4f (calibrated) to %.4f; keeping the calibrated model",
+                    ptq_top1, qat_top1)
+        model = calibrated
     saved = {**settings(pairs), "activation_quantizers": placement}
     artifact = save_torch_artifact(model, desc["build"], ctx.out_dir, input_shape, desc["num_classes"],
                                    quantization=saved)
@@ -95,7 +106,8 @@ def run(ctx: StageContext) -> StageResult:
         "history": history,
         "calibration": {"method": qcfg.calibration, "percentile": qcfg.percentile, "batches": len(batches),
                         "samples": sum(len(x) for x in batches), "amax": amax},
-        "float_top1": float_top1, "ptq_top1": ptq_top1, "qat_top1": qat_top1,
+        "float_top1": float_top1, "ptq_top1": ptq_top1, "qat_top1": qat_top1, "kept": kept,
+        "kept_top1": max(ptq_top1, qat_top1),
         "bn_folded": len(pairs), "bn_unfolded": _remaining_batchnorms(model), "bn_note": fold_note,
         "quantized_layers": len(quant_layers(model)),
         "form": form, "placement": _placement_summary(placement, len(activation_quantizers(model))),

@@ -173,3 +173,20 @@ def test_stage_table_rows_give_raw_figures(tmp_path: Path) -> None:
 def test_report_without_manifest_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(EdgepipeError, match="manifest.json: not found"):
         write_report(tmp_path)
+
+
+def test_report_says_which_qat_model_was_kept(tmp_path: Path) -> None:
+    """stages/qat.py keeps the better of the calibrated and the fine-tuned INT8 model; the report names it."""
+    run = make_run(tmp_path / "run")
+    qat = {**_metrics("qat", 0.8635, 0.3, dtype="int8"), "records": {
+        "float_top1": 0.8731, "ptq_top1": 0.8635, "qat_top1": 0.8470, "kept": "calibrated", "kept_top1": 0.8635}}
+    (run / "qat" / "metrics.json").write_text(json.dumps(qat))
+    manifest = json.loads((run / "manifest.json").read_text())
+    for entry in manifest["stages"]:
+        if entry["name"] == "qat":
+            entry.update(status="done", skipped_reason=None)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    md = write_report(run)[0].read_text()
+    assert ("qat kept the calibrated INT8 model, the better on the validation set (calibrated 86.35%, fine-tuned "
+            "84.70% top-1, PyTorch fake-quant with BatchNorm folded)") in md
+    assert _table(md)["qat"][3] == "86.35"

@@ -128,3 +128,26 @@ def test_qat_refuses_bad_inputs(tmp_path: Path, student: Artifact, data: DataBun
     quantized = qat.run(context(tmp_path / "q", student, data, teacher=student)).artifact
     with pytest.raises(EdgepipeError, match="already quantized"):
         qat.run(context(tmp_path / "qq", quantized, data))
+
+
+def test_qat_keeps_the_calibrated_model_when_fine_tuning_lowers_top1(tmp_path: Path, student: Artifact,
+                                                                      data: DataBundle) -> None:
+    """An lr far too high wrecks the fine-tuning: the stage saves the calibrated snapshot, says so, and the
+    saved model scores exactly the calibrated top-1 it recorded (BatchNorm folded the same way)."""
+    from edgepipe.training import evaluate
+
+    bad = {"epochs": 1, "lr": 20.0, "autocast": "off"}
+    rec = qat.run(context(tmp_path, student, data, teacher=student, qat__optim=bad)).records
+    assert rec["qat_top1"] < rec["ptq_top1"] - 0.1
+    assert rec["kept"] == "calibrated" and rec["kept_top1"] == rec["ptq_top1"]
+    saved = load_torch_artifact(Artifact.load(tmp_path))
+    assert evaluate(saved, data, 64) == rec["ptq_top1"]
+
+
+def test_qat_keeps_the_fine_tuned_model_when_it_is_at_least_as_good(tmp_path: Path, student: Artifact,
+                                                                      data: DataBundle) -> None:
+    from edgepipe.training import evaluate
+
+    rec = qat.run(context(tmp_path, student, data, teacher=student)).records
+    assert rec["kept"] == "fine-tuned" and rec["qat_top1"] >= rec["ptq_top1"] and rec["kept_top1"] == rec["qat_top1"]
+    assert evaluate(load_torch_artifact(Artifact.load(tmp_path)), data, 64) == rec["qat_top1"]
