@@ -106,6 +106,69 @@ for _n in _TORCHVISION:
     register(f"tv_{_n}")(_torchvision(_n))
 
 
+# --- torchvision's mobile students adapted to 32x32 inputs ---------------------------------------------
+# torchvision's MobileNetV2/V3 and ShuffleNetV2 downsample 32x in total (a stride-2 stem, then stride-2
+# stages), which leaves a 1x1 map at 32x32: the last stages' 3x3 depthwise convolutions then see mostly
+# padding. The common CIFAR variants (kuangliu/pytorch-cifar) keep the blocks and widths and remove the
+# first 4x of downsampling: stem stride 1 and the first strided stage (or ShuffleNet's max-pool) at stride
+# 1, so the last stage runs at 4x4. Only those strides change here; everything else is torchvision's own
+# code, so the blocks trace with torch.fx, prune with Torch-Pruning and export like the ImageNet models.
+def _stem(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
+    """The stem convolution at stride 1, taking ``in_channels`` channels."""
+    conv.stride = (1, 1)
+    if in_channels != conv.in_channels:
+        conv = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, 1, conv.padding, bias=conv.bias is not None)
+    return conv
+
+
+@register("mobilenet_v2_cifar")
+def mobilenet_v2_cifar(num_classes: int = 10, width_mult: float = 1.0, in_channels: int = 3,
+                       dropout: float = 0.2) -> nn.Module:
+    """torchvision's MobileNetV2 for 32x32 inputs: stem stride 1 and the first 24-channel stage at stride 1
+    (ImageNet: 2 and 2), so the map is 32x32 through the first stages and 4x4 at the end."""
+    from torchvision.models import MobileNetV2
+
+    setting = [[1, 16, 1, 1], [6, 24, 2, 1], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2], [6, 320, 1, 1]]
+    model = MobileNetV2(num_classes=num_classes, width_mult=width_mult, inverted_residual_setting=setting,
+                        dropout=dropout)
+    model.features[0][0] = _stem(model.features[0][0], in_channels)
+    return model
+
+
+@register("mobilenet_v3_small_cifar")
+def mobilenet_v3_small_cifar(num_classes: int = 10, width_mult: float = 1.0, in_channels: int = 3,
+                             dropout: float = 0.2) -> nn.Module:
+    """torchvision's MobileNetV3-Small for 32x32 inputs: stem stride 1 and the first block (a squeeze-excite
+    depthwise block) at stride 1 (ImageNet: 2 and 2), so the last stage runs at 4x4."""
+    from torchvision.models.mobilenetv3 import MobileNetV3, _mobilenet_v3_conf
+
+    setting, last_channel = _mobilenet_v3_conf("mobilenet_v3_small", width_mult=width_mult)
+    setting[0].stride = 1
+    model = MobileNetV3(setting, last_channel, num_classes=num_classes, dropout=dropout)
+    model.features[0][0] = _stem(model.features[0][0], in_channels)
+    return model
+
+
+_SHUFFLENET_WIDTHS = {0.5: [24, 48, 96, 192, 1024], 1.0: [24, 116, 232, 464, 1024],
+                      1.5: [24, 176, 352, 704, 1024], 2.0: [24, 244, 488, 976, 2048]}
+
+
+@register("shufflenet_v2_cifar")
+def shufflenet_v2_cifar(num_classes: int = 10, width_mult: float = 1.0, in_channels: int = 3) -> nn.Module:
+    """torchvision's ShuffleNetV2 for 32x32 inputs: stem stride 1 and no max-pool (ImageNet: stride 2 and a
+    stride-2 max-pool), so stages 2-4 run at 16, 8 and 4 pixels. ``width_mult`` is one of torchvision's
+    widths (0.5, 1.0, 1.5, 2.0: the x0_5 ... x2_0 channel tables)."""
+    from torchvision.models import ShuffleNetV2
+
+    if width_mult not in _SHUFFLENET_WIDTHS:
+        raise EdgepipeError(f"shufflenet_v2_cifar: width_mult must be one of {sorted(_SHUFFLENET_WIDTHS)} "
+                            f"(torchvision's channel tables), got {width_mult}")
+    model = ShuffleNetV2([4, 8, 4], _SHUFFLENET_WIDTHS[width_mult], num_classes=num_classes)
+    model.conv1[0] = _stem(model.conv1[0], in_channels)
+    model.maxpool = nn.Identity()
+    return model
+
+
 class ExportedProgramModel(nn.Module):
     """An inference-only wrapper around ``torch.export.load(path).module()``.
 
