@@ -16,7 +16,7 @@ DATA ?= $(SHARED)/datasets/cifar10
 TEACHER ?= $(SHARED)/teachers/resnet56_cifar10.pt2
 BENCH_RUN ?= runs/cifar10-bench
 
-.PHONY: setup setup-bench pipeline test bench bench-data bench-run report clean
+.PHONY: setup setup-bench pipeline test bench bench-data bench-students bench-run report clean
 
 setup: $(VENV)/.installed
 
@@ -48,6 +48,17 @@ bench: setup-bench
 # 200k 64x64 images, streamed and in memory -> the data-loading section of BENCHMARKS.md (folders in runs/).
 bench-data: setup
 	$(BIN)/python -m edgepipe.data_bench --workdir runs/data-bench --out BENCHMARKS.md
+
+# The small-input students (issue 12): MobileNetV2 and ShuffleNetV2 distilled from the same teacher, INT8 on
+# OpenVINO, one run each under runs/ (resumable: a rerun reuses finished stages and resumes from the last
+# epoch), each with its report (top-1, MACs, OpenVINO latency/throughput and the conditions they were measured
+# under). Sized to fit 90 minutes on 2 cores from measured epoch speeds (not yet timed end to end). The recipes
+# read ../shared (data.path, teacher.model.program).
+STUDENTS ?= cifar10-mobilenetv2 cifar10-shufflenetv2
+bench-students: setup
+	for recipe in $(STUDENTS); do \
+		$(BIN)/edgepipe run --config configs/$$recipe.yaml --target intel-xeon-amx --run runs/$$recipe || exit 1; \
+	done
 
 # Every stage artifact of one run across runtimes, dtypes and batch sizes -> $(RUN)/bench/.
 bench-run: setup
