@@ -12,6 +12,7 @@ file holds the deployed integers and no float weights.
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from edgepipe.errors import EdgepipeError
 from edgepipe.onnx_graph import constant_values, consumers
 from edgepipe.quant import frozen_weight_scales
 from edgepipe.runtime import topk_accuracy
+
+log = logging.getLogger(__name__)
 
 MAX_OPSET = 20
 """Highest opset of the TorchScript exporter (torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)."""
@@ -152,6 +155,48 @@ def qdq_report(onnx_path: str | Path) -> dict[str, Any]:
 
 
 # --- ONNX Runtime vs PyTorch ---------------------------------------------------------------------------
+NOISE_REL = 4 * 2.0**-23
+"""Relative size of the noise ``self_agreement`` puts on each quantizer's input: 4 float32 ulps, the size of the
+differences a different summation order makes (1-5 ulps measured between PyTorch and ONNX Runtime)."""
+NOISE_SLACK = 0.005
+"""How far below PyTorch's self-agreement ONNX Runtime's agreement may fall (0.5 points of the images)."""
+MAX_TOP1_GAP = 0.01
+"""Largest top-1 difference (1 point) between ONNX Runtime and PyTorch accepted on a low-margin model."""
+
+
+def agreement_verdict(agreement: float, floor: float, ort_top1: float, torch_top1: float) -> str | None:
+    """Why an agreement below int8_min_agreement is a real difference, or None when it is within the model's own
+    sensitivity to float rounding (``floor``) and top-1 is kept."""
+    if agreement < floor - NOISE_SLACK:
+        return (f"PyTorch agrees with itself on {floor:.2%} under float-rounding noise, so the difference is not "
+                "rounding")
+    if abs(ort_top1 - torch_top1) > MAX_TOP1_GAP:
+        return f"top-1 differs: {ort_top1:.2%} in ONNX Runtime, {torch_top1:.2%} in PyTorch"
+    return None
+
+
+@torch.no_grad()
+def self_agreement(model: nn.Module, data: Batches, batch_size: int, ref_logits: np.ndarray) -> float:
+    """Top-1 agreement of ``model`` with its own ``ref_logits`` when every activation quantizer's input is multiplied
+    by (1 + u), u uniform in [-NOISE_REL, NOISE_REL] from a fixed seed: how much of the model's top-1 hangs on
+    float rounding alone."""
+    from edgepipe.quant import ActQuant
+
+    gen = torch.Generator().manual_seed(0)
+
+    def nudge(_m: nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        u = (torch.rand(x.shape, generator=gen) * 2 - 1) * NOISE_REL
+        return (x * (1 + u), *args[1:])
+    hooks = [m.register_forward_pre_hook(nudge) for m in model.modules() if isinstance(m, ActQuant)]
+    try:
+        out = np.concatenate([model(x).float().numpy() for x, _ in data.val_batches(batch_size)])
+    finally:
+        for h in hooks:
+            h.remove()
+    return float((out.argmax(1) == ref_logits.argmax(1)).mean())
+
+
 @torch.no_grad()
 def compare_with_torch(model: nn.Module, onnx_bytes: bytes, data: Batches, batch_size: int, quantized: bool,
                        tolerance: float, min_agreement: float, threads: int | None = None) -> dict[str, Any]:
@@ -187,9 +232,22 @@ def compare_with_torch(model: nn.Module, onnx_bytes: bytes, data: Batches, batch
         checks.update(top1_agreement=agreement, min_agreement=min_agreement, reference="ONNX Runtime, graph "
                       "optimizations off (QDQ as specified)", max_abs_diff=float(np.abs(ref_logits - ort_logits).max()))
         if agreement < min_agreement:
-            raise EdgepipeError(f"export: ONNX Runtime and PyTorch agree on top-1 for {agreement:.2%} of "
-                                f"{len(y_all)} validation images (< export.int8_min_agreement {min_agreement:.2%}); "
-                                "the INT8 graph does not compute what the QAT model does")
+            # A low-margin model (many near-tied logits) flips top-1 under any float rounding difference: measured on
+            # a CIFAR MobileNetV2 subset model, PyTorch agreed with itself on only 97.9% when each quantizer's input
+            # moved by 1e-7. ONNX Runtime sums convolutions in another order (inputs 1-5 ulps apart), so a faithful
+            # graph cannot be asked to agree more than the model agrees with itself under that noise.
+            floor = self_agreement(model, data, batch_size, ref_logits)
+            checks.update(self_agreement=floor, self_agreement_noise=f"each quantizer input x (1 + u), |u| <= "
+                          f"{NOISE_REL:.2g}, seeded", top1_gap_points=abs(checks["ort_top1"] - checks["torch_top1"]) * 100)
+            problem = agreement_verdict(agreement, floor, checks["ort_top1"], checks["torch_top1"])
+            if problem:
+                raise EdgepipeError(f"export: ONNX Runtime and PyTorch agree on top-1 for {agreement:.2%} of "
+                                    f"{len(y_all)} validation images (< export.int8_min_agreement {min_agreement:.2%}) "
+                                    f"and {problem}; the INT8 graph does not compute what the QAT model does")
+            checks["note"] = (f"agreement {agreement:.2%} is below {min_agreement:.2%} but within PyTorch's own "
+                              f"{floor:.2%} under float-rounding noise, with top-1 {checks['ort_top1']:.2%} vs "
+                              f"{checks['torch_top1']:.2%}: a low-margin model, not a different graph")
+            log.warning("export: %s", checks["note"])
     else:
         diff = float(np.abs(ref_logits - ort_logits).max())
         checks.update(max_abs_diff=diff, tolerance=tolerance)
