@@ -195,7 +195,18 @@ def test_grayscale_folder_runs_end_to_end_with_one_channel_models(tmp_path: Path
            "measure": {"warmup": 1, "iterations": 3, "throughput_batch": 4}}
     (tmp_path / "gray.yaml").write_text(yaml.safe_dump(cfg))
     run = tmp_path / "run"
-    assert main(["run", "--config", str(tmp_path / "gray.yaml"), "--target", "generic-cpu", "--run", str(run)]) == 0
+    argv = ["run", "--config", str(tmp_path / "gray.yaml"), "--target", "generic-cpu", "--run", str(run)]
+    if streaming:
+        # In a fresh process, as `edgepipe run` is used: in-process, after the whole suite had run in the same
+        # pytest process, this run segfaulted (twice, 2026-11-24, not reproduced alone; see the issue 12 notes).
+        import subprocess
+        import sys
+
+        done = subprocess.run([sys.executable, "-c", "import sys; from edgepipe.cli import main; "
+                               "sys.exit(main(sys.argv[1:]))", *argv], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+    else:
+        assert main(argv) == 0
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["data"]["channels"] == 1 and manifest["data"]["train"]["modes"] == {"L": 24}
     assert all(e["status"] == "done" for e in manifest["stages"])
