@@ -23,6 +23,7 @@ run can take its shard of every global batch (``shard=(rank, world)``).
 """
 from __future__ import annotations
 
+import abc
 import copy
 import hashlib
 import json
@@ -70,8 +71,9 @@ def shard_of(idx: torch.Tensor, shard: tuple[int, int]) -> torch.Tensor:
     return idx[rank * per:(rank + 1) * per]
 
 
-class Batches:
-    """What the stages read from a dataset, whichever way it is held (in memory or streamed)."""
+class Batches(abc.ABC):
+    """What the stages read from a dataset, whichever way it is held (in memory or streamed): an abstract base,
+    implemented by DataBundle and StreamingBundle."""
 
     mean: torch.Tensor
     std: torch.Tensor
@@ -83,16 +85,19 @@ class Batches:
         return len(self.class_names)
 
     @property
+    @abc.abstractmethod
     def input_shape(self) -> tuple[int, int, int]:
-        raise NotImplementedError
+        """(channels, height, width) of one image as the models receive it."""
 
     @property
+    @abc.abstractmethod
     def train_size(self) -> int:
-        raise NotImplementedError
+        """Number of training images."""
 
     @property
+    @abc.abstractmethod
     def val_size(self) -> int:
-        raise NotImplementedError
+        """Number of validation images."""
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float()
@@ -103,15 +108,15 @@ class Batches:
     def steps_per_epoch(self, batch_size: int) -> int:
         return max(1, self.train_size // batch_size)
 
+    @abc.abstractmethod
     def train_batches(self, batch_size: int, epoch: int, augment: bool | None = None, shard: tuple[int, int] = (0, 1),
                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch of shuffled (and augmented) training batches; the order depends only on seed and epoch.
         ``shard=(rank, world)`` yields that rank's slice of every global batch of ``batch_size``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def val_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The validation set in file order, normalized, never augmented."""
-        raise NotImplementedError
 
     def val_numpy(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for x, y in self.val_batches(batch_size):
@@ -121,17 +126,17 @@ class Batches:
         gen = torch.Generator().manual_seed(self.seed + 7)  # type: ignore[attr-defined]
         return torch.randperm(self.train_size, generator=gen)[: n * batch_size]
 
+    @abc.abstractmethod
     def calibration_batches(self, n: int, batch_size: int) -> list[torch.Tensor]:
         """``n`` un-augmented training batches (fixed order) for range calibration."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def val_head(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """The first ``n`` validation images as stored (uint8 [n, C, H, W], or float in [0, 1]) and their labels."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def subset(self, n_train: int, n_val: int) -> Batches:
         """The same data limited to the first ``n_train`` training and ``n_val`` validation images."""
-        raise NotImplementedError
 
 
 @dataclass
