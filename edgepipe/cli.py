@@ -7,7 +7,9 @@ exits 130 and resumes when the same command is given again.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def run_args(sp: argparse.ArgumentParser, need_run: bool = True) -> None:
-        sp.add_argument("--run", type=Path, required=need_run, help="run folder (e.g. runs/my-run)")
+        # --run-dir: the same option under torchrun, whose own parser takes --run for an abbreviation of --run-path.
+        sp.add_argument("--run", "--run-dir", dest="run", type=Path, required=need_run,
+                        help="run folder (e.g. runs/my-run); spell it --run-dir after `torchrun ... -m edgepipe`")
         sp.add_argument("--config", help="config YAML or shipped recipe name (digits); needed for a new run folder")
         sp.add_argument("--target", help="hardware profile name, alias or YAML path (see `edgepipe profiles`)")
 
@@ -82,25 +86,68 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    from edgepipe import distributed
+
     try:
+        launch = distributed.init_from_env()  # torchrun: join the process group; alone: None
+    except EdgepipeError as e:
+        print(f"edgepipe: error: {e}", file=sys.stderr)
+        return 2
+    _setup_logging(args.verbose, launch)
+    who = f"rank {launch.rank} of {launch.world_size}: " if launch else ""
+    try:
+        if launch is not None:
+            _check_launchable(args)
+            signal.signal(signal.SIGTERM, _stop)  # torchrun stops every rank with SIGTERM when one fails
         if getattr(args, "run", None) is None:
             return _dispatch(args)
         from edgepipe.io import run_lock
 
-        with run_lock(args.run):  # one writer per run folder
+        with run_lock(args.run) if distributed.is_main() else contextlib.nullcontext():  # one writer per run folder
+            distributed.check_shared_run_folder(args.run)
             return _dispatch(args)
     except EdgepipeError as e:
-        print(f"edgepipe: error: {e}", file=sys.stderr)
+        print(f"edgepipe: error: {who}{e}", file=sys.stderr)
         return 2
     except OSError as e:  # read-only folder, disk full, a path that is a file: one line, never a traceback
         log.debug("where the OSError came from", exc_info=True)  # -v shows the traceback
-        print(f"edgepipe: error: {_os_error_line(e)}", file=sys.stderr)
+        print(f"edgepipe: error: {who}{_os_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("edgepipe: interrupted; run the same command again to resume from the last checkpoint",
+        print(f"edgepipe: {who}interrupted; run the same command again to resume from the last checkpoint",
               file=sys.stderr)
         return 130
+    except distributed.Stopped:
+        if distributed.is_main():  # one line for the launch, not one per rank
+            print(f"edgepipe: {who}stopped by SIGTERM during {distributed.current_stage() or 'setup'} (torchrun stops "
+                  "every rank when one fails); nothing is half-written: run the same command again, with any number "
+                  "of processes, to resume from the last checkpoint", file=sys.stderr)
+        return 143
+    except RuntimeError as e:
+        if launch is None:
+            raise
+        log.debug("where the error came from", exc_info=True)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        print(f"edgepipe: error: {who}{distributed.current_stage() or 'setup'} stopped: another rank exited or did not "
+              f"answer within the {launch.timeout_s:g} s collective timeout ({first}); nothing is half-written: run "
+              "the same command again, with any number of processes, to resume from the last checkpoint",
+              file=sys.stderr)
+        return 1
+    finally:
+        distributed.shutdown()
+
+
+def _stop(signum: int, frame: object) -> None:
+    from edgepipe import distributed
+
+    raise distributed.Stopped()
+
+
+def _check_launchable(args: argparse.Namespace) -> None:
+    """Under torchrun only the commands that train run: the pipeline and the single stages."""
+    if args.command not in ("run", *STAGE_ORDER):
+        raise EdgepipeError(f"edgepipe {args.command} runs in one process; start it without torchrun (under torchrun "
+                            f"only `run` and the stage commands, which train on every rank)")
 
 
 def _os_error_line(e: OSError) -> str:
@@ -117,10 +164,14 @@ def _os_error_line(e: OSError) -> str:
     return f"{where}{e.strerror or type(e).__name__}; {advice.get(e.errno, 'check the path and run the same command again')}"
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: bool, launch=None) -> None:
+    """Rich log lines; under torchrun every rank but 0 logs only warnings, prefixed with its rank."""
     from rich.logging import RichHandler
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+    level = logging.DEBUG if verbose else logging.INFO
+    if launch is not None and launch.rank != 0:
+        level = logging.DEBUG if verbose else logging.WARNING
+    logging.basicConfig(level=level, format=f"[rank {launch.rank}] %(message)s" if launch else "%(message)s",
                         handlers=[RichHandler(show_path=False, show_time=False, rich_tracebacks=False)])
     for noisy in ("matplotlib", "PIL", "nncf"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -178,6 +229,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     run = _open_run(args)
     from edgepipe.pipeline import run_pipeline, run_stage
 
+    from edgepipe import distributed
+
+    if not distributed.is_main():  # the other ranks train their shards and wait; rank 0 shows and writes
+        if cmd == "run":
+            run_pipeline(run, force_from=args.force)
+        else:
+            run_stage(run, cmd, force=args.force)
+        return 0
     with _progress() as progress:
         if cmd == "run":
             run_pipeline(run, force_from=args.force, progress=progress,
@@ -196,7 +255,20 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _open_run(args: argparse.Namespace):
     """The run a command writes to. A new config or target is proven first (edgepipe.pipeline.preflight) and only
-    then written, so a command that fails its checks leaves an existing run folder byte for byte as it was."""
+    then written, so a command that fails its checks leaves an existing run folder byte for byte as it was. Under
+    torchrun rank 0 does this first (decoding the data into the shared cache) and the other ranks then open what it
+    wrote."""
+    from edgepipe import distributed
+
+    if distributed.is_main():
+        run = _open_run_here(args)
+        distributed.barrier()
+        return run
+    distributed.barrier()
+    return _open_run_here(args)
+
+
+def _open_run_here(args: argparse.Namespace):
     from edgepipe.config import load_config
     from edgepipe.pipeline import Run, preflight
 

@@ -526,12 +526,12 @@ def _same_size(root: Path, cfg: DataConfig, train_hw: tuple[int, ...], val_hw: t
 
 # --- streaming ------------------------------------------------------------------------------------------
 def default_workers() -> int:
-    """DataLoader workers when data.workers is not set: one per CPU core this process may use, at most 8."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(8, cores))
+    """DataLoader workers when data.workers is not set: one per CPU core this process may use (under torchrun, its
+    share of the node's cores), at most 8."""
+    from edgepipe import distributed
+
+    launch = distributed.launch()
+    return max(1, min(8, distributed.usable_cores() // (launch.local_world_size if launch else 1)))
 
 
 def _streaming_choice(cfg: DataConfig, train: Listing, val: Listing, channels: int) -> tuple[bool, str]:

@@ -31,8 +31,11 @@ def _umask() -> int:
 
 
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
-    """Call ``write(tmp_path)`` then atomically move ``tmp_path`` to ``path``."""
+    """Call ``write(tmp_path)`` then atomically move ``tmp_path`` to ``path``; on a non-zero torch.distributed rank,
+    nothing (rank 0 writes the one copy every rank then reads, see edgepipe.distributed)."""
     path = Path(path)
+    if not is_main_process():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

@@ -36,6 +36,7 @@ from typing import Any
 
 import yaml
 
+from edgepipe import distributed
 from edgepipe import stage as stages
 from edgepipe.artifacts import Artifact
 from edgepipe.config import PipelineConfig, load_config
@@ -316,9 +317,34 @@ def metrics_key(run: Run, name: str, key: str) -> str:
 
 
 def run_stage(run: Run, name: str, force: bool = False, progress: Progress | None = None) -> dict[str, Any]:
-    """Run (or reuse) one stage, measure its artifact, write metrics.json and the manifest entry."""
+    """Run (or reuse) one stage, measure its artifact, write metrics.json and the manifest entry.
+
+    Under torchrun (edgepipe.distributed) a stage that declares DISTRIBUTED runs on every rank, each training on
+    its shard; any other stage runs on rank 0 alone. Measuring and recording are rank 0's in both cases; the other
+    ranks wait at a barrier, then read the manifest rank 0 wrote, so every rank goes on from the same state."""
+    if distributed.launch() is None:
+        return _run_stage(run, name, force, progress)
+    distributed.note_stage(name)
+    metrics = None
+    if load_stage(name).DISTRIBUTED:
+        with distributed.collective():
+            metrics = _run_stage(run, name, force, progress)
+    elif distributed.is_main():
+        with distributed.main_only_threads():
+            metrics = _run_stage(run, name, force, progress)
+    distributed.barrier()
+    if not distributed.is_main():
+        run.manifest = read_manifest(run.root / "manifest.json")
+        metrics = run.metrics_of(name)
+    return metrics
+
+
+def _run_stage(run: Run, name: str, force: bool, progress: Progress | None) -> dict[str, Any] | None:
+    """run_stage on this process: every rank of a collective stage gets here, rank 0 alone for the others; only
+    rank 0 measures and records (the others return None)."""
     progress = progress or (lambda *a: None)
     module = load_stage(name)
+    together = distributed.collective_active()
     found = run.input_of(name)
     inp = found[1] if found else None
     if inp is not None and inp.kind not in module.INPUT_KINDS:
@@ -339,8 +365,13 @@ def run_stage(run: Run, name: str, force: bool = False, progress: Progress | Non
     metrics_path = out_dir / "metrics.json"
     ctx = StageContext(name=name, config=run.config, profile=run.profile, out_dir=out_dir, input=inp,
                        teacher=teacher, progress=progress, cache_dir=run.cache_dir)
-    if not force and entry.get("key") == key and entry.get("status") in ("done", "skipped"):
-        damage = _damage(run, name, entry, metrics_path)
+    reusable = not force and entry.get("key") == key and entry.get("status") in ("done", "skipped")
+    damage = _damage(run, name, entry, metrics_path) if reusable and distributed.is_main() else None
+    if together:  # rank 0's view of its own files decides for every rank
+        reusable, damage = distributed.broadcast((reusable, damage))
+    if reusable and damage is None and not distributed.is_main():
+        return None  # rank 0 reuses or re-measures the stored artifact
+    if reusable:
         if damage is None:
             art = run.artifact_of(name)
             old = json.loads(metrics_path.read_text())
@@ -352,12 +383,17 @@ def run_stage(run: Run, name: str, force: bool = False, progress: Progress | Non
             return _record(run, name, result, ctx, entry.get("wall_time_s") or 0.0, mkey, progress)
         log.warning("%s: %s; redoing the stage", name, damage)
     entry.update(status="running", started=_now(), key=key, metrics_key=None, input_hash=input_hash,
-                 ended=None, skipped_reason=None)
+                 ended=None, skipped_reason=None, launch=distributed.describe())
     run.save()
-    _checkpoints_for(ctx.checkpoint_dir, key, name)
+    if distributed.is_main():
+        _checkpoints_for(ctx.checkpoint_dir, key, name)
+    if together:
+        distributed.barrier()  # no rank reads a checkpoint before rank 0 has dropped stale ones
     t0 = time.perf_counter()
     try:
         result: StageResult = module.run(ctx)
+        if not distributed.is_main():
+            return None
     except BaseException as e:
         entry.update(status="failed", ended=_now(), error=f"{type(e).__name__}: {str(e)[:300]}")
         try:
@@ -395,7 +431,14 @@ def _damage(run: Run, name: str, entry: dict[str, Any], metrics_path: Path) -> s
 
 def _record(run: Run, name: str, result: StageResult, ctx: StageContext, wall: float, mkey: str,
             progress: Progress) -> dict[str, Any]:
-    """Measure the stage's artifact, write metrics.json, then mark the stage done in the manifest."""
+    """Measure the stage's artifact, write metrics.json, then mark the stage done in the manifest (rank 0, with all
+    of the node's cores while any other ranks wait)."""
+    with distributed.main_only_threads():
+        return _record_alone(run, name, result, ctx, wall, mkey, progress)
+
+
+def _record_alone(run: Run, name: str, result: StageResult, ctx: StageContext, wall: float, mkey: str,
+                  progress: Progress) -> dict[str, Any]:
     t0 = time.perf_counter()
     metrics = _metrics(run, name, result, ctx, wall, progress)
     gain = metrics.get("gain")

@@ -98,6 +98,9 @@ class Stage(Protocol):
     """It trains against the teacher stage's artifact: the engine passes it in and keys on its hash."""
     MEASURED: bool
     """The engine measures its artifact (accuracy, latency, size); False for a stage whose output is its records."""
+    DISTRIBUTED: bool
+    """Under torchrun every rank runs it (a training stage: DDP over the ranks' shards, edgepipe.distributed);
+    False: rank 0 runs it alone while the other ranks wait (export, compile, graph work)."""
     target_key: Callable[[HardwareProfile, PipelineConfig], Any] | None
     """What of the target (and this host) shapes its output, as JSON-able data for the key; None: nothing."""
 
@@ -110,6 +113,7 @@ _DECLARATIONS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "SECTIONS": (tuple, "a tuple of the config sections that decide its output"),
     "USES_TEACHER": (bool, "True if it trains against the teacher"),
     "MEASURED": (bool, "True if the engine measures its artifact"),
+    "DISTRIBUTED": (bool, "True if every torchrun rank runs it (training), False if rank 0 alone"),
 }
 _LOADED: dict[str, ModuleType] = {}
 

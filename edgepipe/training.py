@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgepipe import distributed
 from edgepipe.config import OptimConfig
 from edgepipe.data import Batches
 from edgepipe.errors import EdgepipeError
@@ -52,10 +53,13 @@ def evaluate(model: nn.Module, data: Batches, batch_size: int = 256) -> float:
     was_training = model.training
     model.eval()
     correct = total = 0
-    for x, y in data.val_batches(batch_size):
-        correct += int((model(x).argmax(1) == y).sum())
-        total += len(y)
+    share, ranks = (distributed.rank(), distributed.world_size()) if distributed.collective_active() else (0, 1)
+    for i, (x, y) in enumerate(data.val_batches(batch_size)):
+        if i % ranks == share:  # under torchrun each rank takes every world-th batch: the whole set, once
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
     model.train(was_training)
+    correct, total = distributed.all_reduce_sum([correct, total])
     return correct / max(1, total)
 
 
@@ -73,6 +77,8 @@ def fit(model: nn.Module, data: Batches, cfg: OptimConfig, loss_step: LossStep, 
     several trainings inside one stage). Returns the per-epoch history.
     """
     progress = progress or (lambda *a: None)
+    distributed.local_batch(batch_size)  # under torchrun: the configured batch must split over the ranks
+    shard = (distributed.rank(), distributed.world_size()) if distributed.collective_active() else (0, 1)
     params = list(model.parameters()) + (list(extra_modules.parameters()) if extra_modules else [])
     steps = data.steps_per_epoch(batch_size)
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
@@ -108,49 +114,57 @@ def fit(model: nn.Module, data: Batches, cfg: OptimConfig, loss_step: LossStep, 
         for row in history:  # these epochs ran in an earlier, interrupted invocation
             row.setdefault("earlier_invocation", True)
         log.info("%s: resuming after epoch %d from %s", task, start, ckpt)
-    for epoch in range(start, cfg.epochs):
-        model.train()
-        sums: dict[str, float] = {}
-        seen, t0 = 0, time.perf_counter()
-        for i, (x, y) in enumerate(_batches(data, batch_size, epoch, fmt)):
-            with autocast(amp):
-                parts = loss_step(model, x, y)
-            loss_value = float(parts["loss"].detach())
-            if not math.isfinite(loss_value):
-                raise EdgepipeError(f"{task} epoch {epoch + 1}, batch {i + 1}: the loss is {loss_value} (training "
-                                    f"diverged); lower this stage's optim.lr (now {cfg.lr:g}) or check data.mean/std")
-            opt.zero_grad(set_to_none=True)
-            parts["loss"].backward()
-            opt.step()
-            sched.step()
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(y)
-            seen += len(y)
-            progress(f"{task} epoch {epoch + 1}/{cfg.epochs}", i + 1, steps, {"loss": loss_value})
-        seconds = time.perf_counter() - t0
-        broken = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
-        if broken:
-            raise EdgepipeError(f"{task} epoch {epoch + 1}: {len(broken)} weight tensor(s) hold NaN or inf (first: "
-                                f"{broken[0]}); lower this stage's optim.lr (now {cfg.lr:g})")
-        row = {"epoch": epoch + 1, "lr": sched.get_last_lr()[0], **{k: v / max(1, seen) for k, v in sums.items()},
-               "val_top1": evaluate(model, data, eval_batch_size), "images_per_s": seen / seconds,
-               "seconds": seconds, "autocast": str(amp).replace("torch.", "") if amp else "off"}
-        history.append(row)
-        log.info("%s epoch %d/%d: %s", task, epoch + 1, cfg.epochs,
-                 ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
-        if is_main_process():
-            state = {"fingerprint": fingerprint, "epoch": epoch + 1, "model": model.state_dict(),
-                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": json.dumps(history)}
-            if extra_modules is not None:
-                state["extra"] = extra_modules.state_dict()
-            atomic_torch_save(ckpt, state)
+    with distributed.synced_batchnorm(model) as batchnorm:
+        # Under torchrun the loss step calls the model through DistributedDataParallel (gradients averaged over
+        # the ranks, each of which takes its slice of every global batch); alone, the model itself.
+        net = distributed.data_parallel(model, extra_modules) if shard[1] > 1 else model
+        for epoch in range(start, cfg.epochs):
+            model.train()
+            sums: dict[str, float] = {}
+            seen, t0 = 0, time.perf_counter()
+            for i, (x, y) in enumerate(_batches(data, batch_size, epoch, fmt, shard)):
+                with autocast(amp):
+                    parts = loss_step(net, x, y)
+                loss_value = float(parts["loss"].detach())
+                if not math.isfinite(loss_value):
+                    raise EdgepipeError(f"{task} epoch {epoch + 1}, batch {i + 1}: the loss is {loss_value} (training "
+                                        f"diverged); lower this stage's optim.lr (now {cfg.lr:g}) or check data.mean/std")
+                opt.zero_grad(set_to_none=True)
+                parts["loss"].backward()
+                opt.step()
+                sched.step()
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(y)
+                seen += len(y)
+                progress(f"{task} epoch {epoch + 1}/{cfg.epochs}", i + 1, steps, {"loss": loss_value})
+            seconds = time.perf_counter() - t0
+            keys = sorted(sums)  # the same order on every rank
+            *totals, seen = distributed.all_reduce_sum([sums[k] for k in keys] + [seen])
+            sums = dict(zip(keys, totals))
+            broken = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+            if broken:
+                raise EdgepipeError(f"{task} epoch {epoch + 1}: {len(broken)} weight tensor(s) hold NaN or inf (first: "
+                                    f"{broken[0]}); lower this stage's optim.lr (now {cfg.lr:g})")
+            row = {"epoch": epoch + 1, "lr": sched.get_last_lr()[0], **{k: v / max(1, seen) for k, v in sums.items()},
+                   "val_top1": evaluate(model, data, eval_batch_size), "images_per_s": seen / seconds,
+                   "seconds": seconds, "autocast": str(amp).replace("torch.", "") if amp else "off",
+                   "processes": shard[1], **({"batchnorm": batchnorm} if shard[1] > 1 else {})}
+            history.append(row)
+            log.info("%s epoch %d/%d: %s", task, epoch + 1, cfg.epochs,
+                     ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
+            if is_main_process():
+                state = {"fingerprint": fingerprint, "epoch": epoch + 1, "model": model.state_dict(),
+                         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": json.dumps(history)}
+                if extra_modules is not None:
+                    state["extra"] = extra_modules.state_dict()
+                atomic_torch_save(ckpt, state)
     model.to(memory_format=torch.contiguous_format).eval()
     return history
 
 
-def _batches(data: Batches, batch_size: int, epoch: int, fmt: torch.memory_format,
+def _batches(data: Batches, batch_size: int, epoch: int, fmt: torch.memory_format, shard: tuple[int, int],
              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for x, y in data.train_batches(batch_size, epoch):
+    for x, y in data.train_batches(batch_size, epoch, shard=shard):
         yield x.contiguous(memory_format=fmt), y
 
 

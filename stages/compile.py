@@ -31,6 +31,7 @@ INPUT_KINDS = (ArtifactKind.ONNX,)
 SECTIONS = ("export", "compile", "data")
 USES_TEACHER = False
 MEASURED = True
+DISTRIBUTED = False  # under torchrun: rank 0 alone
 log = logging.getLogger(__name__)
 
 

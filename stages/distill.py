@@ -19,6 +19,7 @@ INPUT_KINDS = (ArtifactKind.TORCH,)
 SECTIONS = ("distill", "soft_targets", "data", "seed")
 USES_TEACHER = True
 MEASURED = True
+DISTRIBUTED = True  # under torchrun: DDP over the ranks' shards
 target_key = None  # the float student does not depend on the target
 
 

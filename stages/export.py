@@ -26,6 +26,7 @@ INPUT_KINDS = (ArtifactKind.TORCH,)
 SECTIONS = ("export", "data")
 USES_TEACHER = False
 MEASURED = True
+DISTRIBUTED = False  # under torchrun: rank 0 alone
 target_key = None  # the INT8 form is already in the QAT model (see stages.qat.target_key)
 ONNX_FILE = "model.onnx"
 log = logging.getLogger(__name__)

@@ -20,6 +20,7 @@ INPUT_KINDS = (ArtifactKind.TORCH,)
 SECTIONS = ("qat", "soft_targets", "data", "seed")
 USES_TEACHER = True
 MEASURED = True
+DISTRIBUTED = True  # under torchrun: DDP over the ranks' shards
 target_key = None  # a float model: the same for every target
 
 

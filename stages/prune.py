@@ -26,6 +26,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from edgepipe import distributed
 from edgepipe.config import PipelineConfig, PruneConfig
 from edgepipe.distillation import kd_step
 from edgepipe.errors import EdgepipeError
@@ -42,6 +43,7 @@ INPUT_KINDS = (ArtifactKind.TORCH,)
 SECTIONS = ("prune", "soft_targets", "data", "seed")
 USES_TEACHER = True
 MEASURED = True
+DISTRIBUTED = True  # under torchrun: graph surgery on rank 0 (edgepipe.distributed.share_model), fine-tuning under DDP
 
 
 def target_key(profile: HardwareProfile, config: PipelineConfig) -> dict[str, Any] | None:
@@ -94,25 +96,32 @@ def run(ctx: StageContext) -> StageResult:
     example = torch.zeros(1, *data.input_shape)
     base_macs, base_params = count(student, example)
     before = channels(student)
+    # Under torchrun the graph surgery is rank 0's alone (Torch-Pruning's dependency graph, candidate latencies);
+    # after each step the other ranks take its pruned weights (edgepipe.distributed.share_model) and every rank
+    # fine-tunes under DDP.
+    alone = distributed.is_main()
     pruner = tp.pruner.MetaPruner(
         student, example, importance=importance(pcfg.importance), pruning_ratio=1.0,
         iterative_steps=SMALL_STEPS, max_pruning_ratio=pcfg.max_layer_ratio, global_pruning=pcfg.global_pruning,
-        ignored_layers=ignored_layers(student, data.num_classes, pcfg.ignore), round_to=pcfg.round_to)
+        ignored_layers=ignored_layers(student, data.num_classes, pcfg.ignore), round_to=pcfg.round_to) if alone else None
     step_log, histories = [], []
-    latency = _Latency(ctx, example, base_macs) if pcfg.target == "latency" else None
+    latency = _Latency(ctx, example, base_macs) if pcfg.target == "latency" and alone else None
     for step in range(1, pcfg.steps + 1):
-        goal = pcfg.ratio ** (step / pcfg.steps) if latency is None else latency.goal(step, pcfg.steps)
-        if latency is None:
-            reached = _prune_to(pruner, student, example, goal, base_macs, base_params, pcfg, data)
-        else:
-            reached = latency.prune_to(pruner, student, goal, pcfg, data)
-        macs, params = count(student, example)
-        step_log.append({"step": step, "goal_ratio" if latency is None else "goal_ms": goal, "macs": macs,
-                         "params": params, "macs_ratio": macs / base_macs, "params_ratio": params / base_params,
-                         "reached": reached, **({"latency_ms": latency.last_ms} if latency else {})})
-        ctx.progress("prune steps", step, pcfg.steps, {"macs_ratio": macs / base_macs})
-        log.info("prune step %d/%d: MACs %.1f%% params %.1f%% of the student", step, pcfg.steps,
-                 100 * macs / base_macs, 100 * params / base_params)
+        if alone:
+            goal = pcfg.ratio ** (step / pcfg.steps) if latency is None else latency.goal(step, pcfg.steps)
+            if latency is None:
+                reached = _prune_to(pruner, student, example, goal, base_macs, base_params, pcfg, data)
+            else:
+                reached = latency.prune_to(pruner, student, goal, pcfg, data)
+        distributed.share_model(student, ctx.checkpoint_dir / f"pruned-step{step}.pt")
+        if alone:  # rank 0 records the steps (and stops the run below if the budget is out of reach)
+            macs, params = count(student, example)
+            step_log.append({"step": step, "goal_ratio" if latency is None else "goal_ms": goal, "macs": macs,
+                             "params": params, "macs_ratio": macs / base_macs, "params_ratio": params / base_params,
+                             "reached": reached, **({"latency_ms": latency.last_ms} if latency else {})})
+            ctx.progress("prune steps", step, pcfg.steps, {"macs_ratio": macs / base_macs})
+            log.info("prune step %d/%d: MACs %.1f%% params %.1f%% of the student", step, pcfg.steps,
+                     100 * macs / base_macs, 100 * params / base_params)
         if step < pcfg.steps and pcfg.finetune_per_step and teacher is not None:
             histories += fit(student, data, pcfg.optim.model_copy(update={"epochs": pcfg.finetune_per_step}),
                              kd_step(teacher, pcfg.temperature, pcfg.alpha), batch_size=cfg.data.batch_size,
@@ -122,7 +131,7 @@ def run(ctx: StageContext) -> StageResult:
         raise EdgepipeError(f"prune.{'latency_ms' if pcfg.latency_ms else 'speedup'}: pruning reached "
                             f"{latency.last_ms:.4g} ms at batch 1 on {latency.where}, above the budget "
                             f"{latency.budget_ms:.4g} ms; raise prune.max_layer_ratio or relax the budget")
-    if not step_log[-1]["reached"]:
+    if alone and not step_log[-1]["reached"]:
         raise EdgepipeError(f"prune.ratio: reached only {step_log[-1][f'{pcfg.target}_ratio']:.2f} of the {pcfg.target} "
                             f"(target {pcfg.ratio}); raise prune.max_layer_ratio or the ratio")
     pruned_top1 = evaluate(student, data, cfg.data.eval_batch_size)
@@ -130,6 +139,8 @@ def run(ctx: StageContext) -> StageResult:
     histories += fit(student, data, pcfg.optim, loss, batch_size=cfg.data.batch_size,
                      checkpoint_dir=ctx.checkpoint_dir, task="prune fine-tune", progress=ctx.progress,
                      eval_batch_size=cfg.data.eval_batch_size, tag="final")
+    if not alone:
+        return StageResult(ctx.input)  # rank 0 saves and records the pruned model
     after = channels(student)
     build = json.loads(ctx.input.path("build").read_text())["build"]
     artifact = save_torch_artifact(student, build, ctx.out_dir, data.input_shape, data.num_classes)

@@ -26,6 +26,7 @@ INPUT_KINDS = (ArtifactKind.ONNX,)
 SECTIONS = ("ptq", "data", "seed")
 USES_TEACHER = False
 MEASURED = True
+DISTRIBUTED = False  # under torchrun: rank 0 alone (NNCF)
 
 
 def target_key(profile: HardwareProfile, config: PipelineConfig) -> dict[str, Any]:

@@ -39,6 +39,7 @@ INPUT_KINDS = (ArtifactKind.TORCH,)
 SECTIONS = ("qat", "soft_targets", "data", "seed")
 USES_TEACHER = True
 MEASURED = True
+DISTRIBUTED = True  # under torchrun: calibration on every rank (the same batches), fine-tuning under DDP
 log = logging.getLogger(__name__)
 
 

@@ -21,6 +21,7 @@ INPUT_KINDS = ()
 SECTIONS = ("teacher", "data", "seed")
 USES_TEACHER = False
 MEASURED = True
+DISTRIBUTED = True  # under torchrun: trains the teacher under DDP when teacher.train.epochs > 0
 target_key = None  # a teacher is the same for every target
 log = logging.getLogger(__name__)
 

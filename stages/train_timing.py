@@ -31,6 +31,7 @@ INPUT_KINDS = (ArtifactKind.TORCH,)
 SECTIONS = ("distill", "soft_targets", "data", "seed")
 USES_TEACHER = True
 MEASURED = False
+DISTRIBUTED = False  # under torchrun: rank 0 alone (a timing)
 TIMED_BATCHES = 40
 """Batches each loop is timed over."""
 Progress = Callable[[str, int, int, dict[str, float]], None]

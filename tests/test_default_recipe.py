@@ -39,13 +39,7 @@ def _residual_add_inputs(onnx_path: Path) -> list[str]:
     return [producers.get(i, "graph input") for n in adds for i in n.input]
 
 
-@pytest.fixture(scope="module")
-def default_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("default") / "digits-jetson"
-    assert main(["run", "--config", "digits", "--target", "jetson", "--run", str(run)]) == 0
-    return run
-
-
+# default_run (tests/conftest.py): the digits recipe for the Jetson, run once per session in this process.
 def _switch(default_run: Path, tmp_path: Path, target: str) -> Path:
     run = tmp_path / f"digits-{target}"
     shutil.copytree(default_run, run)

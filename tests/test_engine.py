@@ -29,6 +29,7 @@ INPUT_KINDS = (ArtifactKind.TORCH,)
 SECTIONS = ("seed",)
 USES_TEACHER = False
 MEASURED = True
+DISTRIBUTED = False
 target_key = None
 CALLS = []
 

@@ -1,0 +1,17 @@
+"""Fixtures shared by several test modules."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded default recipe (digits) for the Jetson, run for real once per session in one process: the
+    default-recipe tests check it, and the torchrun test compares a two-process launch with it."""
+    from edgepipe.cli import main
+
+    run = tmp_path_factory.mktemp("default") / "digits-jetson"
+    assert main(["run", "--config", "digits", "--target", "jetson", "--run", str(run)]) == 0
+    return run
