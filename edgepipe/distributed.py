@@ -57,7 +57,6 @@ class Launch:
 
 
 _LAUNCH: Launch | None = None
-_BN_GROUP: Any = None
 _COLLECTIVE = False
 
 
@@ -87,11 +86,24 @@ def _timeout_s() -> float:
     return value
 
 
+def _store(timeout: float) -> Any:
+    """The launcher's rendezvous store (env://), with keys under this restart attempt's own prefix.
+
+    Without the prefix, ranks restarted by torchrun --max-restarts failed to join: "Gloo connectFullMesh failed ...
+    Connection refused" (PyTorch 2.14.1, gloo, --standalone), as if they read the first attempt's addresses; the
+    same symptom on NCCL is pytorch/pytorch#167288. TORCHELASTIC_RESTART_COUNT names the attempt."""
+    import torch.distributed as dist
+    from torch.distributed.rendezvous import rendezvous
+
+    store, _, _ = next(rendezvous("env://", timeout=timedelta(seconds=timeout)))
+    return dist.PrefixStore(f"edgepipe/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def init_from_env() -> Launch | None:
     """Join the process group torchrun describes in the environment; None for a single process (WORLD_SIZE
     unset or 1). CPU threads per rank: the usable cores shared among this node's ranks, unless the user set
     OMP_NUM_THREADS (torchrun sets it to 1 for several ranks per node)."""
-    global _LAUNCH, _BN_GROUP
+    global _LAUNCH
     if _LAUNCH is not None:
         return _LAUNCH
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -109,13 +121,12 @@ def init_from_env() -> Launch | None:
         else max(1, usable_cores() // local_world)
     torch.set_num_threads(max(1, threads))
     try:
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
-    except (RuntimeError, ValueError) as e:
+        dist.init_process_group(backend, store=_store(timeout), rank=int(os.environ["RANK"]), world_size=world,
+                                timeout=timedelta(seconds=timeout))
+    except (RuntimeError, ValueError, KeyError) as e:
         raise EdgepipeError(f"torch.distributed: cannot join the process group ({str(e).splitlines()[0][:200]}); "
                             "check MASTER_ADDR/MASTER_PORT or --rdzv-endpoint and that every node can reach it"
                             ) from None
-    # BatchNorm's all-reduces travel on their own communicator, apart from DDP's gradient buckets.
-    _BN_GROUP = dist.new_group(backend=backend, timeout=timedelta(seconds=timeout))
     _LAUNCH = Launch(world_size=dist.get_world_size(), rank=dist.get_rank(),
                      local_rank=int(os.environ.get("LOCAL_RANK", 0)), local_world_size=local_world,
                      backend=backend, timeout_s=timeout, threads_per_rank=torch.get_num_threads(),
@@ -168,14 +179,14 @@ def broadcast(obj: Any) -> Any:
 
 
 def shutdown() -> None:
-    global _LAUNCH, _BN_GROUP
+    global _LAUNCH
     if _LAUNCH is None:
         return
     import torch.distributed as dist
 
     with contextlib.suppress(Exception):
         dist.destroy_process_group()
-    _LAUNCH = _BN_GROUP = None
+    _LAUNCH = None
 
 
 @contextlib.contextmanager
@@ -259,7 +270,11 @@ def all_ok(flags: list[bool]) -> bool:
 
 
 class _AllReduceSum(torch.autograd.Function):
-    """Sum over the ranks, differentiable: the gradient of every rank's sum is the sum of the ranks' gradients.
+    """Sum over the ranks, differentiable: the gradient of every rank's sum is the sum of the ranks' gradients. On
+    the default process group, as torch.nn.SyncBatchNorm's: its all-reduces are issued in the same order on every
+    rank (the same graph), interleaved with DDP's gradient buckets, and gloo matches collectives by that order.
+    (A separate group from ``new_group`` does not survive torchrun's --max-restarts: the restarted ranks find the
+    first attempt's addresses under the same group name in the rendezvous store.)
     (torch.distributed.nn.functional.all_reduce does this but is deprecated in PyTorch 2.14 in favour of a private
     module, so the two collectives are written out here.)"""
 
@@ -268,7 +283,7 @@ class _AllReduceSum(torch.autograd.Function):
         import torch.distributed as dist
 
         out = t.clone()
-        dist.all_reduce(out, group=_BN_GROUP)
+        dist.all_reduce(out)
         return out
 
     @staticmethod
@@ -276,7 +291,7 @@ class _AllReduceSum(torch.autograd.Function):
         import torch.distributed as dist
 
         out = grad.contiguous().clone()
-        dist.all_reduce(out, group=_BN_GROUP)
+        dist.all_reduce(out)
         return out
 
 
@@ -348,9 +363,10 @@ def data_parallel(model: nn.Module, extra: nn.Module | None) -> nn.Module:
     """``model`` (with ``extra``) under DistributedDataParallel, for the loss step to call like the model."""
     from torch.nn.parallel import DistributedDataParallel
 
-    # broadcast_buffers=False: DDP's construction gives every rank rank 0's buffers, and after that the synchronised
-    # BatchNorm keeps the running statistics equal on every rank, so re-sending them before each forward is waste.
-    return DistributedDataParallel(_Trained(model, extra), device_ids=None, broadcast_buffers=False)
+    # forward_sync_buffers=False: DDP's construction gives every rank rank 0's buffers, and after that the
+    # synchronised BatchNorm keeps the running statistics equal on every rank, so re-sending them before each
+    # forward is waste.
+    return DistributedDataParallel(_Trained(model, extra), device_ids=None, forward_sync_buffers=False)
 
 
 def share_model(model: nn.Module, path: Path) -> None:

@@ -5,6 +5,7 @@ edgepipe run ...`` on this machine (gloo, CPU, one thread per rank on 2 cores).
    size and backend, and every stage's top-1 is within 1.0 point of the single-process run (``default_run``).
 2. A rank killed mid-distill stops the launch, non-zero, with one line from edgepipe; one process then finishes
    the run from the distill checkpoint the two processes wrote.
+3. With --max-restarts, torchrun restarts the ranks after that kill and they resume from the checkpoint.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import pytest
 import yaml
 
 from edgepipe.stage import STAGE_ORDER
+from tests.support import tiny_config
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,20 +74,8 @@ def _rank_pid(launcher: int, rank: int) -> int | None:
     return None
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the ranks' processes in /proc (Linux)")
-def test_a_killed_rank_stops_the_launch_and_one_process_resumes(tmp_path: Path) -> None:
-    recipe = yaml.safe_load((ROOT / "configs" / "digits.yaml").read_text())
-    recipe["teacher"]["train"]["epochs"] = 2
-    recipe["distill"]["optim"]["epochs"] = 12
-    recipe["prune"].update(steps=1, finetune_per_step=0, optim={"epochs": 1, "lr": 0.05})
-    recipe["qat"]["optim"]["epochs"] = 1
-    config = tmp_path / "digits-short.yaml"
-    config.write_text(yaml.safe_dump(recipe))
-    run = tmp_path / "run"
-    log = (tmp_path / "launch.log").open("w+")
-    launch = subprocess.Popen(_torchrun(2, ["run", "--config", str(config), "--target", "intel-xeon-amx",
-                                            "--run-dir", str(run), "--no-report"]),
-                              stdout=log, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+def _kill_rank_1_mid_distill(launch: subprocess.Popen, run: Path) -> tuple[int, float]:
+    """Kill rank 1 once distill has checkpointed its first epoch; the launch's exit code and seconds to exit."""
     try:
         checkpoint = run / "distill" / "checkpoints" / "last.pt"
         deadline = time.monotonic() + 600
@@ -96,11 +86,29 @@ def test_a_killed_rank_stops_the_launch_and_one_process_resumes(tmp_path: Path) 
         assert victim is not None, "rank 1's process not found"
         os.kill(victim, signal.SIGKILL)
         killed = time.monotonic()
-        code = launch.wait(timeout=180)
-        stopped_after = time.monotonic() - killed
+        code = launch.wait(timeout=300)
+        return code, time.monotonic() - killed
     finally:
         if launch.poll() is None:
             launch.kill()
+
+
+def _short_run_config(tmp_path: Path) -> Path:
+    """tests.support.tiny_config (digits, 512 images, small models) with 30 short distill epochs: room to kill a
+    rank mid-distill, and seconds to finish."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(distill__optim={"epochs": 30, "lr": 0.1}).model_dump(mode="json")))
+    return config
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the ranks' processes in /proc (Linux)")
+def test_a_killed_rank_stops_the_launch_and_one_process_resumes(tmp_path: Path) -> None:
+    config, run = _short_run_config(tmp_path), tmp_path / "run"
+    log = (tmp_path / "launch.log").open("w+")
+    launch = subprocess.Popen(_torchrun(2, ["run", "--config", str(config), "--target", "intel-xeon-amx",
+                                            "--run-dir", str(run), "--no-report"]),
+                              stdout=log, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    code, stopped_after = _kill_rank_1_mid_distill(launch, run)
     log.seek(0)
     output = log.read()
     assert code != 0
@@ -120,5 +128,19 @@ def test_a_killed_rank_stops_the_launch_and_one_process_resumes(tmp_path: Path) 
     history = json.loads((run / "distill" / "metrics.json").read_text())["records"]["history"]
     earlier = [r for r in history if r.get("earlier_invocation")]
     assert earlier and {r["processes"] for r in earlier} == {2}
-    assert len(history) == 12 and {r["processes"] for r in history[len(earlier):]} == {1}
+    assert len(history) == 30 and {r["processes"] for r in history[len(earlier):]} == {1}
+    assert all(e["status"] == "done" for e in json.loads((run / "manifest.json").read_text())["stages"])
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the ranks' processes in /proc (Linux)")
+def test_torchrun_restarts_resume_from_the_checkpoint(tmp_path: Path) -> None:
+    config, run = _short_run_config(tmp_path), tmp_path / "run"
+    launch = subprocess.Popen([*_torchrun(2, [])[:3], "--max-restarts=1", *_torchrun(2, [])[3:], "run", "--config",
+                               str(config), "--target", "intel-xeon-amx", "--run-dir", str(run), "--no-report"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    code, _ = _kill_rank_1_mid_distill(launch, run)
+    assert code == 0  # the restarted ranks finished the run
+    history = json.loads((run / "distill" / "metrics.json").read_text())["records"]["history"]
+    earlier = [r for r in history if r.get("earlier_invocation")]
+    assert earlier and len(history) == 30 and {r["processes"] for r in history} == {2}
     assert all(e["status"] == "done" for e in json.loads((run / "manifest.json").read_text())["stages"])
