@@ -52,13 +52,15 @@ bench-data: setup
 # The small-input students (issue 12): MobileNetV2 and ShuffleNetV2 distilled from the same teacher, INT8 on
 # OpenVINO, one run each under runs/ (resumable: a rerun reuses finished stages and resumes from the last
 # epoch), each with its report (top-1, MACs, OpenVINO latency/throughput and the conditions they were measured
-# under). Sized to fit 90 minutes on 2 cores from measured epoch speeds (not yet timed end to end). The recipes
-# read ../shared (data.path, teacher.model.program).
+# under); then their rows go into BENCHMARKS.md's students section, beside the ResNet-20 recipe's (BENCH_RUN).
+# Sized to fit 90 minutes on 2 cores. The recipes read ../shared (data.path, teacher.model.program).
 STUDENTS ?= cifar10-mobilenetv2 cifar10-shufflenetv2
 bench-students: setup
 	for recipe in $(STUDENTS); do \
 		$(BIN)/edgepipe run --config configs/$$recipe.yaml --target intel-xeon-amx --run runs/$$recipe || exit 1; \
 	done
+	$(BIN)/python -m edgepipe.benchmarks students $(foreach r,$(STUDENTS),--run runs/$(r)) --reference $(BENCH_RUN) \
+		--out BENCHMARKS.md
 
 # Every stage artifact of one run across runtimes, dtypes and batch sizes -> $(RUN)/bench/.
 bench-run: setup

@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from edgepipe.config import PipelineConfig
 from edgepipe import formatting as fmt
 
@@ -263,3 +265,90 @@ def write_benchmarks(out_dir: Path, result: dict[str, Any]) -> None:
     kept = fmt.kept_sections(old.read_text()) if old.exists() else ""  # sections other benchmark commands own
     fmt.write_document(out_dir, {"BENCHMARKS.json": {**doc, "rows": rows}, "BENCHMARKS.png": plot(result),
                                  "BENCHMARKS.md": markdown(result).rstrip("\n") + ("\n\n" + kept if kept else "\n")})
+
+
+STUDENTS_SECTION = "students"
+
+
+def _student_row(run: Path, label: str | None = None) -> dict[str, Any]:
+    """One finished run's row: float top-1 (distill or prune), INT8 top-1 and OpenVINO figures (compile)."""
+    manifest = json.loads((run / "manifest.json").read_text())
+    done = {e["name"]: e for e in manifest["stages"] if e.get("status") in ("done", "skipped")}
+    missing = [s for s in ("distill", "qat", "compile") if s not in done]
+    if missing:
+        raise SystemExit(f"{run}: stage(s) {', '.join(missing)} have not finished; run `make bench-students` first")
+
+    def metrics(stage: str) -> dict[str, Any]:
+        return json.loads((run / stage / "metrics.json").read_text())
+
+    float_stage = "prune" if done.get("prune", {}).get("status") == "done" else "distill"
+    compiled, qat, fl = metrics("compile"), metrics("qat"), metrics(float_stage)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    student = config["distill"]["student"]
+    return {"row": label or manifest.get("run", run.name), "run": str(run),
+            "student": f"{student.get('arch')} {json.dumps(student.get('kwargs', {}), sort_keys=True)}",
+            "float_stage": float_stage, "float_top1": fl["accuracy"]["top1"],
+            "kept": (qat.get("records") or {}).get("kept"), "int8_top1": compiled["accuracy"]["top1"],
+            "params": compiled.get("params"), "macs": compiled.get("macs"), "latency": compiled.get("latency") or {},
+            "throughput": compiled.get("throughput") or {}, "host": manifest.get("host", {}),
+            "ended": done["compile"].get("ended"), "distill_epochs": config["distill"]["optim"]["epochs"],
+            "compute_min": sum((e.get("wall_time_s") or 0) for e in done.values()) / 60}
+
+
+def students_section(runs: list[Path], reference: Path | None = None) -> str:
+    """The small-input students (issue 12) beside the ResNet-20 recipe, from their finished run folders."""
+    rows = [_student_row(r) for r in runs]
+    notes = []
+    if reference is not None and (reference / "manifest.json").exists():
+        ref = _student_row(reference, "cifar10-resnet20 (make bench)")
+        if ref["host"] == rows[0]["host"]:
+            rows.append(ref)
+        else:
+            notes.append(f"The ResNet-20 recipe's row ({reference}) was measured on another CPU ({ref['host']}), so it "
+                         "is left out; see the Results table above for its figures on its own machine.")
+    lat = rows[0]["latency"]
+    table = fmt.md_table(
+        ["recipe", "student", "float top-1", "QAT kept", "INT8 top-1 (OpenVINO)", "Δ INT8 - float", "params", "MACs",
+         "latency b1 p50 (ms)", "throughput b64 (img/s)", "distill epochs", "compute", "finished"],
+        [[r["row"], f"`{r['student']}`", f"{fmt.pct(r['float_top1'])} ({r['float_stage']})", r["kept"] or fmt.DASH,
+          fmt.pct(r["int8_top1"]), f"{100 * (r['int8_top1'] - r['float_top1']):+.2f} pt", fmt.count(r["params"]),
+          fmt.count(r["macs"]), fmt.ms(r["latency"].get("p50_ms")), fmt.ips(r["throughput"].get("images_per_s")),
+          r["distill_epochs"], f"{r['compute_min']:.1f} min", (r["ended"] or "")[:16].replace("T", " ")]
+         for r in rows],
+        ["l", "l", "r", "l", "r", "r", "r", "r", "r", "r", "r", "r", "l"])
+    host = rows[0]["host"]
+    lines = ["## The small-input students (`make bench-students`)", "",
+             "MobileNetV2 and ShuffleNetV2 adapted to 32x32 inputs (`edgepipe/models.py`), distilled from the same "
+             "ResNet-56 teacher by `configs/cifar10-mobilenetv2.yaml` and `configs/cifar10-shufflenetv2.yaml`, INT8 QAT, "
+             "then compiled by OpenVINO; one run folder each, written by the pipeline and read here.", "",
+             f"- Command: `make bench-students` (then `python -m edgepipe.benchmarks students`, which writes this "
+             f"section from the run folders: {', '.join(f'`{r}`' for r in runs)})",
+             f"- Machine: {host.get('cpu')}, ISA: {', '.join(host.get('isa', []))}",
+             f"- Latency and throughput: {lat.get('backend')} {lat.get('dtype')} on {lat.get('device')}, "
+             f"{lat.get('threads')} threads, p50 of {lat.get('iterations')} timed runs at batch {lat.get('batch')} after "
+             f"{lat.get('warmup')} warm-up runs; throughput at batch {rows[0]['throughput'].get('batch')} over "
+             f"{rows[0]['throughput'].get('iterations')} runs. Top-1 on all 10,000 test images, by the compiled model (INT8) and by PyTorch (float).",
+             "- Compute: the sum of the run's stage wall times (training, measuring and compiling).", "",
+             table, *([""] + notes if notes else [])]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m edgepipe.benchmarks",
+                                description="Write a BENCHMARKS.md section from finished run folders.")
+    sub = p.add_subparsers(dest="what", required=True)
+    sp = sub.add_parser("students", help="the small-input students' rows (make bench-students)")
+    sp.add_argument("--run", type=Path, action="append", required=True, help="a finished student run folder")
+    sp.add_argument("--reference", type=Path, help="the ResNet-20 recipe's run folder (make bench), for its row")
+    sp.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
+    args = p.parse_args(argv)
+    body = students_section(args.run, args.reference)
+    fmt.replace_section(args.out, STUDENTS_SECTION, body)
+    print(body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

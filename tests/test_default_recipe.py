@@ -131,3 +131,17 @@ def test_onnxruntime_runs_integer_convolutions_faster_than_float(default_run: Pa
     # this graph yet; there the bar is "not slower" until a run on such a host sets a measured one.
     bar = 1.5 if exact_8bit_weights_on_cpu() else 1.0
     assert rates["int8"] >= bar * rates["float"], rates
+
+
+def test_students_section_reads_the_run_folders(default_run: Path, tmp_path: Path) -> None:
+    """`python -m edgepipe.benchmarks students` writes its BENCHMARKS.md section from a run's own figures."""
+    from edgepipe.benchmarks import main as benchmarks_main
+
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# Benchmarks\n\nkept text\n")
+    assert benchmarks_main(["students", "--run", str(default_run), "--out", str(out)]) == 0
+    text = out.read_text()
+    compiled = _metrics(default_run)["compile"]
+    row = next(line for line in text.splitlines() if line.startswith("| digits-jetson |"))
+    assert f"{100 * compiled['accuracy']['top1']:.2f}%" in row and "kept text" in text
+    assert text.count("<!-- begin: students -->") == 1
