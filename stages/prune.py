@@ -105,14 +105,16 @@ def run(ctx: StageContext) -> StageResult:
         iterative_steps=SMALL_STEPS, max_pruning_ratio=pcfg.max_layer_ratio, global_pruning=pcfg.global_pruning,
         ignored_layers=ignored_layers(student, data.num_classes, pcfg.ignore), round_to=pcfg.round_to) if alone else None
     step_log, histories = [], []
-    latency = _Latency(ctx, example, base_macs) if pcfg.target == "latency" and alone else None
+    with distributed.main_only_threads():
+        latency = _Latency(ctx, example, base_macs) if pcfg.target == "latency" and alone else None
     for step in range(1, pcfg.steps + 1):
-        if alone:
+        if alone:  # with all of the node's cores while the other ranks wait (candidate latencies are timed)
             goal = pcfg.ratio ** (step / pcfg.steps) if latency is None else latency.goal(step, pcfg.steps)
-            if latency is None:
-                reached = _prune_to(pruner, student, example, goal, base_macs, base_params, pcfg, data)
-            else:
-                reached = latency.prune_to(pruner, student, goal, pcfg, data)
+            with distributed.main_only_threads():
+                if latency is None:
+                    reached = _prune_to(pruner, student, example, goal, base_macs, base_params, pcfg, data)
+                else:
+                    reached = latency.prune_to(pruner, student, goal, pcfg, data)
         distributed.share_model(student, ctx.checkpoint_dir / f"pruned-step{step}.pt")
         if alone:  # rank 0 records the steps (and stops the run below if the budget is out of reach)
             macs, params = count(student, example)
