@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:
         if launch is None:
             raise
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun's SIGTERM must not cut this line with a traceback
         log.debug("where the error came from", exc_info=True)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         print(f"edgepipe: error: {who}{distributed.current_stage() or 'setup'} stopped: another rank exited or did not "
@@ -134,13 +135,26 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     finally:
+        if launch is not None:  # torchrun's SIGTERM may still come while the process group shuts down
+            signal.signal(signal.SIGTERM, _exit_quietly)
         distributed.shutdown()
 
 
 def _stop(signum: int, frame: object) -> None:
     from edgepipe import distributed
 
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # raised once: a second SIGTERM must not cut the rank's line
     raise distributed.Stopped()
+
+
+def _exit_quietly(signum: int, frame: object) -> None:
+    """A SIGTERM after the rank has already stopped (or while it shuts down): leave without a traceback; the
+    rank's one line, if any, is already printed."""
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + signum)
 
 
 def _check_launchable(args: argparse.Namespace) -> None:
