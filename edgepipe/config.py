@@ -52,8 +52,8 @@ class DataConfig(_Strict):
     hflip: bool = Field(True, description="Use horizontal flips in augmentation (off for digits).")
     batch_size: int = Field(64, gt=0, description="Training batch size.")
     eval_batch_size: int = Field(256, gt=0, description="Batch size for accuracy evaluation.")
-    limit_train: int | None = Field(None, gt=0, description="Use only the first N training samples (tests).")
-    limit_val: int | None = Field(None, gt=0, description="Use only the first N validation samples (tests).")
+    limit_train: int | None = Field(None, gt=0, description="Use only N training samples, the first of every class in turn (tests, quick runs).")
+    limit_val: int | None = Field(None, gt=0, description="Use only N validation samples, the first of every class in turn (tests, quick runs).")
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:

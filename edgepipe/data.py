@@ -136,7 +136,8 @@ class Batches(abc.ABC):
 
     @abc.abstractmethod
     def subset(self, n_train: int, n_val: int) -> Batches:
-        """The same data limited to the first ``n_train`` training and ``n_val`` validation images."""
+        """The same data limited to ``n_train`` training and ``n_val`` validation images, every class in turn
+        (``class_spread``)."""
 
 
 @dataclass
@@ -209,8 +210,26 @@ class DataBundle(Batches):
         return self.val_images[:n].numpy(), self.val_labels[:n].numpy()
 
     def subset(self, n_train: int, n_val: int) -> DataBundle:
-        return replace(self, train_images=self.train_images[:n_train], train_labels=self.train_labels[:n_train],
-                       val_images=self.val_images[:n_val], val_labels=self.val_labels[:n_val])
+        tr = torch.from_numpy(class_spread(self.train_labels.numpy(), n_train))
+        va = torch.from_numpy(class_spread(self.val_labels.numpy(), n_val))
+        return replace(self, train_images=self.train_images[tr], train_labels=self.train_labels[tr],
+                       val_images=self.val_images[va], val_labels=self.val_labels[va])
+
+
+def class_spread(labels: np.ndarray, n: int) -> np.ndarray:
+    """The indices, in dataset order, of ``n`` samples taken from every class in turn (each class's first ones).
+
+    An ImageFolder lists its files class by class, so its first N images are one or two classes: a run limited
+    with data.limit_train / limit_val would train and score on a set that says nothing. Taking the classes in
+    turn keeps them balanced (to one sample) and the choice deterministic."""
+    labels = np.asarray(labels)
+    if n >= len(labels):
+        return np.arange(len(labels))
+    order = np.argsort(labels, kind="stable")
+    ordered = labels[order]
+    within = np.empty(len(labels), dtype=np.int64)  # each sample's place within its class
+    within[order] = np.arange(len(labels)) - np.searchsorted(ordered, ordered, side="left")
+    return np.sort(np.lexsort((labels, within))[:n])
 
 
 def data_fingerprint(cfg: DataConfig) -> str:
@@ -578,9 +597,9 @@ class ImageFiles(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def head(self, n: int) -> ImageFiles:
+    def take(self, indices: np.ndarray) -> ImageFiles:
         part = copy.copy(self)
-        part.paths, part.labels = self.paths[:n], self.labels[:n]
+        part.paths, part.labels = self.paths[indices], self.labels[indices]
         return part
 
     def path(self, index: int) -> str:
@@ -696,7 +715,8 @@ class StreamingBundle(Batches):
         return images.to(torch.uint8).numpy(), self.val.labels[:n].copy()
 
     def subset(self, n_train: int, n_val: int) -> StreamingBundle:
-        return replace(self, train=self.train.head(n_train), val=self.val.head(n_val))
+        return replace(self, train=self.train.take(class_spread(self.train.labels, n_train)),
+                       val=self.val.take(class_spread(self.val.labels, n_val)))
 
 
 class _Check(torch.utils.data.Dataset):

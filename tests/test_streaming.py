@@ -102,6 +102,20 @@ def test_auto_streams_above_the_memory_limit(folder: Path) -> None:
     assert (limited.train_size, limited.val_size) == (7, 4) and len(list(limited.val_batches(3))) == 2
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_limits_take_every_class_in_turn(folder: Path, streaming: bool) -> None:
+    """An ImageFolder lists its files class by class: limit_train / limit_val keep the classes balanced, in both
+    paths alike, instead of the first class or two."""
+    data = load_data(_cfg(folder, streaming=streaming, workers=0, limit_train=7, limit_val=4, augment=False))
+    train = torch.cat([y for _, y in _epoch(data, 0, batch=7)])
+    val = torch.cat([y for _, y in data.val_batches(4)])
+    assert sorted(torch.bincount(train, minlength=3).tolist()) == [2, 2, 3]
+    assert sorted(torch.bincount(val, minlength=3).tolist()) == [1, 1, 2]
+    whole = load_data(_cfg(folder, streaming=streaming, workers=0, augment=False))
+    all_val = next(iter(whole.val_batches(9)))[0]  # a0 a1 a2 b0 b1 b2 c0 c1 c2
+    assert torch.equal(torch.cat([x for x, _ in data.val_batches(4)]), all_val[[0, 1, 3, 6]])  # a0 a1 b0 c0
+
+
 def test_image_size_is_resize_then_centre_crop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Not a squash: the shorter side goes to image_size / crop_fraction, then the centre is cut (torchvision's
     Resize + CenterCrop, what users of ImageNet-style models evaluate with), in both paths alike."""
