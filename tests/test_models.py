@@ -166,6 +166,8 @@ def test_cifar_students_trace_quantize_prune_and_export(tmp_path: Path, arch: st
     last.register_forward_hook(record)
     assert model(x).shape == (2, 10) and seen["hw"] == (4, 4)
     assert build_arch(arch, {"in_channels": 1, **kwargs})(torch.zeros(1, 1, 32, 32)).shape == (1, 10)
+    # Running statistics that settle within a short training: PyTorch's 0.1, not torchvision's V3 ImageNet 0.01.
+    assert {m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.1}
 
     quantized = insert_fake_quant(build_arch(arch, kwargs), quant_settings(activations="uint8_after_relu"), (3, 32, 32))
     assert placement_of(quantized)  # traced: adds and concats are quantized too, not only conv inputs
