@@ -269,76 +269,57 @@ def all_ok(flags: list[bool]) -> bool:
 # --- BatchNorm -------------------------------------------------------------------------------------------------
 
 
-class _SyncedBatchNorm(torch.autograd.Function):
-    """Training-mode BatchNorm over the ranks' batches together: what torch.nn.SyncBatchNorm computes, on the CPU.
-
-    Forward: each rank's per-channel sum and sum of squares (from ``torch.var_mean``) are all-reduced, and the
-    input is normalised with the global mean and biased variance by ATen's fused batch_norm kernel (eval form,
-    given the statistics). Backward: ATen's fused batch_norm backward in the same eval form gives the local
-    weight and bias gradients, sum(dy * x_hat) and sum(dy); those two are all-reduced, and the input gradient gets
-    the global-statistics terms: dx = w / std * (dy - mean(dy) - x_hat * mean(dy * x_hat)), means over the global
-    batch (torch/nn/modules/_functions.py, SyncBatchNorm.backward, does the same with CUDA kernels). Two
-    all-reduces per layer and step, on the default process group and in the same order on every rank (the same
-    graph), which gloo needs; a separate group from ``new_group`` does not survive torchrun's --max-restarts.
-
-    Written out because SyncBatchNorm refuses CPU tensors and ATen's batch_norm_stats / batch_norm_elemt have
-    only CUDA kernels (PyTorch 2.14). Fused kernels rather than autograd through elementwise ops: the elementwise
-    form doubled a ResNet-20 training step on one thread."""
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the ranks, differentiable: the gradient of every rank's sum is the sum of the ranks' gradients. On
+    the default process group, as torch.nn.SyncBatchNorm's: its all-reduces are issued in the same order on every
+    rank (the same graph), interleaved with DDP's gradient buckets, and gloo matches collectives by that order.
+    (A separate group from ``new_group`` does not survive torchrun's --max-restarts: the restarted ranks find the
+    first attempt's addresses under the same group name in the rendezvous store.)
+    (torch.distributed.nn.functional.all_reduce does this but is deprecated in PyTorch 2.14 in favour of a private
+    module, so the two collectives are written out here.)"""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
-        c = x.shape[1]
-        var, mean = torch.var_mean(x.float(), [d for d in range(x.dim()) if d != 1], correction=0)
-        count = x.numel() / c
-        stats = torch.cat([mean.double() * count, (var.double() + mean.double() ** 2) * count,
-                           torch.tensor([count], dtype=torch.float64)])
-        dist.all_reduce(stats)
-        n = stats[-1]
-        g_mean = stats[:c] / n
-        g_var = (stats[c:2 * c] / n - g_mean * g_mean).clamp_min(0)
-        mean, var = g_mean.float(), g_var.float()
-        w = weight if weight is not None else torch.ones_like(mean)
-        y = torch.nn.functional.batch_norm(x, mean, var, w, bias, False, 0.0, eps)
-        ctx.save_for_backward(x, w, mean, var)
-        ctx.eps, ctx.n = eps, float(n)
-        ctx.mark_non_differentiable(mean, var, n)
-        return y, mean, var, n
+        out = t.clone()
+        dist.all_reduce(out)
+        return out
 
     @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor, *unused: Any) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
-        x, w, mean, var = ctx.saved_tensors
-        c = x.shape[1]
-        dx, dw, db = torch.ops.aten.native_batch_norm_backward(dy, x, w, mean, var, None, None, False, ctx.eps,
-                                                               [True, True, True])
-        sums = torch.cat([db.double(), dw.double()])  # local sum(dy), sum(dy * x_hat)
-        dist.all_reduce(sums)
-        invstd = torch.rsqrt(var.double() + ctx.eps)
-        a = w.double() * invstd * invstd * sums[c:] / ctx.n  # dx -= a * x + b, per channel
-        b = w.double() * invstd * sums[:c] / ctx.n - mean.double() * a
-        shape = [1, c] + [1] * (x.dim() - 2)
-        dx = dx - torch.addcmul(b.float().view(shape), x, a.float().view(shape)).to(dx.dtype)
-        needs = ctx.needs_input_grad
-        return dx, dw if needs[1] else None, db if needs[2] else None, None
+        out = grad.contiguous().clone()
+        dist.all_reduce(out)
+        return out
 
 
 def _synced_forward(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
-    """Training-mode BatchNorm with the statistics of every rank's batch together (``_SyncedBatchNorm``), the
-    running estimates updated as the module would (unbiased variance); eval mode is the module's own."""
+    """Training-mode BatchNorm with the batch statistics of every rank's batch together (sum, sum of squares and
+    count all-reduced); eval mode, and BatchNorm without running statistics in eval, are the module's own."""
     if not self.training:
         return type(self).forward(self, x)
-    y, mean, var, n = _SyncedBatchNorm.apply(x, self.weight, self.bias, self.eps)
+    dims = [d for d in range(x.dim()) if d != 1]
+    xf = x.float()
+    local = torch.cat([xf.sum(dims), (xf * xf).sum(dims),
+                       torch.full((1,), x.numel() / x.shape[1], dtype=torch.float32)])
+    total = _AllReduceSum.apply(local)
+    c = x.shape[1]
+    n = total[-1]
+    mean = total[:c] / n
+    var = (total[c:2 * c] / n - mean * mean).clamp_min(0)
     if self.track_running_stats and self.running_mean is not None:
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
             m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-            self.running_mean.mul_(1 - m).add_(mean, alpha=m)
-            self.running_var.mul_(1 - m).add_(var * float(n / (n - 1).clamp_min(1)), alpha=m)
-    return y
+            self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+            self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1).clamp_min(1)), alpha=m)
+    shape = [1, c] + [1] * (x.dim() - 2)
+    y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+    if self.affine:
+        y = y * self.weight.view(shape) + self.bias.view(shape)
+    return y.to(x.dtype)
 
 
 @contextlib.contextmanager
