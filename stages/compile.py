@@ -9,8 +9,17 @@ be built here.
 Then the fidelity check: the compiled model's top-1 on the validation set against the exported
 ONNX's top-1 in ONNX Runtime with graph optimizations off, on the same images: every Q/DQ computed as
 the ONNX spec defines it, the reference every backend is held to (the export stage checked it against
-the QAT model). More than ``compile.max_top1_drop`` points lower fails the stage with one line: a
-runtime that saturates, clips or reorders what QAT trained must not pass silently. Compute ops that run in float in an INT8
+the QAT model). More than ``compile.max_top1_drop`` points lower, and lower beyond chance, fails the
+stage with one line: a runtime that saturates, clips or reorders what QAT trained must not pass silently.
+
+"Beyond chance": two correct runtimes still round differently (another accumulation order, float parts
+in the profile's bf16), which flips the predictions of images near a decision boundary both ways. Only
+the images on which exactly one of the two is right carry the difference (McNemar's test); under "the
+runtime is as accurate as the reference" the compiled model loses each of them with probability 1/2. A
+drop fails when it exceeds the limit and the one-sided binomial p-value of its losses is below
+``FIDELITY_ALPHA``. Measured on a weakly trained MobileNetV3 (42% top-1, 1,000 images), OpenVINO
+disagreed with the reference on 1.2% of the images in f32 and 1.7% in bf16, giving +0.2 and -0.4
+points: noise, not a fault. A saturating runtime loses points on one side only and fails. Compute ops that run in float in an INT8
 model are named in a warning and in the records. A TensorRT deploy bundle without an engine has no
 compiled model on this host; the records say so instead of comparing the reference with itself.
 """
@@ -111,16 +120,46 @@ def check_fidelity(ctx: StageContext, artifact: Any) -> dict[str, Any]:
     runner, _ = runner_for(artifact, threads)
     logits, _ = predict(runner, batches)
     reference, compiled = topk_accuracy(ref_logits, labels, 1), topk_accuracy(logits, labels, 1)
-    drop = (reference - compiled) * 100
     limit = ctx.config.compile.max_top1_drop
+    verdict = fidelity_verdict(ref_logits.argmax(1) == labels, logits.argmax(1) == labels, limit)
+    drop = verdict["top1_drop_points"]
     record = {"checked": True, "samples": int(len(labels)),
               "reference": "exported ONNX in ONNX Runtime, graph optimizations off (QDQ as specified)",
               "reference_top1": reference, "compiled_top1": compiled, "compiled_backend": runner.backend,
-              "compiled_dtype": runner.dtype, "top1_drop_points": drop, "max_top1_drop_points": limit,
+              "compiled_dtype": runner.dtype, **verdict,
               "prediction_agreement": float((ref_logits.argmax(1) == logits.argmax(1)).mean())}
-    if drop > limit:
+    if verdict["fails"]:
         raise EdgepipeError(f"compile: the {runner.backend} model scores {compiled:.2%} top-1 against {reference:.2%} "
                             f"for the exported ONNX in ONNX Runtime on {len(labels)} validation images, {drop:.2f} points "
-                            f"lower (compile.max_top1_drop {limit}); the runtime does not compute what was exported "
-                            "(on a CPU without VNNI, 8-bit weights saturate: set qat.weight_bits: auto or 7)")
+                            f"lower (compile.max_top1_drop {limit}; it loses {verdict['losses']} images and wins "
+                            f"{verdict['wins']}, p = {verdict['p_value']:.2g}): the runtime does not compute what was "
+                            "exported (on a CPU without VNNI, 8-bit weights saturate: set qat.weight_bits: auto or 7)")
+    if drop > limit:
+        log.warning("compile: %s is %.2f points below the reference (compile.max_top1_drop %s), within chance: it "
+                    "loses %d images and wins %d (p = %.2g)", runner.backend, drop, limit, verdict["losses"],
+                    verdict["wins"], verdict["p_value"])
     return record
+
+
+FIDELITY_ALPHA = 0.01
+"""A drop above ``compile.max_top1_drop`` fails when its one-sided McNemar p-value is below this."""
+
+
+def fidelity_verdict(ref_correct: Any, compiled_correct: Any, limit: float) -> dict[str, Any]:
+    """Top-1 drop in points, and whether it fails: above ``limit`` and unlikely under equal accuracy.
+
+    ``losses``: images the reference gets right and the compiled model wrong; ``wins``: the reverse. With
+    equal accuracy each of those ``losses + wins`` images is a fair coin, so the p-value is the binomial
+    tail P(X >= losses), X ~ Bin(losses + wins, 1/2) (exact McNemar test, one-sided).
+    """
+    import numpy as np
+    from scipy.stats import binomtest
+
+    ref_correct, compiled_correct = np.asarray(ref_correct, bool), np.asarray(compiled_correct, bool)
+    losses = int((ref_correct & ~compiled_correct).sum())
+    wins = int((~ref_correct & compiled_correct).sum())
+    drop = 100.0 * (losses - wins) / max(len(ref_correct), 1)
+    p = binomtest(losses, losses + wins, 0.5, alternative="greater").pvalue if losses + wins else 1.0
+    return {"top1_drop_points": drop, "max_top1_drop_points": limit, "losses": losses, "wins": wins,
+            "p_value": float(p), "alpha": FIDELITY_ALPHA, "fails": bool(drop > limit and p < FIDELITY_ALPHA),
+            "test": "exact McNemar (one-sided binomial on the images exactly one of the two gets right)"}

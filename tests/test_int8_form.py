@@ -193,3 +193,21 @@ def test_compile_fails_when_the_compiled_model_loses_accuracy(tmp_path, monkeypa
         record = compile_stage.check_fidelity(ctx, exported)
         assert record["checked"] and record["top1_drop_points"] == 0 and record["prediction_agreement"] == 1.0
         assert record["reference_top1"] > 0.5  # a model that learned, so a scrambled runtime shows
+
+
+@pytest.mark.parametrize("losses,wins,fails", [(10, 6, False), (30, 0, True), (3, 0, False), (40, 25, False)])
+def test_a_drop_fails_only_beyond_chance(losses: int, wins: int, fails: bool) -> None:
+    """On 1,000 images: 0.4 points from 10 losses and 6 wins is rounding noise (p ~ 0.23); 3.0 points lost
+    on 30 images and won on none is a fault; 0.3 points is within the limit whatever the p-value; 1.5
+    points from 40 losses and 25 wins is above the limit but not beyond chance (p ~ 0.04 > 0.01)."""
+    from stages.compile import fidelity_verdict
+
+    ref = np.zeros(1000, bool)
+    ref[:losses] = True  # the reference alone is right on the first images, the compiled alone on the next
+    cmp = np.zeros(1000, bool)
+    cmp[losses:losses + wins] = True
+    ref[500:700] = cmp[500:700] = True  # both right on 200 more
+    v = fidelity_verdict(ref, cmp, 0.3)
+    assert (v["losses"], v["wins"]) == (losses, wins)
+    assert v["top1_drop_points"] == pytest.approx((losses - wins) / 10)
+    assert v["fails"] is fails
