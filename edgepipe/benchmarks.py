@@ -318,9 +318,9 @@ def students_section(runs: list[Path], reference: Path | None = None) -> str:
         ["l", "l", "r", "l", "r", "r", "r", "r", "r", "r", "r", "r", "l"])
     host = rows[0]["host"]
     lines = ["## The small-input students (`make bench-students`)", "",
-             "MobileNetV2 and ShuffleNetV2 adapted to 32x32 inputs (`edgepipe/models.py`), distilled from the same "
-             "ResNet-56 teacher by `configs/cifar10-mobilenetv2.yaml` and `configs/cifar10-shufflenetv2.yaml`, INT8 QAT, "
-             "then compiled by OpenVINO; one run folder each, written by the pipeline and read here.", "",
+             "The mobile students adapted to 32x32 inputs (`edgepipe/models.py`), distilled from the same ResNet-56 "
+             f"teacher by {', '.join(f'`configs/{r.name}.yaml`' for r in runs)}, INT8 QAT, then compiled by "
+             "OpenVINO; one run folder each, written by the pipeline and read here.", "",
              f"- Command: `make bench-students` (then `python -m edgepipe.benchmarks students`, which writes this "
              f"section from the run folders: {', '.join(f'`{r}`' for r in runs)})",
              f"- Machine: {host.get('cpu')}, ISA: {', '.join(host.get('isa', []))}",

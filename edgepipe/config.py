@@ -190,6 +190,22 @@ class QATConfig(_Strict):
     temperature: float = Field(4.0, gt=0, description="Distillation temperature while fine-tuning.")
     alpha: float = Field(0.9, ge=0, le=1, description="Soft-target weight while fine-tuning.")
     optim: OptimConfig = Field(OptimConfig(epochs=2, lr=0.005, autocast="off"), description="QAT fine-tuning.")
+    max_drop: float | None = Field(
+        None, ge=0, le=100, description="Accuracy budget: points of top-1 the INT8 model may lose against the stage's "
+                                        "float input. When all-INT8 loses more, Conv/Linear layers return to "
+                                        "fallback_dtype, the most sensitive first, until it holds (edgepipe.mixed). "
+                                        "null: every Conv/Linear INT8, no sensitivity analysis.")
+    fallback_dtype: Literal["auto"] | DType = Field(
+        "auto", description="Precision of the layers an INT8 model keeps in float (the budget's float layers, and "
+                            "ops such as hard-swish that are never quantized). auto: the target's best float dtype "
+                            "the runtime reports for this host (fp16 on a Jetson; bf16 on a CPU whose OpenVINO "
+                            "reports BF16, else fp32).")
+    budget_split: str | None = Field(
+        None, description="ImageFolder split (a folder under data.path) the budget is measured on, held out from "
+                          "training and validation; null: the validation split.")
+    budget_images: int | None = Field(
+        None, ge=10, description="Measure the budget and the per-layer sensitivity on this many images of that split, "
+                                 "every class in turn (null: all). Each layer costs one pass over them.")
 
 
 class ExportConfig(_Strict):

@@ -25,7 +25,7 @@ from edgepipe.estimate import activation_bytes, artifact_layers, model_layers, t
 from edgepipe.profiles import HardwareProfile
 from edgepipe.backends import runner_for
 from edgepipe.runtime import accuracy_record, predict, time_runner
-from edgepipe.types import ArtifactKind, Backend
+from edgepipe.types import ArtifactKind, Backend, DType
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +87,16 @@ def measure_artifact(artifact: Artifact, data: Batches, cfg: MeasureConfig, prof
 
 
 def candidate_latency(model: torch.nn.Module, input_shape: tuple[int, ...], profile: HardwareProfile,
-                      cfg: MeasureConfig, workdir: Path, rounds: int = 3, quantized: bool = False) -> dict[str, Any]:
+                      cfg: MeasureConfig, workdir: Path, rounds: int = 3, quantized: bool = False,
+                      float_dtype: DType | None = None) -> dict[str, Any]:
     """Batch-1 latency of a float torch model on the target's own backend, for latency-constrained pruning.
 
     The model is exported (edgepipe.onnx_export) and compiled by the profile's backend in its best float
     dtype, then timed like every stage (``cfg``: warm-up, iterations, threads), ``rounds`` times: the
     figure is the lowest round's p50, so a pruning decision does not follow a moment when the machine was
     busy. A TensorRT target that cannot build here gets the profile's roofline estimate instead, marked
-    ``kind: estimate``.
+    ``kind: estimate``. ``float_dtype``: the precision of the layers a quantized model keeps in float (the
+    fallback of ``qat.fallback_dtype``), or of the whole float model; default the profile's best float dtype.
     """
     import onnx
 
@@ -102,6 +104,8 @@ def candidate_latency(model: torch.nn.Module, input_shape: tuple[int, ...], prof
     from edgepipe.onnx_export import export_onnx, fold_weight_quantizers
 
     dtype = profile.compile_dtype(quantized)  # a QAT model compiles to int8 where the target has it
+    if float_dtype is not None and dtype is not DType.INT8:
+        dtype = float_dtype
     workdir.mkdir(parents=True, exist_ok=True)
     onnx_path = workdir / "candidate.onnx"
     proto = export_onnx(model, input_shape, 17)
@@ -114,17 +118,19 @@ def candidate_latency(model: torch.nn.Module, input_shape: tuple[int, ...], prof
         counts = model_counts(model, input_shape)
         est = target_estimate(profile, dtype, counts, batch=1, layers=lambda: model_layers(model, input_shape))
         return {"kind": "estimate", "p50_ms": est["latency_ms"], "backend": "tensorrt", "dtype": dtype.value,
+                "float_dtype": (float_dtype or profile.best_float).value,
                 "device": profile.name, "label": est.get("label"), "why": reason}
     if profile.backend is Backend.ONNXRUNTIME:
         from edgepipe.backends.onnxruntime import OrtRunner
 
         runner = OrtRunner(onnx_path, cfg.threads or torch.get_num_threads())
     else:
-        artifact, _ = backend.compile(onnx_path, profile, dtype, workdir / "compiled")
+        artifact, _ = backend.compile(onnx_path, profile, dtype, workdir / "compiled", float_dtype=float_dtype)
         runner, _ = runner_for(artifact, cfg.threads or torch.get_num_threads())
     lat = min((time_runner(runner, input_shape, 1, cfg.warmup, cfg.iterations) for _ in range(rounds)),
               key=lambda x: x.p50_ms)
-    return {"kind": "measured", **lat.as_dict(), "rounds": rounds}
+    return {"kind": "measured", **lat.as_dict(), "rounds": rounds,
+            "float_dtype": (float_dtype or profile.best_float).value}
 
 
 def stage_gain(before: Artifact, after: Artifact, before_top1: float, after_top1: float, profile: HardwareProfile,

@@ -41,3 +41,28 @@ def residual_adds(graph: onnx.GraphProto) -> list[str]:
     """Names of the graph's residual adds (see ``is_residual_add``), in graph order."""
     constants = constant_values(graph)
     return [n.name for n in graph.node if is_residual_add(n, constants)]
+
+
+def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    """Tensor name -> the node that writes it."""
+    return {name: node for node in graph.node for name in node.output}
+
+
+def float_layers(graph: onnx.GraphProto) -> list[dict[str, object]]:
+    """The Conv/Gemm/MatMul nodes a QDQ graph leaves in float: neither their weight nor their input comes from a
+    DequantizeLinear (through Reshape/Flatten). With ``qat.max_drop`` these are the budget's float layers."""
+    made_by = producers(graph)
+
+    def from_dq(name: str) -> bool:
+        node = made_by.get(name)
+        while node is not None and node.op_type in ("Reshape", "Flatten", "Identity", "Transpose"):
+            node = made_by.get(node.input[0])
+        return node is not None and node.op_type == "DequantizeLinear"
+
+    out = []
+    for node in graph.node:
+        if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) >= 2:
+            weight_q, input_q = from_dq(node.input[1]), from_dq(node.input[0])
+            if not weight_q:
+                out.append({"name": node.name, "op": node.op_type, "input_quantized": input_q})
+    return out

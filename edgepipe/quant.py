@@ -40,6 +40,10 @@ Why, with the sources:
 A model torch.fx cannot trace (data-dependent control flow) falls back to quantizing the input of
 every Conv2d/Linear, signed, inside the layer, and the stage records why its adds stay in float.
 
+Under an accuracy budget (``qat.max_drop``) some Conv/Linear layers stay float (``float_layers`` in the
+settings): ``edgepipe.mixed.keep_float`` takes away their weight quantizer and the quantizer on their input
+edge, after the placement above, so loading a saved model places, then keeps the same layers in float.
+
 This file is longer than the ~400 lines STYLE.md asks for because the placement rule, the layers it
 places and the BN folding that must keep their integers are one contract; calibration, the form
 per target and the ONNX side live in edgepipe.calibration, edgepipe.quant_form and edgepipe.onnx_export.
@@ -90,16 +94,19 @@ MIN_RANGE = 1e-8
 
 def quant_settings(calibration: str = "percentile", percentile: float = 99.99, batches: int | None = None,
                    bn_folded: Iterable[tuple[str, str]] = (), weight_bits: int = NUM_BITS,
-                   activations: str = "int8", form: dict[str, Any] | None = None) -> dict[str, Any]:
+                   activations: str = "int8", form: dict[str, Any] | None = None,
+                   float_layers: Iterable[str] = ()) -> dict[str, Any]:
     """The JSON-able settings ``insert_fake_quant`` takes, and which a QAT artifact's model.json keeps.
 
     ``weight_bits`` and ``activations`` are the form (``edgepipe.quant_form.resolve_form``); ``form`` is
     its full record (reason, host), kept for the reader. After QAT, ``activation_quantizers`` is added:
-    the placement plan that was trained, which loading checks it reproduces.
+    the placement plan that was trained, which loading checks it reproduces. ``float_layers``: Conv/Linear
+    layers kept in float under an accuracy budget (``edgepipe.mixed.keep_float``).
     """
     return {"num_bits": NUM_BITS, "weight_bits": weight_bits, "weights": WEIGHTS, "activations": activations,
             "placement": PLACEMENT, "calibration": {"method": calibration, "percentile": percentile, "batches": batches},
-            "bn_folded": [[conv, bn] for conv, bn in bn_folded], **({"form": form} if form else {})}
+            "bn_folded": [[conv, bn] for conv, bn in bn_folded], **({"form": form} if form else {}),
+            "float_layers": list(float_layers)}
 
 
 def _check_settings(settings: dict[str, Any]) -> list[tuple[str, str]]:
@@ -117,6 +124,9 @@ def _check_settings(settings: dict[str, Any]) -> list[tuple[str, str]]:
                             f"got {settings.get('activations')!r}")
     if settings.get("weight_bits", NUM_BITS) not in (7, 8):
         raise EdgepipeError(f"quantization settings: weight_bits must be 7 or 8, got {settings['weight_bits']!r}")
+    floats = settings.get("float_layers") or []
+    if not isinstance(floats, list) or not all(isinstance(n, str) for n in floats):
+        raise EdgepipeError(f"quantization settings: float_layers must list layer names, got {floats!r}")
     pairs = settings.get("bn_folded") or []
     if not all(isinstance(p, list | tuple) and len(p) == 2 for p in pairs):
         raise EdgepipeError(f"quantization settings: bn_folded must list [conv, batchnorm] name pairs, got {pairs!r}")
@@ -515,6 +525,10 @@ def insert_fake_quant(model: nn.Module, settings: dict[str, Any], input_shape: t
         if traced is None:
             layer.input_quant = ActQuant(signed=True)
         _set(model, name, layer)
+    if settings.get("float_layers"):
+        from edgepipe.mixed import keep_float
+
+        keep_float(model, settings["float_layers"])
     return model
 
 
@@ -539,6 +553,18 @@ def _op_name(model: nn.Module, node: fx.Node) -> str:
         else str(getattr(node.target, "__name__", node.target))
 
 
+def float_twin(layer: QuantConv2d | QuantLinear) -> nn.Conv2d | nn.Linear:
+    """A plain nn.Conv2d / nn.Linear of ``layer``'s shape sharing its parameters (weight and bias)."""
+    if isinstance(layer, QuantConv2d):
+        plain: nn.Conv2d | nn.Linear = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                                                 layer.padding, layer.dilation, layer.groups, layer.bias is not None,
+                                                 layer.padding_mode, device="meta")
+    else:
+        plain = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None, device="meta")
+    plain.weight, plain.bias = layer.weight, layer.bias
+    return plain.train(layer.training)
+
+
 def dequantized_copy(model: nn.Module) -> nn.Module:
     """A deep copy whose Quant* layers are plain nn.Conv2d / nn.Linear holding the fake-quantized weights.
 
@@ -547,15 +573,9 @@ def dequantized_copy(model: nn.Module) -> nn.Module:
     """
     plain = copy.deepcopy(model)
     for name, layer in quant_layers(plain).items():
-        if isinstance(layer, QuantConv2d):
-            float_layer = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
-                                    layer.padding, layer.dilation, layer.groups, layer.bias is not None,
-                                    layer.padding_mode, device="meta")
-        else:
-            float_layer = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None, device="meta")
+        float_layer = float_twin(layer)
         float_layer.weight = nn.Parameter(layer.quant_weight().detach(), requires_grad=layer.weight.requires_grad)
-        float_layer.bias = layer.bias
-        _set(plain, name, float_layer.train(layer.training))
+        _set(plain, name, float_layer)
     for name in activation_quantizers(plain):
         if "." in name and name.rpartition(".")[2] != "input_quant":
             _set(plain, name, nn.Identity())

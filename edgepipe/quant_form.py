@@ -42,7 +42,7 @@ from typing import Any
 from edgepipe.errors import EdgepipeError
 from edgepipe.profiles import HardwareProfile
 from edgepipe.host import host_cpu, host_isa
-from edgepipe.types import Backend
+from edgepipe.types import Backend, DType
 
 ACTIVATION_FORMS = ("int8", "uint8_after_relu")
 INT32_ACCUMULATING_ISA = ("avx512_vnni", "avx_vnni", "amx_int8")
@@ -126,3 +126,38 @@ def resolve_form(profile: HardwareProfile, activations: str = "auto", weight_bit
 def form_key(form: dict[str, Any]) -> dict[str, Any]:
     """The part of a form that changes the QAT model (for cache keys)."""
     return {"activations": form["activations"], "weight_bits": form["weight_bits"]}
+
+
+def resolve_fallback(profile: HardwareProfile, want: str | DType = "auto",
+                     caps: list[str] | None = None) -> dict[str, Any]:
+    """The float dtype an INT8 model's float layers compile to on ``profile``: {"dtype", "source", "reason"}.
+
+    ``auto`` takes the profile's best float dtype, then asks the runtime what this host runs: OpenVINO's CPU
+    plugin runs bf16 only where it reports BF16 among OPTIMIZATION_CAPABILITIES (a bf16 hint elsewhere silently
+    runs f32), and ONNX Runtime's CPU execution provider computes float ops in fp32. ``caps`` overrides the
+    capabilities OpenVINO reports, for tests. A pinned dtype must be a float dtype the profile lists.
+    """
+    name = f"hardware_profiles/{profile.name}.yaml"
+    if want != "auto":
+        dtype = DType(want)
+        if not dtype.is_float or dtype not in profile.dtypes:
+            floats = ", ".join(d.value for d in profile.dtypes if d.is_float)
+            raise EdgepipeError(f"qat.fallback_dtype: {dtype.value} is not a float dtype of {name} "
+                                f"(it lists {floats}); use auto or one of those")
+        return {"dtype": dtype.value, "source": "config", "reason": "qat.fallback_dtype"}
+    best = profile.best_float
+    if profile.backend is Backend.ONNXRUNTIME:
+        return {"dtype": DType.FP32.value, "source": "auto",
+                "reason": "ONNX Runtime's CPU execution provider computes float ops in fp32"}
+    if profile.backend is Backend.OPENVINO and profile.options.openvino.device.upper().startswith("CPU") \
+            and best in (DType.BF16, DType.FP16):
+        if caps is None:
+            _, caps = _openvino_facts("CPU")
+        tag = {DType.BF16: "BF16", DType.FP16: "FP16"}[best]
+        if tag not in caps:
+            return {"dtype": DType.FP32.value, "source": "auto",
+                    "reason": f"{name} prefers {best.value}, but OpenVINO reports no {tag} on this CPU "
+                              f"(capabilities: {', '.join(caps) or 'none'}), so its float layers run fp32"}
+        return {"dtype": best.value, "source": "auto",
+                "reason": f"{name} prefers {best.value} and OpenVINO reports {tag} on this CPU"}
+    return {"dtype": best.value, "source": "auto", "reason": f"the best float dtype {name} lists"}

@@ -208,11 +208,51 @@ def _document(manifest: dict[str, Any], stages: list[tuple[dict[str, Any], dict[
         ("h3", "Measurement conditions"),
         ("list", _conditions(rows)),
         *_gain_blocks(rows),
+        *_mixed_blocks(stages),
         *(device_blocks(run_dir, rows) if run_dir is not None else []),
         ("h2", "Plots"),
     ]
     for name, caption, png, note in make_plots(rows, stages):
         blocks.append(("plot", name, caption, png, None if note is None else f"Plot skipped: {note}."))
+    return blocks
+
+
+def _mixed_blocks(stages: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[Block]:
+    """The QAT stage's accuracy budget (qat.max_drop): the outcome, the chosen mix against all-INT8 and all-float
+    (top-1 and latency, each measured), and the selection steps."""
+    metrics = next((m for e, m in stages if e.get("name") == "qat"), None)
+    mix = value_at(metrics, "records", "mixed_precision")
+    if not isinstance(mix, dict):
+        return []
+    floats = mix.get("float_layers") or []
+    outcome = {"int8": "every Conv/Linear INT8 holds the budget", "mixed": f"{len(floats)} layer(s) kept in float",
+               "float": "missed even with every Conv/Linear in float: the float model was kept"}.get(mix.get("outcome"), "?")
+    blocks: list[Block] = [
+        ("h3", "Mixed precision under the accuracy budget (qat.max_drop)"),
+        ("kv", [("Budget", f"{mix['max_drop_points']:g} points of top-1 against the float input, on "
+                           f"{mix.get('images', '?')} {mix.get('measured_on', '?')} images"),
+                ("Outcome", outcome),
+                ("Float layers", ", ".join(floats) or "none"),
+                ("Fallback dtype", f"{mix.get('fallback_dtype', '?')} ({mix.get('fallback_reason', '')})")])]
+    variants = mix.get("variants") or []
+    if variants:
+        head = ["variant", "float layers", "top-1", "drop (points)", "batch-1 p50", "measured as"]
+        cells = []
+        for v in variants:
+            lat = v.get("latency") or {}
+            kind = "ESTIMATE (roofline)" if lat.get("kind") == "estimate" else "measured"
+            how = (f"{kind}: {lat.get('backend', '?')} {lat.get('dtype', '?')}, float parts {lat.get('float_dtype', '?')}, "
+                   f"{lat.get('device', '?')}, {lat.get('threads', '?')} threads, {lat.get('warmup', '?')} warm-up + "
+                   f"{lat.get('iterations', '?')} runs, best p50 of {lat.get('rounds', 1)} rounds")
+            cells.append([v["variant"], str(v.get("float_layers", DASH)), fmt.pct(number(v.get("top1"))),
+                          f"{v['drop_points']:.2f}" if number(v.get("drop_points")) is not None else DASH,
+                          f"{fmt.ms(lat['p50_ms'])} ms" if number(lat.get("p50_ms")) is not None else DASH, how])
+        blocks.append(("table", head, cells))
+    steps = [f"{s['phase']}: {s['float_layers']} layer(s) in float, top-1 {fmt.pct(number(s['top1']))}, "
+             f"{s['drop_points']:.2f} points below float ({'within' if s['within_budget'] else 'over'} budget)"
+             for s in mix.get("selection") or []]
+    if steps:
+        blocks.append(("list", steps))
     return blocks
 
 

@@ -156,12 +156,37 @@ def _plot_per_class(stages: Stages) -> bytes | str:
     return fmt.png_bytes(fig)
 
 
+def _plot_sensitivity(stages: Stages) -> bytes | str:
+    """The QAT stage's per-layer INT8 sensitivity (qat.max_drop): top-1 drop with each layer quantized alone,
+    in network order, the layers kept in float marked."""
+    metrics = next((m for e, m in stages if e.get("name") == "qat"), None)
+    mix = value_at(metrics, "records", "mixed_precision")
+    if not isinstance(mix, dict) or not mix.get("sensitivity"):
+        return "the qat stage had no accuracy budget (qat.max_drop), so no per-layer sensitivity was measured"
+    rows = sorted(mix["sensitivity"], key=lambda r: r.get("index", 0))
+    kept = set(mix.get("float_layers") or [])
+    fig = fmt.new_figure(width=max(6.0, 0.22 * len(rows) + 2), height=4.2)
+    ax = fig.add_subplot()
+    colors = ["tab:orange" if r["layer"] in kept else "tab:blue" for r in rows]
+    ax.bar(range(len(rows)), [r["top1_drop_points"] for r in rows], color=colors)
+    ax.axhline(mix["max_drop_points"], color="tab:red", ls="--", lw=1,
+               label=f"budget for the whole model: {mix['max_drop_points']:g} points")
+    ax.bar([], [], color="tab:orange", label=f"kept in {mix.get('fallback_dtype', 'float')} ({len(kept)})")
+    ax.set_xticks(range(len(rows)), [r["layer"] for r in rows], rotation=90, fontsize=6 if len(rows) > 30 else 8)
+    ax.set_ylabel("top-1 drop (points) with only this layer INT8")
+    ax.set_title(f"INT8 sensitivity per layer, on {mix.get('images', '?')} {mix.get('measured_on', '')} images")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    return fmt.png_bytes(fig)
+
+
 PLOTS: tuple[tuple[str, str], ...] = (
     ("accuracy_vs_latency.png", "Top-1 vs batch-1 latency (log scale) for every stage"),
     ("distillation_losses.png", "Distillation loss components per epoch, with validation top-1"),
     ("pruning_channels.png", "Channels per layer before and after pruning"),
     ("per_class_top1.png", "Top-1 per class: teacher, distilled student and the last stage"),
     ("prune_latency.png", "Batch-1 latency of each pruning candidate against its MACs, with the budget"),
+    ("int8_sensitivity.png", "Top-1 drop per layer with only that layer INT8, and the layers kept in float"),
 )
 
 
@@ -169,7 +194,7 @@ def make_plots(rows: list[dict[str, Any]], stages: Stages) -> list[tuple[str, st
     """(file name, caption, PNG bytes or None, why it was skipped or None) for every plot in ``PLOTS``."""
     makers: list[Callable[[], bytes | str]] = [lambda: _plot_accuracy_latency(rows), lambda: _plot_distillation(stages),
                                                lambda: _plot_channels(stages), lambda: _plot_per_class(stages),
-                                               lambda: _plot_prune_latency(stages)]
+                                               lambda: _plot_prune_latency(stages), lambda: _plot_sensitivity(stages)]
     out = []
     for (name, caption), make in zip(PLOTS, makers):
         result = make()

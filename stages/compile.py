@@ -54,7 +54,10 @@ def run(ctx: StageContext) -> StageResult:
     dtype = compile_dtype(ctx.config, profile, ctx.input.quantized)
     check_dtype(profile.backend, dtype)
     backend = get_backend(profile.backend)
-    artifact, records = backend.compile(ctx.input.path("onnx"), profile, dtype, ctx.out_dir, progress=ctx.progress)
+    fallback = ctx.input.meta.get("fallback_dtype")  # qat.fallback_dtype, resolved for this host by the qat stage
+    float_dtype = DType(fallback) if dtype is DType.INT8 and fallback else None
+    artifact, records = backend.compile(ctx.input.path("onnx"), profile, dtype, ctx.out_dir, progress=ctx.progress,
+                                        float_dtype=float_dtype)
     artifact.meta.setdefault("input_shape", ctx.input.meta.get("input_shape"))
     artifact.meta.setdefault("num_classes", ctx.input.meta.get("num_classes"))
     float_ops = records.get("float_compute_ops") or []

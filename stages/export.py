@@ -17,6 +17,7 @@ from edgepipe.artifacts import Artifact
 from edgepipe.errors import EdgepipeError
 from edgepipe.io import atomic_write
 from edgepipe.models import load_torch_artifact
+from edgepipe.onnx_graph import float_layers
 from edgepipe.onnx_export import compare_with_torch, export_onnx, fold_weight_quantizers, qdq_report
 from edgepipe.stage import StageContext, StageResult
 from edgepipe.types import ArtifactKind, DType
@@ -58,7 +59,11 @@ def run(ctx: StageContext) -> StageResult:
     artifact = Artifact(kind=ArtifactKind.ONNX, root=ctx.out_dir, files={"onnx": ONNX_FILE},
                         dtype=DType.INT8 if quantized else DType.FP32, quantized=quantized,
                         meta={"input_shape": desc["input_shape"], "num_classes": desc["num_classes"],
-                              "opset": cfg.opset})
+                              "opset": cfg.opset,
+                              # the precision the QAT stage chose for the layers an INT8 model keeps in float
+                              **({"fallback_dtype": desc["quantization"]["fallback_dtype"]}
+                                 if quantized and desc["quantization"].get("fallback_dtype") else {})})
     artifact.save()
     return StageResult(artifact, records={"opset": cfg.opset, "checks": checks,
-                                          "qdq": {**qdq, "weights_folded": folded}})
+                                          "qdq": {**qdq, "weights_folded": folded},
+                                          "float_layers": float_layers(proto.graph) if quantized else []})

@@ -11,6 +11,13 @@ edgepipe.quant) and measure -> save the better of the two on the validation set 
 fine-tuned; a tie keeps the fine-tuned one). Both are the same kind of model (the same quantizers and
 ranges, BatchNorm folded the same way), so what is saved and exported is exactly what was measured. A
 target without int8, or ``qat.enabled: false``, passes the input through.
+
+With an accuracy budget (``qat.max_drop``, edgepipe.mixed): after calibration, each Conv/Linear is measured
+quantized alone (sensitivity), and when all-INT8 loses more than the budget the most sensitive layers return
+to float (``qat.fallback_dtype``) one by one until it holds; QAT fine-tunes that mix, and selection goes on
+from the fine-tuned model if it then misses the budget. If every layer in float still misses it, the stage
+says so and passes the float model through. The chosen mix, all-INT8 and all-float are then compiled for the
+target and timed, so the records show what the float layers cost.
 """
 from __future__ import annotations
 
@@ -26,9 +33,10 @@ from edgepipe.config import PipelineConfig
 from edgepipe.errors import EdgepipeError
 from edgepipe.models import load_torch_artifact, save_torch_artifact
 from edgepipe.calibration import calibrate
+from edgepipe.mixed import Budget, copy_ranges, keep_float
 from edgepipe.quant import (activation_quantizers, find_conv_bn_pairs, fold_batchnorm, insert_fake_quant,
                             placement_of, quant_layers, quant_settings)
-from edgepipe.quant_form import form_key, resolve_form
+from edgepipe.quant_form import form_key, resolve_fallback, resolve_form
 from edgepipe.profiles import HardwareProfile
 from edgepipe.stage import StageContext, StageResult
 from edgepipe.training import autocast_dtype, evaluate, fit, seed_everything
@@ -49,7 +57,8 @@ def target_key(profile: HardwareProfile, config: PipelineConfig) -> dict[str, An
     if not profile.supports_int8 or not config.qat.enabled:
         return {"supports_int8": profile.supports_int8}
     q = config.qat
-    return {"supports_int8": True, "form": form_key(resolve_form(profile, q.activations, q.weight_bits))}
+    return {"supports_int8": True, "form": form_key(resolve_form(profile, q.activations, q.weight_bits)),
+            "fallback_dtype": resolve_fallback(profile, q.fallback_dtype)["dtype"]}
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -64,6 +73,7 @@ def run(ctx: StageContext) -> StageResult:
         log.warning("qat: bf16 autocast rounds the fake-quantized values; qat.optim.autocast: off keeps them exact")
     form = resolve_form(ctx.profile, qcfg.activations, qcfg.weight_bits)
     log.info("qat: %s activations, %d-bit weights (%s)", form["activations"], form["weight_bits"], form["reason"])
+    fallback = resolve_fallback(ctx.profile, qcfg.fallback_dtype)
     seed_everything(cfg.seed + 3)
     data, eval_bs = ctx.data, cfg.data.eval_batch_size
 
@@ -73,10 +83,11 @@ def run(ctx: StageContext) -> StageResult:
     float_top1 = evaluate(model, data, eval_bs)
     pairs, fold_note = find_conv_bn_pairs(model)  # traced on the float model, folded after fine-tuning
     input_shape = tuple(desc["input_shape"])
+    float_model = copy.deepcopy(model)  # the quantized model shares (and fine-tunes) the parameters
 
-    def settings(pairs_folded: list[tuple[str, str]]) -> dict[str, Any]:
+    def settings(pairs_folded: list[tuple[str, str]], float_layers: list[str] | tuple = ()) -> dict[str, Any]:
         return quant_settings(qcfg.calibration, qcfg.percentile, qcfg.calibration_batches, pairs_folded,
-                              form["weight_bits"], form["activations"], form)
+                              form["weight_bits"], form["activations"], form, float_layers)
 
     model = insert_fake_quant(model, settings([]), input_shape)
     placement = placement_of(model)
@@ -88,6 +99,28 @@ def run(ctx: StageContext) -> StageResult:
     fold_batchnorm(calibrated, pairs)
     ptq_top1 = evaluate(calibrated, data, eval_bs)
     log.info("qat: float top-1 %.4f, calibrated (PTQ) top-1 %.4f", float_top1, ptq_top1)
+    budget: Budget | None = None
+    if qcfg.max_drop is not None:
+        def build(float_layers: list[str]) -> nn.Module:  # the calibrated mix, as it would be saved
+            mix = insert_fake_quant(copy.deepcopy(float_model), settings([], float_layers), input_shape)
+            copy_ranges(calibrated, mix)
+            fold_batchnorm(mix, pairs)
+            return mix
+
+        batches_b, where = _budget_batches(ctx)
+        budget = Budget(qcfg.max_drop, batches_b, where, float_model, calibrated, build,
+                        lambda i, n: ctx.progress("sensitivity (one layer quantized at a time)", i, n, {}))
+        float_layers = budget.select_after_calibration()
+        if float_layers is None:
+            return _keep_float_model(ctx, budget, fallback)
+        if float_layers:
+            model = insert_fake_quant(copy.deepcopy(float_model), settings([], float_layers), input_shape)
+            copy_ranges(calibrated, model)
+            calibrated = copy.deepcopy(model)
+            fold_batchnorm(calibrated, pairs)
+            ptq_top1 = evaluate(calibrated, data, eval_bs)
+            log.info("qat: the mix with %d layer(s) in %s: calibrated top-1 %.4f", len(float_layers),
+                     fallback["dtype"], ptq_top1)
 
     targets = ctx.soft_targets(teacher) if ctx.teacher else teacher
     history = fit(model, data, qcfg.optim, kd_step(targets, qcfg.temperature, qcfg.alpha),
@@ -100,7 +133,16 @@ def run(ctx: StageContext) -> StageResult:
         log.warning("qat: fine-tuning lowered top-1 from %.4f (calibrated) to %.4f; keeping the calibrated model",
                     ptq_top1, qat_top1)
         model = calibrated
-    saved = {**settings(pairs), "activation_quantizers": placement}
+    float_layers: list[str] = []
+    kept_top1 = max(ptq_top1, qat_top1)
+    if budget is not None:
+        float_layers = budget.select_after_fine_tuning(model, kept)
+        if float_layers is None:
+            return _keep_float_model(ctx, budget, fallback)
+        if len(float_layers) > len(budget.float_layers_calibrated):
+            keep_float(model, float_layers[len(budget.float_layers_calibrated):])
+            kept_top1 = evaluate(model, data, eval_bs)
+    saved = {**settings(pairs, float_layers), "activation_quantizers": placement, "fallback_dtype": fallback["dtype"]}
     artifact = save_torch_artifact(model, desc["build"], ctx.out_dir, input_shape, desc["num_classes"],
                                    quantization=saved)
     return StageResult(artifact, records={
@@ -108,13 +150,78 @@ def run(ctx: StageContext) -> StageResult:
         "calibration": {"method": qcfg.calibration, "percentile": qcfg.percentile, "batches": len(batches),
                         "samples": sum(len(x) for x in batches), "amax": amax},
         "float_top1": float_top1, "ptq_top1": ptq_top1, "qat_top1": qat_top1, "kept": kept,
-        "kept_top1": max(ptq_top1, qat_top1),
+        "kept_top1": kept_top1,
         "bn_folded": len(pairs), "bn_unfolded": _remaining_batchnorms(model), "bn_note": fold_note,
         "quantized_layers": len(quant_layers(model)),
         "form": form, "placement": _placement_summary(placement, len(activation_quantizers(model))),
         "teacher": "teacher stage" if ctx.teacher else "float input (self-distillation)",
         "soft_targets": targets.record() if ctx.teacher else None,
-        "temperature": qcfg.temperature, "alpha": qcfg.alpha, "settings": saved})
+        "temperature": qcfg.temperature, "alpha": qcfg.alpha, "settings": saved, "fallback": fallback,
+        "float_layers": float_layers,
+        "mixed_precision": budget.record(float_layers, fallback, _variants(ctx, budget, model, float_model, fallback,
+                                                                           input_shape)) if budget else None})
+
+
+def _budget_batches(ctx: StageContext) -> tuple[list[tuple[Any, Any]], str]:
+    """The images the budget is measured on: ``qat.budget_split`` (a held-out ImageFolder split) or the
+    validation split, limited to ``qat.budget_images`` (every class in turn)."""
+    from edgepipe.data import run_data
+
+    cfg, q = ctx.config, ctx.config.qat
+    data, where = ctx.data, f"validation ({cfg.data.val_split})" if cfg.data.kind == "imagefolder" else "validation"
+    if q.budget_split is not None:
+        if cfg.data.kind != "imagefolder":
+            raise EdgepipeError(f"qat.budget_split: {q.budget_split!r} needs data.kind: imagefolder (the {cfg.data.kind} "
+                                "data has no named splits); remove it to measure the budget on the validation set")
+        if q.budget_split == cfg.data.train_split:
+            raise EdgepipeError(f"qat.budget_split: {q.budget_split!r} is the training split; name a split held out "
+                                "from training (a folder beside train and val under data.path), or remove it")
+        data = run_data(cfg.model_copy(update={"data": cfg.data.model_copy(
+            update={"val_split": q.budget_split, "limit_val": None})}))
+        where = f"held-out split {q.budget_split}"
+    if q.budget_images is not None and q.budget_images < data.val_size:
+        data = data.subset(data.train_size, q.budget_images)
+    return list(data.val_batches(cfg.data.eval_batch_size)), where
+
+
+def _keep_float_model(ctx: StageContext, budget: Budget, fallback: dict[str, Any]) -> StageResult:
+    reason = (f"qat.max_drop {budget.max_drop}: even with every Conv/Linear in {fallback['dtype']} the quantized model "
+              f"misses the budget on {budget.where}; the float model passes through")
+    return StageResult(artifact=ctx.input, skipped=reason,
+                       records={"mixed_precision": budget.record(list(budget.order), fallback), "fallback": fallback})
+
+
+def _variants(ctx: StageContext, budget: Budget, model: nn.Module, float_model: nn.Module, fallback: dict[str, Any],
+              input_shape: tuple[int, ...]) -> list[dict[str, Any]]:
+    """The chosen mix, all-INT8 (calibrated) and all-float, compiled for the target and timed the same way
+    (edgepipe.measure.candidate_latency: batch 1, the lowest of 3 rounds' p50), with top-1 on the budget images."""
+    import tempfile
+    from pathlib import Path
+
+    from edgepipe.measure import candidate_latency
+    from edgepipe.types import DType
+
+    from edgepipe import distributed
+
+    if not distributed.is_main():  # under torchrun every rank selects alike; rank 0 alone times and records
+        return []
+    float_dtype = DType(fallback["dtype"])
+    mix_top1 = budget.evaluate(model)[0]
+    rows = [("all-int8", budget.all_int8, True, budget.all_int8_top1, 0),
+            ("chosen", model, True, mix_top1, len(quant_layers(budget.all_int8)) - len(quant_layers(model))),
+            ("all-float", float_model, False, budget.float_top1, len(quant_layers(budget.all_int8)))]
+    out = []
+    with tempfile.TemporaryDirectory(prefix="edgepipe-mix-") as tmp:
+        for i, (name, net, quantized, top1, n_float) in enumerate(rows):
+            if name == "chosen" and n_float == 0:
+                out.append({**out[0], "variant": "chosen", "same_as": "all-int8"})
+                continue
+            lat = candidate_latency(net, input_shape, ctx.profile, ctx.config.measure, Path(tmp) / name,
+                                    quantized=quantized, float_dtype=float_dtype)
+            out.append({"variant": name, "float_layers": n_float, "top1": top1,
+                        "drop_points": 100 * (budget.float_top1 - top1), "latency": lat})
+            ctx.progress("latency of all-INT8, the mix and all-float", i + 1, len(rows), {})
+    return out
 
 
 def _input_description(ctx: StageContext) -> dict[str, Any]:

@@ -175,18 +175,54 @@ def test_report_without_manifest_names_the_file(tmp_path: Path) -> None:
         write_report(tmp_path)
 
 
+def _mark_done(run: Path, stage: str) -> None:
+    manifest = json.loads((run / "manifest.json").read_text())
+    for entry in manifest["stages"]:
+        if entry["name"] == stage:
+            entry.update(status="done", skipped_reason=None)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+
+
 def test_report_says_which_qat_model_was_kept(tmp_path: Path) -> None:
     """stages/qat.py keeps the better of the calibrated and the fine-tuned INT8 model; the report names it."""
     run = make_run(tmp_path / "run")
     qat = {**_metrics("qat", 0.8635, 0.3, dtype="int8"), "records": {
         "float_top1": 0.8731, "ptq_top1": 0.8635, "qat_top1": 0.8470, "kept": "calibrated", "kept_top1": 0.8635}}
     (run / "qat" / "metrics.json").write_text(json.dumps(qat))
-    manifest = json.loads((run / "manifest.json").read_text())
-    for entry in manifest["stages"]:
-        if entry["name"] == "qat":
-            entry.update(status="done", skipped_reason=None)
-    (run / "manifest.json").write_text(json.dumps(manifest))
+    _mark_done(run, "qat")
     md = write_report(run)[0].read_text()
     assert ("qat kept the calibrated INT8 model, the better on the validation set (calibrated 86.35%, fine-tuned "
             "84.70% top-1, PyTorch fake-quant with BatchNorm folded)") in md
     assert _table(md)["qat"][3] == "86.35"
+
+
+def test_report_shows_the_accuracy_budget_its_mix_and_the_sensitivity_plot(tmp_path: Path) -> None:
+    """qat.max_drop (edgepipe.mixed): the outcome, the float layers, the mix against all-INT8 and all-float with
+    each latency's conditions, the selection steps, and the per-layer plot."""
+    run = make_run(tmp_path / "run")
+    lat = {**_latency(0.123), "backend": "openvino", "dtype": "int8", "kind": "measured", "rounds": 3,
+           "float_dtype": "bf16"}
+    mix = {"max_drop_points": 0.5, "measured_on": "validation (test)", "images": 321, "float_top1": 0.9,
+           "all_int8_top1": 0.88, "outcome": "mixed", "float_layers": ["layer1.conv2"], "fallback_dtype": "bf16",
+           "fallback_reason": "OpenVINO reports BF16 on this CPU",
+           "sensitivity": [{"layer": "layer1.conv2", "index": 1, "top1_drop_points": 1.5, "rank": 1},
+                           {"layer": "conv1", "index": 0, "top1_drop_points": 0.1, "rank": 2}],
+           "selection": [{"phase": "calibrated", "float_layers": 0, "top1": 0.88, "drop_points": 2.0,
+                          "within_budget": False},
+                         {"phase": "calibrated", "float_layers": 1, "top1": 0.897, "drop_points": 0.3,
+                          "within_budget": True}],
+           "variants": [{"variant": "all-int8", "float_layers": 0, "top1": 0.88, "drop_points": 2.0, "latency": lat},
+                        {"variant": "chosen", "float_layers": 1, "top1": 0.897, "drop_points": 0.3,
+                         "latency": {**lat, "p50_ms": 0.2}},
+                        {"variant": "all-float", "float_layers": 2, "top1": 0.9, "drop_points": 0.0,
+                         "latency": {**lat, "dtype": "bf16", "p50_ms": 0.4}}]}
+    qat = {**_metrics("qat", 0.897, 0.3, dtype="int8"), "records": {"mixed_precision": mix}}
+    (run / "qat" / "metrics.json").write_text(json.dumps(qat))
+    _mark_done(run, "qat")
+    md = write_report(run)[0].read_text()
+    assert "Mixed precision under the accuracy budget (qat.max_drop)" in md
+    assert "**Outcome:** 1 layer(s) kept in float" in md and "**Float layers:** layer1.conv2" in md
+    assert ("| chosen | 1 | 89.70% | 0.30 | 0.200 ms | measured: openvino int8, float parts bf16, cpu: Test CPU (2 cores), "
+            "3 threads, 7 warm-up + 33 runs, best p50 of 3 rounds |") in md
+    assert "calibrated: 0 layer(s) in float, top-1 88.00%, 2.00 points below float (over budget)" in md
+    assert (run / "report_assets" / "int8_sensitivity.png").read_bytes().startswith(PNG_MAGIC)

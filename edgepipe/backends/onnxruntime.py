@@ -265,7 +265,7 @@ def _check_provider(profile: HardwareProfile) -> str:
 
 def compile(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_dir: Path,
             progress: Callable[[str, int, int, dict[str, float]], None] | None = None, warmup: int = 5,
-            iterations: int = 20) -> tuple[Artifact, dict[str, Any]]:
+            iterations: int = 20, float_dtype: DType | None = None) -> tuple[Artifact, dict[str, Any]]:
     """Optimize ``onnx_path`` for the profile's execution provider into ``out_dir/model.ort.onnx``.
 
     Args:
@@ -276,6 +276,8 @@ def compile(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_dir: Pa
         progress: ``progress(task, done, total, values)`` per timed iteration (the stage's callback).
         warmup: Untimed runs before each latency measurement.
         iterations: Timed runs per latency measurement (batch 1).
+        float_dtype: The precision asked for an INT8 model's float layers; the CPU execution provider computes
+            them in fp32 whatever is asked, and the records say so.
 
     Returns:
         The ORT_OPTIMIZED artifact (its dtype is the one ONNX Runtime executes) and records: settings,
@@ -332,6 +334,8 @@ def compile(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_dir: Pa
         "dequantize_moved_below_reshape": moved,
         "requested_dtype": dtype.value,
         "runtime_dtype": runner.dtype,
+        # the CPU execution provider has fp32 kernels only for the ops left in float
+        "float_parts_precision": "f32", "requested_float_dtype": (float_dtype or DType.FP32).value,
         "executed_compute_ops": runner.compute_ops,
         **({"op_precisions": runner.op_precisions["ops"], "residual_adds": runner.op_precisions["residual_adds"],
             "float_compute_ops": runner.op_precisions["float_compute_ops"] if dtype is DType.INT8 else []}

@@ -33,11 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from edgepipe.artifacts import Artifact
 from edgepipe.errors import EdgepipeError
 from edgepipe.profiles import HardwareProfile
 from edgepipe.host import host_cpu
+from edgepipe.onnx_graph import float_layers
 from edgepipe.types import ArtifactKind, DType
 
 log = logging.getLogger(__name__)
@@ -125,8 +127,10 @@ def int8_convolutions(hist: dict[str, dict[str, int]]) -> bool:
 
 
 def runtime_dtype(hist: dict[str, dict[str, int]]) -> DType:
-    """INT8 if every convolution runs int8, else the float precision most compute layers run in."""
-    if int8_convolutions(hist):
+    """INT8 if most convolutions run int8 (all of them, or all but an accuracy budget's float layers), else the
+    float precision most compute layers run in."""
+    convs = hist.get("Convolution", {})
+    if int8_convolutions(hist) or sum(n for p, n in convs.items() if p in _INT8) > sum(convs.values()) / 2:
         return DType.INT8
     floats: dict[str, int] = {}
     for per_layer in hist.values():
@@ -143,12 +147,13 @@ def _device_present(core: Any, device: str) -> bool:
     return family in _VIRTUAL_DEVICES or any(d == device or d.split(".")[0] == family for d in core.available_devices)
 
 
-def inference_config(profile: HardwareProfile, dtype: DType) -> dict[str, str]:
+def inference_config(profile: HardwareProfile, dtype: DType, float_dtype: DType | None = None) -> dict[str, str]:
     opts = profile.options.openvino
     if dtype is DType.INT8:
-        # FakeQuantize nodes decide what runs int8; the hint covers the layers left in float, in the
-        # profile's preferred float dtype (else OpenVINO picks bf16 on any CPU with native bf16).
-        hint = _HINT.get(profile.best_float, "f32")
+        # FakeQuantize nodes decide what runs int8; the hint covers the layers left in float, in
+        # ``float_dtype`` (qat.fallback_dtype) or the profile's preferred float dtype (else OpenVINO picks
+        # bf16 on any CPU with native bf16).
+        hint = _HINT.get(float_dtype or profile.best_float, "f32")
     else:
         hint = _HINT[dtype]
     config = {"PERFORMANCE_HINT": opts.performance_hint, "INFERENCE_PRECISION_HINT": hint}
@@ -214,7 +219,8 @@ def convert(onnx_path: Path | str) -> Any:
 
 
 def compile(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_dir: Path,
-            progress: Callable[[str, int, int, dict[str, float]], None] | None = None) -> tuple[Artifact, dict[str, Any]]:
+            progress: Callable[[str, int, int, dict[str, float]], None] | None = None,
+            float_dtype: DType | None = None) -> tuple[Artifact, dict[str, Any]]:
     """Convert ``onnx_path`` to OpenVINO IR in ``out_dir``, compile it and verify runtime precisions.
 
     Args:
@@ -223,12 +229,15 @@ def compile(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_dir: Pa
         dtype: Requested precision. The artifact records the one the runtime actually uses.
         out_dir: Folder for model.xml and model.bin.
         progress: ``progress(task, done, total, values)`` over the steps convert, save, compile.
+        float_dtype: For INT8, the precision of the layers left in float (the INFERENCE_PRECISION_HINT);
+            default the profile's best float dtype. Convolutions the ONNX leaves in float (no
+            DequantizeLinear on their weight: an accuracy budget's float layers) may run in it.
 
     Returns:
         The OPENVINO_IR artifact and records (settings, device measured on, per-layer precisions).
 
     Raises:
-        EdgepipeError: ``dtype`` is INT8 but some convolution does not run in int8.
+        EdgepipeError: ``dtype`` is INT8 but more convolutions run in float than the ONNX leaves in float.
     """
     import openvino as ov
 
@@ -240,7 +249,9 @@ def compile(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_dir: Pa
     core = ov.Core()
     target = profile.options.openvino.device
     measured_on = target if _device_present(core, target) else "CPU"
-    config = inference_config(profile, dtype)
+    config = inference_config(profile, dtype, float_dtype)
+    float_convs = sum(f["op"] == "Conv" for f in float_layers(onnx.load(str(onnx_path)).graph)) \
+        if dtype is DType.INT8 else 0
 
     model = convert(onnx_path)
     report("openvino: convert", 1, 3, {})
@@ -251,7 +262,12 @@ def compile(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_dir: Pa
     hist, achieved = runner.precisions, DType(runner.dtype)
     all_int8 = int8_convolutions(hist)
     per_op = op_precisions(runner.compiled, residual_adds(onnx_path))
-    if dtype is DType.INT8 and not all_int8:
+    runtime_float_convs = sum(n for p, n in hist.get("Convolution", {}).items() if p not in _INT8)
+    mixed = dtype is DType.INT8 and float_convs > 0 and 0 < runtime_float_convs <= float_convs \
+        and runtime_float_convs < sum(hist.get("Convolution", {}).values())
+    if mixed:
+        achieved = DType.INT8  # int8 with the budget's float layers, as exported
+    if dtype is DType.INT8 and not all_int8 and not mixed:
         raise EdgepipeError(f"{onnx_path}: compiled for int8 on {measured_on} but not every convolution runs int8 "
                             f"(runtime precisions: {hist}); check that each Conv input and weight has a "
                             "QuantizeLinear/DequantizeLinear pair in the exported ONNX")
@@ -264,6 +280,7 @@ def compile(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_dir: Pa
         "compiled_inference_precision": runner.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name(),
         "conv_precisions": hist,
         "int8_convolutions": all_int8,
+        "float_convolutions": {"exported": float_convs, "runtime": runtime_float_convs} if dtype is DType.INT8 else None,
         # Layers left in float run in the hint's precision, set explicitly and read back above.
         "float_parts_precision": runner.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name(),
         "op_precisions": per_op["ops"], "residual_adds": per_op["residual_adds"],

@@ -92,8 +92,10 @@ class TrtRunner:
 
 
 def compile(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_dir: Path,
-            progress: Callable[[str, int, int, dict[str, float]], None] | None = None) -> tuple[Artifact, dict[str, Any]]:
+            progress: Callable[[str, int, int, dict[str, float]], None] | None = None,
+            float_dtype: DType | None = None) -> tuple[Artifact, dict[str, Any]]:
     """Build a TensorRT engine when TensorRT and a CUDA device are here, else write a deploy bundle.
+    ``float_dtype``: the precision of an INT8 model's float layers (``build_settings``).
 
     Raises:
         EdgepipeError: the ONNX fails ``check_onnx_for_tensorrt`` (every problem is listed).
@@ -103,7 +105,7 @@ def compile(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_dir: Pa
     if problems:
         raise EdgepipeError(f"{onnx_path}: not compatible with TensorRT ({len(problems)} problem(s)):\n  - "
                             + "\n  - ".join(problems))
-    settings = build_settings(profile, dtype, onnx_input_shape(onnx_path))
+    settings = build_settings(profile, dtype, onnx_input_shape(onnx_path), float_dtype=float_dtype)
     records: dict[str, Any] = {"settings": settings, "onnx_check": "passed"}
     ok, reason = available()
     if ok:

@@ -50,7 +50,7 @@ SUPPORTED_OPS = frozenset({
 
 
 def build_settings(profile: HardwareProfile, dtype: DType, input_shape: tuple[int, ...],
-                   input_name: str = "input") -> dict[str, Any]:
+                   input_name: str = "input", float_dtype: DType | None = None) -> dict[str, Any]:
     """Everything the engine build uses, as plain data (no TensorRT needed to compute or read it).
 
     Args:
@@ -58,6 +58,9 @@ def build_settings(profile: HardwareProfile, dtype: DType, input_shape: tuple[in
         dtype: INT8 (explicitly quantized QDQ model), FP16 or FP32.
         input_shape: Per-sample input shape (C, H, W); the batch dim is dynamic.
         input_name: The ONNX input the optimization profile is for.
+        float_dtype: For INT8, the precision of the layers left in float (``qat.fallback_dtype``): FP16 adds
+            the FP16 flag (TensorRT may then run them in half precision), FP32 leaves it off. Default: the
+            profile's best float dtype.
     """
     name = f"hardware_profiles/{profile.name}.yaml"
     if dtype not in DTYPES:
@@ -67,7 +70,12 @@ def build_settings(profile: HardwareProfile, dtype: DType, input_shape: tuple[in
     if opts.opt_batch > opts.max_batch:
         raise EdgepipeError(f"{name}: options.tensorrt.opt_batch ({opts.opt_batch}) exceeds max_batch ({opts.max_batch})")
     # INT8: Q/DQ decide what runs int8; FP16 lets the layers left in float run in half precision.
-    flags = {DType.INT8: ["INT8", "FP16"], DType.FP16: ["FP16"], DType.FP32: []}[dtype]
+    fallback = float_dtype or profile.best_float
+    if dtype is DType.INT8 and fallback not in (DType.FP16, DType.FP32):
+        raise EdgepipeError(f"{name}: TensorRT runs float layers of an INT8 engine in fp16 or fp32, not "
+                            f"{fallback.value}; set qat.fallback_dtype to fp16 or fp32")
+    flags = {DType.INT8: ["INT8", "FP16"] if fallback is DType.FP16 else ["INT8"], DType.FP16: ["FP16"],
+             DType.FP32: []}[dtype]
     if opts.use_dla_core is not None:
         if opts.use_dla_core >= opts.dla_cores:
             valid = f"0..{opts.dla_cores - 1}" if opts.dla_cores else "none: the device has no DLA; use null"
