@@ -261,3 +261,32 @@ def test_budget_images_limit_the_measurement(tmp_path: Path, plain_student: Arti
     mix = result.records["mixed_precision"]
     assert mix["images"] == 40 and mix["measured_on"] == "validation"
     assert np.isfinite([r["kl_divergence"] for r in mix["sensitivity"]]).all()
+
+
+def test_the_budget_is_measured_on_a_held_out_split_the_config_names(tmp_path: Path, plain_student: Artifact,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    monkeypatch.setenv("EDGEPIPE_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("test", 5), ("calib", 7)):
+        for label, cls in enumerate(("dark", "light")):
+            (tmp_path / "data" / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 60, (8, 8), dtype=np.uint8) + 150 * label, "L").save(
+                    tmp_path / "data" / split / cls / f"{i}.png")
+    data = {"kind": "imagefolder", "path": str(tmp_path / "data"), "channels": 1, "batch_size": 4,
+            "eval_batch_size": 4}
+
+    def run(**qat_fields) -> dict:
+        cfg = tiny_config(data=data, qat={"calibration_batches": 1, "optim": {"epochs": 1, "lr": 0.001,
+                                                                               "autocast": "off"}, **qat_fields})
+        ctx = StageContext("qat", cfg, get_profile("intel-xeon-amx"), tmp_path / "qat", plain_student,
+                           teacher=plain_student)
+        return qat.run(ctx).records["mixed_precision"]
+
+    mix = run(max_drop=100.0, budget_split="calib")
+    assert mix["measured_on"] == "held-out split calib" and mix["images"] == 14
+    assert run(max_drop=100.0)["images"] == 10  # the validation split (test)
+    with pytest.raises(EdgepipeError, match=r"qat.budget_split: 'train' is the training split"):
+        run(max_drop=1.0, budget_split="train")
