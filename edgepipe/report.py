@@ -241,9 +241,13 @@ def _mixed_blocks(stages: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[B
         for v in variants:
             lat = v.get("latency") or {}
             kind = "ESTIMATE (roofline)" if lat.get("kind") == "estimate" else "measured"
-            how = (f"{kind}: {lat.get('backend', '?')} {lat.get('dtype', '?')}, float parts {lat.get('float_dtype', '?')}, "
-                   f"{lat.get('device', '?')}, {lat.get('threads', '?')} threads, {lat.get('warmup', '?')} warm-up + "
-                   f"{lat.get('iterations', '?')} runs, best p50 of {lat.get('rounds', 1)} rounds")
+            if lat.get("kind") == "estimate":
+                how = f"{kind}: {lat.get('label', '')}" + (f"; {lat['note']}" if lat.get("note") else "")
+            else:
+                how = (f"{kind}: {lat.get('backend', '?')} {lat.get('dtype', '?')}, float parts "
+                       f"{lat.get('float_dtype', '?')}, {lat.get('device', '?')}, {lat.get('threads', '?')} threads, "
+                       f"{lat.get('warmup', '?')} warm-up + {lat.get('iterations', '?')} runs, best p50 of "
+                       f"{lat.get('rounds', 1)} rounds")
             cells.append([v["variant"], str(v.get("float_layers", DASH)), fmt.pct(number(v.get("top1"))),
                           f"{v['drop_points']:.2f}" if number(v.get("drop_points")) is not None else DASH,
                           f"{fmt.ms(lat['p50_ms'])} ms" if number(lat.get("p50_ms")) is not None else DASH, how])

@@ -218,6 +218,9 @@ def _variants(ctx: StageContext, budget: Budget, model: nn.Module, float_model: 
                 continue
             lat = candidate_latency(net, input_shape, ctx.profile, ctx.config.measure, Path(tmp) / name,
                                     quantized=quantized, float_dtype=float_dtype)
+            if lat["kind"] == "estimate" and name == "chosen":
+                lat["note"] = (f"the roofline estimate prices every layer at {lat['dtype']}: it does not see the "
+                               f"{n_float} layer(s) kept in {float_dtype.value}; measure the engine on the device")
             out.append({"variant": name, "float_layers": n_float, "top1": top1,
                         "drop_points": 100 * (budget.float_top1 - top1), "latency": lat})
             ctx.progress("latency of all-INT8, the mix and all-float", i + 1, len(rows), {})

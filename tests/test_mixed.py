@@ -290,3 +290,35 @@ def test_the_budget_is_measured_on_a_held_out_split_the_config_names(tmp_path: P
     assert run(max_drop=100.0)["images"] == 10  # the validation split (test)
     with pytest.raises(EdgepipeError, match=r"qat.budget_split: 'train' is the training split"):
         run(max_drop=1.0, budget_split="train")
+
+
+def test_a_jetson_target_keeps_fp16_float_layers_and_labels_its_latencies_as_estimates(
+        tmp_path: Path, outlier_student: Artifact, data: DataBundle) -> None:
+    """No GPU here: the variants' latencies are the profile's roofline estimates, labelled so, and the bundle's
+    build settings carry the FP16 flag for the float layers (qat.fallback_dtype auto: fp16 on a Jetson)."""
+    jetson = get_profile("jetson-orin-nano")
+    cfg = tiny_config(qat={"calibration_batches": 2, "calibration": "max", "max_drop": 1.0,
+                           "optim": {"epochs": 1, "lr": 0.002, "autocast": "off"}})
+    ctx = StageContext("qat", cfg, jetson, tmp_path / "qat", outlier_student, teacher=outlier_student)
+    ctx.__dict__["data"] = data
+    result = qat.run(ctx)
+    mix = result.records["mixed_precision"]
+    assert result.records["form"]["activations"] == "int8" and mix["fallback_dtype"] == "fp16"
+    assert mix["outcome"] == "mixed" and mix["float_layers"][0] == "pw"
+    for v in mix["variants"]:
+        assert v["latency"]["kind"] == "estimate" and "estimate" in v["latency"]["label"]
+    chosen = next(v for v in mix["variants"] if v["variant"] == "chosen")
+    assert "does not see the" in chosen["latency"]["note"]
+    ctx = StageContext("export", tiny_config(), jetson, tmp_path / "export", result.artifact)
+    ctx.__dict__["data"] = data
+    exported = export_stage.run(ctx).artifact
+    settings = plan_settings(exported)
+    assert settings["flags"] == ["INT8", "FP16"]
+
+
+def plan_settings(exported: Artifact) -> dict:
+    from edgepipe.backends import tensorrt_plan as plan
+    from edgepipe.backends.tensorrt_plan import onnx_input_shape
+
+    return plan.build_settings(get_profile("jetson-orin-nano"), DType.INT8, onnx_input_shape(exported.path("onnx")),
+                               float_dtype=DType(exported.meta["fallback_dtype"]))

@@ -1,4 +1,5 @@
-"""The CIFAR students of configs/cifar10-mobilenetv2.yaml and cifar10-shufflenetv2.yaml on a CIFAR-10 subset:
+"""The CIFAR students of configs/cifar10-mobilenetv2.yaml, cifar10-shufflenetv2.yaml and cifar10-mobilenetv3.yaml
+on a CIFAR-10 subset:
 depthwise convolutions survive INT8, i.e. the compiled INT8 model's top-1 stays within 1.0 point of the float
 student's.
 
@@ -42,7 +43,10 @@ def subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @needs_cifar
 @needs_teacher
-@pytest.mark.parametrize("recipe,epochs", [("cifar10-mobilenetv2", 3), ("cifar10-shufflenetv2", 4)])
+# MobileNetV3-Small learns slowest on the subset (hard-swish, squeeze-excite, 1.5M params from random init): 8 epochs
+# take it to ~39% float top-1, 4 epochs to ~28%.
+@pytest.mark.parametrize("recipe,epochs", [("cifar10-mobilenetv2", 3), ("cifar10-shufflenetv2", 4),
+                                           ("cifar10-mobilenetv3", 8)])
 def test_student_int8_after_compile_within_one_point_of_float(tmp_path: Path, subset: Path, recipe: str, epochs: int,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EDGEPIPE_CACHE", str(tmp_path / "cache"))  # never write into the user's decode cache
