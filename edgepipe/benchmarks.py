@@ -285,6 +285,10 @@ def _student_row(run: Path, label: str | None = None) -> dict[str, Any]:
     compiled, qat, fl = metrics("compile"), metrics("qat"), metrics(float_stage)
     config = yaml.safe_load((run / "config.yaml").read_text())
     student = config["distill"]["student"]
+    gain = qat.get("gain") or {}
+    # Runs recorded before the gain check wrote its dtypes timed the float input in the profile's best float dtype.
+    profile = yaml.safe_load((run / "profile.yaml").read_text()) if (run / "profile.yaml").exists() else {}
+    best_float = next((d for d in profile.get("dtypes", []) if d != "int8"), "fp32")
     return {"row": label or manifest.get("run", run.name), "run": str(run),
             "student": f"{student.get('arch')} {json.dumps(student.get('kwargs', {}), sort_keys=True)}",
             "float_stage": float_stage, "float_top1": fl["accuracy"]["top1"],
@@ -292,7 +296,23 @@ def _student_row(run: Path, label: str | None = None) -> dict[str, Any]:
             "params": compiled.get("params"), "macs": compiled.get("macs"), "latency": compiled.get("latency") or {},
             "throughput": compiled.get("throughput") or {}, "host": manifest.get("host", {}),
             "ended": done["compile"].get("ended"), "distill_epochs": config["distill"]["optim"]["epochs"],
-            "compute_min": sum((e.get("wall_time_s") or 0) for e in done.values()) / 60}
+            "compute_min": sum((e.get("wall_time_s") or 0) for e in done.values()) / 60,
+            "gain": {"against": gain.get("against"), "float_ms": gain.get("before_ms"), "int8_ms": gain.get("after_ms"),
+                     "speedup": gain.get("speedup"), "kind": gain.get("kind"),
+                     "float_dtype": gain.get("before_dtype") or best_float}}
+
+
+def _float_cell(gain: dict[str, Any]) -> str:
+    if gain.get("float_ms") is None:
+        return fmt.DASH
+    est = " (estimate)" if gain.get("kind") == "estimate" else ""
+    return f"{fmt.ms(gain['float_ms'])} ({gain['float_dtype']}){est}"
+
+
+def _speedup_cell(gain: dict[str, Any]) -> str:
+    if gain.get("speedup") is None:
+        return fmt.DASH
+    return f"{gain['speedup']:.2f}x" + (" (estimate)" if gain.get("kind") == "estimate" else "")
 
 
 def students_section(runs: list[Path], reference: Path | None = None) -> str:
@@ -306,16 +326,23 @@ def students_section(runs: list[Path], reference: Path | None = None) -> str:
         else:
             notes.append(f"The ResNet-20 recipe's row ({reference}) was measured on another CPU ({ref['host']}), so it "
                          "is left out; see the Results table above for its figures on its own machine.")
+    for r in rows:
+        g = r["gain"]
+        if g.get("speedup") is not None and g["speedup"] < 1 and g.get("kind") == "measured":
+            notes.append(f"{r['row']}: its INT8 model ran {g['speedup']:.2f}x the speed of its {g['float_dtype']} float "
+                         f"model on this CPU (batch 1, {fmt.ms(g['int8_ms'])} vs {fmt.ms(g['float_ms'])} ms): here "
+                         "the float model is the faster deployment, and the INT8 one is only smaller.")
     lat = rows[0]["latency"]
     table = fmt.md_table(
         ["recipe", "student", "float top-1", "QAT kept", "INT8 top-1 (OpenVINO)", "Δ INT8 - float", "params", "MACs",
-         "latency b1 p50 (ms)", "throughput b64 (img/s)", "distill epochs", "compute", "finished"],
+         "latency b1 p50 (ms)", "throughput b64 (img/s)", "float b1 p50 (ms, dtype)", "INT8 speed-up b1",
+         "distill epochs", "compute", "finished"],
         [[r["row"], f"`{r['student']}`", f"{fmt.pct(r['float_top1'])} ({r['float_stage']})", r["kept"] or fmt.DASH,
           fmt.pct(r["int8_top1"]), f"{100 * (r['int8_top1'] - r['float_top1']):+.2f} pt", fmt.count(r["params"]),
           fmt.count(r["macs"]), fmt.ms(r["latency"].get("p50_ms")), fmt.ips(r["throughput"].get("images_per_s")),
-          r["distill_epochs"], f"{r['compute_min']:.1f} min", (r["ended"] or "")[:16].replace("T", " ")]
+          _float_cell(r["gain"]), _speedup_cell(r["gain"]), r["distill_epochs"], f"{r['compute_min']:.1f} min", (r["ended"] or "")[:16].replace("T", " ")]
          for r in rows],
-        ["l", "l", "r", "l", "r", "r", "r", "r", "r", "r", "r", "r", "l"])
+        ["l", "l", "r", "l", "r", "r", "r", "r", "r", "r", "r", "r", "r", "r", "l"])
     host = rows[0]["host"]
     lines = ["## The small-input students (`make bench-students`)", "",
              "The mobile students adapted to 32x32 inputs (`edgepipe/models.py`), distilled from the same ResNet-56 "
@@ -328,6 +355,10 @@ def students_section(runs: list[Path], reference: Path | None = None) -> str:
              f"{lat.get('threads')} threads, p50 of {lat.get('iterations')} timed runs at batch {lat.get('batch')} after "
              f"{lat.get('warmup')} warm-up runs; throughput at batch {rows[0]['throughput'].get('batch')} over "
              f"{rows[0]['throughput'].get('iterations')} runs. Top-1 on all 10,000 test images, by the compiled model (INT8) and by PyTorch (float).",
+             "- Float b1 and INT8 speed-up: the QAT stage's gain check (edgepipe/measure.py `stage_gain`): its float "
+             "input and its INT8 output, each compiled by OpenVINO (the float one in the profile's best float dtype, as "
+             "this CPU runs it) and timed back to back at batch 1, 3 rounds of the same warm-up and iterations, the "
+             "lowest p50 each; speed-up = float p50 / INT8 p50, below 1.00x when INT8 is slower here.",
              "- Compute: the sum of the run's stage wall times (training, measuring and compiling).", "",
              table, *([""] + notes if notes else [])]
     return "\n".join(lines) + "\n"

@@ -156,7 +156,7 @@ def stage_gain(before: Artifact, after: Artifact, before_top1: float, after_top1
                f"{before_stage} on {where} (faster counts from {profile.min_speedup}x)"
                + ("" if earned else "; less accurate and not faster: it does not earn its place"))
     return {"against": before_stage, "top1_delta_points": delta, "before_ms": lat[0]["p50_ms"],
-            "after_ms": lat[1]["p50_ms"], "speedup": speedup, "min_speedup": profile.min_speedup,
+            "before_dtype": lat[0]["dtype"], "after_ms": lat[1]["p50_ms"], "after_dtype": lat[1]["dtype"], "speedup": speedup, "min_speedup": profile.min_speedup,
             "kind": lat[1]["kind"], "measured_on": where, "earned": earned, "verdict": verdict}
 
 

@@ -144,4 +144,7 @@ def test_students_section_reads_the_run_folders(default_run: Path, tmp_path: Pat
     compiled = _metrics(default_run)["compile"]
     row = next(line for line in text.splitlines() if line.startswith("| digits-jetson |"))
     assert f"{100 * compiled['accuracy']['top1']:.2f}%" in row and "kept text" in text
+    gain = _metrics(default_run)["qat"]["gain"]  # float vs INT8, timed back to back by the QAT stage
+    assert gain["before_dtype"] != "int8" and gain["after_dtype"] in ("int8", gain["before_dtype"])
+    assert f"{gain['speedup']:.2f}x" in row and f"({gain['before_dtype']})" in row
     assert text.count("<!-- begin: students -->") == 1
