@@ -298,7 +298,7 @@ def _student_row(run: Path, label: str | None = None) -> dict[str, Any]:
             "ended": done["compile"].get("ended"), "distill_epochs": config["distill"]["optim"]["epochs"],
             "compute_min": sum((e.get("wall_time_s") or 0) for e in done.values()) / 60,
             "gain": {"against": gain.get("against"), "float_ms": gain.get("before_ms"), "int8_ms": gain.get("after_ms"),
-                     "speedup": gain.get("speedup"), "kind": gain.get("kind"),
+                     "speedup": gain.get("speedup"), "kind": gain.get("kind"), "timing": gain.get("timing"),
                      "float_dtype": gain.get("before_dtype") or best_float}}
 
 
@@ -332,6 +332,11 @@ def students_section(runs: list[Path], reference: Path | None = None) -> str:
             notes.append(f"{r['row']}: its INT8 model ran {g['speedup']:.2f}x the speed of its {g['float_dtype']} float "
                          f"model on this CPU (batch 1, {fmt.ms(g['int8_ms'])} vs {fmt.ms(g['float_ms'])} ms): here "
                          "the float model is the faster deployment, and the INT8 one is only smaller.")
+    alternating = [r["gain"].get("timing") == "alternating rounds" for r in rows]
+    timing = ("in alternating rounds" if all(alternating) else
+              "one model's rounds after the other's" if not any(alternating) else
+              "in alternating rounds for " + ", ".join(r["row"] for r, a in zip(rows, alternating) if a)
+              + "; one model's rounds after the other's for the rest")
     lat = rows[0]["latency"]
     table = fmt.md_table(
         ["recipe", "student", "float top-1", "QAT kept", "INT8 top-1 (OpenVINO)", "Δ INT8 - float", "params", "MACs",
@@ -357,7 +362,7 @@ def students_section(runs: list[Path], reference: Path | None = None) -> str:
              f"{rows[0]['throughput'].get('iterations')} runs. Top-1 on all 10,000 test images, by the compiled model (INT8) and by PyTorch (float).",
              "- Float b1 and INT8 speed-up: the QAT stage's gain check (edgepipe/measure.py `stage_gain`): its float "
              "input and its INT8 output, each compiled by OpenVINO (the float one in the profile's best float dtype, as "
-             "this CPU runs it) and timed back to back at batch 1, 3 rounds of the same warm-up and iterations, the "
+             f"this CPU runs it) and timed at batch 1, 3 rounds of the same warm-up and iterations ({timing}), the "
              "lowest p50 each; speed-up = float p50 / INT8 p50, below 1.00x when INT8 is slower here.",
              "- Compute: the sum of the run's stage wall times (training, measuring and compiling).", "",
              table, *([""] + notes if notes else [])]

@@ -98,55 +98,80 @@ def candidate_latency(model: torch.nn.Module, input_shape: tuple[int, ...], prof
     ``kind: estimate``. ``float_dtype``: the precision of the layers a quantized model keeps in float (the
     fallback of ``qat.fallback_dtype``), or of the whole float model; default the profile's best float dtype.
     """
+    return candidate_latencies([(model, quantized, float_dtype)], input_shape, profile, cfg, workdir, rounds)[0]
+
+
+def candidate_latencies(candidates: list[tuple[torch.nn.Module, bool, DType | None]], input_shape: tuple[int, ...],
+                        profile: HardwareProfile, cfg: MeasureConfig, workdir: Path, rounds: int = 3,
+                        ) -> list[dict[str, Any]]:
+    """``candidate_latency`` of several models (each ``(model, quantized, float_dtype)``) that are to be compared:
+    all are compiled first, then timed in alternating rounds (A, B, C, A, B, C, ...), each figure the lowest
+    round's p50. Timed one after the other instead, each model met a different machine state: on a shared
+    2-core host the same sub-millisecond float model measured 0.31 and 0.49 ms minutes apart in one run."""
     import onnx
 
     from edgepipe.backends import get_backend
     from edgepipe.onnx_export import export_onnx, fold_weight_quantizers
 
-    dtype = profile.compile_dtype(quantized)  # a QAT model compiles to int8 where the target has it
-    if float_dtype is not None and dtype is not DType.INT8:
-        dtype = float_dtype
-    workdir.mkdir(parents=True, exist_ok=True)
-    onnx_path = workdir / "candidate.onnx"
-    proto = export_onnx(model, input_shape, 17)
-    if quantized:
-        fold_weight_quantizers(proto)  # int8 weight initializers, as the export stage ships them
-    onnx.save(proto, str(onnx_path))
     backend = get_backend(profile.backend)
     ok, reason = backend.available()
-    if profile.backend is Backend.TENSORRT and not ok:
-        counts = model_counts(model, input_shape)
-        est = target_estimate(profile, dtype, counts, batch=1, layers=lambda: model_layers(model, input_shape))
-        return {"kind": "estimate", "p50_ms": est["latency_ms"], "backend": "tensorrt", "dtype": dtype.value,
-                "float_dtype": (float_dtype or profile.best_float).value,
-                "device": profile.name, "label": est.get("label"), "why": reason}
-    if profile.backend is Backend.ONNXRUNTIME:
-        from edgepipe.backends.onnxruntime import OrtRunner
+    threads = cfg.threads or torch.get_num_threads()
+    prepared: list[tuple[Any, DType, DType | None] | dict[str, Any]] = []
+    for i, (model, quantized, float_dtype) in enumerate(candidates):
+        dtype = profile.compile_dtype(quantized)  # a QAT model compiles to int8 where the target has it
+        if float_dtype is not None and dtype is not DType.INT8:
+            dtype = float_dtype
+        if profile.backend is Backend.TENSORRT and not ok:
+            counts = model_counts(model, input_shape)
+            est = target_estimate(profile, dtype, counts, batch=1, layers=lambda m=model: model_layers(m, input_shape))
+            prepared.append({"kind": "estimate", "p50_ms": est["latency_ms"], "backend": "tensorrt",
+                             "dtype": dtype.value, "float_dtype": (float_dtype or profile.best_float).value,
+                             "device": profile.name, "label": est.get("label"), "why": reason})
+            continue
+        folder = workdir / str(i) if len(candidates) > 1 else workdir
+        folder.mkdir(parents=True, exist_ok=True)
+        onnx_path = folder / "candidate.onnx"
+        proto = export_onnx(model, input_shape, 17)
+        if quantized:
+            fold_weight_quantizers(proto)  # int8 weight initializers, as the export stage ships them
+        onnx.save(proto, str(onnx_path))
+        if profile.backend is Backend.ONNXRUNTIME:
+            from edgepipe.backends.onnxruntime import OrtRunner
 
-        runner = OrtRunner(onnx_path, cfg.threads or torch.get_num_threads())
-    else:
-        artifact, _ = backend.compile(onnx_path, profile, dtype, workdir / "compiled", float_dtype=float_dtype)
-        runner, _ = runner_for(artifact, cfg.threads or torch.get_num_threads())
-    lat = min((time_runner(runner, input_shape, 1, cfg.warmup, cfg.iterations) for _ in range(rounds)),
-              key=lambda x: x.p50_ms)
-    return {"kind": "measured", **lat.as_dict(), "rounds": rounds,
-            "float_dtype": (float_dtype or profile.best_float).value}
+            runner = OrtRunner(onnx_path, threads)
+        else:
+            artifact, _ = backend.compile(onnx_path, profile, dtype, folder / "compiled", float_dtype=float_dtype)
+            runner, _ = runner_for(artifact, threads)
+        prepared.append((runner, dtype, float_dtype))
+    best: list[Any] = [None] * len(prepared)
+    for _ in range(rounds):
+        for i, p in enumerate(prepared):
+            if isinstance(p, dict):
+                continue
+            lat = time_runner(p[0], input_shape, 1, cfg.warmup, cfg.iterations)
+            if best[i] is None or lat.p50_ms < best[i].p50_ms:
+                best[i] = lat
+    return [p if isinstance(p, dict) else
+            {"kind": "measured", **best[i].as_dict(), "rounds": rounds,
+             **({"interleaved_with": len(prepared) - 1} if len(prepared) > 1 else {}),
+             "float_dtype": (p[2] or profile.best_float).value}
+            for i, p in enumerate(prepared)]
 
 
 def stage_gain(before: Artifact, after: Artifact, before_top1: float, after_top1: float, profile: HardwareProfile,
                cfg: MeasureConfig, input_shape: tuple[int, ...], before_stage: str) -> dict[str, Any]:
     """Does a stage earn its place? Its output against its input, both compiled for the target and timed
-    at batch 1 the same way (``candidate_latency``), with top-1 from the engine's measurements. A stage
-    whose output is less accurate and not faster by ``profile.min_speedup`` is flagged. The input is timed
-    again rather than reusing the previous stage's figure: back to back, one machine state decides the
-    ratio (sub-millisecond figures moved by ±30% between minutes on a shared 2-core host)."""
+    at batch 1 the same way, in alternating rounds (``candidate_latencies``), with top-1 from the engine's
+    measurements. A stage whose output is less accurate and not faster by ``profile.min_speedup`` is flagged.
+    The input is timed again rather than reusing the previous stage's figure: back to back, one machine state
+    decides the ratio (sub-millisecond figures moved by ±30% between minutes on a shared 2-core host)."""
     import tempfile
 
     from edgepipe.models import load_torch_artifact
 
     with tempfile.TemporaryDirectory(prefix="edgepipe-gain-") as tmp:
-        lat = [candidate_latency(load_torch_artifact(a), input_shape, profile, cfg, Path(tmp) / str(i),
-                                 quantized=a.quantized) for i, a in enumerate((before, after))]
+        lat = candidate_latencies([(load_torch_artifact(a), a.quantized, None) for a in (before, after)],
+                                  input_shape, profile, cfg, Path(tmp))
     speedup = lat[0]["p50_ms"] / lat[1]["p50_ms"]
     delta = 100 * (after_top1 - before_top1)
     faster = speedup >= profile.min_speedup
@@ -157,7 +182,7 @@ def stage_gain(before: Artifact, after: Artifact, before_top1: float, after_top1
                + ("" if earned else "; less accurate and not faster: it does not earn its place"))
     return {"against": before_stage, "top1_delta_points": delta, "before_ms": lat[0]["p50_ms"],
             "before_dtype": lat[0]["dtype"], "after_ms": lat[1]["p50_ms"], "after_dtype": lat[1]["dtype"], "speedup": speedup, "min_speedup": profile.min_speedup,
-            "kind": lat[1]["kind"], "measured_on": where, "earned": earned, "verdict": verdict}
+            "kind": lat[1]["kind"], "timing": "alternating rounds", "measured_on": where, "earned": earned, "verdict": verdict}
 
 
 def paired_speedup(reference: Artifact, candidate: Artifact, input_shape: tuple[int, ...], cfg: MeasureConfig,

@@ -247,7 +247,8 @@ def _mixed_blocks(stages: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[B
                 how = (f"{kind}: {lat.get('backend', '?')} {lat.get('dtype', '?')}, float parts "
                        f"{lat.get('float_dtype', '?')}, {lat.get('device', '?')}, {lat.get('threads', '?')} threads, "
                        f"{lat.get('warmup', '?')} warm-up + {lat.get('iterations', '?')} runs, best p50 of "
-                       f"{lat.get('rounds', 1)} rounds")
+                       f"{lat.get('rounds', 1)} rounds"
+                       + (", rounds alternating with the other variants" if lat.get("interleaved_with") else ""))
             cells.append([v["variant"], str(v.get("float_layers", DASH)), fmt.pct(number(v.get("top1"))),
                           f"{v['drop_points']:.2f}" if number(v.get("drop_points")) is not None else DASH,
                           f"{fmt.ms(lat['p50_ms'])} ms" if number(lat.get("p50_ms")) is not None else DASH, how])

@@ -171,12 +171,16 @@ def _plot_sensitivity(stages: Stages) -> bytes | str:
     ax.bar(range(len(rows)), [r["top1_drop_points"] for r in rows], color=colors)
     ax.axhline(mix["max_drop_points"], color="tab:red", ls="--", lw=1,
                label=f"budget for the whole model: {mix['max_drop_points']:g} points")
-    ax.bar([], [], color="tab:orange", label=f"kept in {mix.get('fallback_dtype', 'float')} ({len(kept)})")
+    from matplotlib.patches import Patch  # legend entries even when a group is empty (an empty bar() has no patch)
+
+    handles, _ = ax.get_legend_handles_labels()
+    handles += [Patch(color="tab:blue", label=f"INT8 ({len(rows) - len(kept)})"),
+                Patch(color="tab:orange", label=f"kept in {mix.get('fallback_dtype', 'float')} ({len(kept)})")]
     ax.set_xticks(range(len(rows)), [r["layer"] for r in rows], rotation=90, fontsize=6 if len(rows) > 30 else 8)
     ax.set_ylabel("top-1 drop (points) with only this layer INT8")
     ax.set_title(f"INT8 sensitivity per layer, on {mix.get('images', '?')} {mix.get('measured_on', '')} images")
     ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(handles=handles, fontsize=8)
     return fmt.png_bytes(fig)
 
 

@@ -194,11 +194,12 @@ def _keep_float_model(ctx: StageContext, budget: Budget, fallback: dict[str, Any
 def _variants(ctx: StageContext, budget: Budget, model: nn.Module, float_model: nn.Module, fallback: dict[str, Any],
               input_shape: tuple[int, ...]) -> list[dict[str, Any]]:
     """The chosen mix, all-INT8 (calibrated) and all-float, compiled for the target and timed the same way
-    (edgepipe.measure.candidate_latency: batch 1, the lowest of 3 rounds' p50), with top-1 on the budget images."""
+    (edgepipe.measure.candidate_latencies: batch 1, in alternating rounds, the lowest of 5 rounds' p50 each), with
+    top-1 on the budget images."""
     import tempfile
     from pathlib import Path
 
-    from edgepipe.measure import candidate_latency
+    from edgepipe.measure import candidate_latencies
     from edgepipe.types import DType
 
     from edgepipe import distributed
@@ -206,24 +207,27 @@ def _variants(ctx: StageContext, budget: Budget, model: nn.Module, float_model: 
     if not distributed.is_main():  # under torchrun every rank selects alike; rank 0 alone times and records
         return []
     float_dtype = DType(fallback["dtype"])
-    mix_top1 = budget.evaluate(model)[0]
+    n_all = len(quant_layers(budget.all_int8))
+    n_mix = n_all - len(quant_layers(model))
     rows = [("all-int8", budget.all_int8, True, budget.all_int8_top1, 0),
-            ("chosen", model, True, mix_top1, len(quant_layers(budget.all_int8)) - len(quant_layers(model))),
-            ("all-float", float_model, False, budget.float_top1, len(quant_layers(budget.all_int8)))]
-    out = []
+            ("chosen", model, True, budget.evaluate(model)[0], n_mix),
+            ("all-float", float_model, False, budget.float_top1, n_all)]
+    if n_mix == 0:  # the chosen mix is the all-INT8 model: timed once
+        rows.pop(1)
+    ctx.progress("latency of all-INT8, the mix and all-float (alternating rounds)", 0, 1, {})
     with tempfile.TemporaryDirectory(prefix="edgepipe-mix-") as tmp:
-        for i, (name, net, quantized, top1, n_float) in enumerate(rows):
-            if name == "chosen" and n_float == 0:
-                out.append({**out[0], "variant": "chosen", "same_as": "all-int8"})
-                continue
-            lat = candidate_latency(net, input_shape, ctx.profile, ctx.config.measure, Path(tmp) / name,
-                                    quantized=quantized, float_dtype=float_dtype)
-            if lat["kind"] == "estimate" and name == "chosen":
-                lat["note"] = (f"the roofline estimate prices every layer at {lat['dtype']}: it does not see the "
-                               f"{n_float} layer(s) kept in {float_dtype.value}; measure the engine on the device")
-            out.append({"variant": name, "float_layers": n_float, "top1": top1,
-                        "drop_points": 100 * (budget.float_top1 - top1), "latency": lat})
-            ctx.progress("latency of all-INT8, the mix and all-float", i + 1, len(rows), {})
+        lats = candidate_latencies([(net, quantized, float_dtype) for _, net, quantized, _, _ in rows], input_shape,
+                                   ctx.profile, ctx.config.measure, Path(tmp), rounds=5)
+    ctx.progress("latency of all-INT8, the mix and all-float (alternating rounds)", 1, 1, {})
+    out = []
+    for (name, _, _, top1, n_float), lat in zip(rows, lats):
+        if lat["kind"] == "estimate" and name == "chosen":
+            lat["note"] = (f"the roofline estimate prices every layer at {lat['dtype']}: it does not see the "
+                           f"{n_float} layer(s) kept in {float_dtype.value}; measure the engine on the device")
+        out.append({"variant": name, "float_layers": n_float, "top1": top1,
+                    "drop_points": 100 * (budget.float_top1 - top1), "latency": lat})
+    if n_mix == 0:
+        out.insert(1, {**out[0], "variant": "chosen", "same_as": "all-int8"})
     return out
 
 

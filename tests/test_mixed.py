@@ -154,6 +154,7 @@ def test_a_budget_all_int8_misses_keeps_the_sensitive_layer_in_float_and_only_it
     assert variants["chosen"]["float_layers"] == len(rec["float_layers"]) and variants["all-float"]["float_layers"] == 4
     for v in variants.values():
         assert v["latency"]["kind"] == "measured" and v["latency"]["backend"] == "openvino" and v["latency"]["p50_ms"] > 0
+        assert v["latency"]["interleaved_with"] == 2  # the three timed in alternating rounds, not one after another
     assert variants["chosen"]["drop_points"] <= 1.0 < variants["all-int8"]["drop_points"]
 
 
