@@ -249,12 +249,15 @@ def _mixed_blocks(stages: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[B
                        f"{lat.get('warmup', '?')} warm-up + {lat.get('iterations', '?')} runs, best p50 of "
                        f"{lat.get('rounds', 1)} rounds"
                        + (", rounds alternating with the other variants" if lat.get("interleaved_with") else ""))
+            if v.get("same_as"):
+                how = f"the {v['same_as']} graph's latency (the same layers INT8; timed once): {how}"
             cells.append([v["variant"], str(v.get("float_layers", DASH)), fmt.pct(number(v.get("top1"))),
                           f"{v['drop_points']:.2f}" if number(v.get("drop_points")) is not None else DASH,
                           f"{fmt.ms(lat['p50_ms'])} ms" if number(lat.get("p50_ms")) is not None else DASH, how])
         blocks.append(("table", head, cells))
     steps = [f"{s['phase']}: {s['float_layers']} layer(s) in float, top-1 {fmt.pct(number(s['top1']))}, "
-             f"{s['drop_points']:.2f} points below float ({'within' if s['within_budget'] else 'over'} budget)"
+             f"{abs(s['drop_points']):.2f} points {'below' if s['drop_points'] >= 0 else 'above'} float "
+             f"({'within' if s['within_budget'] else 'over'} budget)"
              for s in mix.get("selection") or []]
     if steps:
         blocks.append(("list", steps))

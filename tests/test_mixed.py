@@ -178,7 +178,10 @@ def test_a_generous_budget_keeps_every_layer_int8(tmp_path: Path, plain_student:
     rec, mix = result.records, result.records["mixed_precision"]
     assert mix["outcome"] == "int8" and rec["float_layers"] == [] and len(mix["selection"]) == 2
     assert len(mix["sensitivity"]) == 4  # measured and recorded all the same
-    assert {v["variant"]: v.get("same_as") for v in mix["variants"]}["chosen"] == "all-int8"
+    variants = {v["variant"]: v for v in mix["variants"]}
+    assert variants["chosen"]["same_as"] == "all-int8"  # the same graph, timed once ...
+    assert variants["chosen"]["latency"] == variants["all-int8"]["latency"]
+    assert variants["chosen"]["top1"] == pytest.approx(mix["selection"][-1]["top1"])  # ... but the model QAT kept
     exported = _export(tmp_path / "export", result.artifact, data)
     graph = onnx.load(str(exported.path("onnx"))).graph
     assert all(q == (True, True) for q in _qdq_around(graph).values()) and float_layers(graph) == []
