@@ -54,7 +54,7 @@ bench-data: setup
 # epoch), each with its report (top-1, MACs, OpenVINO latency/throughput and the conditions they were measured
 # under); then their rows go into BENCHMARKS.md's students section, beside the ResNet-20 recipe's (BENCH_RUN).
 # Not part of CI: measured 2026-11-24 on a 2-core AMD EPYC (AVX-512 VNNI/BF16), ~97 min end to end for the three
-# (stage wall times 31.4 + 28.5 + 27.9 min, BENCHMARKS.md). The recipes read ../shared (data.path, teacher.model.program).
+# (stage wall times 31.4 + 28.5 + 28.7 min, BENCHMARKS.md). The recipes read ../shared (data.path, teacher.model.program).
 STUDENTS ?= cifar10-mobilenetv2 cifar10-shufflenetv2 cifar10-mobilenetv3
 bench-students: setup
 	for recipe in $(STUDENTS); do \
