@@ -15,3 +15,11 @@ def default_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("default") / "digits-jetson"
     assert main(["run", "--config", "digits", "--target", "jetson", "--run", str(run)]) == 0
     return run
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory: pytest.TempPathFactory):
+    """One small finished ImageFolder run on generic-cpu, shared by the bad-input matrices (tests/reliability.py)."""
+    from tests.reliability import make_finished
+
+    yield from make_finished(tmp_path_factory)

@@ -8,167 +8,26 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import math
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from edgepipe.cli import main
 from edgepipe.io import LOCK_FILE
 from edgepipe.stage import STAGE_ORDER
+from tests.reliability import (TARGET, Case, Finished, assert_refused, copy_run, damaged_run, profile_file, run_target,
+                               run_with, run_with_data, run_with_file, tree, write_config)
 
 pytestmark = pytest.mark.e2e
-TARGET = "generic-cpu"  # ONNX Runtime: the quickest full pipeline
-
-
-def _images(root: Path, per_class: int, seed: int) -> None:
-    """Three classes of 8x8 RGB PNGs, each brightest in its own channel (learnable in one epoch)."""
-    rng = np.random.default_rng(seed)
-    for k, name in enumerate(("cat", "dog", "owl")):
-        folder = root / name
-        folder.mkdir(parents=True)
-        for i in range(per_class):
-            px = rng.integers(0, 90, (8, 8, 3), dtype=np.uint8)
-            px[..., k] += 150
-            Image.fromarray(px).save(folder / f"{i:02d}.png")
-
-
-def _config(data: Path) -> dict[str, Any]:
-    return {
-        "name": "reliability",
-        "data": {"kind": "imagefolder", "path": str(data), "mean": [0.4, 0.4, 0.4], "std": [0.25, 0.25, 0.25],
-                 "batch_size": 16, "eval_batch_size": 32, "augment": False},
-        "teacher": {"model": {"arch": "cifar_resnet", "kwargs": {"depth": 8, "width": 8, "num_classes": 3}},
-                    "train": {"epochs": 1, "lr": 0.05}},
-        "distill": {"student": {"arch": "cifar_resnet", "kwargs": {"depth": 8, "width": 8, "num_classes": 3}},
-                    "optim": {"epochs": 1, "lr": 0.05}},
-        "prune": {"ratio": 0.7, "steps": 1, "optim": {"epochs": 1, "lr": 0.02}},
-        "qat": {"calibration_batches": 1, "optim": {"epochs": 1, "lr": 0.005, "autocast": "off"}},
-        "export": {"int8_min_agreement": 0.5},  # 18 validation images of one-epoch models: near-ties flip
-        "compile": {"max_top1_drop": 100.0},
-        "measure": {"warmup": 1, "iterations": 3, "throughput_batch": 4},
-        "bench": {"batch_sizes": [1], "warmup": 1, "iterations": 2},
-    }
-
-
-def tree(root: Path) -> dict[str, str]:
-    """sha256 of every file under ``root`` (the lock file included: it must stay empty)."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-@dataclass
-class Finished:
-    tmp: Path
-    run: Path
-    data: Path
-    config: dict[str, Any]
-    config_file: Path
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory) -> Finished:
-    tmp = tmp_path_factory.mktemp("finished")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EDGEPIPE_CACHE", str(tmp / "cache"))
-        data = tmp / "data"
-        _images(data / "train", 16, seed=0)
-        _images(data / "test", 6, seed=1)
-        cfg = _config(data)
-        cfg_file = tmp / "good.yaml"
-        cfg_file.write_text(yaml.safe_dump(cfg))
-        assert main(["run", "--config", str(cfg_file), "--target", TARGET, "--run", str(tmp / "run")]) == 0
-        yield Finished(tmp, tmp / "run", data, cfg, cfg_file)
-
-
-def _write_config(path: Path, cfg: dict[str, Any], **changes: Any) -> Path:
-    """``cfg`` with ``changes`` applied (keys are dotted paths; the value None deletes the key)."""
-    cfg = json.loads(json.dumps(cfg))
-    for dotted, value in changes.items():
-        *parents, last = dotted.split(".")
-        node = cfg
-        for p in parents:
-            node = node.setdefault(p, {})
-        if value is None:
-            node.pop(last, None)
-        else:
-            node[last] = value
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def _copy_data(f: Finished, dest: Path) -> Path:
-    shutil.copytree(f.data, dest)
-    return dest
-
-
-def _copy_run(f: Finished, dest: Path) -> Path:
-    shutil.copytree(f.run, dest, symlinks=True)
-    return dest
-
-
-def _profile(f: Finished, dest: Path, base: str, **changes: Any) -> Path:
-    from edgepipe.profiles import get_profile
-
-    data = get_profile(base).model_dump(mode="json")
-    data.update(name=dest.stem, **changes)
-    dest.write_text(yaml.safe_dump(data))
-    return dest
-
-
-# Each case: (f, case folder) -> (argv, run folder that must stay byte-identical, text the error line must hold).
-Case = Callable[[Finished, Path], tuple[list[str], Path, str]]
-
-
-def _run_with(cfg_changes: dict[str, Any], expect: str) -> Case:
-    def case(f: Finished, tmp: Path) -> tuple[list[str], Path, str]:
-        cfg = _write_config(tmp / "bad.yaml", f.config, **cfg_changes)
-        return ["run", "--config", str(cfg), "--target", TARGET, "--run", str(f.run)], f.run, expect
-    return case
-
-
-def _run_with_data(mutate: Callable[[Path], None], expect: str, **more: Any) -> Case:
-    def case(f: Finished, tmp: Path) -> tuple[list[str], Path, str]:
-        data = _copy_data(f, tmp / "data")
-        mutate(data)
-        cfg = _write_config(tmp / "bad.yaml", f.config, **{"data.path": str(data)}, **more)
-        return ["run", "--config", str(cfg), "--target", TARGET, "--run", str(f.run)], f.run, expect
-    return case
-
-
-def _run_with_file(name: str, content: bytes, field: str, value: Any, expect: str, **more: Any) -> Case:
-    def case(f: Finished, tmp: Path) -> tuple[list[str], Path, str]:
-        path = tmp / name
-        path.write_bytes(content)
-        cfg = _write_config(tmp / "bad.yaml", f.config, **{field: value(path) if callable(value) else value}, **more)
-        return ["run", "--config", str(cfg), "--target", TARGET, "--run", str(f.run)], f.run, expect
-    return case
-
-
-def _run_target(make: Callable[[Finished, Path], str], expect: str, stage: str = "run") -> Case:
-    def case(f: Finished, tmp: Path) -> tuple[list[str], Path, str]:
-        return [stage, "--config", str(f.config_file), "--target", make(f, tmp), "--run", str(f.run)], f.run, expect
-    return case
-
-
-def _damaged_run(mutate: Callable[[Path], None], expect: str, argv: list[str] | None = None) -> Case:
-    """A copy of the finished run, damaged by ``mutate``: the command must refuse it and change nothing."""
-    def case(f: Finished, tmp: Path) -> tuple[list[str], Path, str]:
-        run = _copy_run(f, tmp / "run")
-        mutate(run)
-        return [*(argv or ["run"]), "--run", str(run)], run, expect
-    return case
 
 
 def _class_missing_in_test(d: Path) -> None:
@@ -244,7 +103,7 @@ def _results_garbage(f: Finished, tmp: Path) -> tuple[list[str], Path, str]:
 
 
 def _single_stage_bad_config(f: Finished, tmp: Path) -> tuple[list[str], Path, str]:
-    cfg = _write_config(tmp / "bad.yaml", f.config, **{"qat.optim.lr": -1})
+    cfg = write_config(tmp / "bad.yaml", f.config, **{"qat.optim.lr": -1})
     return ["qat", "--config", str(cfg), "--target", TARGET, "--run", str(f.run)], f.run, "qat.optim.lr"
 
 
@@ -254,30 +113,30 @@ def _garbage(n: int = 400) -> bytes:
 
 CASES: dict[str, Case] = {
     # config values (validated before anything is written)
-    "unknown-key": _run_with({"distill.foo": 1}, "distill.foo: unknown key"),
-    "wrong-type": _run_with({"distill.optim.epochs": "many"}, "distill.optim.epochs"),
-    "alpha-out-of-range": _run_with({"distill.alpha": 3}, "distill.alpha"),
-    "lr-inf": _run_with({"distill.optim.lr": math.inf}, "distill.optim.lr"),
-    "lr-nan": _run_with({"prune.optim.lr": math.nan}, "prune.optim.lr"),
-    "std-zero": _run_with({"data.std": [0.0, 0.0, 0.0]}, "data: std: every value must be > 0"),
-    "std-mean-lengths-differ": _run_with({"data.std": [0.2, 0.2]}, "data"),
-    "std-wrong-for-images": _run_with({"data.std": [0.2], "data.mean": [0.4]}, "data.mean"),
-    "seed-negative": _run_with({"seed": -1}, "seed"),
-    "seed-too-large": _run_with({"seed": 2**32}, "seed"),
-    "batch-size-zero": _run_with({"data.batch_size": 0}, "data.batch_size"),
-    "unknown-arch": _run_with({"distill.student.arch": "resnet9000"}, "unknown architecture"),
-    "bad-arch-kwargs": _run_with({"distill.student.kwargs.depth": 9}, "depth must be 6n+2"),
-    "student-wrong-channels": _run_with({"distill.student.kwargs.in_channels": 1}, "distill.student: does not accept"),
-    "teacher-wrong-classes": _run_with({"teacher.model.kwargs.num_classes": 7}, "teacher.model: outputs shape"),
-    "factory-os-system-no-kwargs": _run_with({"teacher.model": {"factory": "os:system"}}, "factory 'os:system'"),
-    "factory-not-importable": _run_with({"distill.student": {"factory": "no_such_module:build"}}, "cannot import"),
-    "factory-returns-no-module": _run_with({"teacher.model": {"factory": "builtins:dict"}}, "not an nn.Module"),
-    "program-missing": _run_with({"teacher.model": {"program": "/nonexistent/t.pt2"}, "teacher.train.epochs": 0},
+    "unknown-key": run_with({"distill.foo": 1}, "distill.foo: unknown key"),
+    "wrong-type": run_with({"distill.optim.epochs": "many"}, "distill.optim.epochs"),
+    "alpha-out-of-range": run_with({"distill.alpha": 3}, "distill.alpha"),
+    "lr-inf": run_with({"distill.optim.lr": math.inf}, "distill.optim.lr"),
+    "lr-nan": run_with({"prune.optim.lr": math.nan}, "prune.optim.lr"),
+    "std-zero": run_with({"data.std": [0.0, 0.0, 0.0]}, "data: std: every value must be > 0"),
+    "std-mean-lengths-differ": run_with({"data.std": [0.2, 0.2]}, "data"),
+    "std-wrong-for-images": run_with({"data.std": [0.2], "data.mean": [0.4]}, "data.mean"),
+    "seed-negative": run_with({"seed": -1}, "seed"),
+    "seed-too-large": run_with({"seed": 2**32}, "seed"),
+    "batch-size-zero": run_with({"data.batch_size": 0}, "data.batch_size"),
+    "unknown-arch": run_with({"distill.student.arch": "resnet9000"}, "unknown architecture"),
+    "bad-arch-kwargs": run_with({"distill.student.kwargs.depth": 9}, "depth must be 6n+2"),
+    "student-wrong-channels": run_with({"distill.student.kwargs.in_channels": 1}, "distill.student: does not accept"),
+    "teacher-wrong-classes": run_with({"teacher.model.kwargs.num_classes": 7}, "teacher.model: outputs shape"),
+    "factory-os-system-no-kwargs": run_with({"teacher.model": {"factory": "os:system"}}, "factory 'os:system'"),
+    "factory-not-importable": run_with({"distill.student": {"factory": "no_such_module:build"}}, "cannot import"),
+    "factory-returns-no-module": run_with({"teacher.model": {"factory": "builtins:dict"}}, "not an nn.Module"),
+    "program-missing": run_with({"teacher.model": {"program": "/nonexistent/t.pt2"}, "teacher.train.epochs": 0},
                                  "program not found"),
-    "program-with-training": _run_with({"teacher.model": {"program": "/nonexistent/t.pt2"}}, "inference-only"),
-    "program-garbage": _run_with_file("t.pt2", _garbage(), "teacher.model", lambda p: {"program": str(p)},
+    "program-with-training": run_with({"teacher.model": {"program": "/nonexistent/t.pt2"}}, "inference-only"),
+    "program-garbage": run_with_file("t.pt2", _garbage(), "teacher.model", lambda p: {"program": str(p)},
                                       "not a torch.export program", **{"teacher.train.epochs": 0}),
-    "weights-garbage": _run_with_file("w.pt", _garbage(), "teacher.model.weights", str, "not a loadable state dict"),
+    "weights-garbage": run_with_file("w.pt", _garbage(), "teacher.model.weights", str, "not a loadable state dict"),
     # config files
     "config-bad-yaml": lambda f, t: (["run", "--config", str(_bytes(t / "c.yaml", b"distill: [oops\n")), "--target",
                                       TARGET, "--run", str(f.run)], f.run, "not valid YAML"),
@@ -286,38 +145,38 @@ CASES: dict[str, Case] = {
     "config-missing": lambda f, t: (["run", "--config", str(t / "none.yaml"), "--target", TARGET, "--run",
                                      str(f.run)], f.run, "config file not found"),
     # data (decoded before the run folder changes)
-    "data-folder-missing": _run_with({"data.path": "/nonexistent/images"}, "image folder not found"),
-    "data-empty-class": _run_with_data(_empty_class, "every class needs a sub-folder"),
-    "data-no-classes": _run_with_data(_no_classes, "every class needs a sub-folder"),
-    "data-damaged-image": _run_with_data(_garbage_image, "07.png: cannot decode this image", **{"data.strict": True}),
-    "data-truncated-image": _run_with_data(_truncated_image, "03.png: cannot decode this image",
+    "data-folder-missing": run_with({"data.path": "/nonexistent/images"}, "image folder not found"),
+    "data-empty-class": run_with_data(_empty_class, "every class needs a sub-folder"),
+    "data-no-classes": run_with_data(_no_classes, "every class needs a sub-folder"),
+    "data-damaged-image": run_with_data(_garbage_image, "07.png: cannot decode this image", **{"data.strict": True}),
+    "data-truncated-image": run_with_data(_truncated_image, "03.png: cannot decode this image",
                                            **{"data.strict": True}),
-    "data-class-all-unreadable": _run_with_data(_unreadable_class, "none of its 6 image file(s) could be read"),
-    "data-classes-differ": _run_with_data(_class_missing_in_test, "class folders"),
-    "data-mixed-sizes": _run_with_data(_other_size, "data.image_size"),
+    "data-class-all-unreadable": run_with_data(_unreadable_class, "none of its 6 image file(s) could be read"),
+    "data-classes-differ": run_with_data(_class_missing_in_test, "class folders"),
+    "data-mixed-sizes": run_with_data(_other_size, "data.image_size"),
     # targets and profiles
-    "unknown-target": _run_target(lambda f, t: "no-such-board", "unknown target"),
-    "profile-file-missing": _run_target(lambda f, t: str(t / "none.yaml"), "profile file not found"),
-    "profile-bad-yaml": _run_target(lambda f, t: str(_bytes(t / "p.yaml", b"backend: [x\n")), "not valid YAML"),
-    "profile-unknown-key": _run_target(lambda f, t: str(_profile(f, t / "p.yaml", TARGET, turbo=True)), "unknown key"),
-    "profile-onnxruntime-fp16": _run_target(
-        lambda f, t: str(_profile(f, t / "p.yaml", TARGET, dtypes=["fp16", "fp32"], peak_tops={"fp16": 1, "fp32": 1})),
+    "unknown-target": run_target(lambda f, t: "no-such-board", "unknown target"),
+    "profile-file-missing": run_target(lambda f, t: str(t / "none.yaml"), "profile file not found"),
+    "profile-bad-yaml": run_target(lambda f, t: str(_bytes(t / "p.yaml", b"backend: [x\n")), "not valid YAML"),
+    "profile-unknown-key": run_target(lambda f, t: str(profile_file(f, t / "p.yaml", TARGET, turbo=True)), "unknown key"),
+    "profile-onnxruntime-fp16": run_target(
+        lambda f, t: str(profile_file(f, t / "p.yaml", TARGET, dtypes=["fp16", "fp32"], peak_tops={"fp16": 1, "fp32": 1})),
         "backend onnxruntime cannot compile"),
-    "profile-tensorrt-bf16": _run_target(
-        lambda f, t: str(_profile(f, t / "p.yaml", "jetson", dtypes=["int8", "bf16", "fp32"],
+    "profile-tensorrt-bf16": run_target(
+        lambda f, t: str(profile_file(f, t / "p.yaml", "jetson", dtypes=["int8", "bf16", "fp32"],
                                   peak_tops={"int8": 1, "bf16": 1, "fp32": 1})),
         "backend tensorrt cannot compile", stage="export"),
     # the run folder itself
     "run-is-a-file": _run_is_a_file,
-    "manifest-random-bytes": _damaged_run(_write("manifest.json", b"\xff\xfe" + _garbage()), "damaged manifest"),
-    "manifest-empty-object": _damaged_run(_write("manifest.json", b"{}"), "damaged manifest"),
-    "manifest-list": _damaged_run(_write("manifest.json", b"[]"), "damaged manifest"),
-    "run-config-bad-yaml": _damaged_run(_write("config.yaml", b"distill: [oops\n"), "run's own copy of its config"),
-    "run-config-invalid": _damaged_run(_write("config.yaml", b"distill: 3\n"), "run's own copy of its config"),
-    "run-profile-damaged": _damaged_run(_write("profile.yaml", b"backend: [x\n"), "run's own copy of its profile"),
-    "input-model-damaged": _damaged_run(_truncate("prune/model.pt"), "changed or was damaged", ["qat"]),
-    "input-descriptor-missing": _damaged_run(_delete("prune/artifact.json"), "no artifact here", ["qat"]),
-    "input-descriptor-empty": _damaged_run(_write("prune/artifact.json", b"{}"), "damaged descriptor", ["qat"]),
+    "manifest-random-bytes": damaged_run(_write("manifest.json", b"\xff\xfe" + _garbage()), "damaged manifest"),
+    "manifest-empty-object": damaged_run(_write("manifest.json", b"{}"), "damaged manifest"),
+    "manifest-list": damaged_run(_write("manifest.json", b"[]"), "damaged manifest"),
+    "run-config-bad-yaml": damaged_run(_write("config.yaml", b"distill: [oops\n"), "run's own copy of its config"),
+    "run-config-invalid": damaged_run(_write("config.yaml", b"distill: 3\n"), "run's own copy of its config"),
+    "run-profile-damaged": damaged_run(_write("profile.yaml", b"backend: [x\n"), "run's own copy of its profile"),
+    "input-model-damaged": damaged_run(_truncate("prune/model.pt"), "changed or was damaged", ["qat"]),
+    "input-descriptor-missing": damaged_run(_delete("prune/artifact.json"), "no artifact here", ["qat"]),
+    "input-descriptor-empty": damaged_run(_write("prune/artifact.json", b"{}"), "damaged descriptor", ["qat"]),
     "single-stage-bad-config": _single_stage_bad_config,
     # standalone commands
     "compile-garbage-onnx": _garbage_onnx,
@@ -340,16 +199,7 @@ def test_bad_input_is_one_line_and_the_run_stays_byte_identical(name: str, finis
                                                                 capsys: pytest.CaptureFixture,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EDGEPIPE_CACHE", str(finished.tmp / "cache"))
-    argv, run, expect = CASES[name](finished, tmp_path)
-    before = tree(run)
-    capsys.readouterr()
-    code = main(argv)
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("edgepipe: error: "), err
-    assert expect in lines[0], lines[0]
-    assert tree(run) == before, f"{name} changed files in {run}"
+    assert_refused(*CASES[name](finished, tmp_path), capsys)
 
 
 def test_the_lock_holder_is_refused_and_nothing_changes(finished: Finished, capsys: pytest.CaptureFixture) -> None:
@@ -377,7 +227,7 @@ def test_damaged_artifacts_and_metrics_are_detected_and_redone(finished: Finishe
     """A truncated model.pt, a metrics.json edited by hand and an emptied artifact.json: `edgepipe run` names each,
     redoes exactly those stages (the others are reused) and arrives at the same outputs as the untouched run."""
     monkeypatch.setenv("EDGEPIPE_CACHE", str(finished.tmp / "cache"))
-    run = _copy_run(finished, tmp_path / "run")
+    run = copy_run(finished, tmp_path / "run")
     _truncate("distill/model.pt")(run)
     metrics = json.loads((run / "qat" / "metrics.json").read_text())
     metrics["accuracy"]["top1"] = 1.0  # a flattering edit is damage too
@@ -403,7 +253,7 @@ def test_a_full_disk_is_one_line_recorded_as_failed_and_resumes(finished: Finish
     """ENOSPC while the qat stage writes its model: one line, the manifest says failed (not running), no partial
     model.pt is left, and the same command finishes once there is space again, with the same output."""
     monkeypatch.setenv("EDGEPIPE_CACHE", str(finished.tmp / "cache"))
-    run = _copy_run(finished, tmp_path / "run")
+    run = copy_run(finished, tmp_path / "run")
     real_save = torch.save
 
     def full_disk(obj: Any, f: Any, *a: Any, **k: Any) -> None:
@@ -494,7 +344,7 @@ def test_a_read_only_run_folder_is_one_line_and_untouched(finished: Finished, tm
     import edgepipe.io
 
     monkeypatch.setenv("EDGEPIPE_CACHE", str(finished.tmp / "cache"))
-    run = _copy_run(finished, tmp_path / "run")
+    run = copy_run(finished, tmp_path / "run")
     before = tree(run)
 
     def refuse(*args: Any, dir: Any = None, **kwargs: Any) -> Any:  # noqa: A002 - mkstemp's own keyword
