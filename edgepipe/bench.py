@@ -298,6 +298,8 @@ def run_bench(run_dir: Path, profile: HardwareProfile, bench_cfg: BenchConfig, p
         ``rows`` (one per stage/runtime/dtype/batch; ``status`` is "measured", "host reference",
         "not run: ..." or "failed: ...").
     """
+    from edgepipe.models import check_artifact_trusted
+
     run_dir = Path(run_dir)
     progress = progress or (lambda *a: None)
     threads = threads or _default_threads(run_dir)
@@ -320,6 +322,7 @@ def run_bench(run_dir: Path, profile: HardwareProfile, bench_cfg: BenchConfig, p
             except Exception as e:  # noqa: BLE001 - a broken artifact gets a row saying why; the others still run
                 rows.append(_row(stage, _kind_of(folder), f"not run: {e}"))
                 continue
+            check_artifact_trusted(art)  # code a model.json names, not the user's config: refused, nothing written
             if digest in seen:
                 rows.append(_row(stage, art.kind, f"not run: same artifact as {seen[digest]}, measured there"))
                 continue
@@ -355,6 +358,9 @@ def bench_artifact(artifact_dir: Path, profile: HardwareProfile, bench_cfg: Benc
     bench_cfg = bench_cfg or BenchConfig()
     threads = threads or torch.get_num_threads()
     art = Artifact.load(artifact_dir)
+    from edgepipe.models import check_artifact_trusted
+
+    check_artifact_trusted(art)
     stage = artifact_dir.name
     with tempfile.TemporaryDirectory(prefix="edgepipe-bench-") as tmp:
         plans, rows = _plans_for(stage, art, profile, threads, _input_shape(art, None), Path(tmp))

@@ -15,10 +15,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from edgepipe import signals
 from edgepipe.errors import EdgepipeError
 from edgepipe.stage import STAGE_ORDER
 
 log = logging.getLogger("edgepipe")
+
+
+def _path_arg(text: str) -> Path | str:
+    """A path option; an empty one stays the empty string for _check_args to refuse (``Path("")`` is the current
+    folder: ``--run ""`` would silently write a run into it)."""
+    return Path(text) if text.strip() else text
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def run_args(sp: argparse.ArgumentParser, need_run: bool = True) -> None:
         # --run-dir: the same option under torchrun, whose own parser takes --run for an abbreviation of --run-path.
-        sp.add_argument("--run", "--run-dir", dest="run", type=Path, required=need_run,
+        sp.add_argument("--run", "--run-dir", dest="run", type=_path_arg, required=need_run,
                         help="run folder (e.g. runs/my-run); spell it --run-dir after `torchrun ... -m edgepipe`")
         sp.add_argument("--config", help="config YAML or shipped recipe name (digits); needed for a new run folder")
         sp.add_argument("--target", help="hardware profile name, alias or YAML path (see `edgepipe profiles`)")
@@ -43,24 +50,25 @@ def _parser() -> argparse.ArgumentParser:
         run_args(sp, need_run=name != "compile")
         sp.add_argument("--force", action="store_true", help="rerun even if config and input are unchanged")
         if name == "compile":
-            sp.add_argument("--onnx", type=Path, help="standalone: compile this ONNX file (e.g. from a deploy bundle)")
-            sp.add_argument("--out", type=Path, help="standalone: output folder")
+            sp.add_argument("--onnx", type=_path_arg,
+                            help="standalone: compile this ONNX file (e.g. from a deploy bundle)")
+            sp.add_argument("--out", type=_path_arg, help="standalone: output folder")
     sp = sub.add_parser("bench", help="measure every stage artifact across backends, dtypes and batch sizes")
     run_args(sp, need_run=False)
-    sp.add_argument("--artifact", type=Path, help="measure one artifact folder instead of a run")
+    sp.add_argument("--artifact", type=_path_arg, help="measure one artifact folder instead of a run")
     sp = sub.add_parser("compare", help="run the pipeline and the one-line baselines (scratch, PTQ, teacher "
                         "fp32/bf16/int8), measured side by side; writes BENCHMARKS.md/.json/.png")
     run_args(sp)
     sp.add_argument("--device", help="also compile for this device profile (e.g. jetson); its latency is an estimate")
     sp.add_argument("--data", help="override data.path (the ImageFolder root)")
     sp.add_argument("--teacher", help="override teacher.model.program (a torch.export .pt2 file)")
-    sp.add_argument("--out", type=Path, default=Path("."), help="folder for BENCHMARKS.md/.json/.png (default: .)")
+    sp.add_argument("--out", type=_path_arg, default=Path("."), help="folder for BENCHMARKS.md/.json/.png (default: .)")
     sp = sub.add_parser("import-results", help="merge a device's results.json (from a TensorRT bundle's "
                         "edgepipe_trt.py) into the run; the report shows it beside the estimate")
-    sp.add_argument("--run", type=Path, required=True, help="the run whose compile stage wrote the bundle")
-    sp.add_argument("results", type=Path, help="results.json written on the device")
+    sp.add_argument("--run", type=_path_arg, required=True, help="the run whose compile stage wrote the bundle")
+    sp.add_argument("results", type=_path_arg, help="results.json written on the device")
     sp = sub.add_parser("report", help="write report.md and report.html with plots")
-    sp.add_argument("--run", type=Path, required=True)
+    sp.add_argument("--run", type=_path_arg, required=True)
     sp = sub.add_parser("profiles", help="list hardware profiles; `profiles show NAME` for one")
     sp.add_argument("action", nargs="?", choices=["list", "show"], default="list")
     sp.add_argument("name", nargs="?")
@@ -74,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
                         "not measured) for a registered architecture or an ONNX file")
     src = sp.add_mutually_exclusive_group(required=True)
     src.add_argument("--arch", help="registered architecture (see `edgepipe models`), e.g. tv_resnet50")
-    src.add_argument("--onnx", type=Path, help="ONNX file; its layers are read from the graph (shape inference)")
+    src.add_argument("--onnx", type=_path_arg, help="ONNX file; its layers are read from the graph (shape inference)")
     sp.add_argument("--kwargs", default="{}", help='architecture kwargs as JSON, e.g. \'{"num_classes": 1000}\'')
     sp.add_argument("--input-shape", help="one image's shape C,H,W (needed with --arch), e.g. 3,224,224")
     sp.add_argument("--target", required=True, help="hardware profile name, alias or YAML path")
@@ -85,13 +93,47 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``edgepipe`` command (``argv`` None: the program's own arguments). SIGINT or SIGTERM at any moment: one
+    line naming what stopped and the command that resumes it, exit 130/143, no traceback (edgepipe.signals)."""
+    signals.quiet_telemetry()  # before anything imports openvino or nncf
+    signals.install()
+    words = list(sys.argv[1:] if argv is None else argv)
+    command = next((w for w in words if not w.startswith("-")), "")
+    code = 1
+    try:
+        try:
+            signals.arm()  # raises now for a signal that came while the program was starting
+            code = _main(argv)
+        finally:
+            signals.disarm()
+    except KeyboardInterrupt:  # one that came outside _main's own handling (parsing arguments, joining torchrun)
+        print(signals.line(command, words), file=sys.stderr)
+        code = 128 + (signals.received() or signal.SIGINT)
+    except Exception:
+        if signals.received() is None:
+            raise
+        # Native code turned the interruption into another error (a C extension's import: "ImportError: initialization
+        # failed"; OpenVINO's C++: RuntimeError): the interruption is what happened.
+        log.debug("the error the interruption became", exc_info=True)
+        print(signals.line(command, words), file=sys.stderr)
+        code = 128 + signals.received()
+    finally:
+        code = signals.finish(code, argv is None, command, words)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     from edgepipe import distributed
 
+    if "edgepipe.models" in sys.modules:  # each command trusts only the config it is given (not yet imported: empty)
+        sys.modules["edgepipe.models"].forget_trusted()
+
     try:
+        _check_args(args)  # empty values, a --run that is no run folder: before anything is created or joined
         launch = distributed.init_from_env()  # torchrun: join the process group; alone: None
     except EdgepipeError as e:
-        print(f"edgepipe: error: {e}", file=sys.stderr)
+        print(f"edgepipe: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     _setup_logging(args.verbose, launch)
     who = f"rank {launch.rank} of {launch.world_size}: " if launch else ""
@@ -107,16 +149,15 @@ def main(argv: list[str] | None = None) -> int:
             distributed.check_shared_run_folder(args.run)
             return _dispatch(args)
     except EdgepipeError as e:
-        print(f"edgepipe: error: {who}{e}", file=sys.stderr)
+        print(f"edgepipe: error: {who}{_one_line(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:  # read-only folder, disk full, a path that is a file: one line, never a traceback
         log.debug("where the OSError came from", exc_info=True)  # -v shows the traceback
-        print(f"edgepipe: error: {who}{_os_error_line(e)}", file=sys.stderr)
+        print(f"edgepipe: error: {who}{_one_line(_os_error_line(e))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"edgepipe: {who}interrupted; run the same command again to resume from the last checkpoint",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt:  # SIGINT or SIGTERM (edgepipe.signals): the stage is recorded interrupted
+        print(signals.line(args.command, sys.argv[1:] if argv is None else list(argv), who), file=sys.stderr)
+        return 128 + (signals.received() or signal.SIGINT)
     except distributed.Stopped:
         if distributed.is_main():  # one line for the launch, not one per rank
             print(f"edgepipe: {who}stopped by SIGTERM during {distributed.current_stage() or 'setup'} (torchrun stops "
@@ -138,6 +179,65 @@ def main(argv: list[str] | None = None) -> int:
         if launch is not None:  # torchrun's SIGTERM may still come while the process group shuts down
             signal.signal(signal.SIGTERM, _exit_quietly)
         distributed.shutdown()
+
+
+MAX_LINE = 1000  # characters of one error line: a message that quotes a huge value keeps its start and its advice
+
+
+def _one_line(text: str) -> str:
+    """An error message as one line of bounded length (its end, which says what to do, is kept)."""
+    text = " ".join(text.splitlines())
+    return text if len(text) <= MAX_LINE else f"{text[:MAX_LINE - 300]} ... {text[-290:]}"
+
+
+_EMPTY_HINT = {"run": "a run folder, e.g. runs/my-run",
+               "config": "a config YAML file or a shipped recipe name (digits)",
+               "target": "a hardware profile name, alias or YAML file (see `edgepipe profiles`)",
+               "artifact": "an artifact folder", "onnx": "an ONNX file", "out": "an output folder",
+               "results": "the results.json written on the device", "device": "a hardware profile name",
+               "data": "the ImageFolder root", "teacher": "a torch.export .pt2 file", "dtype": "a dtype, e.g. fp32",
+               "name": "a profile name"}
+# What a run being created holds before its manifest.json is written
+_OWN_FILES = {".edgepipe.lock", ".edgepipe-ranks", "config.yaml", "profile.yaml"}
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse, before anything is created, what would silently mean something else: an empty value (``--run ""`` is
+    the current folder, ``--target ""`` would keep the run's target) and a --run folder that is not a run folder
+    (a command must not turn a folder of other files into a run, nor leave its lock file in a folder it refuses)."""
+    positional = {"validate": "config", "import-results": "results", "profiles": "name"}.get(args.command)
+    for name, hint in _EMPTY_HINT.items():
+        value = getattr(args, name, None)
+        if isinstance(value, str) and not value.strip():
+            flag = name.upper() if name == positional else f"--{name}"
+            raise EdgepipeError(f"{flag} is empty; give {hint}")
+    run = getattr(args, "run", None)
+    if run is None or (args.command == "bench" and args.artifact):
+        return
+    if run.exists() and not run.is_dir():
+        raise EdgepipeError(f"{run}: is a file, not a run folder; give --run a folder path")
+    if (run / "manifest.json").is_file():
+        return
+    from edgepipe.io import LOCK_FILE, _lock_holder
+
+    if (run / LOCK_FILE).is_file() and _lock_holder(run / LOCK_FILE) is not None:
+        return  # a run being created by another command: run_lock says which PID holds it
+    entries = [p.name for p in run.iterdir()] if run.is_dir() else []
+    if args.command in ("run", "compare", *STAGE_ORDER) and args.config and args.target:  # a new run
+        others = [n for n in entries if n not in _OWN_FILES and not (n.startswith(".") and n.endswith(".tmp"))]
+        if others:
+            raise EdgepipeError(f"{run}: a folder that is not empty ({len(entries)} entries, e.g. {others[0]}) and "
+                                "not a run folder (no manifest.json); give --run a new or empty folder, or an existing "
+                                "run folder")
+        return
+    state = "is not a run folder (" + ("it does not exist)" if not run.exists() else "no manifest.json)")
+    advice = {"bench": "`edgepipe bench --run RUN` measures a run made by `edgepipe run`; to measure one artifact "
+                       "folder, `edgepipe bench --artifact DIR --target T`",
+              "report": "`edgepipe report --run RUN` reports a run made by `edgepipe run`; give its folder",
+              "import-results": "give --run the run whose compile stage wrote the deploy bundle"}
+    start = f"start it with `edgepipe {'compare' if args.command == 'compare' else 'run'} --config CONFIG --target " \
+            f"TARGET --run {run}`"
+    raise EdgepipeError(f"{run}: {state}; {advice.get(args.command, start)}")
 
 
 def _stop(signum: int, frame: object) -> None:
@@ -293,11 +393,35 @@ def _open_run_here(args: argparse.Namespace):
         return run
     if not (args.config and args.target) and not exists:
         raise EdgepipeError("a new run folder needs both --config and --target")
+    if exists and args.target:
+        from edgepipe.pipeline import read_manifest
+        from edgepipe.profiles import get_profile
+
+        if get_profile(args.target).name != read_manifest(args.run / "manifest.json")["target"]:
+            return _open_target_run(args)
     existing = Run.open(args.run) if not (args.config and args.target) else None
     config = load_config(args.config) if args.config else existing.config
     run = Run.create(args.run, config, args.target or existing.profile.name, write=False)
     preflight(run)
     run.write_files()
+    return run
+
+
+def _open_target_run(args: argparse.Namespace):
+    """A finished run given another --target: the target-dependent stages run in ``RUN/targets/<profile name>/``,
+    sharing the stages whose key does not change (edgepipe.pipeline.target_run); the run's own files stay as they
+    are. Proven (preflight) before anything is written, like any new config or target."""
+    from edgepipe.config import load_config
+    from edgepipe.pipeline import Run, preflight, target_run, write_target_run
+
+    parent = Run.open(args.run)
+    config = load_config(args.config) if args.config else parent.config
+    force = args.force if args.command == "run" else (args.command if args.force else None)
+    view, shared = target_run(parent, config, args.target, config_file=args.config, force=force)
+    preflight(view)
+    run = write_target_run(parent, view, shared, args.target)
+    log.info("target %s: %s in %s (sharing %s with %s)", run.profile.name, ", ".join(run.own_stages()) or "nothing",
+             run.root, ", ".join(shared) or "nothing", parent.root)
     return run
 
 
@@ -358,6 +482,7 @@ def _progress() -> Iterator:
     tasks: dict[str, int] = {}
 
     def update(task: str, done: int, total: int, values: dict[str, float]) -> None:
+        signals.check()  # an interruption a library swallowed stops the work at its next step
         vals = " ".join(f"{k}={v:.4g}" for k, v in values.items())
         if task not in tasks:
             tasks[task] = bars.add_task(task, total=total, values=vals)
@@ -386,10 +511,16 @@ def _profiles(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_ESTIMATE_BATCH = 65_536  # the estimate is arithmetic (nothing is allocated per image); a larger batch is a typo
+MAX_ESTIMATE_VALUES = 1 << 26  # one image's values: 256 MiB as fp32 before the first layer (e.g. 3,4096,4096 fits)
+
+
 def _estimate(args: argparse.Namespace) -> int:
     """`edgepipe estimate`: the calibrated latency ESTIMATE of one model on a target, with its assumptions."""
     import json
+    import math
 
+    from edgepipe.errors import short_repr
     from edgepipe.estimate import layer_estimate, model_layers, onnx_layers
     from edgepipe.profiles import get_profile
     from edgepipe.types import DType
@@ -402,8 +533,13 @@ def _estimate(args: argparse.Namespace) -> int:
             raise EdgepipeError(f"--input-shape {args.input_shape}: expected integers C,H,W, e.g. 3,224,224") from None
         if not shape or any(v < 1 for v in shape):
             raise EdgepipeError(f"--input-shape {args.input_shape}: every dimension must be >= 1")
-    if args.batch < 1:
-        raise EdgepipeError(f"--batch {args.batch}: must be >= 1")
+        if math.prod(shape) > MAX_ESTIMATE_VALUES:
+            raise EdgepipeError(f"--input-shape {args.input_shape}: {math.prod(shape):,} values per image, more than "
+                                f"the {MAX_ESTIMATE_VALUES:,} the layer count's forward pass may hold in memory; give "
+                                "one image's real shape, e.g. 3,224,224")
+    if args.batch < 1 or args.batch > MAX_ESTIMATE_BATCH:
+        raise EdgepipeError(f"--batch {args.batch}: must be between 1 and {MAX_ESTIMATE_BATCH:,} images per inference "
+                            "(no edge runtime takes more)")
     profile = get_profile(args.target)
     try:
         dtype = DType(args.dtype) if args.dtype else profile.compile_dtype(quantized=True)
@@ -420,7 +556,20 @@ def _estimate(args: argparse.Namespace) -> int:
             raise EdgepipeError(f"--kwargs: not valid JSON ({e.msg} at char {e.pos})") from None
         if not isinstance(kwargs, dict):
             raise EdgepipeError("--kwargs: expected a JSON object, e.g. '{\"num_classes\": 1000}'")
-        layers, what = model_layers(build_arch(args.arch, kwargs), shape), f"{args.arch} {'x'.join(map(str, shape))}"
+        from edgepipe.config import ModelSpec
+        from edgepipe.sizes import check_model
+
+        try:
+            check_model(ModelSpec(arch=args.arch, kwargs=kwargs), "--kwargs", trains=False)  # on meta: no storage
+            model = build_arch(args.arch, kwargs)
+        except EdgepipeError as e:  # sizes names the field as a config path: here it is the --kwargs option
+            raise EdgepipeError(str(e).replace("--kwargs.kwargs", "--kwargs")) from None
+        except Exception as e:  # noqa: BLE001 - a registered builder raises anything (RuntimeError, ValueError, ...)
+            first = (str(e).strip().splitlines() or [""])[0][:200]  # on a value it cannot take: all mean bad kwargs
+            raise EdgepipeError(f"--kwargs {short_repr(kwargs)}: architecture {args.arch} cannot be built with these "
+                                f"values ({type(e).__name__}: {first}); give sizes >= 1 (widths, classes, depths) "
+                                "and check each value") from None
+        layers, what = model_layers(model, shape), f"{args.arch} {'x'.join(map(str, shape))}"
     else:
         layers, what = onnx_layers(args.onnx, shape), str(args.onnx)
     result = {"model": what, "target": profile.name, **layer_estimate(profile, dtype, layers, args.batch)}
@@ -494,6 +643,11 @@ def _bench(args: argparse.Namespace) -> int:
     from edgepipe.bench import run_bench
     from edgepipe.pipeline import Run
 
+    if args.config:  # the user's own config: a factory or trust_pickle program it names may build the models
+        from edgepipe.config import load_config
+        from edgepipe.models import trust_config
+
+        trust_config(load_config(args.config))
     if args.artifact:
         from edgepipe.bench import bench_artifact
 

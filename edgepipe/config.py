@@ -1,15 +1,14 @@
 """The pipeline config: validated data with a default and a description on every field.
 
-A config file is YAML loaded with ``yaml.safe_load``; unknown keys are rejected with the file and
-field named. The resolved config (defaults filled in) is written to every run folder.
+A config file is YAML loaded safely (``edgepipe.yamlfile``: no recursive or alias-bomb values, no duplicate
+keys); unknown keys are rejected with the file and field named. The resolved config (defaults filled in) is written to every run folder.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from edgepipe.errors import EdgepipeError, format_validation_error
 from edgepipe.types import DType, Importance
@@ -77,6 +76,10 @@ class ModelSpec(_Strict):
         False, description="program: allow a .pt2 whose tensors or constants need full unpickling, which can run "
                            "code from the file (off: such a file is refused). Only for files from a trusted source.")
     factory: str | None = Field(None, description="Explicit 'module:function' returning an nn.Module.")
+    _origin: str | None = PrivateAttr(None)
+    """The run-folder file this spec was read from (its config.yaml, a model.json); None: given to this command.
+    A factory or trust_pickle from such a file is honoured only when the user's own config names the same
+    (edgepipe.models.check_trusted): a run folder is data, never code."""
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
@@ -273,17 +276,41 @@ def configs_dir() -> Path:
     return Path(str(resources.files("configs")))
 
 
+def resolve_config_path(name: str | Path) -> Path:
+    """The file ``--config NAME`` means: NAME itself when it is a file, else the shipped recipe ``NAME`` (a folder
+    is never a config, so a local ``digits/`` folder does not hide the ``digits`` recipe). When both could be meant,
+    a warning says which was used."""
+    import logging
+
+    p = Path(name)
+    plain = str(name) and "/" not in str(name) and not p.suffix
+    recipe = configs_dir() / f"{name}.yaml" if plain else None
+    if p.is_file():
+        if recipe is not None and recipe.is_file():
+            logging.getLogger("edgepipe").warning("config %s: using the file ./%s, not the shipped recipe of that name "
+                                                  "(%s)", name, p, recipe)
+        return p
+    if recipe is not None and recipe.is_file():
+        if p.exists():
+            logging.getLogger("edgepipe").warning("config %s: ./%s is a folder, not a config file; using the shipped "
+                                                  "recipe %s", name, p, recipe)
+        return recipe
+    recipes = ", ".join(sorted(f.stem for f in configs_dir().glob("*.yaml")))
+    if p.is_dir():
+        raise EdgepipeError(f"{p}: is a folder, not a config file; give the path of a YAML file or a shipped recipe "
+                            f"name ({recipes})")
+    if not p.exists():
+        raise EdgepipeError(f"{p}: config file not found; give the path of a YAML file or a shipped recipe name "
+                            f"({recipes})")
+    return p  # a pipe or device (e.g. /dev/stdin): read_yaml reads it, up to its size limit
+
+
 def load_config(path: str | Path) -> PipelineConfig:
-    """Load and validate a config YAML (or a shipped recipe by name, e.g. ``digits``)."""
-    p = Path(path)
-    if not p.exists() and (configs_dir() / f"{path}.yaml").exists():
-        p = configs_dir() / f"{path}.yaml"
-    try:
-        data = yaml.safe_load(p.read_text())
-    except FileNotFoundError:
-        raise EdgepipeError(f"{p}: config file not found; pass --config PATH or a shipped recipe name") from None
-    except yaml.YAMLError as e:
-        raise EdgepipeError(f"{p}: not valid YAML ({e.__class__.__name__}); fix the syntax") from None
+    """Load and validate a config YAML (or a shipped recipe by name, e.g. ``digits``; see resolve_config_path)."""
+    from edgepipe.yamlfile import read_yaml
+
+    p = resolve_config_path(path)
+    data = read_yaml(p, "config file")
     if not isinstance(data, dict):
         raise EdgepipeError(f"{p}: expected a mapping of config sections, got {type(data).__name__}")
     return validate_config(data, p)

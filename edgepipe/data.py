@@ -261,6 +261,14 @@ def data_fingerprint(cfg: DataConfig) -> str:
 def load_data(cfg: DataConfig, seed: int = 0, channels: int | None = None) -> Batches:
     """Load the dataset a config names; ``channels`` (1 or 3) when ``data.channels`` is not set (default 3)."""
     want = cfg.channels or channels or (1 if cfg.kind == "digits" else 3)
+    if cfg.image_size:  # refused before a single image is resized to it
+        from edgepipe.sizes import check_input
+
+        size = (want, cfg.image_size, cfg.image_size)
+        if cfg.kind == "digits":
+            check_input("data.image_size", 1797, size, "lower data.image_size (the digits are 8x8)",
+                        "the digits set of")
+        check_input("data.image_size", 1, size, "lower data.image_size", "even a batch of")
     if cfg.kind == "digits":
         bundle = _digits(cfg, seed)
         if want == 3:
@@ -301,8 +309,13 @@ def _digits(cfg: DataConfig, seed: int) -> DataBundle:
 
 
 def run_data(config: PipelineConfig) -> Batches:
-    """The data of a run: ``data.channels``, or as many channels as the teacher's first layer takes."""
-    return load_data(config.data, seed=config.seed, channels=teacher_channels(config))
+    """The data of a run: ``data.channels``, or as many channels as the teacher's first layer takes. Every batch the
+    run's settings cut from it must fit in memory (edgepipe.sizes.check_batches), checked before one is cut."""
+    from edgepipe.sizes import check_batches
+
+    data = load_data(config.data, seed=config.seed, channels=teacher_channels(config))
+    check_batches(config, data.train_size, data.val_size, tuple(data.input_shape))
+    return data
 
 
 _CHANNELS: dict[str, int | None] = {}
@@ -319,8 +332,11 @@ def teacher_channels(config: PipelineConfig) -> int | None:
             found = spec.kwargs["in_channels"]
         else:
             from edgepipe.models import build_from_spec
+            from edgepipe.sizes import meta_model
 
-            found = next((m.in_channels for m in build_from_spec(spec).modules()
+            # a registered architecture on the meta device: its shapes, before its size is checked (edgepipe.sizes)
+            model = meta_model(spec, "teacher.model") if spec.arch else build_from_spec(spec)
+            found = next((m.in_channels for m in model.modules()
                           if isinstance(getattr(m, "in_channels", None), int)), None)
             if found is None and spec.arch:
                 found = 3  # a registered architecture without in_channels kwarg: torchvision's RGB models
@@ -375,20 +391,79 @@ class Listing:
     paths: list[str]
     targets: list[int]
     classes: list[str]
+    repeated: list[list[str]] = field(default_factory=list)
+    """[path, why] of every folder or file reached a second time (a symlink loop, a file linked twice): not listed."""
 
 
 def list_split(root: Path) -> Listing:
-    """``root/<class>/<image>`` as torchvision's ImageFolder lists it (sorted classes, image extensions only)."""
-    from torchvision.datasets import ImageFolder
+    """``root/<class>/<image>`` as torchvision's ImageFolder lists it (sorted classes, image extensions only,
+    symlinks followed), except that every folder and file is read once: a folder reached again through a symlink
+    (a loop, or two links to one folder) is not entered again and a file reached twice (the same device and inode,
+    e.g. a symlink or hard link to an image already listed) is listed once. ImageFolder follows a loop until the
+    path is too long, which counted digits' 1,437 training images as 6,877; what was left out is warned about and
+    recorded (``repeated``)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
 
     if not root.is_dir():
         raise EdgepipeError(f"{root}: image folder not found; data.path must hold the train/val split folders")
-    try:
-        ds = ImageFolder(str(root), loader=_open_raw)
-    except FileNotFoundError as e:  # no class folders, or a class folder without a single image file
-        raise EdgepipeError(f"{root}: {str(e).rstrip('.')}; every class needs a sub-folder holding at least one "
-                            "image (.jpg, .png, ...)") from None
-    return Listing(root, [p for p, _ in ds.samples], list(ds.targets), list(ds.classes))
+    every = "every class needs a sub-folder holding at least one image (.jpg, .png, ...)"
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    if not classes:
+        raise EdgepipeError(f"{root}: no class folder found; {every}")
+    seen_dirs: dict[tuple[int, int], str] = {}
+    seen_files: dict[tuple[int, int], str] = {}
+    repeated: list[list[str]] = []
+    paths: list[str] = []
+    targets: list[int] = []
+    for k, name in enumerate(classes):
+        found: list[tuple[str, list[str]]] = []
+        for folder, dirs, files in os.walk(root / name, followlinks=True):
+            st = os.stat(folder)
+            seen_dirs.setdefault((st.st_dev, st.st_ino), folder)
+            keep = []
+            for d in sorted(dirs):
+                sub = os.path.join(folder, d)
+                try:
+                    st = os.stat(sub)
+                except OSError:
+                    continue
+                first = seen_dirs.get((st.st_dev, st.st_ino))
+                if first is None:
+                    seen_dirs[(st.st_dev, st.st_ino)] = sub
+                    keep.append(d)
+                else:
+                    loop = (sub + os.sep).startswith(first + os.sep)
+                    how = "a symlink loop back to" if loop else "the same folder as"
+                    repeated.append([os.path.relpath(sub, root), f"{how} {os.path.relpath(first, root)}"])
+            dirs[:] = keep
+            found.append((folder, files))
+        for folder, files in sorted(found):  # ImageFolder's order: sorted folders, then sorted files
+            for fname in sorted(files):
+                path = os.path.join(folder, fname)
+                if not path.lower().endswith(IMG_EXTENSIONS):
+                    continue
+                try:
+                    st = os.stat(path)
+                except OSError:  # e.g. a broken symlink: listed, and reported as unreadable when decoded
+                    st = None
+                first = seen_files.get((st.st_dev, st.st_ino)) if st else None
+                if first is not None:
+                    repeated.append([os.path.relpath(path, root), f"the same file as {os.path.relpath(first, root)}"])
+                    continue
+                if st:
+                    seen_files[(st.st_dev, st.st_ino)] = path
+                paths.append(path)
+                targets.append(k)
+    listed = set(targets)
+    empty = [c for k, c in enumerate(classes) if k not in listed]
+    if empty:
+        raise EdgepipeError(f"{root}: found no image file for the class(es) {', '.join(empty)}; {every}")
+    if repeated:
+        files = sum(why.startswith("the same file") for _, why in repeated)
+        log.warning("%s: %d path(s) skipped as reached more than once (%d folder(s) through symlinks, %d file(s) "
+                    "linked twice; first: %s, %s): each file is read and counted once (recorded in the run's data "
+                    "notes)", root, len(repeated), len(repeated) - files, files, *repeated[0])
+    return Listing(root, paths, targets, classes, repeated)
 
 
 def decode_file(path: str, channels: int, size: int | None, crop_fraction: float = 1.0) -> tuple[torch.Tensor, str]:
@@ -435,6 +510,7 @@ def _decode_split(root: Path, size: int | None, channels: int = 3, strict: bool 
         try:
             with np.load(cache, allow_pickle=False) as z:
                 images, labels, notes = z["images"], z["labels"], json.loads(str(z["notes"]))
+            notes["repeated"] = ds.repeated  # from this listing: the cache is keyed by the files listed
             _warn_skipped(root, notes, cached=True)
             return images, labels, list(ds.classes), notes
         except Exception as e:  # noqa: BLE001 - a damaged cache file is decoded again, never trusted
@@ -465,7 +541,7 @@ def _decode_split(root: Path, size: int | None, channels: int = 3, strict: bool 
         raise EdgepipeError(f"{root / empty[0]}: none of its {int((targets == ds.classes.index(empty[0])).sum())} "
                             f"image file(s) could be read; replace them or remove the class folder")
     images = images[: len(keep)] if images is not None else np.empty((0, channels, 1, 1), np.uint8)
-    notes = {"images": len(keep), "modes": modes, "channels": channels, "skipped": skipped}
+    notes = {"images": len(keep), "modes": modes, "channels": channels, "skipped": skipped, "repeated": ds.repeated}
     _warn_skipped(root, notes, cached=False)
     _write_cache(cache, lambda p: np.savez(p.open("wb"), images=images, labels=labels, notes=np.array(json.dumps(notes))))
     return images, labels, list(ds.classes), notes
@@ -517,7 +593,11 @@ def _imagefolder(cfg: DataConfig, seed: int, channels: int) -> Batches:
     root = Path(cfg.path)  # type: ignore[arg-type]
     train, val = list_split(root / cfg.train_split), list_split(root / cfg.val_split)
     if train.classes != val.classes:
-        raise EdgepipeError(f"{root}: class folders of {cfg.train_split}/ and {cfg.val_split}/ differ")
+        only = [f"only in {split}/: {', '.join(sorted(set(a) - set(b)))}" for split, a, b in
+                ((cfg.train_split, train.classes, val.classes), (cfg.val_split, val.classes, train.classes))
+                if set(a) - set(b)]
+        raise EdgepipeError(f"{root}: class folders of {cfg.train_split}/ and {cfg.val_split}/ differ "
+                            f"({'; '.join(only)}); give both splits the same class folders")
     stream, reason = _streaming_choice(cfg, train, val, channels)
     if stream:
         return _streamed_imagefolder(cfg, seed, channels, train, val, reason)
@@ -793,7 +873,8 @@ def _check_split(listing: Listing, cfg: DataConfig, channels: int, workers: int,
                             "class folder")
     files.paths, files.labels = files.paths[keep], labels
     w, h = (int(v) for v in next(iter(sizes)).split("x"))
-    notes = {"images": len(keep), "modes": modes, "channels": channels, "skipped": skipped}
+    notes = {"images": len(keep), "modes": modes, "channels": channels, "skipped": skipped,
+             "repeated": listing.repeated}
     _warn_skipped(root, notes, cached=found is not None)
     return files, (h, w), notes
 

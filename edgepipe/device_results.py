@@ -8,6 +8,7 @@ ONNX) and stores it as ``RUN/device/<target>.json``; the report shows it beside 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ from edgepipe import formatting as fmt
 from edgepipe.backends.tensorrt_device import SCHEMA, sha256
 from edgepipe.errors import EdgepipeError
 from edgepipe.io import atomic_write_json
+from edgepipe.profiles import all_profiles
+from edgepipe.types import ArtifactKind
 
 DEVICE_DIR = "device"
 _TIMING_KEYS = ("batch", "p50_ms", "p90_ms", "p99_ms", "images_per_s", "warmup", "iterations")
@@ -34,19 +37,44 @@ def load_results(path: Path) -> dict[str, Any]:
                             "edgepipe_trt.py")
     for section in ("latency", "throughput"):
         rec = data.get(section)
-        missing = [k for k in _TIMING_KEYS if not isinstance(rec, dict) or not isinstance(rec.get(k), (int, float))]
-        if missing:
-            raise EdgepipeError(f"{path}: {section}.{missing[0]} is missing or not a number; rerun edgepipe_trt.py bench")
+        if not isinstance(rec, dict):
+            raise EdgepipeError(f"{path}: {section} is missing; rerun edgepipe_trt.py bench")
+        for key in _TIMING_KEYS:  # a figure the report shows as measured on the device: finite, not negative
+            _check_number(path, f"{section}.{key}", rec.get(key), whole=key in _COUNTS, least=_LEAST.get(key, 0))
+        for key in _OPTIONAL_FIGURES:
+            if key in rec:
+                _check_number(path, f"{section}.{key}", rec[key])
     for key in ("tensorrt_version", "target"):
         if not isinstance(data.get(key), str):
             raise EdgepipeError(f"{path}: '{key}' is missing; rerun edgepipe_trt.py bench with this bundle")
     if not isinstance((data.get("engine") or {}).get("onnx_sha256"), str):
         raise EdgepipeError(f"{path}: engine.onnx_sha256 is missing; rerun edgepipe_trt.py bench with this bundle")
     acc = data.get("accuracy")
-    if acc is not None and not (isinstance(acc, dict) and isinstance(acc.get("top1"), (int, float))
-                                and 0 <= acc["top1"] <= 1):
+    if acc is not None and not (isinstance(acc, dict) and _is_number(acc.get("top1")) and 0 <= acc["top1"] <= 1):
         raise EdgepipeError(f"{path}: accuracy.top1 must be a fraction in [0, 1]; rerun edgepipe_trt.py bench")
+    if acc is not None and "images" in acc:
+        _check_number(path, "accuracy.images", acc["images"], whole=True, least=1)
     return data
+
+
+_COUNTS = ("batch", "warmup", "iterations")
+_LEAST = {"batch": 1, "iterations": 1}
+_OPTIONAL_FIGURES = ("mean_ms", "end_to_end_p50_ms")
+
+
+def _is_number(value: Any) -> bool:
+    """A finite JSON number; ``true``/``false`` are not numbers (Python's bool is an int), nor are NaN and
+    Infinity, which Python's json module reads although JSON has no such literals."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_number(path: Path, field: str, value: Any, whole: bool = False, least: int = 0) -> None:
+    if _is_number(value) and value >= least and (not whole or isinstance(value, int)):
+        return
+    found = "missing" if value is None else json.dumps(value)[:40]  # as the file spells it: NaN, true, -1
+    what = "a whole number" if whole else "a finite number"
+    raise EdgepipeError(f"{path}: {field} is {found}, expected {what} >= {least}; the file is damaged or not from "
+                        "edgepipe_trt.py: copy results.json from the device again, or rerun edgepipe_trt.py bench")
 
 
 def import_results(run_dir: Path, path: Path) -> Path:
@@ -61,14 +89,27 @@ def import_results(run_dir: Path, path: Path) -> Path:
     bundle = run_dir / "compile"
     artifact_file = bundle / "artifact.json"
     try:
-        artifact = json.loads(artifact_file.read_text())
+        artifact = json.loads(artifact_file.read_bytes())
+        if not isinstance(artifact, dict):
+            raise ValueError("not an object")
     except (FileNotFoundError, ValueError):
         raise EdgepipeError(f"{artifact_file}: no compiled artifact; run `edgepipe run --run {run_dir}` for the "
                             "TensorRT target first") from None
-    target = (artifact.get("meta") or {}).get("target")
-    if target != data["target"]:
-        raise EdgepipeError(f"{path}: results are for target {data['target']!r}, but {run_dir} compiled for "
-                            f"{target!r}; import them into the run that made that bundle")
+    meta = artifact.get("meta") if isinstance(artifact.get("meta"), dict) else {}
+    run_target = _run_target(run_dir)
+    built_for = meta.get("target") or run_target
+    if data["target"] not in {*all_profiles(), run_target} or Path(data["target"]).name != data["target"]:
+        raise EdgepipeError(f"{path}: target {data['target'][:80]!r} is not a known hardware profile (`edgepipe "
+                            "profiles` lists them); copy results.json from the device again")
+    if artifact.get("kind") != ArtifactKind.TENSORRT_BUNDLE.value:
+        other = run_dir / "targets" / data["target"]
+        hint = f" ({other} has one)" if (other / "compile" / "artifact.json").is_file() else ""
+        raise EdgepipeError(f"{run_dir} has no TensorRT deploy bundle: its compile stage built "
+                            f"{str(artifact.get('kind'))[:40]!r} for target {built_for}; import {path} into the run "
+                            f"that made the bundle{hint}")
+    if built_for != data["target"]:
+        raise EdgepipeError(f"{path}: results are for target {data['target']!r}, but the deploy bundle of {run_dir} "
+                            f"was built for {built_for!r}; import them into the run that made that bundle")
     onnx = bundle / "model.onnx"
     if onnx.is_file() and sha256(onnx) != data["engine"]["onnx_sha256"]:
         raise EdgepipeError(f"{path}: the engine was built from another ONNX than {onnx} (sha256 differs): the "
@@ -76,6 +117,15 @@ def import_results(run_dir: Path, path: Path) -> Path:
     out = run_dir / DEVICE_DIR / f"{data['target']}.json"
     atomic_write_json(out, {**data, "imported_from": str(Path(path).resolve())})
     return out
+
+
+def _run_target(run_dir: Path) -> str | None:
+    """The target in the run's manifest.json (None when it cannot be read: the bundle's own record decides)."""
+    try:
+        target = json.loads((run_dir / "manifest.json").read_bytes()).get("target")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return target if isinstance(target, str) else None
 
 
 def device_blocks(run_dir: Path, rows: list[dict[str, Any]]) -> list[tuple]:

@@ -214,7 +214,10 @@ def _load_shards(folder: Path, store: dict[bytes, torch.Tensor]) -> int:
 def _openvino_request(teacher: nn.Module, example: torch.Tensor) -> Any:
     import openvino as ov
 
-    model = ov.convert_model(teacher, example_input=example, input=[(-1, *example.shape[1:])])
+    from edgepipe import signals
+
+    with signals.deferred():  # the PyTorch frontend calls Python from C++: a Ctrl-C there becomes a RuntimeError
+        model = ov.convert_model(teacher, example_input=example, input=[(-1, *example.shape[1:])])
     compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
                                                       "INFERENCE_NUM_THREADS": torch.get_num_threads()})
     return compiled.create_infer_request()

@@ -36,17 +36,20 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
     path = Path(path)
     if not is_main_process():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a run's files follow the user's umask like any other
+    from edgepipe import signals
 
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with signals.deferred():  # a Ctrl-C stops the command after this write, never between mkstemp and the cleanup
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a run's files follow the user's umask
+
+            write(Path(tmp))
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return path
 
 
@@ -94,6 +97,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         raise EdgepipeError(f"{run_dir}: is a file, not a run folder; give --run a folder path")
     created = not run_dir.exists()
     path = run_dir / LOCK_FILE
+    lock_created, held = not path.exists(), False
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
@@ -107,11 +111,14 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             pid = _lock_holder(path)
             raise EdgepipeError(f"{run_dir}: another edgepipe command{f' (PID {pid})' if pid else ''} is writing to "
                                 "this run folder; wait for it to finish or stop it, then run this again") from None
+        held = True
         yield
     except BaseException:
         if created and [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:  # a new run that wrote nothing
             path.unlink()
             run_dir.rmdir()
+        elif held and lock_created and not (run_dir / "manifest.json").exists():  # a folder that is no run: as it was
+            path.unlink(missing_ok=True)
         raise
     finally:
         os.close(fd)  # closing the descriptor releases the lock

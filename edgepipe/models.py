@@ -9,6 +9,7 @@ architecture and its layers resized to the saved shapes (see ``restore_shapes``)
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import importlib
 import json
@@ -61,6 +62,9 @@ class CifarResNet(nn.Module):
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
             raise EdgepipeError(f"cifar_resnet: depth must be 6n+2 and >= 8 (20, 32, 44, 56, 110), got {depth}")
+        for name, value in (("width", width), ("num_classes", num_classes), ("in_channels", in_channels)):
+            if isinstance(value, int) and value < 1:
+                raise EdgepipeError(f"cifar_resnet: {name} must be >= 1, got {value}")
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
@@ -204,6 +208,9 @@ def build_arch(arch: str, kwargs: dict[str, Any]) -> nn.Module:
         return ARCHITECTURES[arch](**kwargs)
     except TypeError as e:
         raise EdgepipeError(f"architecture '{arch}': bad kwargs {kwargs} ({e})") from None
+    except (RuntimeError, ValueError, ZeroDivisionError) as e:  # torch's layers reject e.g. a negative channel count
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise EdgepipeError(f"architecture '{arch}': kwargs {kwargs} rejected ({type(e).__name__}: {first})") from None
 
 
 def resolve_factory(ref: str) -> Callable[..., nn.Module]:
@@ -288,8 +295,119 @@ def load_program(path: Path, trust_pickle: bool = False) -> torch.export.Exporte
         raise EdgepipeError(f"{path}: not a torch.export program ({type(e).__name__}: {str(e)[:200]})") from None
 
 
+# --- what may run code: a factory or trust_pickle, only from the user's own config ------------------------------
+_TRUSTED: set[str] = set()
+"""Trust keys (``_trust_key``) of the factories and trust_pickle programs this command may honour when a file in a
+run folder names them: those of a config the user gave it (``trust_config``) and the builds this process saved."""
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _file_digest(path: Path) -> str:
+    try:
+        st = path.stat()
+    except OSError:
+        return f"missing:{path}"
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def _trust_key(spec: ModelSpec) -> str | None:
+    """What must be trusted for ``spec`` to build: a factory with its kwargs, or the very bytes of a program to
+    unpickle (a run folder's copy of it may have been swapped). None: it runs no code from anywhere (a registered
+    architecture, or a program loaded by ``load_program``'s restricted loader)."""
+    if spec.factory:
+        return json.dumps({"factory": spec.factory, "kwargs": spec.kwargs}, sort_keys=True, default=str)
+    if spec.program and spec.trust_pickle:
+        return f"program-sha256:{_file_digest(Path(spec.program))}"
+    return None
+
+
+def trust(spec: ModelSpec) -> None:
+    """Honour ``spec``'s factory or trust_pickle when a run-folder file names the same this command."""
+    key = _trust_key(spec)
+    if key is not None:
+        _TRUSTED.add(key)
+
+
+def trust_config(config: Any) -> None:
+    """Trust the models of a config the user gave this command (a ``PipelineConfig``); a config read back from a
+    run folder (its specs carry their origin) trusts nothing."""
+    for spec in (config.teacher.model, config.distill.student):
+        if spec._origin is None:
+            trust(spec)
+
+
+def forget_trusted() -> None:
+    """Start a command trusting nothing (edgepipe.cli.main)."""
+    _TRUSTED.clear()
+
+
+def from_run_folder(spec: ModelSpec, origin: str | Path) -> ModelSpec:
+    """Mark ``spec`` as read from ``origin``, a file in a run folder (see ``check_trusted``)."""
+    spec._origin = str(origin)
+    return spec
+
+
+def check_trusted(spec: ModelSpec) -> None:
+    """Refuse a factory or trust_pickle read from a run folder unless the user's config for this command names it.
+
+    A run folder is data that travels between machines and people (and back from a device); a ``model.json`` or a
+    ``config.yaml`` in it naming ``os:system`` must not run it. Specs given in code or in the user's config (no
+    ``_origin``) pass; so do registered architectures and programs loaded without trust_pickle."""
+    if spec._origin is None:
+        return
+    key = _trust_key(spec)
+    if key is None or key in _TRUSTED:
+        return
+    if spec.factory:
+        raise EdgepipeError(f"{spec._origin} names factory {spec.factory[:200]!r} (kwargs {str(spec.kwargs)[:200]}): "
+                            "edgepipe runs code only from a config you give this command, never from a run folder; "
+                            "if you trust it, rerun with --config FILE that names this factory")
+    raise EdgepipeError(f"{spec._origin} sets trust_pickle: true for {spec.program}: edgepipe unpickles a program only "
+                        "when a config you give this command says so for that very file; if you trust it, rerun with "
+                        "--config FILE naming it with trust_pickle: true")
+
+
+def artifact_spec(artifact: Artifact) -> tuple[dict[str, Any], ModelSpec]:
+    """A torch artifact's model.json and the ModelSpec it names (marked as read from the run folder)."""
+    path = artifact.path("build")
+    try:
+        desc = json.loads(path.read_bytes())
+        spec = _build_spec(desc["build"], artifact.root)
+    except (ValueError, TypeError, KeyError) as e:  # ValueError: JSON, UTF-8 and pydantic's ValidationError
+        raise EdgepipeError(f"{path}: damaged model description ({type(e).__name__}); rerun the stage that wrote "
+                            "it with --force") from None
+    return desc, from_run_folder(spec, path)
+
+
+def _build_spec(build: dict[str, Any], root: Path) -> ModelSpec:
+    """The ModelSpec of a model.json ``build`` (a program's path is relative to the artifact's folder)."""
+    build = dict(build)
+    if build.get("program") and not Path(build["program"]).is_absolute():
+        build["program"] = str(root / build["program"])  # copied into the stage folder
+    return ModelSpec.model_validate({k: v for k, v in build.items() if k in ModelSpec.model_fields and k != "weights"})
+
+
+def check_artifact_trusted(artifact: Artifact) -> None:
+    """``check_trusted`` for a torch artifact's model.json, before anything is built or written."""
+    if artifact.kind is not ArtifactKind.TORCH:
+        return
+    try:
+        spec = artifact_spec(artifact)[1]
+    except EdgepipeError:
+        return  # damaged: whatever loads it gets that error (the engine redoes the stage)
+    check_trusted(spec)
+
+
 def build_from_spec(spec: ModelSpec) -> nn.Module:
     """Build the model a config's ModelSpec describes (weights loaded when given)."""
+    check_trusted(spec)
     if spec.program:
         p = Path(spec.program)
         if not p.exists():
@@ -308,6 +426,10 @@ def build_from_spec(spec: ModelSpec) -> nn.Module:
         raise EdgepipeError(f"{spec.factory or spec.arch}: returned {type(model).__name__}, not an nn.Module")
     if spec.weights:
         sd = load_state_dict_file(spec.weights)
+        broken = first_non_finite(sd)
+        if broken is not None:  # a NaN teacher scores chance and passes NaN soft targets on: refuse it here
+            raise EdgepipeError(f"{spec.weights}: tensor '{broken}' holds NaN or inf values (damaged weights, or saved "
+                                "from a training that diverged); give a weights file whose tensors are all finite")
         try:
             model.load_state_dict(sd)
         except RuntimeError as e:
@@ -368,17 +490,15 @@ def save_torch_artifact(model: nn.Module, build: dict[str, Any], out_dir: Path, 
                    dtype=DType.INT8 if quantization else DType.FP32,
                    meta={"input_shape": list(input_shape), "num_classes": num_classes, **(meta or {})})
     art.save()
+    with contextlib.suppress(ValueError, TypeError):  # a build no one can load back needs no trust either
+        trust(_build_spec(build, out_dir))  # what this process built and saved, it may load back
     return art
 
 
 def load_torch_artifact(artifact: Artifact) -> nn.Module:
     """Rebuild the nn.Module of a torch artifact (eval mode)."""
-    desc = json.loads(artifact.path("build").read_text())
-    build = dict(desc["build"])
-    if build.get("program") and not Path(build["program"]).is_absolute():
-        build["program"] = str(artifact.root / build["program"])  # copied into the stage folder
-    spec = ModelSpec.model_validate({k: v for k, v in build.items() if k in ModelSpec.model_fields and k != "weights"})
-    model = build_from_spec(spec)
+    desc, spec = artifact_spec(artifact)
+    model = build_from_spec(spec)  # refuses a factory or trust_pickle the user did not give this command
     state = load_state_dict_file(artifact.path("model"))
     restore_shapes(model, state)
     if desc.get("quantization"):
@@ -390,15 +510,51 @@ def load_torch_artifact(artifact: Artifact) -> nn.Module:
     return model.eval()
 
 
+def first_non_finite(state: dict[str, Any]) -> str | None:
+    """The name of the first floating-point tensor of ``state`` holding NaN or inf (None when all are finite)."""
+    return next((k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+                 and not v.is_meta and not bool(torch.isfinite(v).all())), None)
+
+
+def fixed_batch(model: nn.Module) -> int | None:
+    """The batch size a torch.export program was captured with when its batch dimension is static (None: dynamic,
+    or not a program)."""
+    if not isinstance(model, ExportedProgramModel):
+        return None
+    graph = getattr(model.program, "graph", None)
+    for node in graph.nodes if graph is not None else ():
+        val = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(val, torch.Tensor) and val.ndim >= 1:
+            return val.shape[0] if type(val.shape[0]) is int else None
+    return None
+
+
 def check_fits(model: nn.Module, field: str, input_shape: tuple[int, ...], num_classes: int) -> None:
-    """One forward pass on a dummy batch: the model must take the data's images and give one logit per class."""
+    """Forward passes on dummy batches of 1 and 2 (the pipeline runs batch 1 for latency and its batch sizes for the
+    rest): the model must have finite weights, take the data's images at any batch size and return one logits
+    tensor [N, classes]."""
     model.eval()
-    try:
-        with torch.no_grad():
-            out = model(torch.zeros(2, *input_shape))
-    except Exception as e:  # noqa: BLE001 - any failure here means the model and data don't match
-        raise EdgepipeError(f"{field}: does not accept inputs of shape {list(input_shape)} "
-                            f"from data ({type(e).__name__}: {str(e).splitlines()[0]}); check in_channels/image_size") from None
-    if out.ndim != 2 or out.shape[1] != num_classes:
-        raise EdgepipeError(f"{field}: outputs shape {list(out.shape)}, but the data has {num_classes} classes; "
-                            "set num_classes in the model kwargs")
+    broken = first_non_finite(model.state_dict())
+    if broken is not None:
+        raise EdgepipeError(f"{field}: weight tensor '{broken}' holds NaN or inf values (damaged weights, or saved "
+                            "from a training that diverged); give a model whose weights are all finite")
+    batch = fixed_batch(model)
+    if batch is not None:
+        raise EdgepipeError(f"{field}: the program was exported with a fixed batch of {batch}, but edgepipe runs it at "
+                            "batch 1 and at the data's batch sizes; re-export it with a dynamic batch dimension "
+                            "(torch.export.export(..., dynamic_shapes=({0: torch.export.Dim('batch')},)))")
+    for n in (1, 2):
+        try:
+            with torch.no_grad():
+                out = model(torch.zeros(n, *input_shape))
+        except Exception as e:  # noqa: BLE001 - any failure here means the model and data don't match
+            raise EdgepipeError(f"{field}: does not accept inputs of shape {list(input_shape)} from data "
+                                f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}); check "
+                                "in_channels/image_size") from None
+        if not isinstance(out, torch.Tensor):
+            raise EdgepipeError(f"{field}: returns a {type(out).__name__}, not one tensor; the model must return one "
+                                f"logits tensor [N, {num_classes}] (return only the logits from forward, or re-export "
+                                "a wrapper that does)")
+        if out.ndim != 2 or out.shape[1] != num_classes or out.shape[0] != n:
+            raise EdgepipeError(f"{field}: outputs shape {list(out.shape)} for a batch of {n}, but the data has "
+                                f"{num_classes} classes; set num_classes in the model kwargs (logits [N, classes])")

@@ -35,6 +35,53 @@ MAX_OPSET = 20
 """Highest opset of the TorchScript exporter (torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)."""
 
 
+MIN_OPSET = 17
+"""export.opset's lower bound (edgepipe.config.ExportConfig)."""
+
+
+def check_opset(opset: int) -> None:
+    """``export.opset`` against what this installation exports and runs: the TorchScript exporter (the one that
+    writes Q/DQ), the onnx package (checker, shape inference) and onnxruntime (the export check, the ORT backend).
+    Called before a run changes anything; a 99 would otherwise fail only after qat was retrained."""
+    from torch.onnx import _constants
+
+    torch_max = min(MAX_OPSET, getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", MAX_OPSET))
+    onnx_max = onnx.defs.onnx_opset_version()
+    high = min(torch_max, onnx_max)
+    while high >= MIN_OPSET and not _ort_runs_opset(high):
+        high -= 1
+    if not MIN_OPSET <= opset <= high:
+        import onnxruntime as ort
+
+        raise EdgepipeError(f"export.opset: {opset} is not supported here; this installation exports and runs opsets "
+                            f"{MIN_OPSET}..{high} (torch {torch.__version__}'s TorchScript exporter up to {torch_max}, "
+                            f"onnx {onnx.__version__} up to {onnx_max}, onnxruntime {ort.__version__}); set export.opset "
+                            f"to one of those ({MIN_OPSET} is the default)")
+
+
+_ORT_OPSETS: dict[int, bool] = {}
+
+
+def _ort_runs_opset(opset: int) -> bool:
+    """Whether onnxruntime loads a one-node model stamped with ``opset`` (cached per process)."""
+    if opset not in _ORT_OPSETS:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "opset", [x], [y])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        try:
+            ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            _ORT_OPSETS[opset] = True
+        except Exception:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph types for an unknown opset
+            _ORT_OPSETS[opset] = False
+    return _ORT_OPSETS[opset]
+
+
 def export_onnx(model: nn.Module, input_shape: tuple[int, ...], opset: int) -> onnx.ModelProto:
     """Export with input ``input`` and output ``logits``, dynamic batch on both."""
     if opset > MAX_OPSET:

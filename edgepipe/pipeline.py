@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from edgepipe import distributed
+from edgepipe import distributed, signals
 from edgepipe import stage as stages
 from edgepipe.artifacts import Artifact
 from edgepipe.config import PipelineConfig, load_config
@@ -76,6 +76,40 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def check_run_trusted(run: Run) -> None:
+    """Refuse, before anything is built or written, a factory or trust_pickle that a file in ``run``'s folder names
+    and this command's own config does not (edgepipe.models.check_trusted): the folder's config.yaml when the run was
+    opened without --config, and the model.json of every torch artifact the command would load. Opened without
+    --config, that is every recorded one; with --config, those of the stages it would reuse (recorded key equal to
+    the key under the new config): a stage the new config changes is redone, so its old model.json is never loaded."""
+    from edgepipe.models import check_artifact_trusted, check_trusted
+
+    specs = (run.config.teacher.model, run.config.distill.student)
+    for spec in specs:
+        check_trusted(spec)
+    from_folder = any(spec._origin is not None for spec in specs)
+    for entry in run.manifest["stages"]:
+        if entry.get("status") not in ("done", "skipped") or not isinstance(entry.get("artifact_dir"), str):
+            continue
+        if not from_folder and not _reused(run, entry):
+            continue
+        try:
+            art = Artifact.load(run.root / entry["artifact_dir"])
+        except EdgepipeError:
+            continue  # damaged: the engine redoes the stage
+        check_artifact_trusted(art)
+
+
+def _reused(run: Run, entry: dict[str, Any]) -> bool:
+    """Whether the recorded stage ``entry`` keeps its key under ``run``'s config (its recorded input and teacher)."""
+    try:
+        load_stage(entry["name"])
+    except EdgepipeError:
+        return False
+    teacher = _Recorded((run._find("teacher") or {}).get("output_hash"))
+    return stage_key(run, entry["name"], entry.get("input_hash"), teacher) == entry.get("key")
+
+
 def preflight(run: Run) -> None:
     """Prove what a command on ``run`` needs before anything in its folder changes: the profile's dtypes against
     its backend, the data (every image decoded, so a damaged file fails here and not mid-run), and the models a
@@ -86,12 +120,18 @@ def preflight(run: Run) -> None:
     from edgepipe.models import build_from_spec, check_fits
 
     profile, config = run.profile, run.config
+    check_run_trusted(run)
     allowed = get_backend(profile.backend).DTYPES
     bad = [d.value for d in profile.dtypes if d not in allowed]
     if bad:
         raise EdgepipeError(f"profile {profile.name}: dtypes lists {', '.join(bad)}, which backend "
                             f"{profile.backend.value} cannot compile (it compiles {', '.join(d.value for d in allowed)});"
                             " remove them from dtypes or choose another backend")
+    from edgepipe.checks import check_fields
+    from edgepipe.sizes import check_models
+
+    check_models(run)  # sizes that cannot fit in memory, before any model is built (the data's in edgepipe.data)
+    check_fields(run)  # what a stage would refuse mid-run: export.opset, compile.dtype, the provider, layer names
     data = run_data(config)
     run.manifest["data"] = data.notes  # written with the manifest's next save, never by a command that fails
     entry = run._find("teacher") or {}
@@ -140,6 +180,9 @@ class Run:
         if measured is not None:
             manifest["measured"] = list(measured)
         run = cls(root, config, profile, manifest)
+        from edgepipe.models import trust_config
+
+        trust_config(config)  # a config given here is the caller's own: its factory may build (not one from Run.open)
         if write:
             run.write_files()
         return run
@@ -168,6 +211,8 @@ class Run:
             raise EdgepipeError(f"{e}; this is the run's own copy of its config: restore it, or give the run a config "
                                 f"again with --config FILE --target {manifest['target']} (unchanged stages are reused)"
                                 ) from None
+        for spec in (config.teacher.model, config.distill.student):  # data, not code: a factory or trust_pickle
+            spec._origin = str(cfg_path)  # named here runs only if this command's own config names it too
         # The run's own copy of its profile: a target given as a YAML path may not exist any more.
         saved = root / "profile.yaml"
         try:
@@ -342,6 +387,7 @@ def run_stage(run: Run, name: str, force: bool = False, progress: Progress | Non
 def _run_stage(run: Run, name: str, force: bool, progress: Progress | None) -> dict[str, Any] | None:
     """run_stage on this process: every rank of a collective stage gets here, rank 0 alone for the others; only
     rank 0 measures and records (the others return None)."""
+    signals.check()  # an interruption a library swallowed stops here, before the next stage starts
     progress = progress or (lambda *a: None)
     module = load_stage(name)
     together = distributed.collective_active()
@@ -384,25 +430,37 @@ def _run_stage(run: Run, name: str, force: bool, progress: Progress | None) -> d
         log.warning("%s: %s; redoing the stage", name, damage)
     entry.update(status="running", started=_now(), key=key, metrics_key=None, input_hash=input_hash,
                  ended=None, skipped_reason=None, launch=distributed.describe())
-    run.save()
-    if distributed.is_main():
-        _checkpoints_for(ctx.checkpoint_dir, key, name)
-    if together:
-        distributed.barrier()  # no rank reads a checkpoint before rank 0 has dropped stale ones
-    t0 = time.perf_counter()
-    try:
+    signals.set_stage(name, run.root)
+    try:  # from the first save to the last: a Ctrl-C anywhere in between is recorded (measuring included)
+        run.save()
+        if distributed.is_main():
+            _checkpoints_for(ctx.checkpoint_dir, key, name)
+        if together:
+            distributed.barrier()  # no rank reads a checkpoint before rank 0 has dropped stale ones
+        t0 = time.perf_counter()
         result: StageResult = module.run(ctx)
         if not distributed.is_main():
+            signals.set_stage(None)
             return None
+        metrics = _record(run, name, result, ctx, time.perf_counter() - t0, mkey, progress)
     except BaseException as e:
-        entry.update(status="failed", ended=_now(), error=f"{type(e).__name__}: {str(e)[:300]}")
+        if entry.get("status") in ("done", "skipped"):  # recorded already; only clearing its checkpoints was cut
+            raise
+        # SIGINT/SIGTERM (edgepipe.signals raises a KeyboardInterrupt; native code may turn it into another error, e.g.
+        # a C extension's import into "ImportError: initialization failed"): "interrupted", resumed like "failed".
+        # Under torchrun the launcher's SIGTERM (distributed.Stopped) means another rank failed: "failed".
+        stopped = isinstance(e, KeyboardInterrupt) or (signals.received() is not None
+                                                       and not isinstance(e, distributed.Stopped))
+        entry.update(status="interrupted" if stopped else "failed", ended=_now(),
+                     error=f"interrupted by {signals.name()}" if stopped else f"{type(e).__name__}: {str(e)[:300]}")
         try:
             run.save()
         except OSError as save_error:  # e.g. the disk is still full: the error that stopped the stage matters more
             log.warning("%s: could not record the failure in %s (%s)", name, run.root / "manifest.json",
                         save_error.strerror)
         raise
-    return _record(run, name, result, ctx, time.perf_counter() - t0, mkey, progress)
+    signals.set_stage(None)
+    return metrics
 
 
 def _damage(run: Run, name: str, entry: dict[str, Any], metrics_path: Path) -> str | None:
@@ -563,3 +621,80 @@ def run_pipeline(run: Run, stages: list[str] | None = None, force_from: str | No
         if on_stage:
             on_stage(name, results[name])
     return results
+
+
+class _Recorded:
+    """An artifact's recorded content hash where ``stage_key`` wants an Artifact (nothing is read from disk)."""
+
+    def __init__(self, digest: str | None) -> None:
+        self.digest = digest
+
+    def content_hash(self) -> str | None:
+        return self.digest
+
+
+def shareable_stages(parent: Run, config: PipelineConfig, profile: HardwareProfile) -> tuple[str, ...]:
+    """The leading finished stages of ``parent`` whose key would be the same for ``config`` on ``profile``: what a
+    build for that target can share instead of redoing. Computed from the keys (each stage's sections, target_key,
+    input and teacher hashes; with ``on_no_gain: skip`` the key holds the profile), not from a list of names."""
+    view = Run(parent.root, config, profile, parent.manifest)
+    shared: list[str] = []
+    previous: str | None = None
+    for name in parent.order:
+        entry = parent._find(name) or {}
+        if entry.get("status") not in ("done", "skipped") or not entry.get("artifact_dir"):
+            break
+        module = load_stage(name)
+        teacher = None
+        if module.USES_TEACHER and "teacher" in shared:
+            teacher = _Recorded((parent._find("teacher") or {}).get("output_hash"))
+        if stage_key(view, name, previous, teacher) != entry.get("key"):
+            break
+        shared.append(name)
+        previous = entry.get("output_hash")
+    return tuple(shared)
+
+
+def target_run(parent: Run, config: PipelineConfig, target: str, config_file: str | None = None,
+               force: str | None = None) -> tuple[Run, tuple[str, ...]]:
+    """``parent`` built for another ``target``: a run in ``<parent>/targets/<profile name>`` (not written yet; prove
+    it with ``preflight``, then ``write_target_run``) and the stages it shares with ``parent``. Nothing of
+    ``parent`` changes, so a new config (``config_file``, given with the command) that would change a shared stage
+    is refused, as is forcing one."""
+    profile = get_profile(target)
+    shared = shareable_stages(parent, config, profile)
+    where = f"{parent.root} (target {parent.profile.name})"
+    if config_file:
+        before = shareable_stages(parent, parent.config, profile)
+        if len(shared) < len(before):
+            stage = before[len(shared)]
+            raise EdgepipeError(f"--config {config_file}: changes the {stage} stage, which the {profile.name} build "
+                                f"would share with {where}; run the new config on that run's own target first "
+                                f"(`edgepipe run --config {config_file} --target {parent.profile.name} --run "
+                                f"{parent.root}`), or give a new --run")
+    if force in shared:
+        raise EdgepipeError(f"--force {force}: the {force} stage does not depend on the target, so the {profile.name} "
+                            f"build shares it with {where}; force it there (`edgepipe run --run {parent.root} --force "
+                            f"{force}`), then give --target {target} again")
+    root = parent.root / "targets" / profile.name
+    view = Run.create(root, config, target, order=parent.order, write=False)
+    for name in shared:  # as Run.derive will record them (preflight reads their entries and artifacts)
+        entry = parent._find(name) or {}
+        view.entry(name).update({k: v for k, v in entry.items() if k != "name"},
+                                artifact_dir=os.path.relpath(parent.root / entry["artifact_dir"], root),
+                                shared_from=os.path.relpath(parent.root, root))
+    return view, shared
+
+
+def write_target_run(parent: Run, view: Run, shared: tuple[str, ...], target: str) -> Run:
+    """Write the proven ``target_run``: its own config, profile and manifest, the shared stages by reference."""
+    child = parent.derive(view.root, shared, target=target, config=view.config)
+    for entry in child.manifest["stages"]:
+        if entry.get("shared_from") and entry["name"] not in shared:  # shared before, its own stage now
+            name = entry["name"]
+            entry.clear()
+            entry.update(name=name, status="pending")
+    if "data" in view.manifest:
+        child.manifest["data"] = view.manifest["data"]
+    child.save()
+    return child

@@ -12,7 +12,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgepipe.errors import EdgepipeError, format_validation_error
@@ -20,7 +19,9 @@ from edgepipe.types import Backend, DType
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+    # inf/NaN in a profile is always a mistake: a NaN peak fails later with a TypeError, an inf one makes every
+    # estimate zero
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False, allow_inf_nan=False)
 
 
 class TensorRTOptions(_Strict):
@@ -114,12 +115,9 @@ def load_profile_file(path: Path, require_stem: bool = True) -> HardwareProfile:
     Shipped profiles must be named after their file; a profile passed by path (a deploy bundle's
     ``profile.yaml``) need not be.
     """
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise EdgepipeError(f"{path}: not valid YAML ({e.__class__.__name__}); fix the syntax") from None
-    except OSError as e:
-        raise EdgepipeError(f"{path}: cannot read ({e.strerror})") from None
+    from edgepipe.yamlfile import read_yaml
+
+    data = read_yaml(path, "profile file")
     if not isinstance(data, dict):
         raise EdgepipeError(f"{path}: expected a mapping of profile fields, got {type(data).__name__}")
     try:

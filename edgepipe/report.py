@@ -269,7 +269,7 @@ def _data_blocks(notes: dict[str, Any]) -> list[Block]:
     if not notes:
         return []
     items = [f"{notes.get('channels', '?')} channel(s) per image"]
-    skipped_total = 0
+    skipped_total = repeated_total = 0
     for split, info in notes.items():
         if not isinstance(info, dict):
             continue
@@ -281,9 +281,17 @@ def _data_blocks(notes: dict[str, Any]) -> list[Block]:
         items += [f"skipped {split}/{path}: {reason}" for path, reason in skipped[:20]]
         if len(skipped) > 20:
             items.append(f"... and {len(skipped) - 20} more in {split} (manifest.json, data)")
+        repeated = info.get("repeated") or []
+        repeated_total += len(repeated)
+        items += [f"not read again {split}/{path}: {why}" for path, why in repeated[:20]]
+        if len(repeated) > 20:
+            items.append(f"... and {len(repeated) - 20} more reached twice in {split} (manifest.json, data)")
     blocks: list[Block] = [("h2", "Data"), ("list", items)]
     if skipped_total:
         blocks.insert(1, ("kv", [("Unreadable images skipped", f"{skipped_total} (data.strict: true stops instead)")]))
+    if repeated_total:
+        blocks.insert(1, ("kv", [("Folders or files reached twice, read once",
+                                  f"{repeated_total} (symlink loops, files linked twice)")]))
     return blocks
 
 

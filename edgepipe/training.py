@@ -118,6 +118,7 @@ def fit(model: nn.Module, data: Batches, cfg: OptimConfig, loss_step: LossStep, 
         # Under torchrun the loss step calls the model through DistributedDataParallel (gradients averaged over
         # the ranks, each of which takes its slice of every global batch); alone, the model itself.
         net = distributed.data_parallel(model, extra_modules) if shard[1] > 1 else model
+        updates = start * steps  # weight updates so far: none means a non-finite loss is not the learning rate's
         for epoch in range(start, cfg.epochs):
             model.train()
             sums: dict[str, float] = {}
@@ -127,12 +128,13 @@ def fit(model: nn.Module, data: Batches, cfg: OptimConfig, loss_step: LossStep, 
                     parts = loss_step(net, x, y)
                 loss_value = float(parts["loss"].detach())
                 if not math.isfinite(loss_value):
-                    raise EdgepipeError(f"{task} epoch {epoch + 1}, batch {i + 1}: the loss is {loss_value} (training "
-                                        f"diverged); lower this stage's optim.lr (now {cfg.lr:g}) or check data.mean/std")
+                    raise EdgepipeError(f"{task} epoch {epoch + 1}, batch {i + 1}: the loss is {loss_value} "
+                                        f"{_why_not_finite(model, x, updates, cfg)}")
                 opt.zero_grad(set_to_none=True)
                 parts["loss"].backward()
                 opt.step()
                 sched.step()
+                updates += 1
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(y)
                 seen += len(y)
@@ -160,6 +162,28 @@ def fit(model: nn.Module, data: Batches, cfg: OptimConfig, loss_step: LossStep, 
                 atomic_torch_save(ckpt, state)
     model.to(memory_format=torch.contiguous_format).eval()
     return history
+
+
+def _why_not_finite(model: nn.Module, x: torch.Tensor, updates: int, cfg: OptimConfig) -> str:
+    """Why a loss is NaN or inf, and what to do: training that diverged (weights updated, a learning rate too high)
+    and inputs that were never finite (the images, the model's weights, the teacher's logits) need different fixes."""
+    if not bool(torch.isfinite(x).all()):
+        return "(the input batch holds NaN or inf); check the images and data.mean/std"
+    broken = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    if updates == 0:
+        if broken is not None:
+            return (f"before any weight update: the model's weight '{broken}' already holds NaN or inf, so its input "
+                    "model (the previous stage's output or a weights file) is damaged, not the learning rate; "
+                    "give it finite weights or rerun the stage that made it with --force")
+        with torch.no_grad():
+            out = model(x)
+        if isinstance(out, torch.Tensor) and not bool(torch.isfinite(out).all()):
+            return ("before any weight update: the model's own outputs are NaN or inf on finite inputs; check the "
+                    "model and data.mean/std (lowering optim.lr cannot help)")
+        return ("before any weight update, with finite weights, inputs and outputs: the teacher's logits (soft "
+                "targets) or feature hints are NaN or inf; check the teacher's weights (lowering optim.lr cannot help)")
+    return (f"(training diverged after {updates} weight update(s)); lower this stage's optim.lr (now {cfg.lr:g}) or "
+            "check data.mean/std")
 
 
 def _batches(data: Batches, batch_size: int, epoch: int, fmt: torch.memory_format, shard: tuple[int, int],

@@ -25,9 +25,12 @@ compiled model on this host; the records say so instead of comparing the referen
 """
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
+from edgepipe.artifacts import DESCRIPTOR
 from edgepipe.backends import check_dtype, get_backend, runner_for
 from edgepipe.config import PipelineConfig
 from edgepipe.errors import EdgepipeError
@@ -56,6 +59,7 @@ def run(ctx: StageContext) -> StageResult:
     backend = get_backend(profile.backend)
     fallback = ctx.input.meta.get("fallback_dtype")  # qat.fallback_dtype, resolved for this host by the qat stage
     float_dtype = DType(fallback) if dtype is DType.INT8 and fallback else None
+    remove_previous(ctx.out_dir)
     artifact, records = backend.compile(ctx.input.path("onnx"), profile, dtype, ctx.out_dir, progress=ctx.progress,
                                         float_dtype=float_dtype)
     artifact.meta.setdefault("input_shape", ctx.input.meta.get("input_shape"))
@@ -70,6 +74,31 @@ def run(ctx: StageContext) -> StageResult:
     artifact.save()
     return StageResult(artifact, records={"backend": profile.backend.value, "target": profile.name,
                                           "requested_dtype": dtype.value, **records, "fidelity": fidelity})
+
+
+def remove_previous(out_dir: Path) -> list[str]:
+    """Delete the files the folder's previous artifact lists (and its artifact.json) before compiling again, so a
+    stage folder never keeps another backend's files (an OpenVINO model.xml beside a TensorRT bundle after the
+    profile changed backend, or after --force). Only files inside the folder; metrics.json is the engine's.
+    Returns the names removed."""
+    desc = out_dir / DESCRIPTOR
+    try:
+        files = json.loads(desc.read_bytes()).get("files")
+    except (OSError, ValueError, AttributeError):  # none yet, or damaged: nothing listed to remove
+        files = None
+    names = [n for n in (files.values() if isinstance(files, dict) else ()) if isinstance(n, str)]
+    root, removed = out_dir.resolve(), []
+    for name in [*names, DESCRIPTOR]:
+        path = out_dir / name
+        parent = path.parent.resolve()
+        if path.name in ("metrics.json", "") or not (parent == root or root in parent.parents):
+            continue
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+            removed.append(name)
+    if removed:
+        log.info("compile: removed the previous artifact's files before compiling: %s", ", ".join(removed))
+    return removed
 
 
 def compile_dtype(config: PipelineConfig, profile: HardwareProfile, quantized: bool) -> DType:

@@ -134,8 +134,14 @@ def run(ctx: StageContext) -> StageResult:
                             f"{latency.last_ms:.4g} ms at batch 1 on {latency.where}, above the budget "
                             f"{latency.budget_ms:.4g} ms; raise prune.max_layer_ratio or relax the budget")
     if alone and not step_log[-1]["reached"]:
-        raise EdgepipeError(f"prune.ratio: reached only {step_log[-1][f'{pcfg.target}_ratio']:.2f} of the {pcfg.target} "
-                            f"(target {pcfg.ratio}); raise prune.max_layer_ratio or the ratio")
+        reached = f"reached only {step_log[-1][f'{pcfg.target}_ratio']:.2f} of the {pcfg.target} (target {pcfg.ratio})"
+        widths = {n: c for n, c in before.items() if c > pcfg.round_to} if pcfg.round_to else None
+        if widths is not None and len(widths) < len(before):  # layers at or below round_to cannot lose a channel
+            raise EdgepipeError(f"prune.round_to: {reached}: channel counts are kept a multiple of {pcfg.round_to}, so "
+                                f"{len(before) - len(widths)} of {len(before)} layers (width {pcfg.round_to} or less; "
+                                f"the widest layer has {max(before.values())}) cannot lose a channel; lower "
+                                "prune.round_to or raise prune.ratio")
+        raise EdgepipeError(f"prune.ratio: {reached}; raise prune.max_layer_ratio or the ratio")
     pruned_top1 = evaluate(student, data, cfg.data.eval_batch_size)
     loss = kd_step(teacher, pcfg.temperature, pcfg.alpha) if teacher is not None else cross_entropy_step
     histories += fit(student, data, pcfg.optim, loss, batch_size=cfg.data.batch_size,

@@ -152,3 +152,38 @@ finally:
                               cwd=bundle, env={"PATH": os.environ.get("PATH", ""), **(env or {})})
         seen = json.loads(attempts.read_text()) if attempts.is_file() else ["<interpreter did not finish>"]
     return proc.returncode, proc.stdout, proc.stderr, seen
+
+
+class PickleMarker:
+    """Unpickling this object creates a file: what a crafted .pt2 could do to a user's machine."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def program_with_pickled_weights(path: Path, payload: object | None = None) -> Path:
+    """A real torch.export archive whose weights are stored as pickles (torch.export does this for some tensors);
+    with ``payload``, every weight entry is replaced by that pickled object (a crafted file)."""
+    import io
+    import zipfile
+    from unittest import mock
+
+    from torch.export.pt2_archive import _package
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    program = torch.export.export(model, (torch.randn(1, 3, 8, 8),))
+    plain = path.with_suffix(".plain.pt2")
+    with mock.patch.object(_package, "_should_use_pickle", lambda t: True):
+        torch.export.save(program, plain)
+    if payload is None:
+        return plain
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    with zipfile.ZipFile(plain) as zin, zipfile.ZipFile(path, "w") as zout:
+        for info in zin.infolist():
+            weight = "/data/weights/weight_" in info.filename
+            zout.writestr(info, buf.getvalue() if weight else zin.read(info.filename))
+    return path

@@ -157,16 +157,19 @@ def test_new_target_reuses_training_and_compiles_for_onnxruntime(jetson_run: tup
 
     run = tmp_path / "run"
     shutil.copytree(jetson_run[0], run)
-    before = {s["name"]: s for s in json.loads((run / "manifest.json").read_text())["stages"]}
+    manifest = (run / "manifest.json").read_text()
+    before = {s["name"]: s for s in json.loads(manifest)["stages"]}
     assert main(["run", "--run", str(run), "--target", "generic-cpu", "--no-report"]) == 0
-    after = {s["name"]: s for s in json.loads((run / "manifest.json").read_text())["stages"]}
+    assert (run / "manifest.json").read_text() == manifest  # the second target lives in targets/<name>/ (README)
+    child = run / "targets" / "generic-cpu"
+    after = {s["name"]: s for s in json.loads((child / "manifest.json").read_text())["stages"]}
     # target-independent: reused, not retrained
     for stage in ("teacher", "distill", "prune"):
-        assert after[stage]["started"] == before[stage]["started"]
+        assert after[stage]["started"] == before[stage]["started"] and after[stage]["shared_from"] == "../.."
     # QAT depends on the INT8 form, which differs between TensorRT and a CPU: its own model
     assert after["qat"]["key"] != before["qat"]["key"]
-    assert _metrics(run, "qat")["records"]["form"]["activations"] == "uint8_after_relu"
-    m = _metrics(run, "compile")
+    assert _metrics(child, "qat")["records"]["form"]["activations"] == "uint8_after_relu"
+    m = _metrics(child, "compile")
     assert m["artifact"]["kind"] == "ort_optimized"
     speedup = m["records"]["speedup"]
     assert speedup["baseline_p50_ms"] > 0 and speedup["optimized_p50_ms"] > 0 and speedup["ratio_p50"] > 0

@@ -44,7 +44,9 @@ def _switch(default_run: Path, tmp_path: Path, target: str) -> Path:
     run = tmp_path / f"digits-{target}"
     shutil.copytree(default_run, run)
     assert main(["run", "--run", str(run), "--target", target, "--no-report"]) == 0
-    return run
+    from edgepipe.profiles import get_profile
+
+    return run / "targets" / get_profile(target).name  # another target lives in targets/<name>/ (README)
 
 
 def test_default_digits_pipeline_meets_targets(default_run: Path) -> None:
@@ -119,7 +121,7 @@ def test_onnxruntime_runs_integer_convolutions_faster_than_float(default_run: Pa
     assert m["compile"]["accuracy"]["top1"] >= m["qat"]["accuracy"]["top1"] - 0.003
     assert rec["fidelity"]["top1_drop_points"] <= 0.3
 
-    prune = Artifact.load(run / "prune")
+    prune = Artifact.load(run.parent.parent / "prune")  # target-independent: shared with the run switched from
     shape = tuple(prune.meta["input_shape"])
     float_onnx = tmp_path / "float.onnx"
     onnx.save(export_onnx(load_torch_artifact(prune), shape, 17), str(float_onnx))

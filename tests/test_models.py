@@ -11,7 +11,7 @@ from edgepipe.config import ModelSpec
 from edgepipe.errors import EdgepipeError
 from edgepipe.models import (build_arch, build_from_spec, load_torch_artifact, restore_shapes,
                              save_torch_artifact)
-from tests.support import TEACHERS, TinyCNN, needs_teacher
+from tests.support import TEACHERS, PickleMarker, TinyCNN, needs_teacher, program_with_pickled_weights
 
 
 def test_cifar_resnet_sizes() -> None:
@@ -93,50 +93,15 @@ def test_shipped_teacher_loads_both_forms() -> None:
     assert "flop_counter" in counts["mac_counter"]
 
 
-class _Marker:
-    """Unpickling this object creates a file: what a crafted .pt2 could do to a user's machine."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
-def _program_with_pickled_weights(path: Path, payload: object | None = None) -> Path:
-    """A real torch.export archive whose weights are stored as pickles (torch.export does this for some tensors);
-    with ``payload``, every weight entry is replaced by that pickled object (a crafted file)."""
-    import io
-    import zipfile
-    from unittest import mock
-
-    from torch.export.pt2_archive import _package
-
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
-    program = torch.export.export(model, (torch.randn(1, 3, 8, 8),))
-    plain = path.with_suffix(".plain.pt2")
-    with mock.patch.object(_package, "_should_use_pickle", lambda t: True):
-        torch.export.save(program, plain)
-    if payload is None:
-        return plain
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    with zipfile.ZipFile(plain) as zin, zipfile.ZipFile(path, "w") as zout:
-        for info in zin.infolist():
-            weight = "/data/weights/weight_" in info.filename
-            zout.writestr(info, buf.getvalue() if weight else zin.read(info.filename))
-    return path
-
-
 def test_a_crafted_pt2_cannot_run_code(tmp_path: Path) -> None:
     marker = tmp_path / "marker"
-    evil = _program_with_pickled_weights(tmp_path / "evil.pt2", _Marker(str(marker)))
+    evil = program_with_pickled_weights(tmp_path / "evil.pt2", PickleMarker(str(marker)))
     with pytest.raises(EdgepipeError, match=r"evil.pt2: loading this program would unpickle arbitrary Python objects"
                                             r".*set trust_pickle: true"):
         build_from_spec(ModelSpec(program=str(evil)))
     assert not marker.exists()
     # the same archive layout with plain tensors pickled in it loads: weights-only unpickling allows tensors
-    plain = _program_with_pickled_weights(tmp_path / "plain.pt2")
+    plain = program_with_pickled_weights(tmp_path / "plain.pt2")
     assert build_from_spec(ModelSpec(program=str(plain)))(torch.randn(1, 3, 8, 8)).shape == (1, 4, 6, 6)
     assert build_from_spec(ModelSpec(program=str(plain), trust_pickle=True)) is not None
 

@@ -263,6 +263,12 @@ def _check_provider(profile: HardwareProfile) -> str:
     return provider
 
 
+def check(profile: HardwareProfile, dtype: DType | None, float_dtype: DType | None = None) -> None:
+    """Before a run changes anything: the profile's execution provider is in this onnxruntime build (else the
+    compile stage would fail only after qat and export were retrained)."""
+    _check_provider(profile)
+
+
 def compile(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_dir: Path,
             progress: Callable[[str, int, int, dict[str, float]], None] | None = None, warmup: int = 5,
             iterations: int = 20, float_dtype: DType | None = None) -> tuple[Artifact, dict[str, Any]]:

@@ -147,6 +147,24 @@ def _device_present(core: Any, device: str) -> bool:
     return family in _VIRTUAL_DEVICES or any(d == device or d.split(".")[0] == family for d in core.available_devices)
 
 
+_DEVICE_FAMILIES = ("CPU", "GPU", "NPU", *_VIRTUAL_DEVICES)
+
+
+def check(profile: HardwareProfile, dtype: DType | None, float_dtype: DType | None = None) -> None:
+    """Before a run changes anything: OpenVINO is installed and the profile names a device OpenVINO knows. A known
+    device this host lacks (an iGPU profile on a server) is no error: compile builds the device-independent IR and
+    measures it on the CPU, labelled so (``measured_on``, ``note``)."""
+    ok, reason = available()
+    if not ok:
+        raise EdgepipeError(f"profile {profile.name}: backend openvino: {reason}")
+    device = profile.options.openvino.device
+    family = device.split(":")[0].split(".")[0]
+    if family not in _DEVICE_FAMILIES:
+        raise EdgepipeError(f"profile {profile.name}: options.openvino.device '{device}' is not an OpenVINO device "
+                            f"name (known: {', '.join(_DEVICE_FAMILIES)}, optionally with an index, e.g. GPU.1); "
+                            "fix the profile")
+
+
 def inference_config(profile: HardwareProfile, dtype: DType, float_dtype: DType | None = None) -> dict[str, str]:
     opts = profile.options.openvino
     if dtype is DType.INT8:
@@ -196,10 +214,29 @@ class OvRunner:
         return self.request.get_output_tensor(0).data.copy()
 
 
+def stable_names(model: Any) -> int:
+    """Rename the ops OpenVINO named itself (``<Type>_<n>``, n from a counter of the whole process; a folded
+    constant keeps the name of the op it replaced, e.g. a Const named ``Reshape_14425``) by their place in the
+    graph, so the IR's bytes depend on the model alone: the same ONNX converted in a fresh process, or after a
+    resumed run compiled other models first, gives the same model.xml (and so the same content hash). Names from
+    edgepipe's ONNX graphs hold a '/' (``/layer1/conv1/Conv``) and are kept. Returns how many ops were renamed."""
+    import re
+
+    renamed = 0
+    for i, op in enumerate(model.get_ordered_ops()):
+        match = re.fullmatch(r"([A-Z][A-Za-z0-9]*)_\d+", op.get_friendly_name())
+        if match:
+            op.set_friendly_name(f"{match.group(1)}_{i}")  # unique: every name of this form is renamed
+            renamed += 1
+    return renamed
+
+
 def save_ir(model: Any, out_dir: Path) -> Path:
-    """Save model.xml + model.bin into a temp folder in out_dir, then move both into place."""
+    """Save model.xml + model.bin into a temp folder in out_dir, then move both into place (op names made
+    independent of the process first: ``stable_names``)."""
     import openvino as ov
 
+    stable_names(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".ov-save-", dir=out_dir))
     try:
@@ -215,7 +252,10 @@ def convert(onnx_path: Path | str) -> Any:
     """ONNX -> an in-memory OpenVINO model (``ov.Model``), nothing compiled; ``save_ir`` writes it."""
     import openvino as ov
 
-    return ov.convert_model(str(onnx_path))
+    from edgepipe import signals
+
+    with signals.deferred():  # the C++ frontend calls Python back: a Ctrl-C raised there becomes a RuntimeError
+        return ov.convert_model(str(onnx_path))
 
 
 def compile(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_dir: Path,

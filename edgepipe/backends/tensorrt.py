@@ -67,6 +67,13 @@ def available() -> tuple[bool, str]:
     return (False, f"requires TensorRT and a CUDA device: {'; '.join(missing)}") if missing else (True, "")
 
 
+def check(profile: HardwareProfile, dtype: DType | None, float_dtype: DType | None = None) -> None:
+    """Before a run changes anything: the build settings this profile and dtype give are valid (batch range, DLA,
+    the float layers' precision). No TensorRT here is no error: compile then writes a deploy bundle."""
+    if dtype is not None:
+        build_settings(profile, dtype, (1, 1, 1), float_dtype=float_dtype)
+
+
 def build_engine(onnx_path: Path | str, settings: dict[str, Any], out_path: Path | str,
                  progress: Callable[[str, int, int, dict[str, float]], None] | None = None) -> Path:
     """Build and write a serialized engine (``edgepipe.backends.tensorrt_device.build_engine``)."""

@@ -453,7 +453,7 @@ def validation_inputs(val: Any) -> tuple[np.ndarray, np.ndarray]:
 def evaluate(engine: Engine, val_path: Path | str, batch: int) -> dict[str, Any]:
     """Top-1 of the engine on the bundle's validation set."""
     try:
-        with np.load(val_path) as val:
+        with np.load(val_path, allow_pickle=False) as val:  # a bundle is data: never unpickle from it
             x, y = validation_inputs(val)
     except (KeyError, ValueError, OSError) as e:
         raise DeviceError(f"{val_path}: not a validation set written by edgepipe ({e}); copy the bundle again") from None
