@@ -19,7 +19,7 @@ stages in the run's order that will use the field:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from edgepipe.errors import EdgepipeError
 from edgepipe.stage import load_stage
@@ -29,11 +29,12 @@ if TYPE_CHECKING:
     from torch import nn
 
     from edgepipe.config import ModelSpec
-    from edgepipe.pipeline import Run
 
 
-def check_fields(run: Run) -> None:
-    """Raise EdgepipeError (one line naming the field) for the first field of ``run`` a stage would refuse."""
+def check_fields(run: Any) -> None:
+    """Raise EdgepipeError (one line naming the field) for the first field of ``run`` a stage would refuse.
+    ``run`` is an edgepipe.pipeline.Run (typed Any: pipeline imports this module, and no import goes back).
+    """
     config, profile, order = run.config, run.profile, run.order
     for name in order:
         module = load_stage(name)
@@ -57,12 +58,13 @@ def check_fields(run: Run) -> None:
             raise EdgepipeError(f"soft_targets.runtime: openvino: {reason}; or set soft_targets.runtime: torch")
     bad = [b for b in config.bench.batch_sizes if b < 1]
     if bad or not config.bench.batch_sizes:
-        raise EdgepipeError(f"bench.batch_sizes: {config.bench.batch_sizes} must list batch sizes >= 1 (e.g. [1, 8, 32])")
+        raise EdgepipeError(f"bench.batch_sizes: {config.bench.batch_sizes} must list batch sizes >= 1 "
+                            "(e.g. [1, 8, 32])")
     _check_models(run)
     _check_budget_split(run)
 
 
-def expected_compile_dtype(run: Run) -> DType | None:
+def expected_compile_dtype(run: Any) -> DType | None:
     """The dtype the compile stage will ask for (None: no compile stage); a fixed ``compile.dtype`` is checked as
     the stage checks it, against the profile and the kind of model the stages before it make."""
     if "compile" not in run.order:
@@ -89,7 +91,7 @@ def _has_module(model: nn.Module, name: str) -> bool:
     return True
 
 
-def _check_models(run: Run) -> None:
+def _check_models(run: Any) -> None:
     config, order = run.config, run.order
     dcfg, pcfg = config.distill, config.prune
     distill = "distill" in order and dcfg.enabled
@@ -132,7 +134,7 @@ def _check_models(run: Run) -> None:
                                     f"modules include: {_layer_names(net)}); name one of its module names")
 
 
-def _check_budget_split(run: Run) -> None:
+def _check_budget_split(run: Any) -> None:
     config = run.config
     q, data = config.qat, config.data
     if not ("qat" in run.order and q.enabled and run.profile.supports_int8 and q.max_drop is not None

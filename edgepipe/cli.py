@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     """The ``edgepipe`` command (``argv`` None: the program's own arguments). SIGINT or SIGTERM at any moment: one
     line naming what stopped and the command that resumes it, exit 130/143, no traceback (edgepipe.signals)."""
     signals.quiet_telemetry()  # before anything imports openvino or nncf
+    signals.RESUMABLE.update(("run", "compare", *STAGE_ORDER))
     signals.install()
     words = list(sys.argv[1:] if argv is None else argv)
     command = next((w for w in words if not w.startswith("-")), "")
@@ -218,9 +219,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise EdgepipeError(f"{run}: is a file, not a run folder; give --run a folder path")
     if (run / "manifest.json").is_file():
         return
-    from edgepipe.io import LOCK_FILE, _lock_holder
+    from edgepipe.io import LOCK_FILE, lock_holder
 
-    if (run / LOCK_FILE).is_file() and _lock_holder(run / LOCK_FILE) is not None:
+    if (run / LOCK_FILE).is_file() and lock_holder(run / LOCK_FILE) is not None:
         return  # a run being created by another command: run_lock says which PID holds it
     entries = [p.name for p in run.iterdir()] if run.is_dir() else []
     if args.command in ("run", "compare", *STAGE_ORDER) and args.config and args.target:  # a new run

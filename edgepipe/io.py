@@ -70,7 +70,7 @@ def atomic_torch_save(path: Path, obj: Any) -> Path:
 LOCK_FILE = ".edgepipe.lock"
 
 
-def _lock_holder(path: Path) -> int | None:
+def lock_holder(path: Path) -> int | None:
     """PID holding the flock on ``path``, from /proc/locks (Linux); None where that cannot be read."""
     try:
         inode = path.stat().st_ino
@@ -108,7 +108,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            pid = _lock_holder(path)
+            pid = lock_holder(path)
             raise EdgepipeError(f"{run_dir}: another edgepipe command{f' (PID {pid})' if pid else ''} is writing to "
                                 "this run folder; wait for it to finish or stop it, then run this again") from None
         held = True

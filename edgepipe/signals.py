@@ -41,6 +41,8 @@ _defer = 0  # depth of deferred() sections
 _stage: tuple[str, str] | None = None  # (stage, run folder) in progress
 _previous: dict[int, object] | None = None  # the handlers install() replaced
 _watching = False  # the watcher thread runs
+RESUMABLE: set[str] = set()
+"""The commands that resume where they stopped (the CLI fills it: run, compare and the stages)."""
 _line_printed = False
 
 
@@ -176,26 +178,18 @@ def line(command: str, argv: list[str], who: str = "") -> str:
     if _first is not None and not _raised:  # it came after the command's last step
         return (f"edgepipe: {who}{how} came as `edgepipe {command}` was finishing; what it wrote is complete "
                 f"(`{again}` finds nothing left to do)")
-    resumable = command in ("run", "compare", *_stage_names())
+    resumable = command in RESUMABLE
     return (f"edgepipe: {who}interrupted by {how} during `edgepipe {command}` (nothing half-written); `{again}` "
             + ("resumes it" if resumable else "runs it again"))
 
 
-def _stage_names() -> tuple[str, ...]:
-    from edgepipe.stage import STAGE_ORDER
-
-    return tuple(STAGE_ORDER)
-
-
 def leave(code: int) -> None:
     """Exit now, skipping interpreter teardown. After an interruption the teardown would run with native libraries
-    still holding threads (OpenVINO's TBB pool, torch's OpenMP pool) and, before quiet_telemetry, Python threads of
-    the telemetry sender still forking processes; Python also puts SIGINT back to its default action while it
-    finalizes, so a Ctrl-C in that window killed the process without a line (exit -2/130) and a crash there showed
-    as a segfault (exit 139; seen here as -11 in 4 of 24 Ctrl-Cs into `compile` on OpenVINO before this module,
-    with the stage left `running` and also after it was `done`, i.e. after main() had returned: in teardown, not in
-    a stage; never with faulthandler on in 40 more tries, so the native frame is not pinned down). Everything edgepipe writes is already written and closed (atomic writes) when this is
-    called; the streams and log handlers are flushed first."""
+    still holding threads (OpenVINO's TBB pool, torch's OpenMP pool), and Python puts SIGINT back to its default
+    action while it finalizes, so a Ctrl-C in that window killed the process without a line. (The segfaults seen
+    on Ctrl-C into `compile` were another cause, signal frames on OpenVINO's alternate stack: see ``install``.)
+    Everything edgepipe writes is already written and closed (atomic writes) when this is called; the streams and
+    log handlers are flushed first."""
     import logging
 
     for stream in (sys.stdout, sys.stderr):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -23,7 +23,6 @@ from edgepipe.errors import EdgepipeError
 
 if TYPE_CHECKING:
     from edgepipe.config import ModelSpec, PipelineConfig
-    from edgepipe.pipeline import Run
 
 TRAIN_FACTOR = 4
 """Copies of the weights a trained model holds at once: weights, gradients, SGD momentum, a checkpoint's copy."""
@@ -99,8 +98,10 @@ def check_model(spec: ModelSpec, field: str, trains: bool) -> nn.Module | None:
     return model
 
 
-def check_models(run: Run) -> None:
-    """The models ``run``'s stages build, and ``prune.round_to`` against the widths of the model pruning takes."""
+def check_models(run: Any) -> None:
+    """The models ``run``'s stages build, and ``prune.round_to`` against the widths of the model pruning takes.
+    ``run`` is an edgepipe.pipeline.Run (typed Any: pipeline imports this module, and no import goes back).
+    """
     config, order = run.config, run.order
     teacher = check_model(config.teacher.model, "teacher.model",
                           trains="teacher" in order and config.teacher.train.epochs > 0)
