@@ -178,3 +178,23 @@ def test_interrupting_an_openvino_compile_gives_one_line_and_resumes(finished: F
                            text=True, timeout=POLL_S)
     assert again.returncode == 0, again.stderr[-3000:]
     assert _outputs(run) == _outputs(base), done
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.15, 0.3])
+def test_ctrl_c_while_the_console_script_starts_is_one_line(delay: float, tmp_path: Path) -> None:
+    """The `edgepipe` console script takes over the signals before it imports the CLI (edgepipe.__main__.entry):
+    a Ctrl-C while Python still imports gives the one line too, never a KeyboardInterrupt traceback."""
+    script = Path(sys.executable).with_name("edgepipe")
+    if not script.is_file():
+        pytest.skip(f"no console script next to {sys.executable} (edgepipe not installed into this environment)")
+    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    proc = subprocess.Popen([str(script), "profiles"], cwd=ROOT, start_new_session=True, stdout=out.open("w"),
+                            stderr=err.open("w"))
+    time.sleep(delay)
+    sent = _send(proc, signal.SIGINT, True)
+    code = proc.wait(timeout=POLL_S)
+    text = err.read_text()
+    assert "Traceback" not in text and code >= 0, text
+    if sent and code != 0:  # 0: it listed the profiles before the signal came
+        lines = [line for line in text.splitlines() if line.strip()]
+        assert code == 130 and len(lines) == 1 and lines[0].startswith("edgepipe: interrupted by Ctrl-C"), text

@@ -23,4 +23,4 @@ def test_wheel_contains_stages_profiles_and_configs(tmp_path: Path) -> None:
     assert {"edgepipe/cli.py", "edgepipe/pipeline.py", "edgepipe/backends/openvino.py"} <= names
     assert not any(n.startswith("tests/") for n in names)
     entry = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "edgepipe = edgepipe.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
+    assert "edgepipe = edgepipe.__main__:entry" in zipfile.ZipFile(wheel).read(entry).decode()
