@@ -47,7 +47,7 @@ bench: setup-bench
 # Data loading: peak memory and images/s of one distillation epoch on synthetic ImageFolders of 10k, 50k and
 # 200k 64x64 images, streamed and in memory -> the data-loading section of BENCHMARKS.md (folders in runs/).
 bench-data: setup
-	$(BIN)/python -m edgepipe.data_bench --workdir runs/data-bench --out BENCHMARKS.md
+	$(BIN)/python -m edgepipe.data.bench --workdir runs/data-bench --out BENCHMARKS.md
 
 # The small-input students (issue 12): MobileNetV2, ShuffleNetV2 and MobileNetV3-Small distilled from the same teacher, INT8 on
 # OpenVINO, one run each under runs/ (resumable: a rerun reuses finished stages and resumes from the last
@@ -60,7 +60,7 @@ bench-students: setup
 	for recipe in $(STUDENTS); do \
 		$(BIN)/edgepipe run --config configs/$$recipe.yaml --target intel-xeon-amx --run runs/$$recipe || exit 1; \
 	done
-	$(BIN)/python -m edgepipe.benchmarks students $(foreach r,$(STUDENTS),--run runs/$(r)) --reference $(BENCH_RUN) \
+	$(BIN)/python -m edgepipe.reporting.benchmarks students $(foreach r,$(STUDENTS),--run runs/$(r)) --reference $(BENCH_RUN) \
 		--out BENCHMARKS.md
 
 # Every stage artifact of one run across runtimes, dtypes and batch sizes -> $(RUN)/bench/.

@@ -186,7 +186,7 @@ class QATConfig(_Strict):
     activations: Literal["auto", "int8", "uint8_after_relu"] = Field(
         "auto", description="Activation form: int8 zero-point 0 everywhere (TensorRT), or uint8 zero-point 0 where "
                             "the graph proves a tensor non-negative (after ReLU; OpenVINO/ONNX Runtime on x86). auto: "
-                            "from the target's backend (edgepipe.quant_form).")
+                            "from the target's backend (edgepipe.quantization.form).")
     weight_bits: Literal["auto", 7, 8] = Field(
         "auto", description="8: weights in [-127, 127]. 7: [-63, 63], for x86 CPUs without VNNI/AMX, whose u8 x s8 "
                             "multiply-adds saturate with 8-bit weights. auto: from the target and this host's CPU.")
@@ -196,7 +196,7 @@ class QATConfig(_Strict):
     max_drop: float | None = Field(
         None, ge=0, le=100, description="Accuracy budget: points of top-1 the INT8 model may lose against the stage's "
                                         "float input. When all-INT8 loses more, Conv/Linear layers return to "
-                                        "fallback_dtype, the most sensitive first, until it holds (edgepipe.mixed). "
+                                        "fallback_dtype, the most sensitive first, until it holds (edgepipe.quantization.mixed). "
                                         "null: every Conv/Linear INT8, no sensitivity analysis.")
     fallback_dtype: Literal["auto"] | DType = Field(
         "auto", description="Precision of the layers an INT8 model keeps in float (the budget's float layers, and "

@@ -32,11 +32,11 @@ def _umask() -> int:
 
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
     """Call ``write(tmp_path)`` then atomically move ``tmp_path`` to ``path``; on a non-zero torch.distributed rank,
-    nothing (rank 0 writes the one copy every rank then reads, see edgepipe.distributed)."""
+    nothing (rank 0 writes the one copy every rank then reads, see edgepipe.training.distributed)."""
     path = Path(path)
     if not is_main_process():
         return path
-    from edgepipe import signals
+    from edgepipe.engine import signals
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with signals.deferred():  # a Ctrl-C stops the command after this write, never between mkstemp and the cleanup

@@ -30,12 +30,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from edgepipe.artifacts import DESCRIPTOR
+from edgepipe.engine.artifacts import DESCRIPTOR
 from edgepipe.backends import check_dtype, get_backend, runner_for
 from edgepipe.config import PipelineConfig
 from edgepipe.errors import EdgepipeError
 from edgepipe.profiles import HardwareProfile
-from edgepipe.stage import StageContext, StageResult
+from edgepipe.engine.stage import StageContext, StageResult
 from edgepipe.types import ArtifactKind, DType
 
 NAME = "compile"
@@ -123,7 +123,7 @@ def add_validation_set(ctx: StageContext, artifact: Any) -> dict[str, Any]:
     from edgepipe.backends.onnxruntime import OrtRunner
     from edgepipe.backends.tensorrt_device import validation_inputs
     from edgepipe.backends.tensorrt_plan import VALIDATION_FILE, validation_arrays, write_validation_set
-    from edgepipe.runtime import predict, topk_accuracy
+    from edgepipe.runtime.runner import predict, topk_accuracy
 
     data = ctx.data
     limit = ctx.config.compile.device_val_images
@@ -141,7 +141,7 @@ def add_validation_set(ctx: StageContext, artifact: Any) -> dict[str, Any]:
 def check_fidelity(ctx: StageContext, artifact: Any) -> dict[str, Any]:
     """Top-1 of the compiled model vs the exported ONNX in ONNX Runtime; raises when it drops too far."""
     from edgepipe.backends.onnxruntime import OrtRunner
-    from edgepipe.runtime import predict, topk_accuracy
+    from edgepipe.runtime.runner import predict, topk_accuracy
 
     if artifact.kind is ArtifactKind.TENSORRT_BUNDLE:
         return {"checked": False, "reason": "no TensorRT engine on this host: the bundle's build command checks the "

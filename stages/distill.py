@@ -1,17 +1,17 @@
 """Stage 2, distill: train a smaller student from the teacher's soft targets.
 
 loss = alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * CE(student, labels) [+ beta * feature hints]
-(see edgepipe.distillation). Every epoch records the soft, hard and feature components and the
+(see edgepipe.training.distillation). Every epoch records the soft, hard and feature components and the
 validation accuracy; checkpoints after every epoch let an interrupted run resume. With ``alpha: 0`` and
 no feature hints the loss is plain cross-entropy on the labels and the teacher is never run (the
 ``scratch`` baseline is this stage with ``init: random, alpha: 0``).
 """
 from __future__ import annotations
 
-from edgepipe.distillation import FeatureHints, init_from_teacher, kd_step
+from edgepipe.training.distillation import FeatureHints, init_from_teacher, kd_step
 from edgepipe.models import build_from_spec, check_fits, load_torch_artifact, save_torch_artifact
-from edgepipe.stage import StageContext, StageResult
-from edgepipe.training import cross_entropy_step, fit, seed_everything
+from edgepipe.engine.stage import StageContext, StageResult
+from edgepipe.training.loop import cross_entropy_step, fit, seed_everything
 from edgepipe.types import ArtifactKind
 
 NAME = "distill"

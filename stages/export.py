@@ -1,6 +1,6 @@
 """Stage 5, export: the torch model (float or QAT) to ONNX, checked against PyTorch on ONNX Runtime.
 
-The exporter is the library's (edgepipe.onnx_export): input ``input``, output ``logits``, dynamic
+The exporter is the library's (edgepipe.export.onnx_export): input ``input``, output ``logits``, dynamic
 batch; a QAT model in the QDQ form with its weights folded to int8 initializers. The result must pass ``onnx.checker``
 (full check) and agree with PyTorch on the validation set: max |logit difference| <=
 ``export.float_tolerance`` for a float model, top-1 agreement >= ``export.int8_min_agreement`` for an
@@ -13,13 +13,13 @@ import logging
 
 import onnx
 
-from edgepipe.artifacts import Artifact
+from edgepipe.engine.artifacts import Artifact
 from edgepipe.errors import EdgepipeError
 from edgepipe.io import atomic_write
 from edgepipe.models import load_torch_artifact
-from edgepipe.onnx_graph import float_layers
-from edgepipe.onnx_export import compare_with_torch, export_onnx, fold_weight_quantizers, qdq_report
-from edgepipe.stage import StageContext, StageResult
+from edgepipe.export.onnx_graph import float_layers
+from edgepipe.export.onnx_export import compare_with_torch, export_onnx, fold_weight_quantizers, qdq_report
+from edgepipe.engine.stage import StageContext, StageResult
 from edgepipe.types import ArtifactKind, DType
 
 NAME = "export"

@@ -3,16 +3,16 @@
 Same schedule (``qat.optim``), loss (KD from the teacher at ``qat.temperature`` / ``qat.alpha``), seed and
 batches as the qat stage, on the float model. Put before ``ptq`` it gives post-training quantization the
 same extra epochs QAT gets, so "QAT vs PTQ" compares the quantization method, not the training budget
-(edgepipe.baselines' ``ptq`` row).
+(edgepipe.engine.baselines' ``ptq`` row).
 """
 from __future__ import annotations
 
 import json
 
-from edgepipe.distillation import kd_step
+from edgepipe.training.distillation import kd_step
 from edgepipe.models import load_torch_artifact, save_torch_artifact
-from edgepipe.stage import StageContext, StageResult
-from edgepipe.training import evaluate, fit, seed_everything
+from edgepipe.engine.stage import StageContext, StageResult
+from edgepipe.training.loop import evaluate, fit, seed_everything
 from edgepipe.types import ArtifactKind
 
 NAME = "finetune"

@@ -4,7 +4,7 @@ Torch-Pruning's dependency graph removes whole channels together with every laye
 (residual adds, BatchNorms, the next layer's inputs), so the result is a genuinely smaller dense
 model. The target is a MACs (or params) ratio, or a batch-1 latency on the target's own backend
 (``prune.target: latency`` with ``latency_ms`` or ``speedup``): candidates are exported, compiled by the
-profile's backend in its best float dtype and timed as every stage is (edgepipe.measure.candidate_latency;
+profile's backend in its best float dtype and timed as every stage is (edgepipe.measure.figures.candidate_latency;
 a TensorRT target that cannot build here uses the profile's roofline estimate, recorded as such), each
 time their MACs drop by ``latency_check`` of the unpruned count, until the budget holds. Following Torch-Pruning's own progressive pruning
 (benchmarks/main.py, ``progressive_pruning``), the pruner takes many small steps (pruning_ratio=1.0
@@ -26,16 +26,16 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from edgepipe import distributed
+from edgepipe.training import distributed
 from edgepipe.config import PipelineConfig, PruneConfig
-from edgepipe.distillation import kd_step
+from edgepipe.training.distillation import kd_step
 from edgepipe.errors import EdgepipeError
 from edgepipe.host import host_cpu, host_isa
-from edgepipe.measure import candidate_latency
+from edgepipe.measure.figures import candidate_latency
 from edgepipe.models import load_torch_artifact, save_torch_artifact
 from edgepipe.profiles import HardwareProfile
-from edgepipe.stage import StageContext, StageResult
-from edgepipe.training import cross_entropy_step, evaluate, fit, seed_everything
+from edgepipe.engine.stage import StageContext, StageResult
+from edgepipe.training.loop import cross_entropy_step, evaluate, fit, seed_everything
 from edgepipe.types import ArtifactKind, Importance
 
 NAME = "prune"
@@ -43,7 +43,7 @@ INPUT_KINDS = (ArtifactKind.TORCH,)
 SECTIONS = ("prune", "soft_targets", "data", "seed")
 USES_TEACHER = True
 MEASURED = True
-DISTRIBUTED = True  # under torchrun: graph surgery on rank 0 (edgepipe.distributed.share_model), fine-tuning under DDP
+DISTRIBUTED = True  # under torchrun: graph surgery on rank 0 (edgepipe.training.distributed.share_model), fine-tuning under DDP
 
 
 def target_key(profile: HardwareProfile, config: PipelineConfig) -> dict[str, Any] | None:
@@ -97,7 +97,7 @@ def run(ctx: StageContext) -> StageResult:
     base_macs, base_params = count(student, example)
     before = channels(student)
     # Under torchrun the graph surgery is rank 0's alone (Torch-Pruning's dependency graph, candidate latencies);
-    # after each step the other ranks take its pruned weights (edgepipe.distributed.share_model) and every rank
+    # after each step the other ranks take its pruned weights (edgepipe.training.distributed.share_model) and every rank
     # fine-tunes under DDP.
     alone = distributed.is_main()
     pruner = tp.pruner.MetaPruner(

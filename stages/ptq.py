@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgepipe.artifacts import Artifact
+from edgepipe.engine.artifacts import Artifact
 from edgepipe.backends import get_backend
 from edgepipe.config import PipelineConfig
 from edgepipe.errors import EdgepipeError
 from edgepipe.profiles import HardwareProfile
-from edgepipe.stage import StageContext, StageResult
+from edgepipe.engine.stage import StageContext, StageResult
 from edgepipe.types import ArtifactKind, Backend, DType
 
 NAME = "ptq"

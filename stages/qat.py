@@ -1,18 +1,18 @@
 """Stage 4, qat: INT8 quantization-aware training, when the target device runs int8.
 
-resolve the INT8 form for the target on this host (edgepipe.quant_form: int8 or uint8-after-ReLU
-activations, 8- or 7-bit weights) -> place fake quantizers on the graph (edgepipe.quant: Conv/Linear
+resolve the INT8 form for the target on this host (edgepipe.quantization.form: int8 or uint8-after-ReLU
+activations, 8- or 7-bit weights) -> place fake quantizers on the graph (edgepipe.quantization.fakequant: Conv/Linear
 inputs, both inputs of residual adds, concat inputs with one scale; weights per-channel) ->
-calibrate activation ranges (edgepipe.calibration) on ``qat.calibration_batches`` un-augmented
+calibrate activation ranges (edgepipe.quantization.calibration) on ``qat.calibration_batches`` un-augmented
 training batches -> snapshot the calibrated model with its BatchNorm folded and measure it (what
 post-training quantization alone gives) -> fine-tune against the teacher's soft targets with the ranges
 fixed and BatchNorm live -> fold BatchNorm into the convolutions (exact for per-channel scales, see
-edgepipe.quant) and measure -> save the better of the two on the validation set (``kept``: calibrated or
+edgepipe.quantization.fakequant) and measure -> save the better of the two on the validation set (``kept``: calibrated or
 fine-tuned; a tie keeps the fine-tuned one). Both are the same kind of model (the same quantizers and
 ranges, BatchNorm folded the same way), so what is saved and exported is exactly what was measured. A
 target without int8, or ``qat.enabled: false``, passes the input through.
 
-With an accuracy budget (``qat.max_drop``, edgepipe.mixed): after calibration, each Conv/Linear is measured
+With an accuracy budget (``qat.max_drop``, edgepipe.quantization.mixed): after calibration, each Conv/Linear is measured
 quantized alone (sensitivity), and when all-INT8 loses more than the budget the most sensitive layers return
 to float (``qat.fallback_dtype``) one by one until it holds; QAT fine-tunes that mix, and selection goes on
 from the fine-tuned model if it then misses the budget. If every layer in float still misses it, the stage
@@ -28,18 +28,18 @@ from typing import Any
 
 from torch import nn
 
-from edgepipe.distillation import kd_step
+from edgepipe.training.distillation import kd_step
 from edgepipe.config import PipelineConfig
 from edgepipe.errors import EdgepipeError
 from edgepipe.models import load_torch_artifact, save_torch_artifact
-from edgepipe.calibration import calibrate
-from edgepipe.mixed import Budget, copy_ranges, keep_float
-from edgepipe.quant import (activation_quantizers, find_conv_bn_pairs, fold_batchnorm, insert_fake_quant,
+from edgepipe.quantization.calibration import calibrate
+from edgepipe.quantization.mixed import Budget, copy_ranges, keep_float
+from edgepipe.quantization.fakequant import (activation_quantizers, find_conv_bn_pairs, fold_batchnorm, insert_fake_quant,
                             placement_of, quant_layers, quant_settings)
-from edgepipe.quant_form import form_key, resolve_fallback, resolve_form
+from edgepipe.quantization.form import form_key, resolve_fallback, resolve_form
 from edgepipe.profiles import HardwareProfile
-from edgepipe.stage import StageContext, StageResult
-from edgepipe.training import autocast_dtype, evaluate, fit, seed_everything
+from edgepipe.engine.stage import StageContext, StageResult
+from edgepipe.training.loop import autocast_dtype, evaluate, fit, seed_everything
 from edgepipe.types import ArtifactKind
 
 NAME = "qat"
@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 
 def target_key(profile: HardwareProfile, config: PipelineConfig) -> dict[str, Any]:
-    """Whether the target runs int8, and in which form on this host (edgepipe.quant_form): two targets
+    """Whether the target runs int8, and in which form on this host (edgepipe.quantization.form): two targets
     that need the same form share one QAT model; anything else gets its own."""
     if not profile.supports_int8 or not config.qat.enabled:
         return {"supports_int8": profile.supports_int8}
@@ -194,15 +194,15 @@ def _keep_float_model(ctx: StageContext, budget: Budget, fallback: dict[str, Any
 def _variants(ctx: StageContext, budget: Budget, model: nn.Module, float_model: nn.Module, fallback: dict[str, Any],
               input_shape: tuple[int, ...]) -> list[dict[str, Any]]:
     """The chosen mix, all-INT8 (calibrated) and all-float, compiled for the target and timed the same way
-    (edgepipe.measure.candidate_latencies: batch 1, in alternating rounds, the lowest of 5 rounds' p50 each), with
+    (edgepipe.measure.figures.candidate_latencies: batch 1, in alternating rounds, the lowest of 5 rounds' p50 each), with
     top-1 on the budget images."""
     import tempfile
     from pathlib import Path
 
-    from edgepipe.measure import candidate_latencies
+    from edgepipe.measure.figures import candidate_latencies
     from edgepipe.types import DType
 
-    from edgepipe import distributed
+    from edgepipe.training import distributed
 
     if not distributed.is_main():  # under torchrun every rank selects alike; rank 0 alone times and records
         return []

@@ -12,8 +12,8 @@ import shutil
 
 from edgepipe.io import atomic_write
 from edgepipe.models import build_from_spec, check_fits, save_torch_artifact
-from edgepipe.stage import StageContext, StageResult
-from edgepipe.training import cross_entropy_step, fit, seed_everything
+from edgepipe.engine.stage import StageContext, StageResult
+from edgepipe.training.loop import cross_entropy_step, fit, seed_everything
 
 NAME = "teacher"
 PROGRAM_FILE = "teacher.pt2"

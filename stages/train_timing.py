@@ -2,7 +2,7 @@
 PyTorch loop, timed back to back on the same batches.
 
 Both loops distill the configured student from the teacher (same student, teacher, loss and batch
-size) over ``TIMED_BATCHES`` augmented training batches: edgepipe's own ``edgepipe.training.fit`` as the
+size) over ``TIMED_BATCHES`` augmented training batches: edgepipe's own ``edgepipe.training.loop.fit`` as the
 distill stage configures it (channels-last, autocast, the soft-target runtime, with the logits cache
 off so every batch pays for its teacher forward), then the loop a user writes by hand (eager NCHW
 float32 student, teacher module under no_grad, KL + CE, SGD). Timed one after the other in one process,
@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
-from edgepipe.artifacts import Artifact
+from edgepipe.engine.artifacts import Artifact
 from edgepipe.config import PipelineConfig
 from edgepipe.data import Batches
 from edgepipe.host import host_cpu, host_isa
 from edgepipe.profiles import HardwareProfile
-from edgepipe.stage import StageContext, StageResult
+from edgepipe.engine.stage import StageContext, StageResult
 from edgepipe.types import ArtifactKind
 
 NAME = "train_timing"
@@ -56,12 +56,12 @@ def run(ctx: StageContext) -> StageResult:
 
 def pipeline_kd_loop_throughput(config: PipelineConfig, data: Batches, teacher_art: Artifact, folder: Path,
                                 progress: Progress) -> dict[str, Any]:
-    """One epoch of edgepipe's own training loop (edgepipe.training.fit) over ``data``, configured as the
+    """One epoch of edgepipe's own training loop (edgepipe.training.loop.fit) over ``data``, configured as the
     distill stage is (channels-last, autocast, soft-target runtime; the logits cache off, so every batch
     pays for its teacher forward)."""
-    from edgepipe.distillation import SoftTargets, kd_step
+    from edgepipe.training.distillation import SoftTargets, kd_step
     from edgepipe.models import build_from_spec, load_torch_artifact
-    from edgepipe.training import clear_checkpoints, fit
+    from edgepipe.training.loop import clear_checkpoints, fit
 
     dcfg = config.distill
     torch.manual_seed(config.seed)
@@ -75,7 +75,7 @@ def pipeline_kd_loop_throughput(config: PipelineConfig, data: Batches, teacher_a
     clear_checkpoints(folder)
     return {"pipeline_images_per_s": history[0]["images_per_s"], "pipeline_batches_timed": data.train_size
             // config.data.batch_size,
-            "pipeline_setup": (f"edgepipe.training.fit as in the distill stage: channels_last={dcfg.optim.channels_last}, "
+            "pipeline_setup": (f"edgepipe.training.loop.fit as in the distill stage: channels_last={dcfg.optim.channels_last}, "
                                f"autocast {dcfg.optim.autocast} (ran {history[0]['autocast']}), teacher logits from "
                                f"{config.soft_targets.runtime}, augmentation included; one epoch of "
                                f"{data.train_size // config.data.batch_size} batches of {config.data.batch_size}")}
@@ -85,7 +85,7 @@ def plain_kd_loop_throughput(config: PipelineConfig, data: Batches, teacher_art:
                              progress: Progress) -> dict[str, Any]:
     """A textbook PyTorch distillation loop (what a user writes by hand) over the same batches, all timed
     as the pipeline's are: eager student in NCHW float32, the teacher module under no_grad, KL + CE, SGD."""
-    from edgepipe.distillation import kd_terms
+    from edgepipe.training.distillation import kd_terms
     from edgepipe.models import build_from_spec, load_torch_artifact
 
     dcfg = config.distill

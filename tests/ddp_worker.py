@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from edgepipe import distributed
+from edgepipe.training import distributed
 from edgepipe.config import OptimConfig
-from edgepipe.training import cross_entropy_step, evaluate, fit
+from edgepipe.training.loop import cross_entropy_step, evaluate, fit
 from tests.support import TinyCNN, tiny_data
 
 

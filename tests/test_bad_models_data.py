@@ -132,7 +132,7 @@ def test_bad_model_or_data_is_one_line_and_the_run_stays_byte_identical(
         name: str, finished: Finished, tmp_path: Path, capsys: pytest.CaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EDGEPIPE_CACHE", str(finished.tmp / "cache"))
-    monkeypatch.setattr("edgepipe.sizes.available_memory", lambda: SMALL_HOST)
+    monkeypatch.setattr("edgepipe.engine.sizes.available_memory", lambda: SMALL_HOST)
     line = assert_refused(*CASES[name](finished, tmp_path), capsys)
     if "huge" in name and "round" not in name:
         assert "more than the 8.0 GiB of memory available" in line
@@ -142,10 +142,10 @@ def test_a_batch_larger_than_the_data_is_one_batch_of_the_data(monkeypatch: pyte
     """data.batch_size / eval_batch_size above the split's size are accepted: a batch never holds more images than
     the split (edgepipe.data.batch_starts), so only a split too large for memory in one batch is refused."""
     from edgepipe.config import PipelineConfig
-    from edgepipe.sizes import check_batches
+    from edgepipe.engine.sizes import check_batches
     from tests.reliability import config_for
 
-    monkeypatch.setattr("edgepipe.sizes.available_memory", lambda: SMALL_HOST)
+    monkeypatch.setattr("edgepipe.engine.sizes.available_memory", lambda: SMALL_HOST)
     cfg = PipelineConfig.model_validate(config_for(Path("/nowhere")))
     cfg.data.batch_size = cfg.data.eval_batch_size = 10**9
     check_batches(cfg, 48, 18, (3, 8, 8))
@@ -168,7 +168,7 @@ def test_symlink_loops_and_files_reached_twice_are_read_once(finished: Finished,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     from edgepipe.config import PipelineConfig
     from edgepipe.data import list_split, run_data
-    from edgepipe.report import _data_blocks
+    from edgepipe.reporting.report import _data_blocks
 
     monkeypatch.setenv("EDGEPIPE_CACHE", str(tmp_path / "cache"))
     data = copy_data(finished, tmp_path / "data")
@@ -213,8 +213,8 @@ def test_a_non_finite_loss_names_its_cause(tmp_path: Path) -> None:
     """Weights that were never finite, or a teacher giving NaN logits, are not blamed on the learning rate."""
     from edgepipe.config import OptimConfig
     from edgepipe.data import DataBundle
-    from edgepipe.distillation import kd_step
-    from edgepipe.training import cross_entropy_step, fit
+    from edgepipe.training.distillation import kd_step
+    from edgepipe.training.loop import cross_entropy_step, fit
 
     gen = torch.Generator().manual_seed(0)
     images = torch.rand(32, 3, 8, 8, generator=gen)

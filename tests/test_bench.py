@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from edgepipe.artifacts import Artifact
+from edgepipe.engine.artifacts import Artifact
 from edgepipe.backends import get_backend
-from edgepipe.bench import run_bench
+from edgepipe.measure.bench import run_bench
 from edgepipe.config import BenchConfig
 from edgepipe.models import save_torch_artifact
 from edgepipe.profiles import HardwareProfile
 from edgepipe.host import host_has_native_bf16
-from edgepipe.torch_runner import TorchRunner
+from edgepipe.runtime.torch_runner import TorchRunner
 from edgepipe.types import ArtifactKind, DType
 from tests.support import TinyCNN
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from edgepipe.cli import main
-from edgepipe.stage import STAGE_ORDER
+from edgepipe.engine.stage import STAGE_ORDER
 from tests.support import run_device_script, tiny_config, without_tensorrt
 
 pytestmark = pytest.mark.e2e
@@ -52,7 +52,7 @@ def test_every_stage_recorded(jetson_run: tuple[Path, Path]) -> None:
 
 @without_tensorrt
 def test_jetson_bundle_is_int8_qdq_zero_point_0(jetson_run: tuple[Path, Path]) -> None:
-    from edgepipe.onnx_export import qdq_report
+    from edgepipe.export.onnx_export import qdq_report
 
     run, _ = jetson_run
     m = _metrics(run, "compile")

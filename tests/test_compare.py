@@ -6,8 +6,8 @@ import json
 import pytest
 
 from edgepipe.cli import main
-from edgepipe.benchmarks import ROW_KEYS, acceptance, pareto
-from edgepipe.compare import compare
+from edgepipe.reporting.benchmarks import ROW_KEYS, acceptance, pareto
+from edgepipe.reporting.compare import compare
 from tests.support import tiny_config
 
 ROWS = ["teacher-fp32", "teacher-bf16", "teacher-int8", "scratch", "scratch-same-init", "distilled", "pruned", "ptq",

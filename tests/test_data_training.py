@@ -8,7 +8,7 @@ import torch
 
 from edgepipe.config import DataConfig, OptimConfig
 from edgepipe.data import load_data
-from edgepipe.training import cross_entropy_step, fit
+from edgepipe.training.loop import cross_entropy_step, fit
 from tests.support import TinyCNN, tiny_data
 
 

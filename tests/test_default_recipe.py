@@ -20,9 +20,9 @@ import pytest
 from onnx import numpy_helper
 
 from edgepipe.cli import main
-from edgepipe.quant_form import exact_8bit_weights_on_cpu
+from edgepipe.quantization.form import exact_8bit_weights_on_cpu
 from tests.support import JETSON_COMPILED_KIND, without_tensorrt
-from edgepipe.stage import STAGE_ORDER
+from edgepipe.engine.stage import STAGE_ORDER
 
 pytestmark = pytest.mark.e2e
 
@@ -63,7 +63,7 @@ def test_default_digits_pipeline_meets_targets(default_run: Path) -> None:
 @without_tensorrt
 def test_jetson_bundle_has_the_tensorrt_form(default_run: Path) -> None:
     """8-bit weights, int8 zero-point 0, per-channel weights on axis 0, Q/DQ on every residual Add input."""
-    from edgepipe.onnx_export import qdq_report
+    from edgepipe.export.onnx_export import qdq_report
 
     bundle = default_run / "compile" / "model.onnx"
     form = _metrics(default_run)["qat"]["records"]["form"]
@@ -104,11 +104,11 @@ def test_openvino_runs_whole_blocks_in_int8(default_run: Path, tmp_path: Path) -
 def test_onnxruntime_runs_integer_convolutions_faster_than_float(default_run: Path, tmp_path: Path) -> None:
     """generic-cpu: every convolution a QLinearConv, residual adds QLinearAdd, top-1 within 0.3 points of
     the QAT model, batch-64 throughput a clear multiple of the same model's float ONNX on this host."""
-    from edgepipe.artifacts import Artifact
+    from edgepipe.engine.artifacts import Artifact
     from edgepipe.backends.onnxruntime import OrtRunner
     from edgepipe.models import load_torch_artifact
-    from edgepipe.runtime import time_runner
-    from edgepipe.onnx_export import export_onnx
+    from edgepipe.runtime.runner import time_runner
+    from edgepipe.export.onnx_export import export_onnx
 
     run = _switch(default_run, tmp_path, "generic-cpu")
     m = _metrics(run)
@@ -136,8 +136,8 @@ def test_onnxruntime_runs_integer_convolutions_faster_than_float(default_run: Pa
 
 
 def test_students_section_reads_the_run_folders(default_run: Path, tmp_path: Path) -> None:
-    """`python -m edgepipe.benchmarks students` writes its BENCHMARKS.md section from a run's own figures."""
-    from edgepipe.benchmarks import main as benchmarks_main
+    """`python -m edgepipe.reporting.benchmarks students` writes its BENCHMARKS.md section from a run's own figures."""
+    from edgepipe.reporting.benchmarks import main as benchmarks_main
 
     out = tmp_path / "BENCHMARKS.md"
     out.write_text("# Benchmarks\n\nkept text\n")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from edgepipe.config import FeaturePair
-from edgepipe.distillation import FeatureHints, SoftTargets, init_from_teacher, kd_step
+from edgepipe.training.distillation import FeatureHints, SoftTargets, init_from_teacher, kd_step
 from edgepipe.errors import EdgepipeError
 from edgepipe.models import ExportedProgramModel, cifar_resnet
 
@@ -66,7 +66,7 @@ def test_feature_hints_need_the_torch_teacher() -> None:
 def test_cached_logits_outlive_the_process_on_disk(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
     """A resumed run or a later stage command reads the teacher's logits back instead of recomputing them, and a
     damaged cache file is recomputed, never trusted."""
-    import edgepipe.distillation as distillation
+    import edgepipe.training.distillation as distillation
 
     teacher = cifar_resnet(8, width=4).eval()
     batches = [torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i, n in enumerate((5, 5, 3))]

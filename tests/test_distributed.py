@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from edgepipe import distributed
+from edgepipe.training import distributed
 from edgepipe.cli import _check_launchable, _parser
 from edgepipe.errors import EdgepipeError
 

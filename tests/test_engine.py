@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 import stages
-from edgepipe import stage as stage_mod
+from edgepipe.engine import stage as stage_mod
 from edgepipe.errors import EdgepipeError
-from edgepipe.pipeline import Run, run_pipeline
+from edgepipe.engine.pipeline import Run, run_pipeline
 from tests.support import tiny_config
 
 # A stage as a user would add it: it copies the teacher's model (its "transformation") and counts its calls.
@@ -21,7 +21,7 @@ TRIVIAL = '''
 import json
 
 from edgepipe.models import load_torch_artifact, save_torch_artifact
-from edgepipe.stage import StageResult
+from edgepipe.engine.stage import StageResult
 from edgepipe.types import ArtifactKind
 
 NAME = "resave"
@@ -115,7 +115,7 @@ def test_stage_protocol_is_checked_at_import(tmp_path: Path, monkeypatch: pytest
 def test_each_model_stage_is_checked_against_its_input_on_the_target(tmp_path: Path) -> None:
     """distill vs teacher and prune vs distill, both compiled for the target and timed the same way; the verdict
     follows the rule (less accurate and not faster by the profile's min_speedup -> flagged) and reaches the report."""
-    from edgepipe.report import write_report
+    from edgepipe.reporting.report import write_report
 
     run = Run.create(tmp_path / "run", _config(), "generic-cpu")
     metrics = run_pipeline(run, stages=["teacher", "distill", "prune"])
@@ -136,10 +136,10 @@ def test_each_model_stage_is_checked_against_its_input_on_the_target(tmp_path: P
 def test_on_no_gain_skip_passes_the_input_through(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stage that does not earn its place is skipped: the next stage takes its input, the report says why,
     and its key follows the target (the verdict was measured there)."""
-    import edgepipe.measure
-    from edgepipe.pipeline import stage_key
+    import edgepipe.measure.figures
+    from edgepipe.engine.pipeline import stage_key
 
-    real = edgepipe.measure.stage_gain
+    real = edgepipe.measure.figures.stage_gain
 
     def prune_loses(before, after, before_top1, after_top1, profile, cfg, shape, before_stage):
         gain = real(before, after, before_top1, after_top1, profile, cfg, shape, before_stage)
@@ -147,7 +147,7 @@ def test_on_no_gain_skip_passes_the_input_through(tmp_path: Path, monkeypatch: p
             gain.update(earned=False, verdict="flagged: made up by the test; it does not earn its place")
         return gain
 
-    monkeypatch.setattr(edgepipe.measure, "stage_gain", prune_loses)
+    monkeypatch.setattr(edgepipe.measure.figures, "stage_gain", prune_loses)
     config = _config().model_copy(update={"on_no_gain": "skip"})
     run = Run.create(tmp_path / "run", config, "generic-cpu")
     metrics = run_pipeline(run, stages=["teacher", "distill", "prune", "qat"])
@@ -170,8 +170,8 @@ def test_checkpoints_outlive_a_kill_between_trained_and_recorded(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """The teacher trains, then the process dies while its artifact is measured: the rerun resumes from the
     last epoch's checkpoint (no retraining); checkpoints go only once the manifest says done."""
-    from edgepipe import pipeline
-    from edgepipe.pipeline import run_stage
+    from edgepipe.engine import pipeline
+    from edgepipe.engine.pipeline import run_stage
 
     run = Run.create(tmp_path / "run", _config(), "generic-cpu")
     real = pipeline._metrics
@@ -193,7 +193,7 @@ def test_checkpoints_outlive_a_kill_between_trained_and_recorded(tmp_path: Path,
 
 
 def test_checkpoints_of_other_inputs_are_discarded(tmp_path: Path) -> None:
-    from edgepipe.pipeline import _checkpoints_for
+    from edgepipe.engine.pipeline import _checkpoints_for
 
     folder = tmp_path / "checkpoints"
     _checkpoints_for(folder, "key-a", "distill")

@@ -11,7 +11,7 @@ from torch import nn
 
 from edgepipe.cli import main
 from edgepipe.errors import EdgepipeError
-from edgepipe.estimate import (Layer, activation_bytes, calibrate, calibration_for, layer_estimate, model_layers,
+from edgepipe.measure.estimate import (Layer, activation_bytes, calibrate, calibration_for, layer_estimate, model_layers,
                                onnx_layers, published_results, published_table, roofline_estimate, row_estimate,
                                target_estimate)
 from edgepipe.models import build_arch
@@ -148,7 +148,7 @@ def test_model_layers_restores_mode_and_rejects_a_wrong_shape():
 def test_onnx_layers_match_the_torch_count(tmp_path):
     import onnx
 
-    from edgepipe.onnx_export import export_onnx
+    from edgepipe.export.onnx_export import export_onnx
 
     model = build_arch("resnet8_cifar", {"num_classes": 10})
     path = tmp_path / "m.onnx"
@@ -278,7 +278,7 @@ def test_cli_estimate_json(capsys):
 def test_cli_estimate_onnx_text(tmp_path, capsys):
     import onnx
 
-    from edgepipe.onnx_export import export_onnx
+    from edgepipe.export.onnx_export import export_onnx
 
     path = tmp_path / "m.onnx"
     onnx.save(export_onnx(_small(), (3, 8, 8), 17), str(path))
@@ -303,7 +303,7 @@ def test_cli_estimate_bad_input_is_exit_2_with_one_line(argv, message, capsys):
 
 def test_qat_model_counts_like_its_float_model():
     from edgepipe.models import CifarResNet
-    from edgepipe.quant import insert_fake_quant, quant_settings
+    from edgepipe.quantization.fakequant import insert_fake_quant, quant_settings
 
     float_layers = model_layers(CifarResNet(8, width=4).eval(), (3, 16, 16))
     qat = insert_fake_quant(CifarResNet(8, width=4).eval(), quant_settings(), (3, 16, 16))
@@ -314,7 +314,7 @@ def test_qat_model_counts_like_its_float_model():
     assert [(x.op, x.macs, x.weight_elements) for x in qat_layers] == \
         [(x.op, x.macs, x.weight_elements) for x in float_layers]
     # the QDQ ONNX of the deploy bundle (int8 weight initializers behind DequantizeLinear) counts the same
-    from edgepipe.onnx_export import export_onnx, fold_weight_quantizers
+    from edgepipe.export.onnx_export import export_onnx, fold_weight_quantizers
 
     proto = export_onnx(qat, (3, 16, 16), 17)
     fold_weight_quantizers(proto)
@@ -324,10 +324,10 @@ def test_qat_model_counts_like_its_float_model():
 def test_artifact_layers_from_torch_onnx_or_none(tmp_path):
     import onnx
 
-    from edgepipe.artifacts import Artifact
-    from edgepipe.estimate import artifact_layers
+    from edgepipe.engine.artifacts import Artifact
+    from edgepipe.measure.estimate import artifact_layers
     from edgepipe.models import save_torch_artifact
-    from edgepipe.onnx_export import export_onnx
+    from edgepipe.export.onnx_export import export_onnx
     from edgepipe.types import ArtifactKind
 
     model = build_arch("resnet8_cifar", {"num_classes": 10})

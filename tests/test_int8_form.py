@@ -16,10 +16,10 @@ from edgepipe.backends.onnxruntime import OrtRunner, dequantize_after_reshapes
 from edgepipe.errors import EdgepipeError
 from edgepipe.models import CifarResNet
 from edgepipe.profiles import get_profile
-from edgepipe.calibration import calibrate
-from edgepipe.quant import activation_quantizers, insert_fake_quant, placement_of, quant_settings
-from edgepipe.quant_form import exact_8bit_weights_on_cpu, resolve_form
-from edgepipe.onnx_export import export_onnx, fold_weight_quantizers
+from edgepipe.quantization.calibration import calibrate
+from edgepipe.quantization.fakequant import activation_quantizers, insert_fake_quant, placement_of, quant_settings
+from edgepipe.quantization.form import exact_8bit_weights_on_cpu, resolve_form
+from edgepipe.export.onnx_export import export_onnx, fold_weight_quantizers
 
 SHAPE = (3, 16, 16)
 
@@ -118,7 +118,7 @@ def test_concat_inputs_share_one_scale() -> None:
     concat = next(n for n in graph.node if n.op_type == "Concat")
     dqs = [producers[i] for i in concat.input]
     assert all(d.op_type == "DequantizeLinear" for d in dqs)
-    from edgepipe.onnx_graph import constant_values
+    from edgepipe.export.onnx_graph import constant_values
 
     values = constant_values(graph)
     assert len({float(values[d.input[1]]) for d in dqs}) == 1
@@ -167,13 +167,13 @@ def test_compile_fails_when_the_compiled_model_loses_accuracy(tmp_path, monkeypa
     """A runtime that computes something else than the exported graph (here: reversed logits) fails the
     stage with one line; one that agrees passes and records both top-1 figures."""
     import stages.compile as compile_stage
-    from edgepipe.artifacts import Artifact
-    from edgepipe.stage import StageContext
+    from edgepipe.engine.artifacts import Artifact
+    from edgepipe.engine.stage import StageContext
     from edgepipe.types import ArtifactKind
     from tests.support import tiny_config, tiny_data
 
     from edgepipe.config import OptimConfig
-    from edgepipe.training import cross_entropy_step, fit
+    from edgepipe.training.loop import cross_entropy_step, fit
 
     data = tiny_data()
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Mixed precision under an accuracy budget (qat.max_drop, edgepipe.mixed): the sensitivity, the selection,
+"""Mixed precision under an accuracy budget (qat.max_drop, edgepipe.quantization.mixed): the sensitivity, the selection,
 Q/DQ only around the INT8 layers in the exported ONNX, the fallback dtype per target and host.
 
 The model: a depthwise-separable CNN whose pointwise layer reads an outlier channel. One channel of the
@@ -22,17 +22,17 @@ from torch import nn
 import stages.compile as compile_stage
 import stages.export as export_stage
 import stages.qat as qat
-from edgepipe.artifacts import Artifact
+from edgepipe.engine.artifacts import Artifact
 from edgepipe.config import OptimConfig
 from edgepipe.data import DataBundle
 from edgepipe.errors import EdgepipeError
 from edgepipe.models import load_torch_artifact, save_torch_artifact
-from edgepipe.onnx_graph import float_layers, producers
+from edgepipe.export.onnx_graph import float_layers, producers
 from edgepipe.profiles import get_profile
-from edgepipe.quant import QuantConv2d
-from edgepipe.quant_form import resolve_fallback
-from edgepipe.stage import StageContext
-from edgepipe.training import cross_entropy_step, fit
+from edgepipe.quantization.fakequant import QuantConv2d
+from edgepipe.quantization.form import resolve_fallback
+from edgepipe.engine.stage import StageContext
+from edgepipe.training.loop import cross_entropy_step, fit
 from edgepipe.types import DType
 from tests.support import tiny_config, tiny_data
 

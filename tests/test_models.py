@@ -86,7 +86,7 @@ def test_shipped_teacher_loads_both_forms() -> None:
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(sd_model(x), prog_model(x), atol=1e-4)
-    from edgepipe.measure import model_counts
+    from edgepipe.measure.figures import model_counts
 
     counts = model_counts(prog_model, (3, 32, 32))  # Torch-Pruning's hook counter sees 0 in an exported graph
     assert 120e6 < counts["macs"] < 130e6 and 0.84e6 < counts["params"] < 0.88e6
@@ -115,8 +115,8 @@ def test_cifar_students_trace_quantize_prune_and_export(tmp_path: Path, arch: st
     import numpy as np
     import openvino as ov
 
-    from edgepipe.onnx_export import export_onnx
-    from edgepipe.quant import insert_fake_quant, placement_of, quant_settings
+    from edgepipe.export.onnx_export import export_onnx
+    from edgepipe.quantization.fakequant import insert_fake_quant, placement_of, quant_settings
 
     torch.manual_seed(0)
     model = build_arch(arch, {"num_classes": 10, **kwargs}).eval()
@@ -149,7 +149,7 @@ def test_cifar_students_trace_quantize_prune_and_export(tmp_path: Path, arch: st
         pruned_macs, _ = tp.utils.count_ops_and_params(model, x[:1])
         assert pruned_macs < 0.8 * macs
     save_torch_artifact(model, {"arch": arch, "kwargs": kwargs}, tmp_path, (3, 32, 32), 10)
-    from edgepipe.artifacts import Artifact
+    from edgepipe.engine.artifacts import Artifact
 
     reloaded = load_torch_artifact(Artifact.load(tmp_path))
     with torch.no_grad():

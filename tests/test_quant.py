@@ -1,4 +1,4 @@
-"""edgepipe.quant: fake-quant layers, calibration and BatchNorm folding on tiny models."""
+"""edgepipe.quantization.fakequant: fake-quant layers, calibration and BatchNorm folding on tiny models."""
 from __future__ import annotations
 
 import pytest
@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from edgepipe.errors import EdgepipeError
-from edgepipe.calibration import HISTOGRAM_BINS, calibrate
-from edgepipe.quant import (QuantConv2d, QuantLinear, activation_quantizers, dequantized_copy,
+from edgepipe.quantization.calibration import HISTOGRAM_BINS, calibrate
+from edgepipe.quantization.fakequant import (QuantConv2d, QuantLinear, activation_quantizers, dequantized_copy,
                             find_conv_bn_pairs, fold_batchnorm, insert_fake_quant, quant_layers, quant_settings,
                             quantization_disabled, weight_scale)
 from tests.support import TinyCNN
@@ -241,7 +241,7 @@ def test_seven_bit_weights_stay_within_63_levels_and_survive_export() -> None:
     import onnx
     from onnx import numpy_helper
 
-    from edgepipe.onnx_export import export_onnx, fold_weight_quantizers
+    from edgepipe.export.onnx_export import export_onnx, fold_weight_quantizers
 
     torch.manual_seed(0)
     model = insert_fake_quant(TinyCNN(), quant_settings(weight_bits=7), SHAPE)
@@ -282,7 +282,7 @@ def test_fake_quant_rounds_like_onnx_quantizelinear_at_ties() -> None:
     import numpy as np
     import onnxruntime as ort
 
-    from edgepipe.onnx_export import export_onnx, fold_weight_quantizers
+    from edgepipe.export.onnx_export import export_onnx, fold_weight_quantizers
 
     amax = 3.1984
     scale = torch.tensor(amax / 127, dtype=torch.float32)

@@ -23,7 +23,7 @@ from PIL import Image
 
 from edgepipe.cli import main
 from edgepipe.io import LOCK_FILE
-from edgepipe.stage import STAGE_ORDER
+from edgepipe.engine.stage import STAGE_ORDER
 from tests.reliability import (TARGET, Case, Finished, assert_refused, copy_run, damaged_run, profile_file, run_target,
                                run_with, run_with_data, run_with_file, tree, write_config)
 
@@ -280,7 +280,7 @@ def test_a_full_disk_is_one_line_recorded_as_failed_and_resumes(finished: Finish
 
 def test_a_damaged_checkpoint_restarts_the_training(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from edgepipe.config import OptimConfig
-    from edgepipe.training import cross_entropy_step, fit
+    from edgepipe.training.loop import cross_entropy_step, fit
     from tests.support import tiny_cnn, tiny_data
 
     (tmp_path / "last.pt").write_bytes(b"PK\x03\x04 truncated")

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from edgepipe.errors import EdgepipeError
-from edgepipe.report import stage_table_rows, write_report
+from edgepipe.reporting.report import stage_table_rows, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RUN_NAME = '<script>alert("x")</script> & tiny'
@@ -197,7 +197,7 @@ def test_report_says_which_qat_model_was_kept(tmp_path: Path) -> None:
 
 
 def test_report_shows_the_accuracy_budget_its_mix_and_the_sensitivity_plot(tmp_path: Path) -> None:
-    """qat.max_drop (edgepipe.mixed): the outcome, the float layers, the mix against all-INT8 and all-float with
+    """qat.max_drop (edgepipe.quantization.mixed): the outcome, the float layers, the mix against all-INT8 and all-float with
     each latency's conditions, the selection steps, and the per-layer plot."""
     run = make_run(tmp_path / "run")
     lat = {**_latency(0.123), "backend": "openvino", "dtype": "int8", "kind": "measured", "rounds": 3,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from edgepipe.stage import STAGE_ORDER
+from edgepipe.engine.stage import STAGE_ORDER
 from tests.reliability import TARGET, Finished
 
 pytestmark = pytest.mark.e2e

@@ -138,7 +138,7 @@ def test_image_size_is_resize_then_centre_crop(tmp_path: Path, monkeypatch: pyte
 
 def test_worker_count_is_not_part_of_the_stage_keys() -> None:
     from edgepipe.config import validate_config
-    from edgepipe.pipeline import _keyed_config
+    from edgepipe.engine.pipeline import _keyed_config
 
     base = {"data": {"kind": "imagefolder", "path": "x"}, "teacher": {"model": {"arch": "cifar_resnet"}},
             "distill": {"student": {"arch": "cifar_resnet"}}}
@@ -159,7 +159,7 @@ def test_a_file_damaged_after_the_check_is_one_clear_error(folder: Path) -> None
 
 
 def test_benchmark_sections_survive_a_rewrite_of_benchmarks_md(tmp_path: Path) -> None:
-    from edgepipe import formatting as fmt
+    from edgepipe.reporting import formatting as fmt
 
     doc = tmp_path / "BENCHMARKS.md"
     doc.write_text("# Benchmarks\n\nrows\n")
@@ -173,7 +173,7 @@ def test_benchmark_sections_survive_a_rewrite_of_benchmarks_md(tmp_path: Path) -
 
 def test_data_benchmark_measures_a_streamed_epoch(tmp_path: Path) -> None:
     """The benchmark's own machinery on a tiny folder: a fresh process, one epoch, the memory figures."""
-    from edgepipe.data_bench import make_folder, measure, table
+    from edgepipe.data.bench import make_folder, measure, table
 
     folder = make_folder(tmp_path / "images", 200, 16, val=40)
     assert len(list((folder / "train").rglob("*.jpg"))) == 200 and (folder / ".complete").exists()

@@ -7,7 +7,7 @@ The recipes run as shipped except for the data (a class-balanced subset: 120 tra
 per class, linked, not copied), the epochs and the measurement iterations. Target: intel-xeon-amx, OpenVINO on
 this CPU, the runtime the recipes are benchmarked with; the compiled top-1 is what its compile stage measures
 on the validation images. ``qat.weight_bits: 7`` pins the one INT8 form every x86 CPU runs exactly: the auto
-form is 8-bit on VNNI/AMX hosts and 7-bit on AVX2-only ones (edgepipe/quant_form.py), so pinning it makes the
+form is 8-bit on VNNI/AMX hosts and 7-bit on AVX2-only ones (edgepipe/quantization/form.py), so pinning it makes the
 QAT model, and this test's expectation, the same on whichever CPU the tests land.
 """
 from __future__ import annotations

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edgepipe.stage import STAGE_ORDER
+from edgepipe.engine.stage import STAGE_ORDER
 from tests.support import tiny_config
 
 pytestmark = pytest.mark.e2e

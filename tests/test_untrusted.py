@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from edgepipe.artifacts import Artifact
+from edgepipe.engine.artifacts import Artifact
 from edgepipe.backends.tensorrt_device import SCHEMA
 from edgepipe.cli import main
 from edgepipe.config import ModelSpec

@@ -20,7 +20,7 @@ def test_wheel_contains_stages_profiles_and_configs(tmp_path: Path) -> None:
     for profile in ROOT.glob("hardware_profiles/*.yaml"):
         assert f"hardware_profiles/{profile.name}" in names
     assert "configs/digits.yaml" in names
-    assert {"edgepipe/cli.py", "edgepipe/pipeline.py", "edgepipe/backends/openvino.py"} <= names
+    assert {"edgepipe/cli/__init__.py", "edgepipe/engine/pipeline.py", "edgepipe/backends/openvino.py"} <= names
     assert not any(n.startswith("tests/") for n in names)
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "edgepipe = edgepipe.__main__:entry" in zipfile.ZipFile(wheel).read(entry).decode()

@@ -6,7 +6,7 @@ Each backend is one module with the same few verbs:
 - ``available() -> tuple[bool, str]``: can it compile *and run* here, and if not, why.
 - ``compile(onnx_path, profile, dtype, out_dir, progress=None) -> tuple[Artifact, dict]``: build the
   deployable artifact in ``out_dir`` and return it with records (settings used, runtime checks).
-- ``load(artifact, threads=None) -> Runner``: a runner (see ``edgepipe.runtime``) for measurement.
+- ``load(artifact, threads=None) -> Runner``: a runner (see ``edgepipe.runtime.runner``) for measurement.
 
 This module is also the one registry from artifact kind to runtime (``runner_for``, ``backend_of``):
 the engine's measurements, ``edgepipe bench``, the compile stage's fidelity check and ``compare`` all
@@ -25,8 +25,8 @@ from edgepipe.errors import EdgepipeError
 from edgepipe.types import ArtifactKind, Backend, DType
 
 if TYPE_CHECKING:
-    from edgepipe.artifacts import Artifact
-    from edgepipe.runtime import Runner
+    from edgepipe.engine.artifacts import Artifact
+    from edgepipe.runtime.runner import Runner
 
 _MODULES = {
     Backend.ONNXRUNTIME: "edgepipe.backends.onnxruntime",
@@ -72,7 +72,7 @@ def runner_for(artifact: Artifact, threads: int | None) -> tuple[Runner, str | N
     kind = artifact.kind
     if kind is ArtifactKind.TORCH:
         from edgepipe.models import load_torch_artifact
-        from edgepipe.torch_runner import TorchRunner
+        from edgepipe.runtime.torch_runner import TorchRunner
 
         note = ("PyTorch runs the QAT model with fake quantization in fp32; INT8 speed shows after compile"
                 if artifact.quantized else None)

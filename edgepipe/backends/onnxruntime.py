@@ -44,12 +44,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from edgepipe.artifacts import Artifact
+from edgepipe.engine.artifacts import Artifact
 from edgepipe.errors import EdgepipeError
-from edgepipe.onnx_graph import constant_values, consumers, is_residual_add
+from edgepipe.export.onnx_graph import constant_values, consumers, is_residual_add
 from edgepipe.io import atomic_write
 from edgepipe.profiles import HardwareProfile
-from edgepipe.runtime import time_runner
+from edgepipe.runtime.runner import time_runner
 from edgepipe.host import host_cpu
 from edgepipe.types import ArtifactKind, DType
 

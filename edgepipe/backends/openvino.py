@@ -35,11 +35,11 @@ from typing import Any
 import numpy as np
 import onnx
 
-from edgepipe.artifacts import Artifact
+from edgepipe.engine.artifacts import Artifact
 from edgepipe.errors import EdgepipeError
 from edgepipe.profiles import HardwareProfile
 from edgepipe.host import host_cpu
-from edgepipe.onnx_graph import float_layers
+from edgepipe.export.onnx_graph import float_layers
 from edgepipe.types import ArtifactKind, DType
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def residual_adds(onnx_path: Path | str) -> list[str]:
     """Names of the ONNX Add nodes that merge two computed tensors (residual adds) in an ONNX file."""
     import onnx
 
-    from edgepipe.onnx_graph import residual_adds as adds_of
+    from edgepipe.export.onnx_graph import residual_adds as adds_of
 
     return adds_of(onnx.load(str(onnx_path), load_external_data=False).graph)
 
@@ -252,7 +252,7 @@ def convert(onnx_path: Path | str) -> Any:
     """ONNX -> an in-memory OpenVINO model (``ov.Model``), nothing compiled; ``save_ir`` writes it."""
     import openvino as ov
 
-    from edgepipe import signals
+    from edgepipe.engine import signals
 
     with signals.deferred():  # the C++ frontend calls Python back: a Ctrl-C raised there becomes a RuntimeError
         return ov.convert_model(str(onnx_path))

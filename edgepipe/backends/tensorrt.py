@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from edgepipe.artifacts import Artifact
+from edgepipe.engine.artifacts import Artifact
 from edgepipe.backends import tensorrt_device as device
 from edgepipe.backends.tensorrt_plan import DTYPES  # noqa: F401 - the backend registry reads DTYPES here
 from edgepipe.backends.tensorrt_plan import (BUNDLE_FILES, build_settings, check_onnx_for_tensorrt, copy_file,

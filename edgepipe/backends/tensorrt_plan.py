@@ -151,7 +151,7 @@ def check_onnx_for_tensorrt(onnx_path: Path | str) -> list[str]:
             fixed = dims[0].dim_value if dims else "missing"
             problems.append(f"input '{inp.name}': batch dim is {fixed}, not dynamic; export with "
                             f"dynamic_axes={{'{inp.name}': {{0: 'batch'}}}}")
-    from edgepipe.onnx_graph import constant_values
+    from edgepipe.export.onnx_graph import constant_values
 
     values = constant_values(graph)
     for node in graph.node:

@@ -18,7 +18,7 @@ import pytest
 
 from edgepipe.backends import tensorrt as trtb
 from edgepipe.backends import tensorrt_plan as plan
-from edgepipe.device_results import load_results
+from edgepipe.engine.device_results import load_results
 from edgepipe.types import DType
 from tests.backends.conftest import INPUT_SHAPE, make_profile
 from tests.support import run_device_script, without_tensorrt

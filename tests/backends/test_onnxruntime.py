@@ -11,7 +11,7 @@ from onnx import numpy_helper
 
 from edgepipe.backends import onnxruntime as ortb
 from edgepipe.errors import EdgepipeError
-from edgepipe.onnx_graph import constant_values
+from edgepipe.export.onnx_graph import constant_values
 from edgepipe.types import ArtifactKind, DType
 from tests.backends.conftest import make_profile, random_batch
 

@@ -10,15 +10,15 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-import edgepipe.onnx_export as onnx_export
+import edgepipe.export.onnx_export as onnx_export
 import stages.export as export
 import stages.qat as qat
-from edgepipe.artifacts import Artifact
+from edgepipe.engine.artifacts import Artifact
 from edgepipe.data import DataBundle
 from edgepipe.errors import EdgepipeError
 from edgepipe.models import load_torch_artifact
-from edgepipe.quant import quant_layers
-from edgepipe.stage import StageContext, StageResult
+from edgepipe.quantization.fakequant import quant_layers
+from edgepipe.engine.stage import StageContext, StageResult
 from edgepipe.types import ArtifactKind, DType
 from tests.stages.test_qat import JETSON, trained_student
 from tests.support import tiny_config, tiny_data

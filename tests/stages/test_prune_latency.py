@@ -9,9 +9,9 @@ import pytest
 
 from edgepipe.config import MeasureConfig
 from edgepipe.errors import EdgepipeError
-from edgepipe.measure import candidate_latency
+from edgepipe.measure.figures import candidate_latency
 from edgepipe.models import load_torch_artifact
-from edgepipe.pipeline import Run, run_pipeline
+from edgepipe.engine.pipeline import Run, run_pipeline
 from edgepipe.profiles import get_profile
 from tests.support import tiny_config
 
@@ -45,7 +45,7 @@ def test_latency_budget_is_met_on_openvino(tmp_path: Path) -> None:
         again = candidate_latency(model, (1, 64, 64), get_profile("intel-xeon-amx"), MeasureConfig(**MEASURE),
                                   Path(tmp))
     assert again["p50_ms"] <= lat["budget_ms"] * NOISE
-    from edgepipe.report import write_report
+    from edgepipe.reporting.report import write_report
 
     write_report(run.root)  # the report plots every candidate against the budget
     assert (run.root / "report_assets" / "prune_latency.png").read_bytes()[:4] == b"\x89PNG"

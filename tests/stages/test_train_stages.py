@@ -9,7 +9,7 @@ import torch
 from edgepipe.errors import EdgepipeError
 from edgepipe.models import load_torch_artifact
 from edgepipe.profiles import HardwareProfile
-from edgepipe.stage import StageContext
+from edgepipe.engine.stage import StageContext
 from tests.support import tiny_config
 
 PROFILE = HardwareProfile(name="t", backend="openvino", device="cpu", dtypes=["int8", "fp32"],

@@ -1,0 +1,214 @@
+"""The one training loop every stage uses: SGD + one-cycle LR, CPU autocast, per-epoch checkpoints.
+
+A stage supplies a ``loss_step(model, x, y) -> {"loss": total, <component>: value, ...}``; the loop
+handles the rest the same way everywhere: seeded data order (a function of seed and epoch only, so a
+resumed run sees the same batches), bf16 autocast where the CPU runs bf16 natively, channels-last,
+an atomic checkpoint after every epoch (``checkpoints/last.pt``) from which an interrupted stage
+resumes, per-epoch history (every loss component, validation top-1, images/s) and progress callbacks.
+Writes happen on rank 0 only (edgepipe.io.is_main_process), ready for torchrun.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgepipe.training import distributed
+from edgepipe.config import OptimConfig
+from edgepipe.data import Batches
+from edgepipe.errors import EdgepipeError
+from edgepipe.io import atomic_torch_save, is_main_process
+from edgepipe.host import host_has_native_bf16
+
+log = logging.getLogger(__name__)
+
+LossStep = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+Progress = Callable[[str, int, int, dict[str, float]], None]
+
+
+def autocast_dtype(cfg: OptimConfig) -> torch.dtype | None:
+    """bf16 when asked, or on 'auto' when the CPU has native bf16 (AMX / AVX512-BF16); else None."""
+    if cfg.autocast == "bf16" or (cfg.autocast == "auto" and host_has_native_bf16()):
+        return torch.bfloat16
+    return None
+
+
+def autocast(dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Batches, batch_size: int = 256) -> float:
+    """Top-1 accuracy of ``model`` on the validation set, in float32 eval mode."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    share, ranks = (distributed.rank(), distributed.world_size()) if distributed.collective_active() else (0, 1)
+    for i, (x, y) in enumerate(data.val_batches(batch_size)):
+        if i % ranks == share:  # under torchrun each rank takes every world-th batch: the whole set, once
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+    model.train(was_training)
+    correct, total = distributed.all_reduce_sum([correct, total])
+    return correct / max(1, total)
+
+
+def _fingerprint(cfg: OptimConfig, tag: str) -> str:
+    return hashlib.sha256((cfg.model_dump_json() + tag).encode()).hexdigest()[:16]
+
+
+def fit(model: nn.Module, data: Batches, cfg: OptimConfig, loss_step: LossStep, *, batch_size: int,
+        checkpoint_dir: Path, task: str = "train", extra_modules: nn.Module | None = None,
+        progress: Progress | None = None, eval_batch_size: int = 256, tag: str = "",
+        ) -> list[dict[str, Any]]:
+    """Train ``model`` (and ``extra_modules``, e.g. feature adapters) for ``cfg.epochs`` epochs.
+
+    Resumes from ``checkpoint_dir/last.pt`` when it belongs to the same config (``tag`` distinguishes
+    several trainings inside one stage). Returns the per-epoch history.
+    """
+    progress = progress or (lambda *a: None)
+    distributed.local_batch(batch_size)  # under torchrun: the configured batch must split over the ranks
+    shard = (distributed.rank(), distributed.world_size()) if distributed.collective_active() else (0, 1)
+    params = list(model.parameters()) + (list(extra_modules.parameters()) if extra_modules else [])
+    steps = data.steps_per_epoch(batch_size)
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+                          weight_decay=cfg.weight_decay)
+    # OneCycleLR divides by its warm-up length (pct_start x total_steps - 1): fewer than 9 steps (a handful of
+    # images) would divide by zero or go negative, so the schedule spans at least 9 steps.
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(9, cfg.epochs * steps + 1),
+                                                pct_start=0.25, anneal_strategy="linear",
+                                                div_factor=10.0, final_div_factor=100.0)
+    amp = autocast_dtype(cfg)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model.to(memory_format=fmt)
+    history: list[dict[str, Any]] = []
+    start = 0
+    ckpt = Path(checkpoint_dir) / f"last{('-' + tag) if tag else ''}.pt"
+    fingerprint = _fingerprint(cfg, tag)
+    state = None
+    if ckpt.exists():
+        try:
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict):
+                raise TypeError(type(state).__name__)
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign checkpoint is never trusted
+            log.warning("%s: checkpoint %s is damaged (%s); starting this training over", task, ckpt, type(e).__name__)
+            state = None
+    if state is not None and state.get("fingerprint") == fingerprint:
+        model.load_state_dict(state["model"])
+        if extra_modules is not None and "extra" in state:
+            extra_modules.load_state_dict(state["extra"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        history, start = json.loads(state["history"]), int(state["epoch"])
+        for row in history:  # these epochs ran in an earlier, interrupted invocation
+            row.setdefault("earlier_invocation", True)
+        log.info("%s: resuming after epoch %d from %s", task, start, ckpt)
+    with distributed.synced_batchnorm(model) as batchnorm:
+        # Under torchrun the loss step calls the model through DistributedDataParallel (gradients averaged over
+        # the ranks, each of which takes its slice of every global batch); alone, the model itself.
+        net = distributed.data_parallel(model, extra_modules) if shard[1] > 1 else model
+        updates = start * steps  # weight updates so far: none means a non-finite loss is not the learning rate's
+        for epoch in range(start, cfg.epochs):
+            model.train()
+            sums: dict[str, float] = {}
+            seen, t0 = 0, time.perf_counter()
+            for i, (x, y) in enumerate(_batches(data, batch_size, epoch, fmt, shard)):
+                with autocast(amp):
+                    parts = loss_step(net, x, y)
+                loss_value = float(parts["loss"].detach())
+                if not math.isfinite(loss_value):
+                    raise EdgepipeError(f"{task} epoch {epoch + 1}, batch {i + 1}: the loss is {loss_value} "
+                                        f"{_why_not_finite(model, x, updates, cfg)}")
+                opt.zero_grad(set_to_none=True)
+                parts["loss"].backward()
+                opt.step()
+                sched.step()
+                updates += 1
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(y)
+                seen += len(y)
+                progress(f"{task} epoch {epoch + 1}/{cfg.epochs}", i + 1, steps, {"loss": loss_value})
+            seconds = time.perf_counter() - t0
+            keys = sorted(sums)  # the same order on every rank
+            *totals, seen = distributed.all_reduce_sum([sums[k] for k in keys] + [seen])
+            sums = dict(zip(keys, totals))
+            broken = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+            if broken:
+                raise EdgepipeError(f"{task} epoch {epoch + 1}: {len(broken)} weight tensor(s) hold NaN or inf (first: "
+                                    f"{broken[0]}); lower this stage's optim.lr (now {cfg.lr:g})")
+            row = {"epoch": epoch + 1, "lr": sched.get_last_lr()[0], **{k: v / max(1, seen) for k, v in sums.items()},
+                   "val_top1": evaluate(model, data, eval_batch_size), "images_per_s": seen / seconds,
+                   "seconds": seconds, "autocast": str(amp).replace("torch.", "") if amp else "off",
+                   "processes": shard[1], **({"batchnorm": batchnorm} if shard[1] > 1 else {})}
+            history.append(row)
+            log.info("%s epoch %d/%d: %s", task, epoch + 1, cfg.epochs,
+                     ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
+            if is_main_process():
+                state = {"fingerprint": fingerprint, "epoch": epoch + 1, "model": model.state_dict(),
+                         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": json.dumps(history)}
+                if extra_modules is not None:
+                    state["extra"] = extra_modules.state_dict()
+                atomic_torch_save(ckpt, state)
+    model.to(memory_format=torch.contiguous_format).eval()
+    return history
+
+
+def _why_not_finite(model: nn.Module, x: torch.Tensor, updates: int, cfg: OptimConfig) -> str:
+    """Why a loss is NaN or inf, and what to do: training that diverged (weights updated, a learning rate too high)
+    and inputs that were never finite (the images, the model's weights, the teacher's logits) need different fixes."""
+    if not bool(torch.isfinite(x).all()):
+        return "(the input batch holds NaN or inf); check the images and data.mean/std"
+    broken = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    if updates == 0:
+        if broken is not None:
+            return (f"before any weight update: the model's weight '{broken}' already holds NaN or inf, so its input "
+                    "model (the previous stage's output or a weights file) is damaged, not the learning rate; "
+                    "give it finite weights or rerun the stage that made it with --force")
+        with torch.no_grad():
+            out = model(x)
+        if isinstance(out, torch.Tensor) and not bool(torch.isfinite(out).all()):
+            return ("before any weight update: the model's own outputs are NaN or inf on finite inputs; check the "
+                    "model and data.mean/std (lowering optim.lr cannot help)")
+        return ("before any weight update, with finite weights, inputs and outputs: the teacher's logits (soft "
+                "targets) or feature hints are NaN or inf; check the teacher's weights (lowering optim.lr cannot help)")
+    return (f"(training diverged after {updates} weight update(s)); lower this stage's optim.lr (now {cfg.lr:g}) or "
+            "check data.mean/std")
+
+
+def _batches(data: Batches, batch_size: int, epoch: int, fmt: torch.memory_format, shard: tuple[int, int],
+             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for x, y in data.train_batches(batch_size, epoch, shard=shard):
+        yield x.contiguous(memory_format=fmt), y
+
+
+def clear_checkpoints(checkpoint_dir: Path) -> None:
+    """Drop per-epoch checkpoints once the stage's artifact is safely written."""
+    if is_main_process():
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+
+def cross_entropy_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Plain supervised loss (teacher training, scratch baselines)."""
+    loss = nn.functional.cross_entropy(model(x), y)
+    return {"loss": loss, "hard": loss.detach()}
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
