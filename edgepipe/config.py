@@ -79,7 +79,7 @@ class ModelSpec(_Strict):
     _origin: str | None = PrivateAttr(None)
     """The run-folder file this spec was read from (its config.yaml, a model.json); None: given to this command.
     A factory or trust_pickle from such a file is honoured only when the user's own config names the same
-    (edgepipe.models.check_trusted): a run folder is data, never code."""
+    (edgepipe.models.trust.check_trusted): a run folder is data, never code."""
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
@@ -256,6 +256,10 @@ class PipelineConfig(_Strict):
     on_no_gain: Literal["flag", "skip"] = Field(
         "flag", description="A stage whose output is less accurate than its input and not faster on the target by "
                             "the profile's min_speedup: flag it in the report, or skip it (pass its input through).")
+    task: str | None = Field(
+        None, description="What the model does (edgepipe.tasks: its inputs, outputs, losses and metrics): "
+                          "classification, or a registered task. Default: what data.kind implies (digits and "
+                          "imagefolder: classification); the resolved name is written to the run's config.")
     data: DataConfig = Field(DataConfig(), description="The dataset.")
     teacher: TeacherConfig = Field(description="Where the teacher comes from.")
     distill: DistillConfig = Field(description="Knowledge distillation into the student.")

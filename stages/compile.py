@@ -6,8 +6,9 @@ tensorrt, onnxruntime) writes the artifact and reports what the runtime actually
 each Convolution, MatMul/FullyConnected and residual Add runs in, or why a TensorRT engine could not
 be built here.
 
-Then the fidelity check: the compiled model's top-1 on the validation set against the exported
-ONNX's top-1 in ONNX Runtime with graph optimizations off, on the same images: every Q/DQ computed as
+Then the fidelity check (the task's paired test, ``Task.fidelity``; for classification as follows): the compiled
+model's top-1 on the validation set against the exported ONNX's top-1 in ONNX Runtime with graph optimizations off,
+on the same images: every Q/DQ computed as
 the ONNX spec defines it, the reference every backend is held to (the export stage checked it against
 the QAT model). More than ``compile.max_top1_drop`` points lower, and lower beyond chance, fails the
 stage with one line: a runtime that saturates, clips or reorders what QAT trained must not pass silently.
@@ -64,13 +65,15 @@ def run(ctx: StageContext) -> StageResult:
                                         float_dtype=float_dtype)
     artifact.meta.setdefault("input_shape", ctx.input.meta.get("input_shape"))
     artifact.meta.setdefault("num_classes", ctx.input.meta.get("num_classes"))
+    artifact.meta.update(ctx.task_meta())
     float_ops = records.get("float_compute_ops") or []
     if dtype is DType.INT8 and float_ops:
         log.warning("compile: %d compute op(s) run in float in the INT8 model: %s", len(float_ops),
                     ", ".join(f"{o['op']} {o['name']} ({o['precision']})" for o in float_ops[:8]))
     fidelity = check_fidelity(ctx, artifact)
     if artifact.kind is ArtifactKind.TENSORRT_BUNDLE:
-        records["device_validation"] = add_validation_set(ctx, artifact)
+        records["device_validation"] = (add_validation_set(ctx, artifact) if ctx.task.device_metric else
+                                        {"skipped": f"the device script evaluates no {ctx.task.name} metric"})
     artifact.save()
     return StageResult(artifact, records={"backend": profile.backend.value, "target": profile.name,
                                           "requested_dtype": dtype.value, **records, "fidelity": fidelity})
@@ -123,7 +126,7 @@ def add_validation_set(ctx: StageContext, artifact: Any) -> dict[str, Any]:
     from edgepipe.backends.onnxruntime import OrtRunner
     from edgepipe.backends.tensorrt_device import validation_inputs
     from edgepipe.backends.tensorrt_plan import VALIDATION_FILE, validation_arrays, write_validation_set
-    from edgepipe.runtime.runner import predict, topk_accuracy
+    from edgepipe.runtime.runner import run_batches
 
     data = ctx.data
     limit = ctx.config.compile.device_val_images
@@ -132,66 +135,50 @@ def add_validation_set(ctx: StageContext, artifact: Any) -> dict[str, Any]:
     artifact.files["validation"] = VALIDATION_FILE
     x, y = validation_inputs(arrays)
     batch = ctx.config.data.eval_batch_size
-    logits, labels = predict(OrtRunner(ctx.input.path("onnx"), ctx.config.measure.threads, reference=True),
-                             [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(x), batch)])
-    return {"file": VALIDATION_FILE, "images": int(len(y)), "reference_top1": topk_accuracy(logits, labels, 1),
+    outputs, targets = run_batches(OrtRunner(ctx.input.path("onnx"), ctx.config.measure.threads, reference=True),
+                                   [(ctx.task.feeds(x[i:i + batch]), y[i:i + batch]) for i in range(0, len(x), batch)])
+    metric = ctx.task.device_metric
+    return {"file": VALIDATION_FILE, "images": int(len(y)), f"reference_{metric}": ctx.task.metrics(outputs, targets)[metric],
             "reference": "exported ONNX in ONNX Runtime, graph optimizations off, on the same inputs"}
 
 
 def check_fidelity(ctx: StageContext, artifact: Any) -> dict[str, Any]:
-    """Top-1 of the compiled model vs the exported ONNX in ONNX Runtime; raises when it drops too far."""
+    """The compiled model vs the exported ONNX in ONNX Runtime on the same validation data, by the task's paired test
+    (``Task.fidelity``: for classification the exact McNemar test on top-1); raises when it drops too far."""
     from edgepipe.backends.onnxruntime import OrtRunner
-    from edgepipe.runtime.runner import predict, topk_accuracy
+    from edgepipe.runtime.runner import run_batches
 
     if artifact.kind is ArtifactKind.TENSORRT_BUNDLE:
         return {"checked": False, "reason": "no TensorRT engine on this host: the bundle's build command checks the "
                                             "engine on the device"}
-    threads = ctx.config.measure.threads
-    batches = list(ctx.data.val_numpy(ctx.config.data.eval_batch_size))
-    ref_logits, labels = predict(OrtRunner(ctx.input.path("onnx"), threads, reference=True), batches)
+    task, threads = ctx.task, ctx.config.measure.threads
+    batches = list(task.val_feeds(ctx.data, ctx.config.data.eval_batch_size))
+    reference, targets = run_batches(OrtRunner(ctx.input.path("onnx"), threads, reference=True), batches)
     runner, _ = runner_for(artifact, threads)
-    logits, _ = predict(runner, batches)
-    reference, compiled = topk_accuracy(ref_logits, labels, 1), topk_accuracy(logits, labels, 1)
+    compiled, _ = run_batches(runner, batches)
     limit = ctx.config.compile.max_top1_drop
-    verdict = fidelity_verdict(ref_logits.argmax(1) == labels, logits.argmax(1) == labels, limit)
-    drop = verdict["top1_drop_points"]
-    record = {"checked": True, "samples": int(len(labels)),
+    verdict = task.fidelity(reference, compiled, targets, limit)
+    metric = task.headline
+    ref_score = task.metrics(reference, targets)[metric.name]
+    out_score = task.metrics(compiled, targets)[metric.name]
+    drop = verdict["drop_points"]
+    worse = "lower" if metric.higher_is_better else "worse"
+    record = {"checked": True, "samples": verdict.get("samples"), "metric": metric.name,
               "reference": "exported ONNX in ONNX Runtime, graph optimizations off (QDQ as specified)",
-              "reference_top1": reference, "compiled_top1": compiled, "compiled_backend": runner.backend,
-              "compiled_dtype": runner.dtype, **verdict,
-              "prediction_agreement": float((ref_logits.argmax(1) == logits.argmax(1)).mean())}
+              f"reference_{metric.name}": ref_score, f"compiled_{metric.name}": out_score,
+              "compiled_backend": runner.backend, "compiled_dtype": runner.dtype, **verdict}
     if verdict["fails"]:
-        raise EdgepipeError(f"compile: the {runner.backend} model scores {compiled:.2%} top-1 against {reference:.2%} "
-                            f"for the exported ONNX in ONNX Runtime on {len(labels)} validation images, {drop:.2f} points "
-                            f"lower (compile.max_top1_drop {limit}; it loses {verdict['losses']} images and wins "
-                            f"{verdict['wins']}, p = {verdict['p_value']:.2g}): the runtime does not compute what was "
-                            "exported (on a CPU without VNNI, 8-bit weights saturate: set qat.weight_bits: auto or 7)")
+        raise EdgepipeError(f"compile: the {runner.backend} model scores {metric.shown(out_score)} {metric.label} "
+                            f"against {metric.shown(ref_score)} for the exported ONNX in ONNX Runtime on "
+                            f"{verdict.get('samples')} validation samples, {drop:.2f} points {worse} (compile.max_top1_drop "
+                            f"{limit}; {verdict.get('detail') or _mcnemar_detail(verdict)}): the runtime does not compute "
+                            "what was exported (on a CPU without VNNI, 8-bit weights saturate: set qat.weight_bits: auto "
+                            "or 7)")
     if drop > limit:
-        log.warning("compile: %s is %.2f points below the reference (compile.max_top1_drop %s), within chance: it "
-                    "loses %d images and wins %d (p = %.2g)", runner.backend, drop, limit, verdict["losses"],
-                    verdict["wins"], verdict["p_value"])
+        log.warning("compile: %s is %.2f points below the reference (compile.max_top1_drop %s), within chance (%s)",
+                    runner.backend, drop, limit, verdict.get("detail") or _mcnemar_detail(verdict))
     return record
 
 
-FIDELITY_ALPHA = 0.01
-"""A drop above ``compile.max_top1_drop`` fails when its one-sided McNemar p-value is below this."""
-
-
-def fidelity_verdict(ref_correct: Any, compiled_correct: Any, limit: float) -> dict[str, Any]:
-    """Top-1 drop in points, and whether it fails: above ``limit`` and unlikely under equal accuracy.
-
-    ``losses``: images the reference gets right and the compiled model wrong; ``wins``: the reverse. With
-    equal accuracy each of those ``losses + wins`` images is a fair coin, so the p-value is the binomial
-    tail P(X >= losses), X ~ Bin(losses + wins, 1/2) (exact McNemar test, one-sided).
-    """
-    import numpy as np
-    from scipy.stats import binomtest
-
-    ref_correct, compiled_correct = np.asarray(ref_correct, bool), np.asarray(compiled_correct, bool)
-    losses = int((ref_correct & ~compiled_correct).sum())
-    wins = int((~ref_correct & compiled_correct).sum())
-    drop = 100.0 * (losses - wins) / max(len(ref_correct), 1)
-    p = binomtest(losses, losses + wins, 0.5, alternative="greater").pvalue if losses + wins else 1.0
-    return {"top1_drop_points": drop, "max_top1_drop_points": limit, "losses": losses, "wins": wins,
-            "p_value": float(p), "alpha": FIDELITY_ALPHA, "fails": bool(drop > limit and p < FIDELITY_ALPHA),
-            "test": "exact McNemar (one-sided binomial on the images exactly one of the two gets right)"}
+def _mcnemar_detail(verdict: dict[str, Any]) -> str:
+    return f"it loses {verdict['losses']} images and wins {verdict['wins']}, p = {verdict['p_value']:.2g}"

@@ -1,7 +1,7 @@
 """Stage 2, distill: train a smaller student from the teacher's soft targets.
 
-loss = alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * CE(student, labels) [+ beta * feature hints]
-(see edgepipe.training.distillation). Every epoch records the soft, hard and feature components and the
+loss = the task's distillation loss [+ beta * feature hints] (edgepipe.training.distillation); for classification
+alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * CE(student, labels). Every epoch records the soft, hard and feature components and the
 validation accuracy; checkpoints after every epoch let an interrupted run resume. With ``alpha: 0`` and
 no feature hints the loss is plain cross-entropy on the labels and the teacher is never run (the
 ``scratch`` baseline is this stage with ``init: random, alpha: 0``).
@@ -9,9 +9,9 @@ no feature hints the loss is plain cross-entropy on the labels and the teacher i
 from __future__ import annotations
 
 from edgepipe.training.distillation import FeatureHints, init_from_teacher, kd_step
-from edgepipe.models import build_from_spec, check_fits, load_torch_artifact, save_torch_artifact
+from edgepipe.models.loading import build_from_spec, check_fits, load_torch_artifact, save_torch_artifact
 from edgepipe.engine.stage import StageContext, StageResult
-from edgepipe.training.loop import cross_entropy_step, fit, seed_everything
+from edgepipe.training.loop import fit, seed_everything
 from edgepipe.types import ArtifactKind
 
 NAME = "distill"
@@ -28,29 +28,31 @@ def run(ctx: StageContext) -> StageResult:
     seed_everything(cfg.seed + 1)
     teacher = load_torch_artifact(ctx.teacher or ctx.input)
     student = build_from_spec(dcfg.student)
-    data = ctx.data
-    check_fits(student, "distill.student", data.input_shape, data.num_classes)
+    data, task = ctx.data, ctx.task
+    check_fits(student, "distill.student", task, ctx.model_meta())
     init = init_from_teacher(student, teacher) if dcfg.init == "teacher" else {"init": "random"}
     hints = None
     if dcfg.feature_pairs and dcfg.beta > 0:
         hints = FeatureHints(teacher, student, dcfg.feature_pairs, data.calibration_batches(1, 8)[0])
     if dcfg.alpha == 0 and hints is None:  # labels only (the scratch baseline): no teacher forward at all
-        targets, loss = None, cross_entropy_step
+        targets, loss = None, (lambda m, x, y: task.loss(task.forward(m, x), y))
     else:
         targets = ctx.soft_targets(teacher)
-        loss = kd_step(targets, dcfg.temperature, dcfg.alpha, dcfg.beta, hints)
+        loss = kd_step(targets, dcfg.temperature, dcfg.alpha, dcfg.beta, hints, task=task)
     history = fit(student, data, dcfg.optim, loss,
                   batch_size=cfg.data.batch_size, checkpoint_dir=ctx.checkpoint_dir, task="distill",
-                  extra_modules=hints, progress=ctx.progress, eval_batch_size=cfg.data.eval_batch_size)
+                  extra_modules=hints, progress=ctx.progress, eval_batch_size=cfg.data.eval_batch_size,
+                  evaluator=task)
     if hints is not None:
         hints.remove()
     teacher_params = sum(p.numel() for p in teacher.parameters())
     student_params = sum(p.numel() for p in student.parameters())
     build = dcfg.student.model_dump(exclude_none=True, exclude={"weights"})
-    artifact = save_torch_artifact(student, build, ctx.out_dir, data.input_shape, data.num_classes)
+    artifact = save_torch_artifact(student, build, ctx.out_dir, data.input_shape, data.num_classes,
+                                   meta=ctx.task_meta())
     return StageResult(artifact, records={
         "history": history, "init": init, "soft_targets": targets.record() if targets else None,
-        "loss": "KD" if targets else "cross-entropy on labels only (alpha 0, no feature hints)", "temperature": dcfg.temperature, "alpha": dcfg.alpha, "beta": dcfg.beta,
+        "loss": "KD" if targets else "the task's loss on labels only (alpha 0, no feature hints)", "temperature": dcfg.temperature, "alpha": dcfg.alpha, "beta": dcfg.beta,
         "feature_pairs": [p.model_dump() for p in dcfg.feature_pairs],
         "teacher_params": teacher_params, "student_params": student_params,
         "params_ratio": student_params / teacher_params})

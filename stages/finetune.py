@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 
 from edgepipe.training.distillation import kd_step
-from edgepipe.models import load_torch_artifact, save_torch_artifact
+from edgepipe.models.loading import load_torch_artifact, save_torch_artifact
 from edgepipe.engine.stage import StageContext, StageResult
-from edgepipe.training.loop import evaluate, fit, seed_everything
+from edgepipe.training.loop import fit, seed_everything
 from edgepipe.types import ArtifactKind
 
 NAME = "finetune"
@@ -29,11 +29,12 @@ def run(ctx: StageContext) -> StageResult:
     seed_everything(cfg.seed + 3)  # the qat stage's seed: the same batches in the same order
     data, desc = ctx.data, json.loads(ctx.input.path("build").read_text())
     model = load_torch_artifact(ctx.input)
-    before = evaluate(model, data, cfg.data.eval_batch_size)
+    before = ctx.task.val_score(model, data, cfg.data.eval_batch_size)
     targets = ctx.soft_targets(load_torch_artifact(ctx.teacher))
-    history = fit(model, data, qcfg.optim, kd_step(targets, qcfg.temperature, qcfg.alpha),
+    history = fit(model, data, qcfg.optim, kd_step(targets, qcfg.temperature, qcfg.alpha, task=ctx.task),
                   batch_size=cfg.data.batch_size, checkpoint_dir=ctx.checkpoint_dir, task="finetune",
-                  progress=ctx.progress, eval_batch_size=cfg.data.eval_batch_size)
-    artifact = save_torch_artifact(model, desc["build"], ctx.out_dir, tuple(desc["input_shape"]), desc["num_classes"])
+                  progress=ctx.progress, eval_batch_size=cfg.data.eval_batch_size, evaluator=ctx.task)
+    artifact = save_torch_artifact(model, desc["build"], ctx.out_dir, tuple(desc["input_shape"]), desc["num_classes"],
+                                   meta=ctx.task_meta())
     return StageResult(artifact, records={"history": history, "top1_before": before, "epochs": qcfg.optim.epochs,
                                           "soft_targets": targets.record()})

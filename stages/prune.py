@@ -4,7 +4,7 @@ Torch-Pruning's dependency graph removes whole channels together with every laye
 (residual adds, BatchNorms, the next layer's inputs), so the result is a genuinely smaller dense
 model. The target is a MACs (or params) ratio, or a batch-1 latency on the target's own backend
 (``prune.target: latency`` with ``latency_ms`` or ``speedup``): candidates are exported, compiled by the
-profile's backend in its best float dtype and timed as every stage is (edgepipe.measure.figures.candidate_latency;
+profile's backend in its best float dtype and timed as every stage is (``ctx.measure.candidate_latency``;
 a TensorRT target that cannot build here uses the profile's roofline estimate, recorded as such), each
 time their MACs drop by ``latency_check`` of the unpruned count, until the budget holds. Following Torch-Pruning's own progressive pruning
 (benchmarks/main.py, ``progressive_pruning``), the pruner takes many small steps (pruning_ratio=1.0
@@ -12,7 +12,7 @@ over ``SMALL_STEPS``) and stops as soon as the count reaches the target, which l
 far more precisely than a single channel ratio can. ``prune.steps`` rounds do this towards a
 geometric schedule of targets, with optional fine-tuning between rounds, then a final distillation
 fine-tune from the teacher. The model is saved as a plain state dict and reloaded by resizing the
-original architecture (edgepipe.models.restore_shapes).
+original architecture (edgepipe.models.loading.restore_shapes).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch_pruning as tp
@@ -31,12 +31,14 @@ from edgepipe.config import PipelineConfig, PruneConfig
 from edgepipe.training.distillation import kd_step
 from edgepipe.errors import EdgepipeError
 from edgepipe.host import host_cpu, host_isa
-from edgepipe.measure.figures import candidate_latency
-from edgepipe.models import load_torch_artifact, save_torch_artifact
+from edgepipe.models.loading import load_torch_artifact, save_torch_artifact
 from edgepipe.profiles import HardwareProfile
 from edgepipe.engine.stage import StageContext, StageResult
-from edgepipe.training.loop import cross_entropy_step, evaluate, fit, seed_everything
+from edgepipe.training.loop import fit, seed_everything
 from edgepipe.types import ArtifactKind, Importance
+
+if TYPE_CHECKING:
+    from edgepipe.tasks.base import Task
 
 NAME = "prune"
 INPUT_KINDS = (ArtifactKind.TORCH,)
@@ -62,10 +64,10 @@ def importance(kind: Importance) -> tp.importance.Importance:
             Importance.BN_SCALE: lambda: tp.importance.BNScaleImportance()}[kind]()
 
 
-def ignored_layers(model: nn.Module, num_classes: int, names: list[str]) -> list[nn.Module]:
-    """The classifier (any Linear/Conv producing num_classes outputs) and configured modules."""
-    ignored = [m for m in model.modules() if (isinstance(m, nn.Linear) and m.out_features == num_classes)
-               or (isinstance(m, nn.Conv2d) and m.out_channels == num_classes)]
+def ignored_layers(model: nn.Module, task: Task, meta: dict[str, Any], names: list[str]) -> list[nn.Module]:
+    """The layers the task's outputs come from (``Task.protected_layers``: a classifier's class layer) and the
+    configured modules (``prune.ignore``)."""
+    ignored = task.protected_layers(model, meta)
     for name in names:
         try:
             ignored.append(model.get_submodule(name))
@@ -103,7 +105,7 @@ def run(ctx: StageContext) -> StageResult:
     pruner = tp.pruner.MetaPruner(
         student, example, importance=importance(pcfg.importance), pruning_ratio=1.0,
         iterative_steps=SMALL_STEPS, max_pruning_ratio=pcfg.max_layer_ratio, global_pruning=pcfg.global_pruning,
-        ignored_layers=ignored_layers(student, data.num_classes, pcfg.ignore), round_to=pcfg.round_to) if alone else None
+        ignored_layers=ignored_layers(student, ctx.task, ctx.model_meta(), pcfg.ignore), round_to=pcfg.round_to) if alone else None
     step_log, histories = [], []
     with distributed.main_only_threads():
         latency = _Latency(ctx, example, base_macs) if pcfg.target == "latency" and alone else None
@@ -126,9 +128,9 @@ def run(ctx: StageContext) -> StageResult:
                      100 * macs / base_macs, 100 * params / base_params)
         if step < pcfg.steps and pcfg.finetune_per_step and teacher is not None:
             histories += fit(student, data, pcfg.optim.model_copy(update={"epochs": pcfg.finetune_per_step}),
-                             kd_step(teacher, pcfg.temperature, pcfg.alpha), batch_size=cfg.data.batch_size,
+                             kd_step(teacher, pcfg.temperature, pcfg.alpha, task=ctx.task), batch_size=cfg.data.batch_size,
                              checkpoint_dir=ctx.checkpoint_dir, task=f"prune step {step} fine-tune",
-                             progress=ctx.progress, tag=f"step{step}")
+                             progress=ctx.progress, tag=f"step{step}", evaluator=ctx.task)
     if latency is not None and not step_log[-1]["reached"]:
         raise EdgepipeError(f"prune.{'latency_ms' if pcfg.latency_ms else 'speedup'}: pruning reached "
                             f"{latency.last_ms:.4g} ms at batch 1 on {latency.where}, above the budget "
@@ -142,16 +144,19 @@ def run(ctx: StageContext) -> StageResult:
                                 f"the widest layer has {max(before.values())}) cannot lose a channel; lower "
                                 "prune.round_to or raise prune.ratio")
         raise EdgepipeError(f"prune.ratio: {reached}; raise prune.max_layer_ratio or the ratio")
-    pruned_top1 = evaluate(student, data, cfg.data.eval_batch_size)
-    loss = kd_step(teacher, pcfg.temperature, pcfg.alpha) if teacher is not None else cross_entropy_step
+    task = ctx.task
+    pruned_top1 = task.val_score(student, data, cfg.data.eval_batch_size)
+    loss = (kd_step(teacher, pcfg.temperature, pcfg.alpha, task=task) if teacher is not None
+            else (lambda m, x, y: task.loss(task.forward(m, x), y)))
     histories += fit(student, data, pcfg.optim, loss, batch_size=cfg.data.batch_size,
                      checkpoint_dir=ctx.checkpoint_dir, task="prune fine-tune", progress=ctx.progress,
-                     eval_batch_size=cfg.data.eval_batch_size, tag="final")
+                     eval_batch_size=cfg.data.eval_batch_size, tag="final", evaluator=task)
     if not alone:
         return StageResult(ctx.input)  # rank 0 saves and records the pruned model
     after = channels(student)
     build = json.loads(ctx.input.path("build").read_text())["build"]
-    artifact = save_torch_artifact(student, build, ctx.out_dir, data.input_shape, data.num_classes)
+    artifact = save_torch_artifact(student, build, ctx.out_dir, data.input_shape, data.num_classes,
+                                   meta=ctx.task_meta())
     macs, params = count(student, example)
     return StageResult(artifact, records={
         "history": histories, "importance": pcfg.importance.value, "target": pcfg.target, "ratio": pcfg.ratio,
@@ -210,7 +215,7 @@ class _Latency:
 
     def measure(self, model: nn.Module, macs: int) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="prune-candidate-") as tmp:
-            lat = candidate_latency(model, self.shape, self.ctx.profile, self.ctx.config.measure, Path(tmp))
+            lat = self.ctx.measure.candidate_latency(model, self.shape, Path(tmp))
         model.train()
         self.last_ms = lat["p50_ms"]
         self.measurements.append({"macs": macs, "macs_ratio": macs / self.base_macs, "p50_ms": lat["p50_ms"],

@@ -31,15 +31,16 @@ from torch import nn
 from edgepipe.training.distillation import kd_step
 from edgepipe.config import PipelineConfig
 from edgepipe.errors import EdgepipeError
-from edgepipe.models import load_torch_artifact, save_torch_artifact
+from edgepipe.models.loading import load_torch_artifact, save_torch_artifact
 from edgepipe.quantization.calibration import calibrate
 from edgepipe.quantization.mixed import Budget, copy_ranges, keep_float
-from edgepipe.quantization.fakequant import (activation_quantizers, find_conv_bn_pairs, fold_batchnorm, insert_fake_quant,
-                            placement_of, quant_layers, quant_settings)
+from edgepipe.quantization.fakequant import find_conv_bn_pairs, fold_batchnorm, insert_fake_quant, quant_settings
+from edgepipe.quantization.layers import activation_quantizers, quant_layers
+from edgepipe.quantization.placement import placement_of
 from edgepipe.quantization.form import form_key, resolve_fallback, resolve_form
 from edgepipe.profiles import HardwareProfile
 from edgepipe.engine.stage import StageContext, StageResult
-from edgepipe.training.loop import autocast_dtype, evaluate, fit, seed_everything
+from edgepipe.training.loop import autocast_dtype, fit, seed_everything
 from edgepipe.types import ArtifactKind
 
 NAME = "qat"
@@ -75,7 +76,8 @@ def run(ctx: StageContext) -> StageResult:
     log.info("qat: %s activations, %d-bit weights (%s)", form["activations"], form["weight_bits"], form["reason"])
     fallback = resolve_fallback(ctx.profile, qcfg.fallback_dtype)
     seed_everything(cfg.seed + 3)
-    data, eval_bs = ctx.data, cfg.data.eval_batch_size
+    data, eval_bs, task = ctx.data, cfg.data.eval_batch_size, ctx.task
+    evaluate = task.val_score  # the task's headline metric on the validation split
 
     model = load_torch_artifact(ctx.input)
     # Without a teacher stage, the float model itself is the teacher (self-distillation).
@@ -109,7 +111,7 @@ def run(ctx: StageContext) -> StageResult:
 
         batches_b, where = _budget_batches(ctx)
         budget = Budget(qcfg.max_drop, batches_b, where, float_model, calibrated, build,
-                        lambda i, n: ctx.progress("sensitivity (one layer quantized at a time)", i, n, {}))
+                        lambda i, n: ctx.progress("sensitivity (one layer quantized at a time)", i, n, {}), task=task)
         float_layers = budget.select_after_calibration()
         if float_layers is None:
             return _keep_float_model(ctx, budget, fallback)
@@ -123,18 +125,18 @@ def run(ctx: StageContext) -> StageResult:
                      fallback["dtype"], ptq_top1)
 
     targets = ctx.soft_targets(teacher) if ctx.teacher else teacher
-    history = fit(model, data, qcfg.optim, kd_step(targets, qcfg.temperature, qcfg.alpha),
+    history = fit(model, data, qcfg.optim, kd_step(targets, qcfg.temperature, qcfg.alpha, task=task),
                   batch_size=cfg.data.batch_size, checkpoint_dir=ctx.checkpoint_dir, task="qat",
-                  progress=ctx.progress, eval_batch_size=eval_bs)
+                  progress=ctx.progress, eval_batch_size=eval_bs, evaluator=task)
     fold_batchnorm(model, pairs)
     qat_top1 = evaluate(model, data, eval_bs)
-    kept = "fine-tuned" if qat_top1 >= ptq_top1 else "calibrated"
+    kept = "fine-tuned" if task.headline.gain_points(ptq_top1, qat_top1) >= 0 else "calibrated"
     if kept == "calibrated":
         log.warning("qat: fine-tuning lowered top-1 from %.4f (calibrated) to %.4f; keeping the calibrated model",
                     ptq_top1, qat_top1)
         model = calibrated
     float_layers: list[str] = []
-    kept_top1 = max(ptq_top1, qat_top1)
+    kept_top1 = qat_top1 if kept == "fine-tuned" else ptq_top1
     if budget is not None:
         float_layers = budget.select_after_fine_tuning(model, kept)
         if float_layers is None:
@@ -144,7 +146,7 @@ def run(ctx: StageContext) -> StageResult:
             kept_top1 = evaluate(model, data, eval_bs)
     saved = {**settings(pairs, float_layers), "activation_quantizers": placement, "fallback_dtype": fallback["dtype"]}
     artifact = save_torch_artifact(model, desc["build"], ctx.out_dir, input_shape, desc["num_classes"],
-                                   quantization=saved)
+                                   quantization=saved, meta=ctx.task_meta())
     return StageResult(artifact, records={
         "history": history,
         "calibration": {"method": qcfg.calibration, "percentile": qcfg.percentile, "batches": len(batches),
@@ -165,7 +167,7 @@ def run(ctx: StageContext) -> StageResult:
 def _budget_batches(ctx: StageContext) -> tuple[list[tuple[Any, Any]], str]:
     """The images the budget is measured on: ``qat.budget_split`` (a held-out ImageFolder split) or the
     validation split, limited to ``qat.budget_images`` (every class in turn)."""
-    from edgepipe.data import run_data
+    from edgepipe.data.loading import run_data
 
     cfg, q = ctx.config, ctx.config.qat
     data, where = ctx.data, f"validation ({cfg.data.val_split})" if cfg.data.kind == "imagefolder" else "validation"
@@ -194,12 +196,11 @@ def _keep_float_model(ctx: StageContext, budget: Budget, fallback: dict[str, Any
 def _variants(ctx: StageContext, budget: Budget, model: nn.Module, float_model: nn.Module, fallback: dict[str, Any],
               input_shape: tuple[int, ...]) -> list[dict[str, Any]]:
     """The chosen mix, all-INT8 (calibrated) and all-float, compiled for the target and timed the same way
-    (edgepipe.measure.figures.candidate_latencies: batch 1, in alternating rounds, the lowest of 5 rounds' p50 each), with
+    (``ctx.measure.candidate_latencies``: batch 1, in alternating rounds, the lowest of 5 rounds' p50 each), with
     top-1 on the budget images."""
     import tempfile
     from pathlib import Path
 
-    from edgepipe.measure.figures import candidate_latencies
     from edgepipe.types import DType
 
     from edgepipe.training import distributed
@@ -217,8 +218,8 @@ def _variants(ctx: StageContext, budget: Budget, model: nn.Module, float_model: 
         rows.pop(1)
     ctx.progress("latency of all-INT8, the mix and all-float (alternating rounds)", 0, 1, {})
     with tempfile.TemporaryDirectory(prefix="edgepipe-mix-") as tmp:
-        lats = candidate_latencies([(net, quantized, float_dtype) for _, net, quantized, _, _ in rows], input_shape,
-                                   ctx.profile, ctx.config.measure, Path(tmp), rounds=5)
+        lats = ctx.measure.candidate_latencies([(net, quantized, float_dtype) for _, net, quantized, _, _ in rows],
+                                               input_shape, Path(tmp), rounds=5)
     ctx.progress("latency of all-INT8, the mix and all-float (alternating rounds)", 1, 1, {})
     out = []
     for (name, _, _, top1, n_float), lat in zip(rows, lats):
@@ -226,10 +227,10 @@ def _variants(ctx: StageContext, budget: Budget, model: nn.Module, float_model: 
             lat["note"] = (f"the roofline estimate prices every layer at {lat['dtype']}: it does not see the "
                            f"{n_float} layer(s) kept in {float_dtype.value}; measure the engine on the device")
         out.append({"variant": name, "float_layers": n_float, "top1": top1,
-                    "drop_points": 100 * (budget.float_top1 - top1), "latency": lat})
+                    "drop_points": budget.drop_points(top1), "latency": lat})
     if n_mix == 0:  # its own top-1 (fine-tuned or calibrated, whichever QAT kept), the all-INT8 graph's latency
         out.insert(1, {**out[0], "variant": "chosen", "top1": chosen_top1,
-                       "drop_points": 100 * (budget.float_top1 - chosen_top1), "same_as": "all-int8"})
+                       "drop_points": budget.drop_points(chosen_top1), "same_as": "all-int8"})
     return out
 
 

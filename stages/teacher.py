@@ -2,8 +2,8 @@
 
 Sources (config ``teacher.model``): a registered architecture name plus a state-dict file, a
 ``torch.export`` program (.pt2), or an explicit ``module:function`` factory. With
-``teacher.train.epochs > 0`` the teacher is (further) trained on the configured data with plain
-cross-entropy first; the embedded ``digits`` recipe trains its teacher this way.
+``teacher.train.epochs > 0`` the teacher is (further) trained on the configured data with its task's loss on the
+labels first (cross-entropy for classification); the embedded ``digits`` recipe trains its teacher this way.
 """
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import logging
 import shutil
 
 from edgepipe.io import atomic_write
-from edgepipe.models import build_from_spec, check_fits, save_torch_artifact
+from edgepipe.models.loading import build_from_spec, check_fits, save_torch_artifact
 from edgepipe.engine.stage import StageContext, StageResult
-from edgepipe.training.loop import cross_entropy_step, fit, seed_everything
+from edgepipe.training.loop import fit, seed_everything
 
 NAME = "teacher"
 PROGRAM_FILE = "teacher.pt2"
@@ -31,20 +31,20 @@ def run(ctx: StageContext) -> StageResult:
     spec = cfg.teacher.model
     seed_everything(cfg.seed)
     model = build_from_spec(spec)
-    data = ctx.data
-    check_fits(model, "teacher.model", data.input_shape, data.num_classes)
+    data, task = ctx.data, ctx.task
+    check_fits(model, "teacher.model", task, ctx.model_meta())
     history = []
     if cfg.teacher.train.epochs > 0:
-        history = fit(model, data, cfg.teacher.train, cross_entropy_step, batch_size=cfg.data.batch_size,
-                      checkpoint_dir=ctx.checkpoint_dir, task="teacher", progress=ctx.progress,
-                      eval_batch_size=cfg.data.eval_batch_size)
+        history = fit(model, data, cfg.teacher.train, lambda m, x, y: task.loss(task.forward(m, x), y),
+                      batch_size=cfg.data.batch_size, checkpoint_dir=ctx.checkpoint_dir, task="teacher",
+                      progress=ctx.progress, eval_batch_size=cfg.data.eval_batch_size, evaluator=task)
     build = spec.model_dump(exclude_none=True, exclude={"weights"})
     files = {}
     if spec.program:  # keep the run folder self-contained: the program travels with the artifact
         atomic_write(ctx.out_dir / PROGRAM_FILE, lambda p: shutil.copyfile(spec.program, p))
         build["program"], files = PROGRAM_FILE, {"program": PROGRAM_FILE}
     artifact = save_torch_artifact(model, build, ctx.out_dir, data.input_shape, data.num_classes,
-                                   meta={"source": _source(spec)}, extra_files=files)
+                                   meta={"source": _source(spec), **ctx.task_meta()}, extra_files=files)
     return StageResult(artifact, records={"history": history, "source": _source(spec)})
 
 

@@ -20,7 +20,7 @@ import torch
 
 from edgepipe.engine.artifacts import Artifact
 from edgepipe.config import PipelineConfig
-from edgepipe.data import Batches
+from edgepipe.data.batches import Batches
 from edgepipe.host import host_cpu, host_isa
 from edgepipe.profiles import HardwareProfile
 from edgepipe.engine.stage import StageContext, StageResult
@@ -60,7 +60,8 @@ def pipeline_kd_loop_throughput(config: PipelineConfig, data: Batches, teacher_a
     distill stage is (channels-last, autocast, soft-target runtime; the logits cache off, so every batch
     pays for its teacher forward)."""
     from edgepipe.training.distillation import SoftTargets, kd_step
-    from edgepipe.models import build_from_spec, load_torch_artifact
+    from edgepipe.models.loading import build_from_spec, load_torch_artifact
+    from edgepipe.tasks import task_of
     from edgepipe.training.loop import clear_checkpoints, fit
 
     dcfg = config.distill
@@ -69,7 +70,7 @@ def pipeline_kd_loop_throughput(config: PipelineConfig, data: Batches, teacher_a
     targets = SoftTargets(load_torch_artifact(teacher_art), config.soft_targets.runtime, cache=False,
                           example=torch.randn(2, *data.input_shape))
     optim = dcfg.optim.model_copy(update={"epochs": 1})
-    history = fit(student, data, optim, kd_step(targets, dcfg.temperature, dcfg.alpha),
+    history = fit(student, data, optim, kd_step(targets, dcfg.temperature, dcfg.alpha, task=task_of(config)),
                   batch_size=config.data.batch_size, checkpoint_dir=folder, task="edgepipe loop (timing)",
                   progress=progress, eval_batch_size=config.data.eval_batch_size, tag="timing")
     clear_checkpoints(folder)
@@ -86,7 +87,7 @@ def plain_kd_loop_throughput(config: PipelineConfig, data: Batches, teacher_art:
     """A textbook PyTorch distillation loop (what a user writes by hand) over the same batches, all timed
     as the pipeline's are: eager student in NCHW float32, the teacher module under no_grad, KL + CE, SGD."""
     from edgepipe.training.distillation import kd_terms
-    from edgepipe.models import build_from_spec, load_torch_artifact
+    from edgepipe.models.loading import build_from_spec, load_torch_artifact
 
     dcfg = config.distill
     torch.manual_seed(config.seed)

@@ -13,7 +13,8 @@ import torch
 
 from edgepipe.training import distributed
 from edgepipe.config import OptimConfig
-from edgepipe.training.loop import cross_entropy_step, evaluate, fit
+from edgepipe.training.loop import fit
+from edgepipe.tasks.classification import cross_entropy_step, evaluate
 from tests.support import TinyCNN, tiny_data
 
 

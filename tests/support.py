@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from edgepipe.config import PipelineConfig, validate_config
-from edgepipe.data import DataBundle
+from edgepipe.data.batches import DataBundle
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CIFAR10 = Path(os.environ.get("EDGEPIPE_CIFAR10", SHARED / "datasets" / "cifar10"))

@@ -71,7 +71,7 @@ def run_with_teacher_program(make: Callable[[Path], Path], expect: str) -> Case:
 
 
 def _nan_weights(f: Finished, tmp: Path) -> tuple[list[str], Path, str]:
-    from edgepipe.models import cifar_resnet
+    from edgepipe.models.zoo import cifar_resnet
 
     state = cifar_resnet(**f.config["teacher"]["model"]["kwargs"]).state_dict()
     state["layer2.0.conv1.weight"][0, 0, 0, 0] = float("nan")
@@ -140,7 +140,7 @@ def test_bad_model_or_data_is_one_line_and_the_run_stays_byte_identical(
 
 def test_a_batch_larger_than_the_data_is_one_batch_of_the_data(monkeypatch: pytest.MonkeyPatch) -> None:
     """data.batch_size / eval_batch_size above the split's size are accepted: a batch never holds more images than
-    the split (edgepipe.data.batch_starts), so only a split too large for memory in one batch is refused."""
+    the split (edgepipe.data.batches.batch_starts), so only a split too large for memory in one batch is refused."""
     from edgepipe.config import PipelineConfig
     from edgepipe.engine.sizes import check_batches
     from tests.reliability import config_for
@@ -167,7 +167,8 @@ def test_symlink_loops_and_files_reached_twice_are_read_once(finished: Finished,
                                                              caplog: pytest.LogCaptureFixture,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     from edgepipe.config import PipelineConfig
-    from edgepipe.data import list_split, run_data
+    from edgepipe.data.imagefolder import list_split
+    from edgepipe.data.loading import run_data
     from edgepipe.reporting.report import _data_blocks
 
     monkeypatch.setenv("EDGEPIPE_CACHE", str(tmp_path / "cache"))
@@ -196,7 +197,7 @@ def test_a_listing_never_recurses_through_nested_loops(tmp_path: Path) -> None:
     """Two folders linking to each other and to their parent: every file once, and the walk ends."""
     from PIL import Image
 
-    from edgepipe.data import list_split
+    from edgepipe.data.imagefolder import list_split
 
     for name in ("a", "b"):
         (tmp_path / "cls" / name).mkdir(parents=True)
@@ -212,9 +213,10 @@ def test_a_listing_never_recurses_through_nested_loops(tmp_path: Path) -> None:
 def test_a_non_finite_loss_names_its_cause(tmp_path: Path) -> None:
     """Weights that were never finite, or a teacher giving NaN logits, are not blamed on the learning rate."""
     from edgepipe.config import OptimConfig
-    from edgepipe.data import DataBundle
+    from edgepipe.data.batches import DataBundle
     from edgepipe.training.distillation import kd_step
-    from edgepipe.training.loop import cross_entropy_step, fit
+    from edgepipe.training.loop import fit
+    from edgepipe.tasks.classification import cross_entropy_step
 
     gen = torch.Generator().manual_seed(0)
     images = torch.rand(32, 3, 8, 8, generator=gen)

@@ -14,7 +14,7 @@ from edgepipe.engine.artifacts import Artifact
 from edgepipe.backends import get_backend
 from edgepipe.measure.bench import run_bench
 from edgepipe.config import BenchConfig
-from edgepipe.models import save_torch_artifact
+from edgepipe.models.loading import save_torch_artifact
 from edgepipe.profiles import HardwareProfile
 from edgepipe.host import host_has_native_bf16
 from edgepipe.runtime.torch_runner import TorchRunner

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from edgepipe.config import DataConfig, OptimConfig
-from edgepipe.data import load_data
-from edgepipe.training.loop import cross_entropy_step, fit
+from edgepipe.data.loading import load_data
+from edgepipe.training.loop import fit
+from edgepipe.tasks.classification import cross_entropy_step
 from tests.support import TinyCNN, tiny_data
 
 

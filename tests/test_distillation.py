@@ -7,7 +7,8 @@ import torch
 from edgepipe.config import FeaturePair
 from edgepipe.training.distillation import FeatureHints, SoftTargets, init_from_teacher, kd_step
 from edgepipe.errors import EdgepipeError
-from edgepipe.models import ExportedProgramModel, cifar_resnet
+from edgepipe.models.loading import ExportedProgramModel
+from edgepipe.models.zoo import cifar_resnet
 
 
 def _teacher(depth: int = 20, width: int = 8) -> torch.nn.Module:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from edgepipe.training import distributed
-from edgepipe.cli import _check_launchable, _parser
+from edgepipe.cli.parser import build_parser as _parser, check_launchable as _check_launchable
 from edgepipe.errors import EdgepipeError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,7 +12,8 @@ import pytest
 import stages
 from edgepipe.engine import stage as stage_mod
 from edgepipe.errors import EdgepipeError
-from edgepipe.engine.pipeline import Run, run_pipeline
+from edgepipe.engine.pipeline import run_pipeline
+from edgepipe.engine.run import Run
 from tests.support import tiny_config
 
 # A stage as a user would add it: it copies the teacher's model (its "transformation") and counts its calls.
@@ -20,7 +21,7 @@ TRIVIAL = '''
 """A trivial stage for the engine test: re-saves its input model."""
 import json
 
-from edgepipe.models import load_torch_artifact, save_torch_artifact
+from edgepipe.models.loading import load_torch_artifact, save_torch_artifact
 from edgepipe.engine.stage import StageResult
 from edgepipe.types import ArtifactKind
 
@@ -208,7 +209,7 @@ def test_replaced_images_change_every_data_stage_key(tmp_path: Path) -> None:
     import os
 
     from edgepipe.config import DataConfig
-    from edgepipe.data import data_fingerprint
+    from edgepipe.data.loading import data_fingerprint
 
     for split in ("train", "test"):
         for cls in ("a", "b"):

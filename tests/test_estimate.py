@@ -11,10 +11,11 @@ from torch import nn
 
 from edgepipe.cli import main
 from edgepipe.errors import EdgepipeError
-from edgepipe.measure.estimate import (Layer, activation_bytes, calibrate, calibration_for, layer_estimate, model_layers,
-                               onnx_layers, published_results, published_table, roofline_estimate, row_estimate,
-                               target_estimate)
-from edgepipe.models import build_arch
+from edgepipe.measure.calibrate import calibrate, row_estimate
+from edgepipe.measure.layers import Layer, activation_bytes, model_layers, onnx_layers
+from edgepipe.measure.roofline import (calibration_for, layer_estimate, published_results, published_table,
+                                       roofline_estimate, target_estimate)
+from edgepipe.models.zoo import build_arch
 from edgepipe.profiles import HardwareProfile, get_profile
 from edgepipe.types import DType
 
@@ -302,7 +303,7 @@ def test_cli_estimate_bad_input_is_exit_2_with_one_line(argv, message, capsys):
 
 
 def test_qat_model_counts_like_its_float_model():
-    from edgepipe.models import CifarResNet
+    from edgepipe.models.zoo import CifarResNet
     from edgepipe.quantization.fakequant import insert_fake_quant, quant_settings
 
     float_layers = model_layers(CifarResNet(8, width=4).eval(), (3, 16, 16))
@@ -325,8 +326,8 @@ def test_artifact_layers_from_torch_onnx_or_none(tmp_path):
     import onnx
 
     from edgepipe.engine.artifacts import Artifact
-    from edgepipe.measure.estimate import artifact_layers
-    from edgepipe.models import save_torch_artifact
+    from edgepipe.measure.layers import artifact_layers
+    from edgepipe.models.loading import save_torch_artifact
     from edgepipe.export.onnx_export import export_onnx
     from edgepipe.types import ArtifactKind
 

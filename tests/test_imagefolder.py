@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from edgepipe.config import DataConfig
-from edgepipe.data import load_data
+from edgepipe.data.loading import load_data
 from edgepipe.errors import EdgepipeError
 from tests.support import CIFAR10, needs_cifar
 
@@ -52,17 +52,17 @@ def test_imagefolder_resize_and_errors(tmp_path: Path, monkeypatch: pytest.Monke
 
 @needs_cifar
 def test_cifar10_test_split_through_imagefolder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from edgepipe.data import _decode_split
+    from edgepipe.data.imagefolder import decode_split
 
     monkeypatch.setenv("EDGEPIPE_CACHE", str(tmp_path))  # never write into the user's cache from a test
-    images, labels, classes, notes = _decode_split(CIFAR10 / "test", None)
+    images, labels, classes, notes = decode_split(CIFAR10 / "test", None)
     assert notes["skipped"] == [] and notes["modes"] == {"RGB": 10_000}
     assert images.shape == (10_000, 3, 32, 32) and classes[0] == "airplane" and np.bincount(labels).tolist() == [1000] * 10
 
 
 def test_an_image_replaced_under_the_same_name_is_decoded_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The decode cache is keyed by each file's size and modification time, not its name only: stale pixels would
-    otherwise reach a retrained stage whose key did change (edgepipe.data.data_fingerprint)."""
+    otherwise reach a retrained stage whose key did change (edgepipe.data.loading.data_fingerprint)."""
     import os
 
     monkeypatch.setenv("EDGEPIPE_CACHE", str(tmp_path / "cache"))
@@ -80,7 +80,7 @@ def test_an_image_replaced_under_the_same_name_is_decoded_again(tmp_path: Path, 
 def test_every_image_mode_is_converted_explicitly(tmp_path: Path) -> None:
     """16-bit keeps its range (PIL's own convert clips it to 255), alpha is dropped, palette and CMYK go through RGB,
     and grayscale becomes 3 equal channels or stays 1."""
-    from edgepipe.data import to_channels
+    from edgepipe.data.imagefolder import to_channels
 
     ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)  # 0 .. 63,000 of 65,535
     path = tmp_path / "deep.png"
@@ -113,7 +113,7 @@ def _gray_tree(root: Path, n: int = 6) -> None:
 
 def test_grayscale_folder_follows_a_one_channel_teacher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from edgepipe.config import validate_config
-    from edgepipe.data import run_data
+    from edgepipe.data.loading import run_data
 
     monkeypatch.setenv("EDGEPIPE_CACHE", str(tmp_path / "cache"))
     _gray_tree(tmp_path / "data")

@@ -14,11 +14,14 @@ from torch import nn
 
 from edgepipe.backends.onnxruntime import OrtRunner, dequantize_after_reshapes
 from edgepipe.errors import EdgepipeError
-from edgepipe.models import CifarResNet
+from edgepipe.models.zoo import CifarResNet
 from edgepipe.profiles import get_profile
 from edgepipe.quantization.calibration import calibrate
-from edgepipe.quantization.fakequant import activation_quantizers, insert_fake_quant, placement_of, quant_settings
-from edgepipe.quantization.form import exact_8bit_weights_on_cpu, resolve_form
+from edgepipe.quantization.fakequant import insert_fake_quant, quant_settings
+from edgepipe.quantization.layers import activation_quantizers
+from edgepipe.quantization.placement import placement_of
+from edgepipe.quantization.cpu_form import exact_8bit_weights_on_cpu
+from edgepipe.quantization.form import resolve_form
 from edgepipe.export.onnx_export import export_onnx, fold_weight_quantizers
 
 SHAPE = (3, 16, 16)
@@ -157,9 +160,9 @@ class _Runner:
     def __init__(self, inner: OrtRunner, scramble: bool) -> None:
         self.inner, self.scramble = inner, scramble
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        out = self.inner.infer(batch)
-        return out[:, ::-1].copy() if self.scramble else out
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = self.inner.run(feeds)["logits"]
+        return {"logits": out[:, ::-1].copy() if self.scramble else out}
 
 
 @pytest.mark.parametrize("scramble", [False, True])
@@ -173,7 +176,8 @@ def test_compile_fails_when_the_compiled_model_loses_accuracy(tmp_path, monkeypa
     from tests.support import tiny_config, tiny_data
 
     from edgepipe.config import OptimConfig
-    from edgepipe.training.loop import cross_entropy_step, fit
+    from edgepipe.training.loop import fit
+    from edgepipe.tasks.classification import cross_entropy_step
 
     data = tiny_data()
     torch.manual_seed(0)
@@ -200,7 +204,7 @@ def test_a_drop_fails_only_beyond_chance(losses: int, wins: int, fails: bool) ->
     """On 1,000 images: 0.4 points from 10 losses and 6 wins is rounding noise (p ~ 0.23); 3.0 points lost
     on 30 images and won on none is a fault; 0.3 points is within the limit whatever the p-value; 1.5
     points from 40 losses and 25 wins is above the limit but not beyond chance (p ~ 0.04 > 0.01)."""
-    from stages.compile import fidelity_verdict
+    from edgepipe.tasks.classification import fidelity_verdict
 
     ref = np.zeros(1000, bool)
     ref[:losses] = True  # the reference alone is right on the first images, the compiled alone on the next

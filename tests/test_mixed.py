@@ -24,15 +24,16 @@ import stages.export as export_stage
 import stages.qat as qat
 from edgepipe.engine.artifacts import Artifact
 from edgepipe.config import OptimConfig
-from edgepipe.data import DataBundle
+from edgepipe.data.batches import DataBundle
 from edgepipe.errors import EdgepipeError
-from edgepipe.models import load_torch_artifact, save_torch_artifact
+from edgepipe.models.loading import load_torch_artifact, save_torch_artifact
 from edgepipe.export.onnx_graph import float_layers, producers
 from edgepipe.profiles import get_profile
-from edgepipe.quantization.fakequant import QuantConv2d
+from edgepipe.quantization.layers import QuantConv2d
 from edgepipe.quantization.form import resolve_fallback
 from edgepipe.engine.stage import StageContext
-from edgepipe.training.loop import cross_entropy_step, fit
+from edgepipe.training.loop import fit
+from edgepipe.tasks.classification import cross_entropy_step
 from edgepipe.types import DType
 from tests.support import tiny_config, tiny_data
 

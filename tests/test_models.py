@@ -9,8 +9,8 @@ import torch_pruning as tp
 
 from edgepipe.config import ModelSpec
 from edgepipe.errors import EdgepipeError
-from edgepipe.models import (build_arch, build_from_spec, load_torch_artifact, restore_shapes,
-                             save_torch_artifact)
+from edgepipe.models.loading import build_from_spec, load_torch_artifact, restore_shapes, save_torch_artifact
+from edgepipe.models.zoo import build_arch
 from tests.support import TEACHERS, PickleMarker, TinyCNN, needs_teacher, program_with_pickled_weights
 
 
@@ -116,7 +116,8 @@ def test_cifar_students_trace_quantize_prune_and_export(tmp_path: Path, arch: st
     import openvino as ov
 
     from edgepipe.export.onnx_export import export_onnx
-    from edgepipe.quantization.fakequant import insert_fake_quant, placement_of, quant_settings
+    from edgepipe.quantization.fakequant import insert_fake_quant, quant_settings
+    from edgepipe.quantization.placement import placement_of
 
     torch.manual_seed(0)
     model = build_arch(arch, {"num_classes": 10, **kwargs}).eval()

@@ -7,9 +7,9 @@ from torch import nn
 
 from edgepipe.errors import EdgepipeError
 from edgepipe.quantization.calibration import HISTOGRAM_BINS, calibrate
-from edgepipe.quantization.fakequant import (QuantConv2d, QuantLinear, activation_quantizers, dequantized_copy,
-                            find_conv_bn_pairs, fold_batchnorm, insert_fake_quant, quant_layers, quant_settings,
-                            quantization_disabled, weight_scale)
+from edgepipe.quantization.fakequant import find_conv_bn_pairs, fold_batchnorm, insert_fake_quant, quant_settings
+from edgepipe.quantization.layers import (QuantConv2d, QuantLinear, activation_quantizers, dequantized_copy, quant_layers,
+                                          quantization_disabled, weight_scale)
 from tests.support import TinyCNN
 
 

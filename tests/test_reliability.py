@@ -280,7 +280,8 @@ def test_a_full_disk_is_one_line_recorded_as_failed_and_resumes(finished: Finish
 
 def test_a_damaged_checkpoint_restarts_the_training(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from edgepipe.config import OptimConfig
-    from edgepipe.training.loop import cross_entropy_step, fit
+    from edgepipe.training.loop import fit
+    from edgepipe.tasks.classification import cross_entropy_step
     from tests.support import tiny_cnn, tiny_data
 
     (tmp_path / "last.pt").write_bytes(b"PK\x03\x04 truncated")

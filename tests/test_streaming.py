@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 
 from edgepipe.config import DataConfig
-from edgepipe.data import DataBundle, StreamingBundle, load_data
+from edgepipe.data.batches import DataBundle
+from edgepipe.data.loading import load_data
+from edgepipe.data.streaming import StreamingBundle
 from edgepipe.errors import EdgepipeError
 
 
@@ -64,7 +66,7 @@ def _with_workers(folder: Path, body: str) -> subprocess.CompletedProcess:
     process, forking DataLoader workers left it to segfault at a later fork (SIGSEGV in a later subprocess call,
     twice on 2026-11-24, not reproduced alone), so the tests that start workers start them elsewhere, as the CLI
     does in its own process."""
-    code = ("import sys, torch\nfrom edgepipe.config import DataConfig\nfrom edgepipe.data import load_data\n"
+    code = ("import sys, torch\nfrom edgepipe.config import DataConfig\nfrom edgepipe.data.loading import load_data\n"
             "def main():\n    data = load_data(DataConfig(kind='imagefolder', path=sys.argv[1], streaming=True, "
             "workers=2))\n" + "".join(f"    {line}\n" for line in body.splitlines()) +
             "if __name__ == '__main__':\n    main()\n")

@@ -23,7 +23,8 @@ from edgepipe.cli import main
 from edgepipe.config import ModelSpec
 from edgepipe.errors import EdgepipeError
 from edgepipe.io import LOCK_FILE
-from edgepipe.models import build_from_spec, from_run_folder, load_torch_artifact, trust
+from edgepipe.models.loading import build_from_spec, load_torch_artifact
+from edgepipe.models.trust import from_run_folder, trust
 from edgepipe.types import ArtifactKind, DType
 from tests.reliability import TARGET, Finished, assert_refused, copy_run, tree, write_config
 from tests.support import PickleMarker, program_with_pickled_weights

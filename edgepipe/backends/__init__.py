@@ -7,6 +7,20 @@ Each backend is one module with the same few verbs:
 - ``compile(onnx_path, profile, dtype, out_dir, progress=None) -> tuple[Artifact, dict]``: build the
   deployable artifact in ``out_dir`` and return it with records (settings used, runtime checks).
 - ``load(artifact, threads=None) -> Runner``: a runner (see ``edgepipe.runtime.runner``) for measurement.
+- ``BUILDS_ON_DEVICE``: where it is not ``available()``, compile writes a bundle the device builds (TensorRT),
+  so a latency taken here is the profile's roofline estimate instead.
+- ``timing_runner(onnx_path, profile, dtype, out_dir, threads, float_dtype=None) -> Runner``: a candidate ONNX
+  made ready to time as this target runs it (latency-constrained pruning, the gain check, the QAT variants).
+- ``int8_form(profile, activations, isa) -> dict``: the automatic INT8 form (activations, weight bits, reason,
+  host facts) its int8 kernels want on this host; refuses a pinned form it cannot run
+  (edgepipe.quantization.form asks it).
+- ``fallback_dtype(profile, caps=None) -> dict | None``: the float dtype an INT8 model's float layers run in
+  here, or None for the profile's best float dtype.
+- ``POST_TRAINING_QUANTIZATION``: it defines ``post_training_quantize(onnx_path, images, preset, profile, out_dir,
+  meta, progress) -> tuple[Artifact, dict]`` (OpenVINO: NNCF), which the ``ptq`` stage and ``compare``'s
+  baselines need.
+
+Callers ask these instead of comparing ``profile.backend`` with a backend's name.
 
 This module is also the one registry from artifact kind to runtime (``runner_for``, ``backend_of``):
 the engine's measurements, ``edgepipe bench``, the compile stage's fidelity check and ``compare`` all
@@ -71,12 +85,11 @@ def runner_for(artifact: Artifact, threads: int | None) -> tuple[Runner, str | N
     """
     kind = artifact.kind
     if kind is ArtifactKind.TORCH:
-        from edgepipe.models import load_torch_artifact
         from edgepipe.runtime.torch_runner import TorchRunner
 
         note = ("PyTorch runs the QAT model with fake quantization in fp32; INT8 speed shows after compile"
                 if artifact.quantized else None)
-        return TorchRunner(load_torch_artifact(artifact), threads), note
+        return TorchRunner.from_artifact(artifact, threads), note
     if kind in (ArtifactKind.ONNX, ArtifactKind.TENSORRT_BUNDLE):
         from edgepipe.backends.onnxruntime import OrtRunner
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +46,10 @@ from onnx import numpy_helper
 
 from edgepipe.engine.artifacts import Artifact
 from edgepipe.errors import EdgepipeError
-from edgepipe.export.onnx_graph import constant_values, consumers, is_residual_add
+from edgepipe.export.onnx_graph import constant_values, consumers, graph_inputs, is_residual_add
 from edgepipe.io import atomic_write
 from edgepipe.profiles import HardwareProfile
-from edgepipe.runtime.runner import time_runner
+from edgepipe.runtime.runner import RunnerBase, example_feeds, time_runner
 from edgepipe.host import host_cpu
 from edgepipe.types import ArtifactKind, DType
 
@@ -101,7 +101,7 @@ def executed_op_precisions(model: onnx.ModelProto) -> dict[str, Any]:
     return {"ops": ops, "residual_adds": adds, "float_compute_ops": [o for o in ops if o["precision"] != "int8"]}
 
 
-class OrtRunner:
+class OrtRunner(RunnerBase):
     """An ONNX Runtime session behind the Runner protocol (sequential execution, fixed threads).
 
     ``dtype`` is "int8" when the executed graph has integer convolution/matmul kernels, else "fp32".
@@ -138,14 +138,25 @@ class OrtRunner:
         else:
             self.session = ort.InferenceSession(str(path), so, providers=providers)
             int8 = _is_quantized(onnx.load(str(path), load_external_data=False))
-        self.input_name = self.session.get_inputs()[0].name
+        self.input_names = tuple(i.name for i in self.session.get_inputs())
+        self.output_names = tuple(o.name for o in self.session.get_outputs())
         provider = self.session.get_providers()[0]  # what it actually runs on, not what was asked
         self.device = f"cpu: {host_cpu()}" if provider == "CPUExecutionProvider" else provider
         self.dtype = DType.INT8.value if int8 else DType.FP32.value
         self.threads = threads
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: batch})[0]
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.session.run(None, {n: feeds[n] for n in self.input_names})))
+
+    def bind(self, feeds: Mapping[str, np.ndarray]) -> Callable[[], Any]:
+        """Inputs bound once (ONNX Runtime reads the arrays in place), outputs left in ONNX Runtime's buffers."""
+        binding = self.session.io_binding()
+        kept = {n: np.ascontiguousarray(feeds[n]) for n in self.input_names}  # alive as long as the call
+        for name, array in kept.items():
+            binding.bind_cpu_input(name, array)
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        return lambda: self.session.run_with_iobinding(binding) or kept
 
 
 def _is_int8_zero(value: np.ndarray | None) -> bool:
@@ -322,10 +333,11 @@ def compile(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_dir: Pa
     def timed(task: str) -> Callable[[int, int], None] | None:
         return (lambda done, total: progress(task, done, total, {})) if progress else None
 
-    baseline = time_runner(OrtRunner(onnx_path, providers=[provider]), input_shape, 1, warmup, iterations,
+    feeds = example_feeds(graph_inputs(model), 1)
+    baseline = time_runner(OrtRunner(onnx_path, providers=[provider]), feeds, warmup, iterations,
                            timed("onnxruntime: time input ONNX (batch 1)"))
     runner = OrtRunner(out_path, providers=[provider])
-    optimized = time_runner(runner, input_shape, 1, warmup, iterations, timed("onnxruntime: time optimized (batch 1)"))
+    optimized = time_runner(runner, feeds, warmup, iterations, timed("onnxruntime: time optimized (batch 1)"))
     ratio = baseline.p50_ms / optimized.p50_ms
     if ratio < 1.0:
         log.warning("onnxruntime: optimized model is slower than the input ONNX (p50 %.3f ms vs %.3f ms)",
@@ -365,3 +377,30 @@ def compile(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_dir: Pa
 def load(artifact: Artifact, threads: int | None = None) -> OrtRunner:
     providers = [artifact.meta["execution_provider"]] if "execution_provider" in artifact.meta else None
     return OrtRunner(artifact.path("onnx"), threads=threads, providers=providers)
+
+
+# --- what edgepipe asks every backend besides compile/load (the verbs listed in edgepipe.backends) ---------
+BUILDS_ON_DEVICE = False
+"""compile runs here; ONNX Runtime needs no device of its own."""
+POST_TRAINING_QUANTIZATION = False
+"""No ``post_training_quantize``: the PTQ baselines (NNCF) build OpenVINO IR."""
+
+
+def int8_form(profile: HardwareProfile, activations: str, isa: tuple[str, ...]) -> dict[str, Any]:
+    """The automatic INT8 form: ONNX Runtime's CPU execution provider runs on this CPU, so the CPU rule."""
+    from edgepipe.quantization.cpu_form import cpu_int8_form
+
+    return cpu_int8_form(isa)
+
+
+def fallback_dtype(profile: HardwareProfile, caps: list[str] | None = None) -> dict[str, Any] | None:
+    """The float dtype an INT8 model's float layers run in: fp32, whatever the profile prefers."""
+    return {"dtype": DType.FP32.value, "source": "auto",
+            "reason": "ONNX Runtime's CPU execution provider computes float ops in fp32"}
+
+
+def timing_runner(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_dir: Path, threads: int | None,
+                  float_dtype: DType | None = None) -> OrtRunner:
+    """A runner to time a candidate ONNX as this target would run it: the ONNX itself in ONNX Runtime (the
+    compile stage's offline optimization is skipped: it also times the model twice, too slow per candidate)."""
+    return OrtRunner(onnx_path, threads)

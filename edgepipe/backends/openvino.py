@@ -28,7 +28,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from edgepipe.errors import EdgepipeError
 from edgepipe.profiles import HardwareProfile
 from edgepipe.host import host_cpu
 from edgepipe.export.onnx_graph import float_layers
+from edgepipe.runtime.runner import RunnerBase
 from edgepipe.types import ArtifactKind, DType
 
 log = logging.getLogger(__name__)
@@ -189,7 +190,7 @@ def _device_label(core: Any, device: str) -> str:
         return device
 
 
-class OvRunner:
+class OvRunner(RunnerBase):
     """An OpenVINO compiled model behind the Runner protocol; ``dtype`` is what its convolutions run in."""
 
     backend = "openvino"
@@ -208,10 +209,23 @@ class OvRunner:
         self.dtype = runtime_dtype(self.precisions).value
         self.device = _device_label(core, device)
         self.threads = threads
+        self.input_names = tuple(i.get_any_name() for i in self.compiled.inputs)
+        self.output_names = tuple(o.get_any_name() for o in self.compiled.outputs)
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        self.request.infer({0: batch})
-        return self.request.get_output_tensor(0).data.copy()
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.request.infer({n: feeds[n] for n in self.input_names})
+        return {n: self.request.get_tensor(n).data.copy() for n in self.output_names}
+
+    def bind(self, feeds: Mapping[str, np.ndarray]) -> Callable[[], Any]:
+        """Input tensors set once over the arrays' memory, then ``infer()`` alone is timed: OpenVINO's own
+        ``benchmark_app`` times the same call (copying the batch in and the outputs out on every call measured 0.85x
+        of its throughput on a small INT8 model)."""
+        import openvino as ov
+
+        kept = {n: np.ascontiguousarray(feeds[n]) for n in self.input_names}
+        for name, array in kept.items():
+            self.request.set_tensor(name, ov.Tensor(array, shared_memory=True))
+        return self.request.infer
 
 
 def stable_names(model: Any) -> int:
@@ -346,3 +360,93 @@ def compile(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_dir: Pa
 
 def load(artifact: Artifact, threads: int | None = None) -> OvRunner:
     return OvRunner(artifact.path("xml"), artifact.meta.get("measured_on", "CPU"), artifact.meta.get("config"), threads)
+
+
+# --- what edgepipe asks every backend besides compile/load (the verbs listed in edgepipe.backends) ---------
+BUILDS_ON_DEVICE = False
+"""compile runs here (the profile's device, or this CPU where it is absent)."""
+POST_TRAINING_QUANTIZATION = True
+"""``post_training_quantize`` exists: NNCF quantizes the float model for OpenVINO (the PTQ baselines)."""
+
+
+def host_facts(device: str) -> tuple[bool, list[str]]:
+    """Is the OpenVINO device present here, and what OpenVINO reports as the CPU's capabilities."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return False, []
+    core = ov.Core()
+    family = device.split(":")[0].split(".")[0].upper()
+    present = any(d.split(".")[0] == family for d in core.available_devices)
+    try:
+        caps = [str(c) for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+    except RuntimeError:
+        caps = []
+    return present, caps
+
+
+def int8_form(profile: HardwareProfile, activations: str, isa: tuple[str, ...]) -> dict[str, Any]:
+    """The automatic INT8 form (edgepipe.quantization.form): a GPU/NPU present here accumulates in int32, so
+    8-bit weights; on the CPU (or where the device is absent) the CPU rule. ``host`` holds OpenVINO's facts."""
+    from edgepipe.quantization.cpu_form import cpu_int8_form
+
+    device = profile.options.openvino.device
+    present, caps = host_facts(device)
+    host = {"openvino_cpu_capabilities": caps} if caps else {}
+    if not (device.upper().startswith("CPU") or not present):
+        return {"activations": "uint8_after_relu", "weight_bits": 8, "host": host,
+                "reason": f"OpenVINO {device}: int8 kernels accumulate in int32; uint8 after ReLU as NNCF emits"}
+    where = "" if device.upper().startswith("CPU") else f"{device} is not on this host, so compiled on the CPU: "
+    return {**cpu_int8_form(isa, where), "host": host}
+
+
+def fallback_dtype(profile: HardwareProfile, caps: list[str] | None = None) -> dict[str, Any] | None:
+    """The float dtype an INT8 model's float layers run in on the CPU plugin: bf16/fp16 only where OpenVINO
+    reports it among OPTIMIZATION_CAPABILITIES (a bf16 hint elsewhere silently runs f32). ``caps`` overrides
+    them, for tests. None (the profile's best float dtype) on other devices or for an fp32 profile."""
+    best, name = profile.best_float, f"hardware_profiles/{profile.name}.yaml"
+    if not (profile.options.openvino.device.upper().startswith("CPU") and best in (DType.BF16, DType.FP16)):
+        return None
+    if caps is None:
+        _, caps = host_facts("CPU")
+    tag = {DType.BF16: "BF16", DType.FP16: "FP16"}[best]
+    if tag not in caps:
+        return {"dtype": DType.FP32.value, "source": "auto",
+                "reason": f"{name} prefers {best.value}, but OpenVINO reports no {tag} on this CPU "
+                          f"(capabilities: {', '.join(caps) or 'none'}), so its float layers run fp32"}
+    return {"dtype": best.value, "source": "auto",
+            "reason": f"{name} prefers {best.value} and OpenVINO reports {tag} on this CPU"}
+
+
+def timing_runner(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_dir: Path, threads: int | None,
+                  float_dtype: DType | None = None) -> OvRunner:
+    """A runner to time a candidate ONNX as this target would run it: compiled into ``out_dir``, then loaded."""
+    artifact, _ = compile(onnx_path, profile, dtype, out_dir, float_dtype=float_dtype)
+    return load(artifact, threads=threads)
+
+
+def post_training_quantize(onnx_path: Path, images: np.ndarray, preset: str, profile: HardwareProfile, out_dir: Path,
+                           meta: dict[str, Any], progress: Callable[[str, int, int, dict[str, float]], None]
+                           ) -> tuple[Artifact, dict[str, Any]]:
+    """NNCF ``nncf.quantize`` of a float ONNX for the CPU, calibrated on ``images`` (one per sample), saved as
+    IR in ``out_dir``. The artifact's dtype is what the CPU plugin runs its convolutions in, read back from the
+    compiled model; ``meta`` is added to its descriptor. Returns the artifact (unsaved) and its records."""
+    import nncf
+
+    dataset = nncf.Dataset([images[i:i + 1] for i in range(len(images))])
+    progress("ptq: nncf.quantize", 0, 1, {})
+    quantized = nncf.quantize(convert(onnx_path), dataset, subset_size=len(images),
+                              preset=nncf.QuantizationPreset(preset), target_device=nncf.TargetDevice.CPU)
+    progress("ptq: nncf.quantize", 1, 1, {})
+    save_ir(quantized, out_dir)
+    config = inference_config(profile, DType.INT8)
+    runner = OvRunner(out_dir / "model.xml", "CPU", config)
+    method = (f"nncf {nncf.__version__} nncf.quantize, {len(images)} un-augmented training images, "
+              f"{preset} preset")
+    artifact = Artifact(kind=ArtifactKind.OPENVINO_IR, root=out_dir, files={"xml": "model.xml", "bin": "model.bin"},
+                        dtype=DType(runner.dtype), quantized=True,
+                        meta={"backend": "openvino", "device": "CPU", "measured_on": "CPU", "config": config,
+                              "requested_dtype": DType.INT8.value, "runtime_dtype": runner.dtype,
+                              **meta, "method": method})
+    return artifact, {"method": method, "nncf_version": nncf.__version__, "subset_size": len(images),
+                      "preset": preset, "conv_precisions": runner.precisions, "runtime_dtype": runner.dtype}

@@ -33,7 +33,7 @@ Docs relied on:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -44,9 +44,10 @@ from edgepipe.engine.artifacts import Artifact
 from edgepipe.backends import tensorrt_device as device
 from edgepipe.backends.tensorrt_plan import DTYPES  # noqa: F401 - the backend registry reads DTYPES here
 from edgepipe.backends.tensorrt_plan import (BUNDLE_FILES, build_settings, check_onnx_for_tensorrt, copy_file,
-                                             onnx_input_shape, write_bundle)
+                                             onnx_input_name, onnx_input_shape, write_bundle)
 from edgepipe.errors import EdgepipeError
 from edgepipe.profiles import HardwareProfile
+from edgepipe.runtime.runner import RunnerBase
 from edgepipe.types import ArtifactKind, DType
 
 log = logging.getLogger(__name__)
@@ -81,8 +82,9 @@ def build_engine(onnx_path: Path | str, settings: dict[str, Any], out_path: Path
         return device.build_engine(onnx_path, settings, out_path, progress)
 
 
-class TrtRunner:
-    """A TensorRT engine behind the Runner protocol (the device module's Engine: cuda-python or pycuda)."""
+class TrtRunner(RunnerBase):
+    """A TensorRT engine behind the Runner protocol (the device module's Engine: cuda-python or pycuda), its
+    tensors by name."""
 
     backend = "tensorrt"
 
@@ -92,10 +94,17 @@ class TrtRunner:
             self.device = f"cuda:0 {self._engine.cuda.device_name()}"
         self.dtype = device.compute_precision(device.engine_layers(self._engine.engine)) or dtype or "unknown"
         self.threads = threads
+        self.input_names = self._engine.input_names
+        self.output_names = self._engine.output_names
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         with _as_edgepipe_error():
-            return self._engine.infer(batch)
+            return self._engine.run(feeds)
+
+    def bind(self, feeds: Mapping[str, np.ndarray]) -> Callable[[], Any]:
+        """Inputs copied to the GPU once; the call runs the engine and waits for it, outputs left on the GPU."""
+        with _as_edgepipe_error():
+            return self._engine.bind(feeds)
 
 
 def compile(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_dir: Path,
@@ -112,7 +121,8 @@ def compile(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_dir: Pa
     if problems:
         raise EdgepipeError(f"{onnx_path}: not compatible with TensorRT ({len(problems)} problem(s)):\n  - "
                             + "\n  - ".join(problems))
-    settings = build_settings(profile, dtype, onnx_input_shape(onnx_path), float_dtype=float_dtype)
+    settings = build_settings(profile, dtype, onnx_input_shape(onnx_path), onnx_input_name(onnx_path),
+                              float_dtype=float_dtype)
     records: dict[str, Any] = {"settings": settings, "onnx_check": "passed"}
     ok, reason = available()
     if ok:
@@ -141,3 +151,35 @@ def load(artifact: Artifact, threads: int | None = None) -> TrtRunner:
         command = artifact.meta.get("build_command", "sh build_engine.sh")
         raise EdgepipeError(f"{artifact.root}: this TensorRT bundle holds no engine; build it on the device with: {command}")
     return TrtRunner(artifact.path("engine"), threads=threads, dtype=artifact.dtype.value)
+
+
+# --- what edgepipe asks every backend besides compile/load (the verbs listed in edgepipe.backends) ---------
+BUILDS_ON_DEVICE = True
+"""Where TensorRT is not ``available()``, compile writes a deploy bundle the device builds; a latency taken
+here is then the profile's roofline estimate, labelled so."""
+POST_TRAINING_QUANTIZATION = False
+"""No ``post_training_quantize``: the PTQ baselines (NNCF) build OpenVINO IR."""
+
+
+def int8_form(profile: HardwareProfile, activations: str, isa: tuple[str, ...]) -> dict[str, Any]:
+    """The automatic INT8 form on any host: TensorRT's explicit quantization takes int8 with zero-point 0
+    only (a pinned ``uint8_after_relu`` is refused) and accumulates 8-bit weights in int32."""
+    if activations == "uint8_after_relu":
+        raise EdgepipeError(f"qat.activations: uint8_after_relu cannot run on {profile.name} (TensorRT takes "
+                            "int8 with zero-point 0 only); use auto or int8")
+    return {"activations": "int8", "weight_bits": 8,
+            "reason": ("TensorRT explicit quantization: int8 activations with zero-point 0, 8-bit per-channel weights "
+                       "(int32 accumulation)")}
+
+
+def fallback_dtype(profile: HardwareProfile, caps: list[str] | None = None) -> dict[str, Any] | None:
+    """None: an INT8 engine's float layers run in the profile's best float dtype."""
+    return None
+
+
+def timing_runner(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_dir: Path, threads: int | None,
+                  float_dtype: DType | None = None) -> TrtRunner:
+    """A runner to time a candidate ONNX on the device: an engine built into ``out_dir``, then loaded
+    (only where ``available()``; elsewhere callers use the roofline estimate, see BUILDS_ON_DEVICE)."""
+    artifact, _ = compile(onnx_path, profile, dtype, out_dir, float_dtype=float_dtype)
+    return load(artifact, threads=threads)

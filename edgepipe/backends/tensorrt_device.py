@@ -9,17 +9,21 @@ It imports only the standard library and numpy at module level; ``tensorrt`` and
 (NVIDIA's ``cuda-python``, which has aarch64 wheels, or ``pycuda``, which compiles on the device) are
 imported inside functions. It never imports torch, torchvision, openvino, matplotlib or any other edgepipe
 module (``tests/backends/test_tensorrt_device.py`` checks this), which is why it repeats nothing from them
-but the few lines it needs. ``edgepipe.backends.tensorrt`` uses the same functions on a CUDA host.
+but the few lines it needs. ``edgepipe.backends.tensorrt`` uses the same functions on a CUDA host. It is one file
+over 500 lines because a bundle ships it alone: building, timing and evaluating must all be in the one script.
 
 Results JSON (``SCHEMA``): ``tensorrt_version``, ``jetpack`` (L4T release and the nvidia-jetpack package
 version when the device has them), ``device``, ``settings`` (the bundle's build settings), ``engine``
 (file, size, build time, its ONNX's sha256), ``latency`` (batch 1: p50/p90/p99/mean of GPU time between
-CUDA events around ``execute_async_v3``, plus end-to-end time with host copies), ``throughput`` (images/s at
-the profile's optimal batch), ``layers`` (name, type and precision of every engine layer, from the engine
-inspector) and ``precision_counts``, ``accuracy`` (top-1 on the bundle's ``val.npz``), ``created``.
+CUDA events around ``execute_async_v3``, plus end-to-end time with host copies, and ``inputs``: each input's
+dtype and shape), ``throughput`` (images/s at the profile's optimal batch), ``layers`` (name, type and precision
+of every engine layer, from the engine inspector) and ``precision_counts``, ``accuracy`` (top-1 on the bundle's
+``val.npz``, read from the output named ``logits``), ``created``.
 
 TensorRT API used (TensorRT 10; JetPack 6.1/6.2 ship 10.3): Builder/IBuilderConfig/OnnxParser/Runtime/
-IExecutionContext (``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``), IEngineInspector;
+IExecutionContext (``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``), IEngineInspector; every
+I/O tensor by name (``num_io_tensors``, ``get_tensor_name``/``mode``/``dtype``/``profile_shape``), so an engine
+with several named inputs and outputs of their own dtypes runs as one with a single input and output;
 https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/index.html. The cuda-python calls
 follow NVIDIA/TensorRT's ``samples/python/common_runtime.py`` (cudart.cudaMalloc/cudaMemcpyAsync/
 cudaStreamCreate); the events are cudart.cudaEventCreate/Record/ElapsedTime.
@@ -34,6 +38,7 @@ import platform
 import re
 import sys
 import time
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -301,9 +306,11 @@ def build_engine(onnx_path: Path | str, settings: dict[str, Any], out_path: Path
                               f"{builder.num_DLA_cores} DLA core(s); fix options.tensorrt.use_dla_core in the profile")
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = int(settings["dla_core"])
-    shapes = settings["shapes"]
+    # ``input_shapes`` ({name: {min, opt, max}}) gives a profile to every input of a model with several; else the
+    # one input ``input_name`` has ``shapes``.
     profile = builder.create_optimization_profile()
-    profile.set_shape(settings["input_name"], shapes["min"], shapes["opt"], shapes["max"])
+    for name, shapes in (settings.get("input_shapes") or {settings["input_name"]: settings["shapes"]}).items():
+        profile.set_shape(name, shapes["min"], shapes["opt"], shapes["max"])
     config.add_optimization_profile(profile)
     report("tensorrt: build engine", 0, 1, {})
     serialized = builder.build_serialized_network(network, config)
@@ -349,8 +356,20 @@ def compute_precision(layers: list[dict[str, str]]) -> str | None:
     return next((d for d in ("fp32", "fp16", "bf16", "int8") if d in seen), None)
 
 
+Shapes = dict[str, tuple[int, ...]]
+Buffers = tuple[dict[str, np.ndarray], dict[str, Any]]
+"""Host arrays and device allocations of every I/O tensor, by name, for one set of input shapes."""
+
+
+def describe_inputs(feeds: Mapping[str, np.ndarray]) -> dict[str, str]:
+    """``{"input": "float32[8,3,224,224]"}``: what a timing was measured on (as edgepipe's runner records it)."""
+    return {name: f"{a.dtype}[{','.join(str(d) for d in a.shape)}]" for name, a in feeds.items()}
+
+
 class Engine:
-    """A deserialized engine with one execution context, its buffers and one CUDA stream."""
+    """A deserialized engine with one execution context, one CUDA stream, and host and device buffers for every
+    I/O tensor per set of input shapes. Tensors are addressed by name, in the engine's order: any number of inputs
+    and outputs, each in its own dtype (float32/float16, int64/int32, bool...)."""
 
     def __init__(self, engine_path: Path | str) -> None:
         import tensorrt as trt
@@ -365,65 +384,164 @@ class Engine:
         self.context = self.engine.create_execution_context()
         self.stream = self.cuda.stream()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
-        self.output_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
-        self.in_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.input_name)))
-        self.out_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.output_name)))
-        lo, _opt, hi = self.engine.get_tensor_profile_shape(self.input_name, 0)
-        self.min_batch, self.max_batch = int(lo[0]), int(hi[0])
-        self._buffers: dict[tuple[int, ...], tuple[np.ndarray, Any, np.ndarray, Any]] = {}
+        modes = {n: self.engine.get_tensor_mode(n) for n in names}
+        self.input_names = tuple(n for n in names if modes[n] == trt.TensorIOMode.INPUT)
+        self.output_names = tuple(n for n in names if modes[n] == trt.TensorIOMode.OUTPUT)
+        if not self.input_names or not self.output_names:
+            raise DeviceError(f"{engine_path}: the engine has inputs {list(self.input_names)} and outputs "
+                              f"{list(self.output_names)}; it needs at least one of each")
+        self.dtypes: dict[str, np.dtype] = {}
+        for name in names:
+            try:
+                self.dtypes[name] = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
+            except TypeError:
+                dtype = self.engine.get_tensor_dtype(name)
+                raise DeviceError(f"{engine_path}: tensor '{name}' is {dtype}, which numpy cannot hold; "
+                                  " export the model with float32/float16/integer/bool inputs and "
+                                  "outputs") from None
+        self.profiles = {n: self._profile(n) for n in self.input_names}
+        """Each input's (min, opt, max) shape in optimization profile 0."""
+        first = self.profiles[self.input_names[0]]
+        self.min_batch, self.max_batch = first[0][0], first[2][0]
+        self._buffers: dict[tuple[tuple[int, ...], ...], Buffers] = {}
+        self._bound: Buffers | None = None
 
-    def _buffers_for(self, shape: tuple[int, ...]) -> tuple[np.ndarray, Any, np.ndarray, Any]:
-        if shape not in self._buffers:
-            self.context.set_input_shape(self.input_name, shape)
-            out_shape = tuple(int(d) for d in self.context.get_tensor_shape(self.output_name))
-            host_in = self.cuda.host_array(shape, self.in_dtype)
-            host_out = self.cuda.host_array(out_shape, self.out_dtype)
-            self._buffers[shape] = (host_in, self.cuda.malloc(host_in.nbytes), host_out, self.cuda.malloc(host_out.nbytes))
-        return self._buffers[shape]
+    def _profile(self, name: str) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        shapes = [tuple(int(d) for d in s) for s in self.engine.get_tensor_profile_shape(name, 0)]
+        if len(shapes) != 3:  # an input no profile names: its static shape
+            static = tuple(int(d) for d in self.engine.get_tensor_shape(name))
+            if any(d < 0 for d in static):
+                raise DeviceError(f"input '{name}' has dynamic shape {list(static)} but no optimization profile; "
+                                  "rebuild the engine")
+            shapes = [static] * 3
+        return shapes[0], shapes[1], shapes[2]
 
-    def _bind(self, shape: tuple[int, ...]) -> tuple[np.ndarray, Any, np.ndarray, Any]:
-        if not self.min_batch <= shape[0] <= self.max_batch:
-            raise DeviceError(f"batch {shape[0]} is outside the engine's batch range {self.min_batch}..{self.max_batch} "
-                              "(options.tensorrt.opt_batch/max_batch in the profile; a DLA engine has one batch size)")
-        buffers = self._buffers_for(shape)
-        self.context.set_input_shape(self.input_name, shape)
-        self.context.set_tensor_address(self.input_name, int(buffers[1]))
-        self.context.set_tensor_address(self.output_name, int(buffers[3]))
+    def _inputs(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise DeviceError(f"no value for input(s) {missing}; the engine's inputs are {list(self.input_names)}")
+        return {n: np.asarray(feeds[n]) for n in self.input_names}
+
+    def _padded(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A batch below a static (DLA) engine's size, padded with zeros to it."""
+        out = {}
+        for name, a in arrays.items():
+            lo = self.profiles[name][0][0]
+            out[name] = np.concatenate([a, np.zeros((lo - len(a), *a.shape[1:]), a.dtype)]) if 0 < len(a) < lo else a
+        return out
+
+    def _bind(self, shapes: Shapes) -> Buffers:
+        """Set the input shapes and every I/O address on the context (once per change of shapes); the buffers."""
+        for name, shape in shapes.items():
+            lo, _opt, hi = self.profiles[name]
+            if not shape or not lo[0] <= shape[0] <= hi[0]:
+                raise DeviceError(f"batch {shape[0] if shape else '?'} of input '{name}' is outside the engine's batch "
+                                  f"range {lo[0]}..{hi[0]} (options.tensorrt.opt_batch/max_batch in the profile; a DLA "
+                                  "engine has one batch size)")
+        key = tuple(shapes[n] for n in self.input_names)
+        buffers = self._buffers.get(key)
+        if buffers is not None and buffers is self._bound:
+            return buffers
+        for name in self.input_names:
+            if not self.context.set_input_shape(name, shapes[name]):
+                lo, _opt, hi = self.profiles[name]
+                raise DeviceError(f"input '{name}': shape {list(shapes[name])} is outside the engine's optimization "
+                                  f"profile {list(lo)}..{list(hi)}")
+        if buffers is None:
+            buffers = self._buffers[key] = self._allocate(shapes)
+        for name, ptr in buffers[1].items():
+            self.context.set_tensor_address(name, int(ptr))
+        self._bound = buffers
         return buffers
+
+    def _allocate(self, shapes: Shapes) -> Buffers:
+        out_shapes = {n: tuple(int(d) for d in self.context.get_tensor_shape(n)) for n in self.output_names}
+        unknown = {n: list(s) for n, s in out_shapes.items() if any(d < 0 for d in s)}
+        if unknown:
+            raise DeviceError(f"outputs {unknown} have data-dependent sizes, which this script cannot allocate; "
+                              "export the model with outputs of fixed size (padded detections, say)")
+        host = {n: self.cuda.host_array(s, self.dtypes[n]) for n, s in {**shapes, **out_shapes}.items()}
+        return host, {n: self.cuda.malloc(max(1, a.nbytes)) for n, a in host.items()}
+
+    def _fill(self, host: dict[str, np.ndarray], arrays: dict[str, np.ndarray]) -> None:
+        for name, a in arrays.items():
+            try:
+                np.copyto(host[name], a, casting="same_kind")
+            except TypeError:
+                raise DeviceError(f"input '{name}' is {a.dtype}; the engine takes {self.dtypes[name]}") from None
 
     def _execute(self) -> None:
         if not self.context.execute_async_v3(self.cuda.handle(self.stream)):
             raise DeviceError("TensorRT execute_async_v3 failed; see the TensorRT log")
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        """Logits for one batch (host copies included); a batch below a static engine's size is padded."""
-        n = batch.shape[0]
-        if n < self.min_batch:
-            batch = np.concatenate([batch, np.zeros((self.min_batch - n, *batch.shape[1:]), batch.dtype)])
-        host_in, dev_in, host_out, dev_out = self._bind(tuple(batch.shape))
-        np.copyto(host_in, batch, casting="same_kind")
-        self.cuda.htod(dev_in, host_in, self.stream)
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every output, by name, for named inputs (host copies included); a batch below a static engine's size is
+        padded, and outputs that carry the padded batch are cut back to the batch given."""
+        arrays = self._inputs(feeds)
+        n = len(arrays[self.input_names[0]])
+        arrays = self._padded(arrays)
+        padded = len(arrays[self.input_names[0]])
+        host, dev = self._bind({k: a.shape for k, a in arrays.items()})
+        self._fill(host, arrays)
+        for name in self.input_names:
+            self.cuda.htod(dev[name], host[name], self.stream)
         self._execute()
-        self.cuda.dtoh(host_out, dev_out, self.stream)
+        for name in self.output_names:
+            self.cuda.dtoh(host[name], dev[name], self.stream)
         self.cuda.sync(self.stream)
-        return np.array(host_out[:n], dtype=np.float32)
+        return {name: np.array(host[name][:n] if padded != n and len(host[name]) == padded else host[name])
+                for name in self.output_names}
 
-    def time(self, batch: int, sample_shape: tuple[int, ...], warmup: int, iterations: int,
-             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-        """GPU time of ``execute_async_v3`` between CUDA events, and end-to-end time with host copies."""
-        shape = (batch, *sample_shape)
-        host_in, dev_in, host_out, dev_out = self._bind(shape)
-        host_in[...] = np.random.default_rng(0).standard_normal(shape).astype(self.in_dtype)
+    def bind(self, feeds: Mapping[str, np.ndarray]) -> Callable[[], None]:
+        """A call that runs the engine on ``feeds`` copied to the device once, and waits for it; outputs stay on the
+        device. The inputs live in the buffers of their shapes: a ``run`` on the same shapes in between replaces
+        them (the call still times the same work)."""
+        arrays = self._padded(self._inputs(feeds))
+        shapes = {k: a.shape for k, a in arrays.items()}
+        host, dev = self._bind(shapes)
+        self._fill(host, arrays)
+        for name in self.input_names:
+            self.cuda.htod(dev[name], host[name], self.stream)
+        self.cuda.sync(self.stream)
+
+        def call() -> None:
+            self._bind(shapes)  # a no-op unless a run on other shapes came in between
+            self._execute()
+            self.cuda.sync(self.stream)
+
+        return call
+
+    def example_feeds(self, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+        """Timing inputs for a model known only by its engine, as edgepipe's ``example_feeds``: the batch first,
+        every other axis at its profile's opt size; float inputs standard normal from ``seed`` (in input order),
+        integer and bool inputs zeros (a valid token id, class or index)."""
+        rng = np.random.default_rng(seed)
+        feeds = {}
+        for name in self.input_names:
+            shape, dtype = (batch, *self.profiles[name][1][1:]), self.dtypes[name]
+            feeds[name] = rng.standard_normal(shape).astype(dtype) if dtype.kind == "f" else np.zeros(shape, dtype)
+        return feeds
+
+    def time(self, batch: int, warmup: int, iterations: int, progress: Callable[[int, int], None] | None = None,
+             feeds: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+        """GPU time of ``execute_async_v3`` between CUDA events, and end-to-end time with host copies of every input
+        and output, on ``feeds`` (default ``example_feeds(batch)``; their first input's batch must be ``batch``)."""
+        arrays = self._inputs(feeds) if feeds is not None else self.example_feeds(batch)
+        if len(arrays[self.input_names[0]]) != batch:
+            raise DeviceError(f"timing feeds have batch {len(arrays[self.input_names[0]])}, not {batch}")
+        host, dev = self._bind({k: a.shape for k, a in arrays.items()})
+        self._fill(host, arrays)
         start, end = self.cuda.event(), self.cuda.event()
         gpu, e2e = [], []
         for i in range(warmup + iterations):
             t0 = time.perf_counter()
-            self.cuda.htod(dev_in, host_in, self.stream)
+            for name in self.input_names:
+                self.cuda.htod(dev[name], host[name], self.stream)
             self.cuda.record(start, self.stream)
             self._execute()
             self.cuda.record(end, self.stream)
-            self.cuda.dtoh(host_out, dev_out, self.stream)
+            for name in self.output_names:
+                self.cuda.dtoh(host[name], dev[name], self.stream)
             self.cuda.sync(self.stream)
             if i >= warmup:
                 e2e.append((time.perf_counter() - t0) * 1e3)
@@ -431,10 +549,12 @@ class Engine:
             if progress and (i + 1) % 50 == 0:
                 progress(i + 1, warmup + iterations)
         g, e = np.array(gpu), np.array(e2e)
-        return {"batch": batch, "warmup": warmup, "iterations": iterations, "timer": "CUDA events around execute_async_v3",
+        return {"batch": batch, "warmup": warmup, "iterations": iterations,
+                "timer": "CUDA events around execute_async_v3",
                 "p50_ms": float(np.percentile(g, 50)), "p90_ms": float(np.percentile(g, 90)),
                 "p99_ms": float(np.percentile(g, 99)), "mean_ms": float(g.mean()),
-                "end_to_end_p50_ms": float(np.percentile(e, 50)), "images_per_s": float(batch * 1e3 / np.percentile(g, 50))}
+                "end_to_end_p50_ms": float(np.percentile(e, 50)),
+                "images_per_s": float(batch * 1e3 / np.percentile(g, 50)), "inputs": describe_inputs(arrays)}
 
 
 def validation_inputs(val: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -451,15 +571,21 @@ def validation_inputs(val: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def evaluate(engine: Engine, val_path: Path | str, batch: int) -> dict[str, Any]:
-    """Top-1 of the engine on the bundle's validation set."""
+    """Top-1 of the engine on the bundle's validation set: the images go to its one input, the classes are read
+    from its output named ``logits`` (else its first output)."""
+    if len(engine.input_names) != 1:
+        raise DeviceError(f"the bundle's val.npz holds images for one input; the engine takes "
+                          f"{list(engine.input_names)}")
     try:
         with np.load(val_path, allow_pickle=False) as val:  # a bundle is data: never unpickle from it
             x, y = validation_inputs(val)
     except (KeyError, ValueError, OSError) as e:
         raise DeviceError(f"{val_path}: not a validation set written by edgepipe ({e}); copy the bundle again") from None
+    name = engine.input_names[0]
+    output = "logits" if "logits" in engine.output_names else engine.output_names[0]
     correct = 0
     for i in range(0, len(x), batch):
-        logits = engine.infer(x[i:i + batch])
+        logits = engine.run({name: x[i:i + batch]})[output]
         correct += int((logits.argmax(axis=1) == y[i:i + batch]).sum())
     return {"top1": correct / len(x), "images": int(len(x)), "source": Path(val_path).name, "batch": batch}
 
@@ -538,7 +664,6 @@ def cmd_bench(bundle: Path, engine: str | None, results: Path, warmup: int, iter
     if not path.is_file():
         raise DeviceError(f"{path}: no engine; build it first (python3 edgepipe_trt.py build)")
     eng = Engine(path)
-    sample = tuple(int(d) for d in settings["shapes"]["opt"][1:])
     opt_batch = int(settings["shapes"]["opt"][0])
     lat_batch = max(1, eng.min_batch)  # a static (DLA) engine runs only its own batch size
 
@@ -546,9 +671,9 @@ def cmd_bench(bundle: Path, engine: str | None, results: Path, warmup: int, iter
         print(f"  timed {done}/{total}", file=sys.stderr)
 
     print(f"latency: batch {lat_batch}, {warmup} warm-up + {iterations} timed runs", file=sys.stderr)
-    latency = eng.time(lat_batch, sample, warmup, iterations, show)
+    latency = eng.time(lat_batch, warmup, iterations, show)
     print(f"throughput: batch {opt_batch}", file=sys.stderr)
-    throughput = eng.time(opt_batch, sample, warmup, iterations, show)
+    throughput = eng.time(opt_batch, warmup, iterations, show)
     layers = engine_layers(eng.engine)
     counts: dict[str, int] = {}
     for layer in layers:

@@ -192,6 +192,13 @@ def build_command(profile: HardwareProfile) -> str:
     return f"python3 {DEVICE_SCRIPT} run"
 
 
+def onnx_input_name(onnx_path: Path) -> str:
+    """The graph's first input (the task's input name: ``input`` for a classifier), which the profile shapes."""
+    import onnx
+
+    return onnx.load(str(onnx_path), load_external_data=False).graph.input[0].name
+
+
 def onnx_input_shape(onnx_path: Path) -> tuple[int, ...]:
     import onnx
 

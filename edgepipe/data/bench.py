@@ -133,7 +133,7 @@ def child(folder: Path, streaming: bool, batch_size: int, workers: int | None) -
     import torch
 
     from edgepipe.config import DataConfig, OptimConfig
-    from edgepipe.data import load_data
+    from edgepipe.data.loading import load_data
     from edgepipe.training.distillation import SoftTargets, kd_step
     from edgepipe.training.loop import clear_checkpoints, fit
 

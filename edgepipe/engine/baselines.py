@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgepipe.config import PipelineConfig, validate_config
-from edgepipe.engine.pipeline import Progress, Run, run_pipeline
+from edgepipe.engine.pipeline import Progress, run_pipeline
+from edgepipe.engine.run import Run
 from edgepipe.types import DType
 
 FLOAT_TO_IR = ("export", "compile")

@@ -1,6 +1,6 @@
 """Config and profile fields that a stage would otherwise check only mid-run, checked before a command writes.
 
-``edgepipe.engine.pipeline.preflight`` calls ``check_fields`` before ``Run.write_files``: a field that fails here leaves a
+``edgepipe.engine.prepare.preflight`` calls ``check_fields`` before ``Run.write_files``: a field that fails here leaves a
 finished run byte for byte as it was, instead of failing after ``config.yaml`` was rewritten and earlier stages
 were retrained. Each check mirrors the one the stage makes (the same function where there is one), limited to the
 stages in the run's order that will use the field:
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 def check_fields(run: Any) -> None:
     """Raise EdgepipeError (one line naming the field) for the first field of ``run`` a stage would refuse.
-    ``run`` is an edgepipe.engine.pipeline.Run (typed Any: pipeline imports this module, and no import goes back).
+    ``run`` is an edgepipe.engine.run.Run (typed Any: prepare imports this module, and no import goes back).
     """
     config, profile, order = run.config, run.profile, run.order
     for name in order:
@@ -100,7 +100,7 @@ def _check_models(run: Any) -> None:
     ignore = pcfg.ignore if "prune" in order and pcfg.enabled else []
     if not (pairs or init or ignore):
         return
-    from edgepipe.models import build_from_spec
+    from edgepipe.models.loading import build_from_spec
 
     built: dict[str, nn.Module] = {}
 

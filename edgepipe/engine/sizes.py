@@ -7,7 +7,7 @@ available: a registered architecture is built on the ``meta`` device (shapes onl
 parameters, and an input batch is sized from its shape. Only what is certain to fail is refused (the weights alone,
 or the input batch alone, larger than the available memory), so no working config depends on the host's memory.
 
-``check_models`` is called by edgepipe.engine.pipeline.preflight before anything builds a model; edgepipe.data checks the
+``check_models`` is called by edgepipe.engine.prepare.preflight before anything builds a model; edgepipe.data checks the
 image sizes and batch sizes against the data it lists (``check_image_size``, ``check_batches``).
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ def human_bytes(n: float) -> str:
 
 def _culprit(spec: ModelSpec, field: str) -> str:
     """The kwarg most above the architecture's default (e.g. ``distill.student.kwargs.width``), else the kwargs."""
-    from edgepipe.models import ARCHITECTURES
+    from edgepipe.models.zoo import ARCHITECTURES
 
     try:
         defaults = {k: p.default for k, p in inspect.signature(ARCHITECTURES[spec.arch]).parameters.items()}
@@ -70,7 +70,7 @@ def _culprit(spec: ModelSpec, field: str) -> str:
 def meta_model(spec: ModelSpec, field: str) -> nn.Module:
     """The registered architecture ``spec`` names, built on the meta device (shapes, no storage); an architecture
     that rejects its kwargs (``width: -1``) is one line naming ``field``."""
-    from edgepipe.models import ARCHITECTURES, build_arch
+    from edgepipe.models.zoo import ARCHITECTURES, build_arch
 
     part = "kwargs" if spec.arch in ARCHITECTURES else "arch"
     try:
@@ -100,7 +100,7 @@ def check_model(spec: ModelSpec, field: str, trains: bool) -> nn.Module | None:
 
 def check_models(run: Any) -> None:
     """The models ``run``'s stages build, and ``prune.round_to`` against the widths of the model pruning takes.
-    ``run`` is an edgepipe.engine.pipeline.Run (typed Any: pipeline imports this module, and no import goes back).
+    ``run`` is an edgepipe.engine.run.Run (typed Any: prepare imports this module, and no import goes back).
     """
     config, order = run.config, run.order
     teacher = check_model(config.teacher.model, "teacher.model",

@@ -23,13 +23,15 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from edgepipe.engine.artifacts import Artifact
+from edgepipe.engine.measurement import Measurement
 from edgepipe.config import PipelineConfig
 from edgepipe.errors import EdgepipeError
 from edgepipe.profiles import HardwareProfile
 from edgepipe.types import ArtifactKind
 
 if TYPE_CHECKING:
-    from edgepipe.data import Batches
+    from edgepipe.tasks.base import Task
+    from edgepipe.data.batches import Batches
 
 STAGE_ORDER = ("teacher", "distill", "prune", "qat", "export", "compile")
 """The pipeline, in order: what ``edgepipe run`` executes."""
@@ -56,12 +58,36 @@ class StageContext:
     cache_dir: Path | None = None
     """Where reusable intermediate results live (the teacher's logits): the top run's ``cache/``, shared by its
     derived runs; safe to delete."""
+    measure: Measurement | None = None
+    """The engine's measurement service (edgepipe.engine.measurement): a stage that decides by a latency asks it,
+    never edgepipe.measure. Left out, it is bound to ``profile`` and ``config.measure``."""
+
+    def __post_init__(self) -> None:
+        if self.measure is None:
+            self.measure = Measurement(self.profile, self.config.measure)
+
+    @cached_property
+    def task(self) -> Task:
+        """The config's task (edgepipe.tasks): the loss, metric, outputs and checks of this kind of model."""
+        from edgepipe.tasks import task_of
+
+        return task_of(self.config)
 
     @cached_property
     def data(self) -> Batches:
-        from edgepipe.data import run_data
+        return self.task.load_data(self.config)
 
-        return run_data(self.config)
+    def model_meta(self) -> dict[str, Any]:
+        """What the task's I/O is derived from (``Task.inputs``/``outputs``): the data's input shape and classes."""
+        return {"input_shape": list(self.data.input_shape), "num_classes": self.data.num_classes, **self.task_meta()}
+
+    def task_meta(self) -> dict[str, Any]:
+        """What a stage records in an artifact's meta about its task (``edgepipe.tasks.task_of_artifact`` reads it):
+        nothing for classification, the task every artifact made before tasks existed was made for (so those
+        artifacts, and the ones made now, read the same), ``{"task": name}`` for any other."""
+        from edgepipe.tasks import DEFAULT
+
+        return {} if self.task.name == DEFAULT else {"task": self.task.name}
 
     def soft_targets(self, teacher: Any) -> Any:
         """The teacher's logits as configured in ``soft_targets`` (edgepipe.training.distillation.SoftTargets)."""

@@ -1,9 +1,10 @@
-"""ONNX export in the library: the torch model (float or QAT) to ONNX, QDQ weight folding, the QDQ
-report, and the check against PyTorch in ONNX Runtime.
+"""ONNX export in the library: the torch model (float or QAT) to ONNX, QDQ weight folding and the QDQ report.
 
 The export stage (``stages/export.py``) and every other place that needs an ONNX file (``edgepipe
 bench`` exporting a float stage, the baselines) call ``export_onnx`` here, so there is one exporter.
-The graph has one input ``input`` and one output ``logits``, both with a dynamic batch axis. A QAT
+The graph's inputs and outputs are the task's (``edgepipe.tasks``: names, dtypes, dynamic axes; a classifier has
+one input ``input`` and one output ``logits``, both with a dynamic batch axis); the check against PyTorch is the
+task's too (``Task.export_check``). A QAT
 model exports in the QDQ form: every fake-quant op becomes QuantizeLinear -> DequantizeLinear, and
 each weight's QuantizeLinear(float initializer) is then folded into an int8 initializer feeding its
 DequantizeLinear, computed exactly as QuantizeLinear would (round half to even, saturate), so the
@@ -15,7 +16,7 @@ import io
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -23,11 +24,12 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from edgepipe.data import Batches
 from edgepipe.errors import EdgepipeError
 from edgepipe.export.onnx_graph import constant_values, consumers
-from edgepipe.quantization.fakequant import frozen_weight_scales
-from edgepipe.runtime.runner import topk_accuracy
+from edgepipe.quantization.layers import frozen_weight_scales
+
+if TYPE_CHECKING:
+    from edgepipe.tasks.base import Task
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +84,20 @@ def _ort_runs_opset(opset: int) -> bool:
     return _ORT_OPSETS[opset]
 
 
-def export_onnx(model: nn.Module, input_shape: tuple[int, ...], opset: int) -> onnx.ModelProto:
-    """Export with input ``input`` and output ``logits``, dynamic batch on both."""
+def export_onnx(model: nn.Module, input_shape: tuple[int, ...], opset: int, task: Task | None = None,
+                num_classes: int | None = None) -> onnx.ModelProto:
+    """Export with the task's input and output names, dtypes and dynamic axes (``Task.inputs``/``outputs``;
+    classification, the default: ``input`` -> ``logits``, dynamic batch on both)."""
+    from edgepipe.tasks import DEFAULT, get_task
+
     if opset > MAX_OPSET:
         raise EdgepipeError(f"export.opset: {opset} is above {MAX_OPSET}, the highest opset of the TorchScript "
                             f"exporter that INT8 export needs; use 17..{MAX_OPSET}")
+    task = task or get_task(DEFAULT)
+    meta = {"input_shape": list(input_shape), "num_classes": num_classes}
+    inputs, outputs = task.inputs(meta), task.outputs(meta)
     buf = io.BytesIO()
-    example = torch.zeros(2, *input_shape)
+    example = task.example_inputs(meta, 2)
     model.eval()
     try:
         with frozen_weight_scales(model), torch.no_grad(), warnings.catch_warnings():
@@ -96,9 +105,10 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], opset: int) -> o
             # dynamo=False: the torch.export-based exporter (the default) cannot export fake-quant ops,
             # while the TorchScript exporter maps them to QuantizeLinear/DequantizeLinear. Float models
             # take the same path so both kinds of graph come out of one exporter.
-            torch.onnx.export(model, (example,), buf, dynamo=False, opset_version=opset,
-                              input_names=["input"], output_names=["logits"], do_constant_folding=True,
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+            torch.onnx.export(model, example, buf, dynamo=False, opset_version=opset,
+                              input_names=[s.name for s in inputs], output_names=[s.name for s in outputs],
+                              do_constant_folding=True,
+                              dynamic_axes={s.name: s.dynamic_axes() for s in (*inputs, *outputs) if s.dynamic_axes()})
     except Exception as e:  # noqa: BLE001 - the exporter raises many error types; all mean "cannot export"
         raise EdgepipeError(f"export: torch.onnx.export failed at opset {opset} "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
@@ -199,106 +209,3 @@ def qdq_report(onnx_path: str | Path) -> dict[str, Any]:
         "zero_points_all_zero": all(n["zero_points_all_zero"] for n in nodes),
         "weights_per_channel_axis0": bool(weights) and all(n["axis"] == 0 and len(n["scale_shape"]) == 1
                                                            for n in weights)}
-
-
-# --- ONNX Runtime vs PyTorch ---------------------------------------------------------------------------
-NOISE_REL = 4 * 2.0**-23
-"""Relative size of the noise ``self_agreement`` puts on each quantizer's input: 4 float32 ulps, the size of the
-differences a different summation order makes (1-5 ulps measured between PyTorch and ONNX Runtime)."""
-NOISE_SLACK = 0.005
-"""How far below PyTorch's self-agreement ONNX Runtime's agreement may fall (0.5 points of the images)."""
-MAX_TOP1_GAP = 0.01
-"""Largest top-1 difference (1 point) between ONNX Runtime and PyTorch accepted on a low-margin model."""
-
-
-def agreement_verdict(agreement: float, floor: float, ort_top1: float, torch_top1: float) -> str | None:
-    """Why an agreement below int8_min_agreement is a real difference, or None when it is within the model's own
-    sensitivity to float rounding (``floor``) and top-1 is kept."""
-    if agreement < floor - NOISE_SLACK:
-        return (f"PyTorch agrees with itself on {floor:.2%} under float-rounding noise, so the difference is not "
-                "rounding")
-    if abs(ort_top1 - torch_top1) > MAX_TOP1_GAP:
-        return f"top-1 differs: {ort_top1:.2%} in ONNX Runtime, {torch_top1:.2%} in PyTorch"
-    return None
-
-
-@torch.no_grad()
-def self_agreement(model: nn.Module, data: Batches, batch_size: int, ref_logits: np.ndarray) -> float:
-    """Top-1 agreement of ``model`` with its own ``ref_logits`` when every activation quantizer's input is multiplied
-    by (1 + u), u uniform in [-NOISE_REL, NOISE_REL] from a fixed seed: how much of the model's top-1 hangs on
-    float rounding alone."""
-    from edgepipe.quantization.fakequant import ActQuant
-
-    gen = torch.Generator().manual_seed(0)
-
-    def nudge(_m: nn.Module, args: tuple) -> tuple:
-        x = args[0]
-        u = (torch.rand(x.shape, generator=gen) * 2 - 1) * NOISE_REL
-        return (x * (1 + u), *args[1:])
-    hooks = [m.register_forward_pre_hook(nudge) for m in model.modules() if isinstance(m, ActQuant)]
-    try:
-        out = np.concatenate([model(x).float().numpy() for x, _ in data.val_batches(batch_size)])
-    finally:
-        for h in hooks:
-            h.remove()
-    return float((out.argmax(1) == ref_logits.argmax(1)).mean())
-
-
-@torch.no_grad()
-def compare_with_torch(model: nn.Module, onnx_bytes: bytes, data: Batches, batch_size: int, quantized: bool,
-                       tolerance: float, min_agreement: float, threads: int | None = None) -> dict[str, Any]:
-    """Run the validation set through both; raise EdgepipeError when they disagree beyond the limits."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    # The QDQ graph's own semantics: with graph optimizations off, ONNX Runtime runs each Q/DQ as the spec
-    # defines it (in float), which is what the QAT model computes (measured: 1e-7 apart). Its fused integer
-    # kernels round differently; whether a runtime's kernels keep the graph's accuracy is the compile
-    # stage's fidelity check, against this same reference.
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
-    model.eval()
-    ref, out, labels = [], [], []
-    for x, y in data.val_batches(batch_size):
-        ref.append(model(x).float().numpy())
-        out.append(session.run(["logits"], {"input": x.numpy().astype(np.float32)})[0])
-        labels.append(y.numpy())
-    ref_logits, ort_logits, y_all = np.concatenate(ref), np.concatenate(out), np.concatenate(labels)
-    bad = ~(np.isfinite(ref_logits).all(1) & np.isfinite(ort_logits).all(1))
-    if bad.any():  # NaN logits would pass a max-difference check (NaN > x is False) and agree on argmax 0
-        raise EdgepipeError(f"export: the model outputs NaN or inf logits for {int(bad.sum())} of {len(y_all)} "
-                            f"validation images (PyTorch: {int((~np.isfinite(ref_logits).all(1)).sum())}, ONNX Runtime: "
-                            f"{int((~np.isfinite(ort_logits).all(1)).sum())}); the model is broken: check the earlier "
-                            "stages' training losses and data.mean/std")
-    checks: dict[str, Any] = {"samples": int(len(y_all)), "ort_top1": topk_accuracy(ort_logits, y_all, 1),
-                              "torch_top1": topk_accuracy(ref_logits, y_all, 1)}
-    if quantized:
-        agreement = float((ref_logits.argmax(1) == ort_logits.argmax(1)).mean())
-        checks.update(top1_agreement=agreement, min_agreement=min_agreement, reference="ONNX Runtime, graph "
-                      "optimizations off (QDQ as specified)", max_abs_diff=float(np.abs(ref_logits - ort_logits).max()))
-        if agreement < min_agreement:
-            # A low-margin model (many near-tied logits) flips top-1 under any float rounding difference: measured on
-            # a CIFAR MobileNetV2 subset model, PyTorch agreed with itself on only 97.9% when each quantizer's input
-            # moved by 1e-7. ONNX Runtime sums convolutions in another order (inputs 1-5 ulps apart), so a faithful
-            # graph cannot be asked to agree more than the model agrees with itself under that noise.
-            floor = self_agreement(model, data, batch_size, ref_logits)
-            checks.update(self_agreement=floor, self_agreement_noise=f"each quantizer input x (1 + u), |u| <= "
-                          f"{NOISE_REL:.2g}, seeded", top1_gap_points=abs(checks["ort_top1"] - checks["torch_top1"]) * 100)
-            problem = agreement_verdict(agreement, floor, checks["ort_top1"], checks["torch_top1"])
-            if problem:
-                raise EdgepipeError(f"export: ONNX Runtime and PyTorch agree on top-1 for {agreement:.2%} of "
-                                    f"{len(y_all)} validation images (< export.int8_min_agreement {min_agreement:.2%}) "
-                                    f"and {problem}; the INT8 graph does not compute what the QAT model does")
-            checks["note"] = (f"agreement {agreement:.2%} is below {min_agreement:.2%} but within PyTorch's own "
-                              f"{floor:.2%} under float-rounding noise, with top-1 {checks['ort_top1']:.2%} vs "
-                              f"{checks['torch_top1']:.2%}: a low-margin model, not a different graph")
-            log.warning("export: %s", checks["note"])
-    else:
-        diff = float(np.abs(ref_logits - ort_logits).max())
-        checks.update(max_abs_diff=diff, tolerance=tolerance)
-        if diff > tolerance:
-            raise EdgepipeError(f"export: ONNX Runtime logits differ from PyTorch by up to {diff:.3g} "
-                                f"(> export.float_tolerance {tolerance:g}) on the validation set")
-    return checks

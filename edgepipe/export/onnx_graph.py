@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+if TYPE_CHECKING:
+    from edgepipe.runtime.runner import TensorSpec
 
 
 def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
@@ -66,3 +70,21 @@ def float_layers(graph: onnx.GraphProto) -> list[dict[str, object]]:
             if not weight_q:
                 out.append({"name": node.name, "op": node.op_type, "input_quantized": input_q})
     return out
+
+
+def graph_inputs(model: onnx.ModelProto) -> tuple[TensorSpec, ...]:
+    """The graph's real inputs (initializers excluded) as named specs: a dim without a value is named (dynamic)."""
+    from onnx import helper
+
+    from edgepipe.runtime.runner import TensorSpec
+
+    weights = {t.name for t in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in weights:
+            continue
+        tensor = value.type.tensor_type
+        shape = tuple(int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or f"dim{i}")
+                      for i, d in enumerate(tensor.shape.dim))
+        specs.append(TensorSpec(value.name, np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type)).name, shape))
+    return tuple(specs)

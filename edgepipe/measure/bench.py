@@ -32,6 +32,8 @@ from edgepipe.config import BenchConfig
 from edgepipe.errors import EdgepipeError
 from edgepipe.profiles import HardwareProfile
 from edgepipe.runtime.runner import Runner, time_runner
+from edgepipe.tasks import DEFAULT as DEFAULT_TASK
+from edgepipe.tasks import get_task, task_of_artifact
 from edgepipe.host import host_cpu, host_has_native_bf16, host_isa, library_versions
 from edgepipe.engine.stage import STAGE_ORDER
 from edgepipe.types import ArtifactKind, DType
@@ -59,6 +61,8 @@ class _Plan:
     status: str = "measured"
     compiled_here: bool = False
     """Compiled by the bench at ``requested``; skipped when it falls back to a dtype already measured."""
+    task: str = DEFAULT_TASK
+    """The artifact's task (its meta): what the timing inputs are (``Task.timing_inputs``)."""
 
 
 def _row(stage: str, kind: ArtifactKind | None, status: str, note: str = "", **fields: Any) -> dict[str, Any]:
@@ -72,6 +76,14 @@ def _backend_ready(name: str) -> tuple[bool, str]:
         return get_backend(name).available()
     except ImportError as e:
         return False, f"the {name} backend cannot be imported ({e})"
+
+
+def _backend_module(name: str) -> Any:
+    """The backend module, or None where it cannot even be imported here."""
+    try:
+        return get_backend(name)
+    except ImportError:
+        return None
 
 
 def _onnx_file(artifact: Artifact) -> Path | None:
@@ -147,12 +159,13 @@ def _float_onnx(art: Artifact, shape: tuple[int, ...], out_dir: Path, opset: int
     """Export a float torch artifact to ONNX in ``out_dir`` (the library's exporter, as the export stage does)."""
     import onnx
 
-    from edgepipe.models import load_torch_artifact
+    from edgepipe.models.loading import load_torch_artifact
     from edgepipe.export.onnx_export import export_onnx
 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "model.onnx"
-    onnx.save(export_onnx(load_torch_artifact(art), shape, opset), str(path))
+    onnx.save(export_onnx(load_torch_artifact(art), shape, opset, task_of_artifact(art), art.meta.get("num_classes")),
+              str(path))
     return path
 
 
@@ -170,7 +183,16 @@ def _host_reference(stage: str, art: Artifact, threads: int, shape: tuple[int, .
 
 def _plans_for(stage: str, art: Artifact, profile: HardwareProfile, threads: int, shape: tuple[int, ...],
                tmp: Path) -> tuple[list[_Plan], list[dict[str, Any]]]:
-    """Runners to time for one artifact, and rows for what cannot run here (with the reason)."""
+    """Runners to time for one artifact (on its task's timing inputs), and rows for what cannot run here (with the
+    reason)."""
+    plans, rows = _runtime_plans(stage, art, profile, threads, shape, tmp)
+    for plan in plans:
+        plan.task = task_of_artifact(art).name
+    return plans, rows
+
+
+def _runtime_plans(stage: str, art: Artifact, profile: HardwareProfile, threads: int, shape: tuple[int, ...],
+                   tmp: Path) -> tuple[list[_Plan], list[dict[str, Any]]]:
     from edgepipe.backends.onnxruntime import OrtRunner
 
     kind = art.kind
@@ -204,7 +226,9 @@ def _plans_for(stage: str, art: Artifact, profile: HardwareProfile, threads: int
     ok, reason = _backend_ready(backend)
     if not ok:
         not_run = [_row(stage, kind, f"not run: {reason}", backend=backend, dtype=art.dtype.value)]
-        return (_host_reference(stage, art, threads, shape) if kind is ArtifactKind.TENSORRT_ENGINE else []), not_run
+        # an engine built on its device (TensorRT) gets its ONNX timed here as a labelled stand-in
+        on_device = getattr(_backend_module(backend), "BUILDS_ON_DEVICE", False)
+        return (_host_reference(stage, art, threads, shape) if on_device else []), not_run
     return [_Plan(stage, kind, backend, art.dtype.value, lambda: runner_for(art, threads)[0], shape,
                   art.meta.get("note") or "")], []
 
@@ -238,7 +262,8 @@ def _measure(plans: list[_Plan], bench_cfg: BenchConfig, progress: Progress) -> 
             continue
         for i, batch in enumerate(batches, 1):
             try:
-                lat = time_runner(runner, plan.input_shape, batch, bench_cfg.warmup, bench_cfg.iterations)
+                feeds = get_task(plan.task).timing_inputs({"input_shape": list(plan.input_shape)}, batch)
+                lat = time_runner(runner, feeds, bench_cfg.warmup, bench_cfg.iterations)
             except Exception as e:  # noqa: BLE001 - e.g. a batch larger than an engine's profile
                 log.warning("bench: %s batch %d failed: %s", task, batch, e)
                 row = _row(plan.stage, plan.kind, f"failed: {e}", note, backend=runner.backend, device=runner.device,
@@ -298,7 +323,7 @@ def run_bench(run_dir: Path, profile: HardwareProfile, bench_cfg: BenchConfig, p
         ``rows`` (one per stage/runtime/dtype/batch; ``status`` is "measured", "host reference",
         "not run: ..." or "failed: ...").
     """
-    from edgepipe.models import check_artifact_trusted
+    from edgepipe.models.loading import check_artifact_trusted
 
     run_dir = Path(run_dir)
     progress = progress or (lambda *a: None)
@@ -358,7 +383,7 @@ def bench_artifact(artifact_dir: Path, profile: HardwareProfile, bench_cfg: Benc
     bench_cfg = bench_cfg or BenchConfig()
     threads = threads or torch.get_num_threads()
     art = Artifact.load(artifact_dir)
-    from edgepipe.models import check_artifact_trusted
+    from edgepipe.models.loading import check_artifact_trusted
 
     check_artifact_trusted(art)
     stage = artifact_dir.name

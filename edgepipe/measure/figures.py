@@ -19,13 +19,15 @@ import torch
 
 from edgepipe.engine.artifacts import Artifact
 from edgepipe.config import MeasureConfig
-from edgepipe.data import Batches
+from edgepipe.data.batches import Batches
 from edgepipe.errors import EdgepipeError
-from edgepipe.measure.estimate import activation_bytes, artifact_layers, model_layers, target_estimate
+from edgepipe.measure.layers import activation_bytes, artifact_layers, model_layers
+from edgepipe.measure.roofline import target_estimate
 from edgepipe.profiles import HardwareProfile
 from edgepipe.backends import runner_for
-from edgepipe.runtime.runner import accuracy_record, predict, time_runner
-from edgepipe.types import ArtifactKind, Backend, DType
+from edgepipe.runtime.runner import Runner, run_batches, time_runner
+from edgepipe.tasks import task_of_artifact
+from edgepipe.types import ArtifactKind, DType
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +36,9 @@ def model_counts(model: torch.nn.Module, input_shape: tuple[int, ...]) -> dict[s
     """MACs and params (Torch-Pruning's counter) and activation elements of one image, for the estimate."""
     import torch_pruning as tp
 
-    from edgepipe.quantization.fakequant import dequantized_copy, quant_layers
+    from edgepipe.quantization.layers import dequantized_copy, quant_layers
 
-    from edgepipe.models import ExportedProgramModel
+    from edgepipe.models.loading import ExportedProgramModel
 
     example = torch.zeros(1, *input_shape)
     if quant_layers(model):  # the counter dispatches on exact module types: count the plain twin
@@ -61,29 +63,77 @@ def model_counts(model: torch.nn.Module, input_shape: tuple[int, ...]) -> dict[s
 def measure_artifact(artifact: Artifact, data: Batches, cfg: MeasureConfig, profile: HardwareProfile,
                      counts: dict[str, Any], eval_batch_size: int = 256,
                      progress: Callable[[str, int, int, dict[str, float]], None] | None = None) -> dict[str, Any]:
-    """All figures of one artifact; ``counts`` are the MACs/params/activations of its torch source."""
+    """All figures of one artifact; ``counts`` are the MACs/params/activations of its torch source.
+
+    The task's metrics (``Task.metrics``, under ``accuracy``) come from the artifact's own runtime (PyTorch for a
+    torch model, so a QAT model scores as trained). Latency and throughput come from the target's runtime on this
+    host for every stage, so the stage table compares like with like: a torch model is exported and compiled by the
+    profile's backend first (float stages in the profile's best float dtype, a QAT model in int8), as the gain check
+    and ``compare`` time them; a TensorRT target without an engine here times the ONNX in ONNX Runtime as a labelled
+    host reference, as its compile stage is measured. A torch model's eager PyTorch batch-1 latency is kept beside
+    it (``pytorch_latency``). Timing inputs are the task's (``Task.timing_inputs``)."""
+    import tempfile
+
     progress = progress or (lambda *a: None)
+    task = task_of_artifact(artifact)
     # One explicit thread count for every runtime, so stages measured in different runtimes compare.
     threads = cfg.threads or torch.get_num_threads()
     runner, note = runner_for(artifact, threads)
-    logits, labels = predict(runner, data.val_numpy(eval_batch_size))
-    if logits.ndim != 2 or len(logits) != len(labels):
-        raise EdgepipeError(f"{artifact.root}: model output shape {list(logits.shape)} is not [N, classes]")
+    outputs, targets = run_batches(runner, task.val_feeds(data, eval_batch_size))
+    try:
+        scores = task.metrics(outputs, targets, data.class_names)
+    except EdgepipeError as e:
+        raise EdgepipeError(f"{artifact.root}: {e}") from None
+    scores.update(backend=runner.backend, dtype=runner.dtype)
     shape = tuple(artifact.meta.get("input_shape") or data.input_shape)
-    latency = time_runner(runner, shape, 1, cfg.warmup, cfg.iterations,
-                          progress=lambda i, n: progress("latency (batch 1)", i, n, {}))
-    throughput = time_runner(runner, shape, cfg.throughput_batch, cfg.warmup, cfg.iterations,
-                             progress=lambda i, n: progress(f"throughput (batch {cfg.throughput_batch})", i, n, {}))
+    meta = {"input_shape": list(shape), "num_classes": artifact.meta.get("num_classes") or data.num_classes}
+    pytorch = None
+    with tempfile.TemporaryDirectory(prefix="edgepipe-measure-") as tmp:
+        if artifact.kind is ArtifactKind.TORCH:
+            pytorch = time_runner(runner, task.timing_inputs(meta, 1), cfg.warmup, cfg.iterations,
+                                  progress=lambda i, n: progress("PyTorch latency (batch 1)", i, n, {})).as_dict()
+            runner, note = target_runner(artifact, profile, threads, Path(tmp), task, meta)
+        latency = time_runner(runner, task.timing_inputs(meta, 1), cfg.warmup, cfg.iterations,
+                              progress=lambda i, n: progress("latency (batch 1)", i, n, {}))
+        throughput = time_runner(runner, task.timing_inputs(meta, cfg.throughput_batch), cfg.warmup, cfg.iterations,
+                                 progress=lambda i, n: progress(f"throughput (batch {cfg.throughput_batch})", i, n, {}))
     dtype = artifact.dtype if artifact.dtype in profile.dtypes else profile.compile_dtype(artifact.quantized)
     estimate = None
     if dtype in profile.peak_tops:
         # calibrated on published results where the profile has them (per-layer counts of this artifact)
         estimate = target_estimate(profile, dtype, counts, batch=1, layers=lambda: artifact_layers(artifact, shape))
-    return {"accuracy": accuracy_record(logits, labels, runner, data.class_names), "params": counts["params"], "macs": counts["macs"],
+    return {"task": task.name, "metric": task.headline.as_dict(), "accuracy": scores,
+            "params": counts["params"], "macs": counts["macs"],
             # a torch artifact's size is its weights file (a teacher may also carry a copy of its .pt2)
             "size_bytes": artifact.path("model").stat().st_size if artifact.kind is ArtifactKind.TORCH
             else artifact.size_bytes(), "latency": latency.as_dict(), "throughput": throughput.as_dict(),
-            "estimate": estimate, "measure_note": note}
+            "pytorch_latency": pytorch, "estimate": estimate, "measure_note": note}
+
+
+def target_runner(artifact: Artifact, profile: HardwareProfile, threads: int, workdir: Path, task: Any,
+                  meta: dict[str, Any]) -> tuple[Runner, str | None]:
+    """A torch artifact exported (the task's I/O) and compiled for the target's runtime on this host, to be timed
+    there; with a note when that is a stand-in (a TensorRT target without an engine: the ONNX in ONNX Runtime)."""
+    import onnx
+
+    from edgepipe.backends import HOST_REFERENCE_NOTE, get_backend
+    from edgepipe.backends.onnxruntime import OrtRunner
+    from edgepipe.export.onnx_export import export_onnx, fold_weight_quantizers
+    from edgepipe.models.loading import load_torch_artifact
+
+    backend = get_backend(profile.backend)
+    ok, _ = backend.available()
+    proto = export_onnx(load_torch_artifact(artifact), tuple(meta["input_shape"]), 17, task, meta["num_classes"])
+    if artifact.quantized:
+        fold_weight_quantizers(proto)  # int8 weight initializers, as the export stage ships them
+    onnx_path = workdir / "model.onnx"
+    onnx.save(proto, str(onnx_path))
+    if backend.BUILDS_ON_DEVICE and not ok:
+        return OrtRunner(onnx_path, threads), HOST_REFERENCE_NOTE
+    dtype = profile.compile_dtype(artifact.quantized)
+    fallback = artifact.meta.get("fallback_dtype")
+    float_dtype = DType(fallback) if dtype is DType.INT8 and fallback else None
+    return backend.timing_runner(onnx_path, profile, dtype, workdir / "compiled", threads, float_dtype), None
 
 
 def candidate_latency(model: torch.nn.Module, input_shape: tuple[int, ...], profile: HardwareProfile,
@@ -103,7 +153,7 @@ def candidate_latency(model: torch.nn.Module, input_shape: tuple[int, ...], prof
 
 def candidate_latencies(candidates: list[tuple[torch.nn.Module, bool, DType | None]], input_shape: tuple[int, ...],
                         profile: HardwareProfile, cfg: MeasureConfig, workdir: Path, rounds: int = 3,
-                        ) -> list[dict[str, Any]]:
+                        task: Any = None) -> list[dict[str, Any]]:
     """``candidate_latency`` of several models (each ``(model, quantized, float_dtype)``) that are to be compared:
     all are compiled first, then timed in alternating rounds (A, B, C, A, B, C, ...), each figure the lowest
     round's p50. Timed one after the other instead, each model met a different machine state: on a shared
@@ -112,6 +162,7 @@ def candidate_latencies(candidates: list[tuple[torch.nn.Module, bool, DType | No
 
     from edgepipe.backends import get_backend
     from edgepipe.export.onnx_export import export_onnx, fold_weight_quantizers
+    from edgepipe.tasks import DEFAULT, get_task
 
     backend = get_backend(profile.backend)
     ok, reason = backend.available()
@@ -121,34 +172,29 @@ def candidate_latencies(candidates: list[tuple[torch.nn.Module, bool, DType | No
         dtype = profile.compile_dtype(quantized)  # a QAT model compiles to int8 where the target has it
         if float_dtype is not None and dtype is not DType.INT8:
             dtype = float_dtype
-        if profile.backend is Backend.TENSORRT and not ok:
+        if backend.BUILDS_ON_DEVICE and not ok:  # no engine can be built here (TensorRT): the roofline estimate
             counts = model_counts(model, input_shape)
             est = target_estimate(profile, dtype, counts, batch=1, layers=lambda m=model: model_layers(m, input_shape))
-            prepared.append({"kind": "estimate", "p50_ms": est["latency_ms"], "backend": "tensorrt",
+            prepared.append({"kind": "estimate", "p50_ms": est["latency_ms"], "backend": profile.backend.value,
                              "dtype": dtype.value, "float_dtype": (float_dtype or profile.best_float).value,
                              "device": profile.name, "label": est.get("label"), "why": reason})
             continue
         folder = workdir / str(i) if len(candidates) > 1 else workdir
         folder.mkdir(parents=True, exist_ok=True)
         onnx_path = folder / "candidate.onnx"
-        proto = export_onnx(model, input_shape, 17)
+        proto = export_onnx(model, input_shape, 17, task)
         if quantized:
             fold_weight_quantizers(proto)  # int8 weight initializers, as the export stage ships them
         onnx.save(proto, str(onnx_path))
-        if profile.backend is Backend.ONNXRUNTIME:
-            from edgepipe.backends.onnxruntime import OrtRunner
-
-            runner = OrtRunner(onnx_path, threads)
-        else:
-            artifact, _ = backend.compile(onnx_path, profile, dtype, folder / "compiled", float_dtype=float_dtype)
-            runner, _ = runner_for(artifact, threads)
+        runner = backend.timing_runner(onnx_path, profile, dtype, folder / "compiled", threads, float_dtype)
         prepared.append((runner, dtype, float_dtype))
     best: list[Any] = [None] * len(prepared)
+    feeds = (task or get_task(DEFAULT)).timing_inputs({"input_shape": list(input_shape)}, 1)
     for _ in range(rounds):
         for i, p in enumerate(prepared):
             if isinstance(p, dict):
                 continue
-            lat = time_runner(p[0], input_shape, 1, cfg.warmup, cfg.iterations)
+            lat = time_runner(p[0], feeds, cfg.warmup, cfg.iterations)
             if best[i] is None or lat.p50_ms < best[i].p50_ms:
                 best[i] = lat
     return [p if isinstance(p, dict) else
@@ -161,28 +207,33 @@ def candidate_latencies(candidates: list[tuple[torch.nn.Module, bool, DType | No
 def stage_gain(before: Artifact, after: Artifact, before_top1: float, after_top1: float, profile: HardwareProfile,
                cfg: MeasureConfig, input_shape: tuple[int, ...], before_stage: str) -> dict[str, Any]:
     """Does a stage earn its place? Its output against its input, both compiled for the target and timed
-    at batch 1 the same way, in alternating rounds (``candidate_latencies``), with top-1 from the engine's
-    measurements. A stage whose output is less accurate and not faster by ``profile.min_speedup`` is flagged.
-    The input is timed again rather than reusing the previous stage's figure: back to back, one machine state
-    decides the ratio (sub-millisecond figures moved by ±30% between minutes on a shared 2-core host)."""
+    at batch 1 the same way, in alternating rounds (``candidate_latencies``), with the task's headline metric from the
+    engine's measurements (``before_top1``/``after_top1``: that metric, whichever it is; its direction decides what
+    "less accurate" means). A stage whose output is less accurate and not faster by ``profile.min_speedup`` is
+    flagged. The input is timed again rather than reusing the previous stage's figure: back to back, one machine
+    state decides the ratio (sub-millisecond figures moved by ±30% between minutes on a shared 2-core host)."""
     import tempfile
 
-    from edgepipe.models import load_torch_artifact
+    from edgepipe.models.loading import load_torch_artifact
 
+    task = task_of_artifact(after)
+    metric = task.headline
     with tempfile.TemporaryDirectory(prefix="edgepipe-gain-") as tmp:
         lat = candidate_latencies([(load_torch_artifact(a), a.quantized, None) for a in (before, after)],
-                                  input_shape, profile, cfg, Path(tmp))
+                                  input_shape, profile, cfg, Path(tmp), task=task)
     speedup = lat[0]["p50_ms"] / lat[1]["p50_ms"]
-    delta = 100 * (after_top1 - before_top1)
+    delta = metric.gain_points(before_top1, after_top1)
     faster = speedup >= profile.min_speedup
     earned = delta >= 0 or faster
     where = f"{lat[1]['backend']} {lat[1]['dtype']}" + (" (roofline ESTIMATE)" if lat[1]["kind"] == "estimate" else "")
-    verdict = (f"{'kept' if earned else 'flagged'}: {delta:+.2f} pts top-1 and {speedup:.2f}x batch-1 speed against "
-               f"{before_stage} on {where} (faster counts from {profile.min_speedup}x)"
+    verdict = (f"{'kept' if earned else 'flagged'}: {delta:+.2f} pts {metric.label} and {speedup:.2f}x batch-1 speed "
+               f"against {before_stage} on {where} (faster counts from {profile.min_speedup}x)"
                + ("" if earned else "; less accurate and not faster: it does not earn its place"))
-    return {"against": before_stage, "top1_delta_points": delta, "before_ms": lat[0]["p50_ms"],
-            "before_dtype": lat[0]["dtype"], "after_ms": lat[1]["p50_ms"], "after_dtype": lat[1]["dtype"], "speedup": speedup, "min_speedup": profile.min_speedup,
-            "kind": lat[1]["kind"], "timing": "alternating rounds", "measured_on": where, "earned": earned, "verdict": verdict}
+    return {"against": before_stage, "metric": metric.name, "delta_points": delta, f"{metric.name}_delta_points": delta,
+            "before_ms": lat[0]["p50_ms"], "before_dtype": lat[0]["dtype"], "after_ms": lat[1]["p50_ms"],
+            "after_dtype": lat[1]["dtype"], "speedup": speedup, "min_speedup": profile.min_speedup,
+            "kind": lat[1]["kind"], "timing": "alternating rounds", "measured_on": where, "earned": earned,
+            "verdict": verdict}
 
 
 def paired_speedup(reference: Artifact, candidate: Artifact, input_shape: tuple[int, ...], cfg: MeasureConfig,
@@ -204,7 +255,8 @@ def paired_speedup(reference: Artifact, candidate: Artifact, input_shape: tuple[
     for batch in batches:
         per_round = []
         for i in range(rounds):
-            ref, cand = (time_runner(r, input_shape, batch, cfg.warmup, cfg.iterations) for r in runners)
+            feeds = task_of_artifact(candidate).timing_inputs({"input_shape": list(input_shape)}, batch)
+            ref, cand = (time_runner(r, feeds, cfg.warmup, cfg.iterations) for r in runners)
             per_round.append({"reference_images_per_s": ref.images_per_s, "candidate_images_per_s": cand.images_per_s,
                               "reference_p50_ms": ref.p50_ms, "candidate_p50_ms": cand.p50_ms,
                               "ratio": cand.images_per_s / ref.images_per_s})

@@ -1,2 +1,4 @@
-"""INT8 quantization: fake quantizers for QAT (``fakequant``), activation-range calibration (``calibration``), the
-INT8 form a target gets (``form``) and mixed precision under an accuracy budget (``mixed``)."""
+"""INT8 quantization: fake quantization for QAT (``fakequant``: the settings, BN folding and ``insert_fake_quant``;
+``layers``: the fake-quantized layers; ``placement``: where the quantizers go on the fx graph), activation-range
+calibration (``calibration``), the INT8 form a target gets (``form``) and mixed precision under an accuracy budget
+(``mixed``)."""

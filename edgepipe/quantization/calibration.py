@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from edgepipe.errors import EdgepipeError
-from edgepipe.quantization.fakequant import MIN_RANGE, activation_quantizers, quantization_disabled
+from edgepipe.quantization.layers import MIN_RANGE, activation_quantizers, quantization_disabled
 
 CALIBRATION_METHODS = ("max", "percentile")
 HISTOGRAM_BINS = 2048

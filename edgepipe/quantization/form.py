@@ -34,40 +34,21 @@ capabilities OpenVINO reports) and OpenVINO's own ``OPTIMIZATION_CAPABILITIES`` 
 is recorded beside them. A recipe may pin either choice (``qat.activations``, ``qat.weight_bits``);
 ``auto``, the default, resolves here. The resolved form is part of the QAT stage's cache key, so two
 targets that need different forms never share a QAT model.
+
+Each rule is applied by its backend (``int8_form`` and ``fallback_dtype`` in edgepipe.backends); the CPU
+rule they share is edgepipe.quantization.cpu_form. This module validates the recipe's choices and asks.
 """
 from __future__ import annotations
 
 from typing import Any
 
+from edgepipe.backends import get_backend
 from edgepipe.errors import EdgepipeError
 from edgepipe.profiles import HardwareProfile
 from edgepipe.host import host_cpu, host_isa
-from edgepipe.types import Backend, DType
+from edgepipe.types import DType
 
 ACTIVATION_FORMS = ("int8", "uint8_after_relu")
-INT32_ACCUMULATING_ISA = ("avx512_vnni", "avx_vnni", "amx_int8")
-"""x86 features whose u8 x s8 dot products accumulate in int32 without saturation."""
-
-
-def exact_8bit_weights_on_cpu(isa: tuple[str, ...] | None = None) -> bool:
-    """True when this CPU's int8 dot products cannot saturate with full 8-bit weights (VNNI or AMX)."""
-    return any(f in (host_isa() if isa is None else isa) for f in INT32_ACCUMULATING_ISA)
-
-
-def _openvino_facts(device: str) -> tuple[bool, list[str]]:
-    """Is the OpenVINO device present here, and what OpenVINO reports as the CPU's capabilities."""
-    try:
-        import openvino as ov
-    except ImportError:
-        return False, []
-    core = ov.Core()
-    family = device.split(":")[0].split(".")[0].upper()
-    present = any(d.split(".")[0] == family for d in core.available_devices)
-    try:
-        caps = [str(c) for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
-    except RuntimeError:
-        caps = []
-    return present, caps
 
 
 def resolve_form(profile: HardwareProfile, activations: str = "auto", weight_bits: str | int = "auto",
@@ -89,34 +70,11 @@ def resolve_form(profile: HardwareProfile, activations: str = "auto", weight_bit
         raise EdgepipeError(f"qat.activations: '{activations}' is not one of auto, {', '.join(ACTIVATION_FORMS)}")
     if weight_bits not in ("auto", 7, 8):
         raise EdgepipeError(f"qat.weight_bits: '{weight_bits}' is not one of auto, 7, 8")
-    if profile.backend is Backend.TENSORRT:
-        if activations == "uint8_after_relu":
-            raise EdgepipeError(f"qat.activations: uint8_after_relu cannot run on {profile.name} (TensorRT takes "
-                                "int8 with zero-point 0 only); use auto or int8")
-        auto_act, auto_bits = "int8", 8
-        reason = ("TensorRT explicit quantization: int8 activations with zero-point 0, 8-bit per-channel weights "
-                  "(int32 accumulation)")
-    else:
-        device = profile.options.openvino.device if profile.backend is Backend.OPENVINO else "CPU"
-        present, caps = _openvino_facts(device) if profile.backend is Backend.OPENVINO else (False, [])
-        if caps:
-            host["openvino_cpu_capabilities"] = caps
-        on_cpu = device.upper().startswith("CPU") or not present
-        auto_act = "uint8_after_relu"
-        if not on_cpu:
-            auto_bits = 8
-            reason = f"OpenVINO {device}: int8 kernels accumulate in int32; uint8 after ReLU as NNCF emits"
-        else:
-            exact = exact_8bit_weights_on_cpu(isa)
-            auto_bits = 8 if exact else 7
-            where = "" if device.upper().startswith("CPU") else f"{device} is not on this host, so compiled on the CPU: "
-            reason = where + (f"this CPU has {', '.join(f for f in isa if f in INT32_ACCUMULATING_ISA)}: u8 x s8 "
-                              "dot products accumulate in int32, full 8-bit weights are exact" if exact else
-                              "this CPU has no VNNI/AMX: u8 x s8 pairs sum in int16 (vpmaddubsw) and saturate with "
-                              "8-bit weights, so weights keep to [-63, 63]")
-            reason += "; uint8 activations after ReLU (OpenVINO's and ONNX Runtime's x86 int8 kernels take u8 x s8)"
-    form = {"activations": auto_act if activations == "auto" else activations,
-            "weight_bits": auto_bits if weight_bits == "auto" else int(weight_bits),
+    auto = get_backend(profile.backend).int8_form(profile, activations, isa)
+    host.update(auto.get("host", {}))
+    reason = auto["reason"]
+    form = {"activations": auto["activations"] if activations == "auto" else activations,
+            "weight_bits": auto["weight_bits"] if weight_bits == "auto" else int(weight_bits),
             "source": {"activations": "auto" if activations == "auto" else "config",
                        "weight_bits": "auto" if weight_bits == "auto" else "config"},
             "reason": reason, "host": host}
@@ -145,19 +103,7 @@ def resolve_fallback(profile: HardwareProfile, want: str | DType = "auto",
             raise EdgepipeError(f"qat.fallback_dtype: {dtype.value} is not a float dtype of {name} "
                                 f"(it lists {floats}); use auto or one of those")
         return {"dtype": dtype.value, "source": "config", "reason": "qat.fallback_dtype"}
-    best = profile.best_float
-    if profile.backend is Backend.ONNXRUNTIME:
-        return {"dtype": DType.FP32.value, "source": "auto",
-                "reason": "ONNX Runtime's CPU execution provider computes float ops in fp32"}
-    if profile.backend is Backend.OPENVINO and profile.options.openvino.device.upper().startswith("CPU") \
-            and best in (DType.BF16, DType.FP16):
-        if caps is None:
-            _, caps = _openvino_facts("CPU")
-        tag = {DType.BF16: "BF16", DType.FP16: "FP16"}[best]
-        if tag not in caps:
-            return {"dtype": DType.FP32.value, "source": "auto",
-                    "reason": f"{name} prefers {best.value}, but OpenVINO reports no {tag} on this CPU "
-                              f"(capabilities: {', '.join(caps) or 'none'}), so its float layers run fp32"}
-        return {"dtype": best.value, "source": "auto",
-                "reason": f"{name} prefers {best.value} and OpenVINO reports {tag} on this CPU"}
-    return {"dtype": best.value, "source": "auto", "reason": f"the best float dtype {name} lists"}
+    own = get_backend(profile.backend).fallback_dtype(profile, caps)
+    if own is not None:  # the backend knows what this host runs
+        return own
+    return {"dtype": profile.best_float.value, "source": "auto", "reason": f"the best float dtype {name} lists"}

@@ -1,6 +1,7 @@
 """Mixed precision under an accuracy budget (``qat.max_drop``): which Conv/Linear layers stay in float.
 
-Users state what they can afford to lose ("at most 1 point of top-1"), not which layers to quantize. The
+Users state what they can afford to lose ("at most 1 point of top-1", in the task's headline metric and its
+direction: ``Budget`` takes the task), not which layers to quantize. The
 QAT stage (stages/qat.py) quantizes every Conv/Linear; when that loses more than the budget, layers go back
 to the float fallback dtype, the most INT8-sensitive first, until the budget holds.
 
@@ -34,18 +35,23 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx, nn
 
 from edgepipe.errors import EdgepipeError
-from edgepipe.quantization.fakequant import (QUANTIZERS, QuantConv2d, QuantLinear, _dropout, _set, _shape_only,
-                            activation_quantizers, float_twin, quant_layers, quantization_disabled)
+from edgepipe.quantization.layers import (QUANTIZERS, QuantConv2d, QuantLinear, activation_quantizers, float_twin,
+                                          quant_layers, quantization_disabled, replace_module)
+from edgepipe.quantization.placement import is_dropout, is_shape_only
+from edgepipe.tasks.metric import TOP1, Metric
+
+if TYPE_CHECKING:
+    from edgepipe.tasks.base import Task
 
 log = logging.getLogger(__name__)
 
-Evaluate = Callable[[nn.Module], tuple[float, torch.Tensor]]
+Evaluate = Callable[[nn.Module], tuple[float, torch.Tensor | None]]
 """model -> (top-1 on the budget images, their logits)."""
 
 
@@ -57,7 +63,8 @@ def _input_edge(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.Node | N
     """(the node that reads the quantizer, the quantizer) above a layer's input, through reshapes and dropouts."""
     modules = dict(gm.named_modules())
     consumer, src = node, node.args[0] if node.args else None
-    while (isinstance(src, fx.Node) and not _is_quantizer(src) and (_shape_only(src, modules) or _dropout(src, modules))
+    while (isinstance(src, fx.Node) and not _is_quantizer(src)
+           and (is_shape_only(src, modules) or is_dropout(src, modules))
            and len(src.users) == 1 and src.args and isinstance(src.args[0], fx.Node)):
         consumer, src = src, src.args[0]
     return consumer, src if _is_quantizer(src) else None
@@ -89,7 +96,7 @@ def _feeds_int8(node: fx.Node, modules: dict[str, nn.Module], seen: set[fx.Node]
         module = modules.get(user.target) if user.op == "call_module" else None
         if isinstance(module, QuantConv2d | QuantLinear):
             return True
-        if (_is_quantizer(user) or _shape_only(user, modules) or _dropout(user, modules)
+        if (_is_quantizer(user) or is_shape_only(user, modules) or is_dropout(user, modules)
                 or isinstance(module, nn.AdaptiveAvgPool2d | nn.AvgPool2d | nn.MaxPool2d | nn.AdaptiveMaxPool2d)
                 or (user.op == "call_function" and getattr(user.target, "__name__", "") in
                     ("cat", "concat", "adaptive_avg_pool2d", "avg_pool2d", "max_pool2d", "flatten"))):
@@ -110,7 +117,7 @@ def keep_float(model: nn.Module, layers: Sequence[str]) -> nn.Module:
         raise EdgepipeError(f"qat: cannot keep {', '.join(unknown)} in float: not a quantized Conv2d/Linear of the "
                             f"model (quantized layers: {', '.join(list(quantized)[:6])}...)")
     for name in layers:
-        _set(model, name, float_twin(quantized[name]))
+        replace_module(model, name, float_twin(quantized[name]))
     if not (isinstance(model, fx.GraphModule) and hasattr(model, QUANTIZERS)):
         return model  # untraced: the input quantizer left with the layer
     graph, wanted = model.graph, set(layers)
@@ -148,8 +155,9 @@ def _kl(logits: torch.Tensor, reference: torch.Tensor) -> float:
                                             reduction="batchmean"))
 
 
-def sensitivity(model: nn.Module, evaluate: Evaluate, float_top1: float, float_logits: torch.Tensor,
-                progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
+def sensitivity(model: nn.Module, evaluate: Evaluate, float_top1: float, float_logits: torch.Tensor | None,
+                progress: Callable[[int, int], None] | None = None, metric: Metric | None = None,
+                ) -> list[dict[str, Any]]:
     """Each Conv/Linear of a calibrated fake-quantized ``model`` quantized alone: its top-1 drop (points)
     and KL divergence against the float model, most sensitive first (see the module docstring)."""
     inputs = layer_input_quantizers(model)
@@ -167,8 +175,9 @@ def sensitivity(model: nn.Module, evaluate: Evaluate, float_top1: float, float_l
                 for part in on:
                     part.quantize = False
             rows.append({"layer": name, "index": i, "op": type(layer).__name__.removeprefix("Quant"),
-                         "top1": top1, "top1_drop_points": 100 * (float_top1 - top1),
-                         "kl_divergence": _kl(logits, float_logits), "params": layer.weight.numel()})
+                         "top1": top1, "top1_drop_points": (metric or TOP1).drop_points(float_top1, top1),
+                         "kl_divergence": _kl(logits, float_logits) if float_logits is not None else 0.0,
+                         "params": layer.weight.numel()})
             if progress:
                 progress(i + 1, len(layers))
     rows.sort(key=lambda r: (-round(r["top1_drop_points"], 6), -r["kl_divergence"]))
@@ -187,7 +196,8 @@ def copy_ranges(source: nn.Module, target: nn.Module) -> None:
 
 
 def select(order: Sequence[str], start: int, float_top1: float, max_drop: float,
-           measure: Callable[[list[str]], float], log_as: str) -> tuple[list[str], list[dict[str, Any]], bool]:
+           measure: Callable[[list[str]], float], log_as: str, metric: Metric | None = None,
+           ) -> tuple[list[str], list[dict[str, Any]], bool]:
     """Keep the first k of ``order`` in float, k = start, start + 1, ..., until the drop is within ``max_drop``.
 
     ``measure(float_layers)`` builds and measures that mix and returns its top-1. Returns (the float layers,
@@ -196,7 +206,7 @@ def select(order: Sequence[str], start: int, float_top1: float, max_drop: float,
     steps = []
     for k in range(start, len(order) + 1):
         top1 = measure(list(order[:k]))
-        drop = 100 * (float_top1 - top1)
+        drop = (metric or TOP1).drop_points(float_top1, top1)
         steps.append({"phase": log_as, "float_layers": k, "top1": top1, "drop_points": drop,
                       "within_budget": drop <= max_drop})
         log.info("qat: %s, %d layer(s) in float: top-1 %.4f, %.2f points below float (budget %.2f)",
@@ -206,14 +216,18 @@ def select(order: Sequence[str], start: int, float_top1: float, max_drop: float,
     return list(order), steps, False
 
 
-def _evaluate(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, torch.Tensor]:
+def _evaluate(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], task: Task,
+              ) -> tuple[float, torch.Tensor | None]:
+    """The task's headline on the budget images (``Task.score_outputs``), and the outputs as one tensor when the
+    model has one (a classifier's logits: the KL tie-break of the sensitivity ranking), else None."""
     was = model.training
     model.eval()
     with torch.no_grad():
-        logits = torch.cat([model(x).float() for x, _ in batches])
+        outputs = [task.forward(model, x) for x, _ in batches]
     model.train(was)
-    labels = torch.cat([y for _, y in batches])
-    return float((logits.argmax(1) == labels).float().mean()), logits
+    score = task.score_outputs(outputs, [y for _, y in batches])
+    logits = torch.cat([o.float() for o in outputs]) if all(isinstance(o, torch.Tensor) for o in outputs) else None
+    return score, logits
 
 
 class Budget:
@@ -231,7 +245,9 @@ class Budget:
 
     def __init__(self, max_drop: float, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], where: str,
                  float_model: nn.Module, calibrated: nn.Module, build: Callable[[list[str]], nn.Module],
-                 progress: Callable[[int, int], None] | None = None) -> None:
+                 progress: Callable[[int, int], None] | None = None, *, task: Task) -> None:
+        self.task = task
+        self.metric = task.headline
         self.max_drop, self.batches, self.where, self.build = max_drop, list(batches), where, build
         self.images = sum(len(y) for _, y in self.batches)
         self.float_top1, self.float_logits = self.evaluate(float_model)
@@ -240,17 +256,22 @@ class Budget:
         log.info("qat: budget %.2f points on %d %s images: float top-1 %.4f, all-INT8 (calibrated) %.4f; measuring "
                  "each of %d layers quantized alone", max_drop, self.images, where, self.float_top1,
                  self.all_int8_top1, len(quant_layers(calibrated)))
-        self.sensitivity = sensitivity(calibrated, self.evaluate, self.float_top1, self.float_logits, progress)
+        self.sensitivity = sensitivity(calibrated, self.evaluate, self.float_top1, self.float_logits, progress,
+                                       self.metric)
         self.order = [r["layer"] for r in self.sensitivity]
         self.steps: list[dict[str, Any]] = [self._step("calibrated", 0, self.all_int8_top1)]
         self.float_layers_calibrated: list[str] = []
         self.outcome = "int8"
 
-    def evaluate(self, model: nn.Module) -> tuple[float, torch.Tensor]:
-        return _evaluate(model, self.batches)
+    def evaluate(self, model: nn.Module) -> tuple[float, torch.Tensor | None]:
+        return _evaluate(model, self.batches, self.task)
+
+    def drop_points(self, score: float) -> float:
+        """How much worse than the float model ``score`` is, in points of the task's headline metric."""
+        return self.metric.drop_points(self.float_top1, score)
 
     def _step(self, phase: str, k: int, top1: float) -> dict[str, Any]:
-        drop = 100 * (self.float_top1 - top1)
+        drop = self.drop_points(top1)
         return {"phase": phase, "float_layers": k, "top1": top1, "drop_points": drop, "within_budget": drop <= self.max_drop}
 
     def select_after_calibration(self) -> list[str] | None:
@@ -259,7 +280,7 @@ class Budget:
         if self.steps[-1]["within_budget"]:
             return []
         layers, steps, ok = select(self.order, 1, self.float_top1, self.max_drop,
-                                   lambda fl: self.evaluate(self.build(fl))[0], "calibrated")
+                                   lambda fl: self.evaluate(self.build(fl))[0], "calibrated", self.metric)
         self.steps += steps
         if not ok:
             return self._give_up()
@@ -276,7 +297,8 @@ class Budget:
         if self.steps[-1]["within_budget"]:
             return list(self.float_layers_calibrated)
         layers, steps, ok = select(self.order, k0 + 1, self.float_top1, self.max_drop,
-                                   lambda fl: self.evaluate(keep_float(copy.deepcopy(model), fl[k0:]))[0], phase)
+                                   lambda fl: self.evaluate(keep_float(copy.deepcopy(model), fl[k0:]))[0], phase,
+                                   self.metric)
         self.steps += steps
         if not ok:
             return self._give_up()
@@ -292,7 +314,8 @@ class Budget:
 
     def record(self, float_layers: list[str], fallback: dict[str, Any], variants: list[dict[str, Any]] | None = None,
                ) -> dict[str, Any]:
-        return {"max_drop_points": self.max_drop, "measured_on": self.where, "images": self.images,
+        return {"max_drop_points": self.max_drop, "metric": self.metric.as_dict(), "measured_on": self.where,
+                "images": self.images,
                 "float_top1": self.float_top1, "all_int8_top1": self.all_int8_top1, "outcome": self.outcome,
                 "float_layers": float_layers, "fallback_dtype": fallback["dtype"], "fallback_reason": fallback["reason"],
                 "sensitivity_method": "each Conv/Linear quantized alone (weights + input); top-1 drop against float, "

@@ -350,7 +350,7 @@ def students_section(runs: list[Path], reference: Path | None = None) -> str:
         ["l", "l", "r", "l", "r", "r", "r", "r", "r", "r", "r", "r", "r", "r", "l"])
     host = rows[0]["host"]
     lines = ["## The small-input students (`make bench-students`)", "",
-             "The mobile students adapted to 32x32 inputs (`edgepipe/models/__init__.py`), distilled from the same ResNet-56 "
+             "The mobile students adapted to 32x32 inputs (`edgepipe/models/zoo.py`), distilled from the same ResNet-56 "
              f"teacher by {', '.join(f'`configs/{r.name}.yaml`' for r in runs)}, INT8 QAT, then compiled by "
              "OpenVINO; one run folder each, written by the pipeline and read here.", "",
              f"- Command: `make bench-students` (then `python -m edgepipe.reporting.benchmarks students`, which writes this "

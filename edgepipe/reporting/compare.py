@@ -31,9 +31,11 @@ from edgepipe.reporting.benchmarks import LATENCY_BATCH, THROUGHPUT_BATCH, accep
 from edgepipe.config import PipelineConfig
 from edgepipe.errors import EdgepipeError
 from edgepipe.host import host_cpu, host_has_native_bf16, host_isa, library_versions
-from edgepipe.engine.pipeline import Progress, Run, run_pipeline
+from edgepipe.engine.pipeline import Progress, run_pipeline
+from edgepipe.engine.run import Run
 from edgepipe.profiles import HardwareProfile, get_profile
-from edgepipe.types import Backend, DType
+from edgepipe.backends import get_backend
+from edgepipe.types import DType
 
 log = logging.getLogger(__name__)
 FINAL_METHOD = "pipeline: distill -> prune -> QAT INT8 -> ONNX QDQ -> OpenVINO (compile stage IR)"
@@ -47,8 +49,15 @@ def compare(config: PipelineConfig, run_dir: Path, target: str, device_target: s
     BENCHMARKS.md beside the recipe's settings."""
     started = time.perf_counter()
     progress = progress or (lambda *a: None)
+    from edgepipe.tasks import task_of
+
+    task = task_of(config)
+    if task.headline.name != "top1":
+        raise EdgepipeError(f"task: compare's baselines and claims (KD gain, INT8 within 2 points of the teacher, "
+                            f"PTQ vs QAT) are stated in top-1, and task {task.name} scores {task.headline.label}; "
+                            "run `edgepipe run` and `edgepipe report`, which compare its stages in its own metric")
     profile = get_profile(target)
-    if profile.backend is not Backend.OPENVINO:
+    if not get_backend(profile.backend).POST_TRAINING_QUANTIZATION:  # OpenVINO: NNCF's PTQ baselines
         raise EdgepipeError(f"--target {target}: compare measures every row in OpenVINO on this host; "
                             f"give an OpenVINO profile (e.g. intel-xeon-amx) and the device with --device")
     device = get_profile(device_target) if device_target else None
@@ -155,8 +164,9 @@ def _row(run: Run, name: str, method: str, stage: str | None = None, seconds: fl
 
 def _device_row(child: Run, device: HardwareProfile) -> dict[str, Any]:
     """The device target's compiled model: accuracy of its QDQ ONNX in ONNX Runtime on this host (the export
-    stage's figure) and a calibrated estimate of its latency (edgepipe.measure.estimate), labelled as such."""
-    from edgepipe.measure.estimate import artifact_layers, target_estimate
+    stage's figure) and a calibrated estimate of its latency (edgepipe.measure.roofline), labelled as such."""
+    from edgepipe.measure.layers import artifact_layers
+    from edgepipe.measure.roofline import target_estimate
 
     compiled = child.artifact_of("compile")
     qat, export = child.metrics_of("qat"), child.metrics_of("export")

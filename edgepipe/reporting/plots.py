@@ -25,17 +25,18 @@ def number(x: Any) -> float | None:
 
 
 def _plot_accuracy_latency(rows: list[dict[str, Any]]) -> bytes | str:
-    points = [r for r in rows if r["top1"] is not None and r["p50_ms"] is not None and r["p50_ms"] > 0]
+    points = [r for r in rows if r["score"] is not None and r["p50_ms"] is not None and r["p50_ms"] > 0]
     if not points:
-        return "no stage recorded both top-1 and a batch-1 latency"
+        return "no stage recorded both its metric and a batch-1 latency"
+    metric = points[0]["metric"]
     fig = fmt.new_figure()
     ax = fig.add_subplot()
-    ax.scatter([r["p50_ms"] for r in points], [100 * r["top1"] for r in points], zorder=3)
+    ax.scatter([r["p50_ms"] for r in points], [metric.scale * r["score"] for r in points], zorder=3)
     ax.margins(x=0.2, y=0.3)  # room for the labels at the edges
     # Stages often share an accuracy; stagger labels above and below the points so they stay readable.
     for i, r in enumerate(sorted(points, key=lambda r: r["p50_ms"])):
         ax.annotate(f"{r['stage']} ({r['latency'].get('backend', '?')} {r['latency'].get('dtype', '')})",
-                    (r["p50_ms"], 100 * r["top1"]), textcoords="offset points", fontsize=8,
+                    (r["p50_ms"], metric.scale * r["score"]), textcoords="offset points", fontsize=8,
                     xytext=(4, 6 + 12 * (i % 3)) if i % 2 == 0 else (4, -12 - 12 * (i % 3)),
                     arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.5"})
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
@@ -47,9 +48,10 @@ def _plot_accuracy_latency(rows: list[dict[str, Any]]) -> bytes | str:
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.margins(x=0.3, y=0.15)  # room for the point labels
-    ax.set_xlabel("batch-1 latency p50 (ms, log scale, measured on this host)")
-    ax.set_ylabel("top-1 (%)")
-    ax.set_title("Accuracy vs latency per stage")
+    ax.set_xlabel("batch-1 latency p50 (ms, log scale, each stage in the target's runtime on this host)")
+    ax.set_ylabel(f"{metric.label}" + (f" ({metric.unit})" if metric.unit else "")
+                  + ("" if metric.higher_is_better else ", lower is better"))
+    ax.set_title(f"{metric.label} vs latency per stage")
     ax.grid(True, which="both", alpha=0.3)
     return fmt.png_bytes(fig)
 
@@ -71,13 +73,17 @@ def _plot_distillation(stages: Stages) -> bytes | str:
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax.grid(True, alpha=0.3)
-    top1 = [number(h.get("val_top1")) for h in history]
+    from edgepipe.tasks.metric import Metric
+
+    metric = Metric.from_record(metrics.get("metric"))
+    top1 = [number(h.get(f"val_{metric.name}")) for h in history]
     handles, labels = ax.get_legend_handles_labels()
     if any(v is not None for v in top1):
         ax2 = ax.twinx()
-        ax2.plot(epochs, [float("nan") if v is None else 100 * v for v in top1], color="black", ls="--",
-                 marker="s", label="val top-1 (%)")
-        ax2.set_ylabel("val top-1 (%)")
+        shown = f"val {metric.label}" + (f" ({metric.unit})" if metric.unit else "")
+        ax2.plot(epochs, [float("nan") if v is None else metric.scale * v for v in top1], color="black", ls="--",
+                 marker="s", label=shown)
+        ax2.set_ylabel(shown)
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
     ax.xaxis.get_major_locator().set_params(integer=True)

@@ -21,6 +21,7 @@ from edgepipe.reporting import formatting as fmt
 from edgepipe.errors import EdgepipeError
 from edgepipe.reporting.plots import make_plots, number, value_at
 from edgepipe.reporting.formatting import DASH
+from edgepipe.tasks.metric import Metric
 
 log = logging.getLogger(__name__)
 
@@ -61,19 +62,29 @@ def _int(x: Any) -> int | None:
 
 
 # --- the stage table --------------------------------------------------------------------------------
+def run_metric(stages: list[tuple[dict[str, Any], dict[str, Any]]]) -> Metric:
+    """The headline metric of the run's task, as its measured stages recorded it (top-1 for older runs)."""
+    return Metric.from_record(next((m["metric"] for _, m in stages if isinstance(m.get("metric"), dict)), None))
+
+
 def _rows(stages: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[dict[str, Any]]:
-    teacher_top1 = next((number(value_at(m, "accuracy", "top1")) for e, m in stages if e.get("name") == "teacher"), None)
+    metric = run_metric(stages)
+    teacher_top1 = next((number(value_at(m, "accuracy", metric.name)) for e, m in stages
+                         if e.get("name") == "teacher"), None)
     rows = []
     for entry, m in stages:
-        top1 = number(value_at(m, "accuracy", "top1"))
+        top1 = number(value_at(m, "accuracy", metric.name))
         estimate = m.get("estimate") if isinstance(m.get("estimate"), dict) else None
         rows.append({
             "stage": str(entry.get("name") or m.get("stage") or "?"),
             "status": str(entry.get("status") or m.get("status") or "pending"),
             "skipped_reason": entry.get("skipped_reason") or m.get("skipped_reason"),
             "precision": value_at(m, "artifact", "dtype"),
-            "top1": top1,
+            "metric": metric,
+            "score": top1,
+            "top1": top1 if metric.name == "top1" else None,
             "delta": None if top1 is None or teacher_top1 is None else top1 - teacher_top1,
+            "pytorch_p50_ms": number(value_at(m, "pytorch_latency", "p50_ms")),
             "params": _int(m.get("params")),
             "macs": _int(m.get("macs")),
             "size_bytes": _int(m.get("size_bytes")),
@@ -137,18 +148,27 @@ def _table_cells(r: dict[str, Any]) -> list[str]:
     latency = DASH if r["p50_ms"] is None else f"{fmt.ms(r['p50_ms'])} / {fmt.ms(r['p99_ms'])}"
     throughput = (DASH if r["throughput"] is None
                   else f"{fmt.ips(r['throughput'])} img/s @ batch {r['throughput_batch']}")
-    delta = DASH if r["delta"] is None else "ref" if r["stage"] == "teacher" else f"{100 * r['delta']:+.2f}"
+    metric = r["metric"]
+    delta = DASH if r["delta"] is None else "ref" if r["stage"] == "teacher" else f"{metric.scale * r['delta']:+.2f}"
+    pytorch = DASH if r["pytorch_p50_ms"] is None else fmt.ms(r["pytorch_p50_ms"])
     runtime = _runtime(r["latency"])
     if r["latency"] and (r["measure_note"] or "").startswith("host reference"):
         runtime += " (host reference, see notes)"
-    return [r["stage"], r["status"], r["precision"] or DASH, DASH if r["top1"] is None else f"{100 * r['top1']:.2f}",
+    return [r["stage"], r["status"], r["precision"] or DASH,
+            DASH if r["score"] is None else f"{metric.scale * r['score']:.2f}",
             delta, fmt.count(r["params"]), fmt.count(r["macs"]), fmt.size(r["size_bytes"]), latency, runtime,
-            throughput, estimate, fmt.seconds(r["wall_time_s"])]
+            throughput, estimate, fmt.seconds(r["wall_time_s"]), pytorch]
 
 
-TABLE_HEAD = ["stage", "status", "precision", "top-1 (%)", "Δ top-1 vs teacher (pts)", "params", "MACs", "size",
-              "latency p50 / p99 (ms, batch 1)", "measured with", "throughput", "target estimate (not measured)",
-              "wall time"]
+def table_head(metric: Metric) -> list[str]:
+    """The stage table's columns, the task's headline metric named in its own unit."""
+    unit = f" ({metric.unit})" if metric.unit else ""
+    return ["stage", "status", "precision", f"{metric.label}{unit}", f"Δ {metric.label} vs teacher (pts)", "params",
+            "MACs", "size", "latency p50 / p99 (ms, batch 1)", "measured with", "throughput",
+            "target estimate (not measured)", "wall time", "PyTorch eager p50 (ms, batch 1)"]
+
+
+TABLE_HEAD = table_head(Metric("top1", "top-1"))
 
 
 def _conditions(rows: list[dict[str, Any]]) -> list[str]:
@@ -162,8 +182,8 @@ def _conditions(rows: list[dict[str, Any]]) -> list[str]:
                        f"{rec.get('backend', '?')} {rec.get('dtype', '')} on {rec.get('device', '?')}")
                 groups.setdefault(key, []).append(r["stage"])
         acc = r["accuracy"]
-        if acc and acc.get("top1") is not None:
-            key = (f"top-1 on {acc.get('samples', '?')} validation images, run with {acc.get('backend', '?')} "
+        if acc and r["score"] is not None:
+            key = (f"{r['metric'].label} on {acc.get('samples', '?')} validation images, run with {acc.get('backend', '?')} "
                    f"{acc.get('dtype', '')}")
             groups.setdefault(key, []).append(r["stage"])
     notes = [f"{k} ({', '.join(v)})" for k, v in groups.items()]
@@ -204,7 +224,7 @@ def _document(manifest: dict[str, Any], stages: list[tuple[dict[str, Any], dict[
                 ("Report written", datetime.now(timezone.utc).isoformat(timespec="seconds"))]),
         *_data_blocks(manifest.get("data") or {}),
         ("h2", "Stages"),
-        ("table", TABLE_HEAD, [_table_cells(r) for r in rows]),
+        ("table", table_head(run_metric(stages)), [_table_cells(r) for r in rows]),
         ("h3", "Measurement conditions"),
         ("list", _conditions(rows)),
         *_gain_blocks(rows),

@@ -5,6 +5,9 @@ only worth measuring on CPUs with native bf16: AMX or AVX512-BF16; elsewhere it 
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 import torch
 from torch import nn
@@ -12,24 +15,29 @@ from torch import nn
 from edgepipe.engine.artifacts import Artifact
 from edgepipe.errors import EdgepipeError
 from edgepipe.host import host_cpu
+from edgepipe.runtime.runner import RunnerBase
 
 _AUTOCAST_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-class TorchRunner:
-    """Run an ``nn.Module`` on NumPy batches: eval mode, inference mode, a fixed thread count.
+class TorchRunner(RunnerBase):
+    """Run an ``nn.Module`` on named NumPy inputs: eval mode, inference mode, a fixed thread count.
 
     Args:
         model: The module; it is put in eval mode.
         threads: Intra-op threads while inferring (None: PyTorch's current setting, recorded as is).
             The process-wide setting is changed only for the duration of each ``infer`` call.
         autocast_dtype: ``torch.bfloat16`` (or ``torch.float16``) to run under CPU autocast; None for fp32.
+        input_names: The model's positional inputs, in order (the task's ONNX input names).
+        output_names: Names of the model's outputs: a tensor is the first name, a tuple/list is named in order,
+            a dict keeps its own keys (the task's ONNX output names).
     """
 
     backend = "pytorch"
 
     def __init__(self, model: nn.Module, threads: int | None = None,
-                 autocast_dtype: torch.dtype | None = None) -> None:
+                 autocast_dtype: torch.dtype | None = None, input_names: tuple[str, ...] = ("input",),
+                 output_names: tuple[str, ...] = ("logits",)) -> None:
         if autocast_dtype is not None and autocast_dtype not in _AUTOCAST_NAMES:
             raise EdgepipeError(f"TorchRunner: autocast_dtype must be torch.bfloat16 or torch.float16, "
                                 f"got {autocast_dtype}")
@@ -38,28 +46,47 @@ class TorchRunner:
         self.threads = threads or torch.get_num_threads()
         self.device = f"cpu: {host_cpu()}"
         self.dtype = _AUTOCAST_NAMES.get(autocast_dtype, "fp32")
+        self.input_names, self.output_names = tuple(input_names), tuple(output_names)
 
     @classmethod
     def from_artifact(cls, artifact: Artifact, threads: int | None = None,
                       autocast_dtype: torch.dtype | None = None) -> TorchRunner:
-        """Rebuild a torch artifact's module (see ``edgepipe.models.load_torch_artifact``) and wrap it."""
-        from edgepipe.models import load_torch_artifact
+        """Rebuild a torch artifact's module (see ``edgepipe.models.loading.load_torch_artifact``) and wrap it, named as
+        its task names its inputs and outputs."""
+        from edgepipe.models.loading import load_torch_artifact
+        from edgepipe.tasks import task_of_artifact
 
-        return cls(load_torch_artifact(artifact), threads, autocast_dtype)
+        task = task_of_artifact(artifact)
+        return cls(load_torch_artifact(artifact), threads, autocast_dtype,
+                   tuple(s.name for s in task.inputs(artifact.meta)), tuple(s.name for s in task.outputs(artifact.meta)))
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         previous = torch.get_num_threads()
         if previous != self.threads:
             torch.set_num_threads(self.threads)
         try:
-            x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+            # torch.from_numpy shares memory, as every runtime reads its input: float stays float32, ids int64
+            args = [torch.from_numpy(np.ascontiguousarray(feeds[name])) for name in self.input_names]
             with torch.inference_mode(), torch.autocast("cpu", dtype=self.autocast_dtype or torch.bfloat16,
                                                         enabled=self.autocast_dtype is not None):
-                out = self.model(x)
-            return out.float().numpy()
+                out = self.model(*args)
+            return self.named(out)
         finally:
             if previous != self.threads:
                 torch.set_num_threads(previous)
+
+    def named(self, out: Any) -> dict[str, np.ndarray]:
+        """The model's output(s) by name, floating ones as float32 (an autocast model returns bf16)."""
+        if isinstance(out, Mapping):
+            items = list(out.items())
+        elif isinstance(out, (tuple, list)):
+            if len(out) != len(self.output_names):
+                raise EdgepipeError(f"TorchRunner: the model returns {len(out)} outputs, its task names "
+                                    f"{len(self.output_names)} ({', '.join(self.output_names)})")
+            items = list(zip(self.output_names, out))
+        else:
+            items = [(self.output_names[0], out)]
+        return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in items}
 
     def __repr__(self) -> str:
         return f"TorchRunner({type(self.model).__name__}, dtype={self.dtype}, threads={self.threads})"

@@ -1,11 +1,11 @@
-"""Knowledge distillation loss (Hinton et al. 2015) with optional feature hints (FitNets, Romero et al. 2015).
+"""Knowledge distillation: the teacher's outputs (``SoftTargets``: cached, or computed by OpenVINO), the task's loss
+against them (``Task.distill_loss``; for classification Hinton et al. 2015, edgepipe.tasks.classification.kd_terms)
+and optional feature hints (FitNets, Romero et al. 2015):
 
-loss = alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * CE(student, labels)
-       + beta * sum_pairs MSE(adapter(student_feature), teacher_feature)
+loss = task's distillation loss + beta * sum_pairs MSE(adapter(student_feature), teacher_feature)
 
-The T^2 factor keeps the soft term's gradient scale independent of T. Adapters are learned 1x1
-convolutions from the student's channels to the teacher's; when spatial sizes differ the student
-map is resized to the teacher's.
+Adapters are learned 1x1 convolutions from the student's channels to the teacher's; when spatial sizes differ the
+student map is resized to the teacher's.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import hashlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,17 +25,10 @@ from edgepipe.config import FeaturePair, SoftTargetsConfig
 from edgepipe.errors import EdgepipeError
 from edgepipe.io import atomic_write, is_main_process
 
+if TYPE_CHECKING:
+    from edgepipe.tasks.base import Task
+
 log = logging.getLogger(__name__)
-
-
-def kd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-             temperature: float, alpha: float) -> dict[str, torch.Tensor]:
-    """Soft (KL at temperature T, scaled by T^2) and hard (CE) terms and their weighted sum."""
-    t = temperature
-    soft = F.kl_div(F.log_softmax(student_logits.float() / t, dim=1), F.log_softmax(teacher_logits.float() / t, dim=1),
-                    reduction="batchmean", log_target=True) * (t * t)
-    hard = F.cross_entropy(student_logits.float(), labels)
-    return {"loss": alpha * soft + (1 - alpha) * hard, "soft": soft, "hard": hard}
 
 
 def _module(model: nn.Module, name: str, role: str) -> nn.Module:
@@ -127,6 +120,9 @@ class SoftTargets:
             self._request = _openvino_request(teacher, example)
             with torch.no_grad():
                 ref = teacher(example)
+            if not isinstance(ref, torch.Tensor):
+                raise EdgepipeError("soft_targets.runtime: openvino computes a one-output teacher's logits; this teacher "
+                                    f"returns a {type(ref).__name__}: use runtime: torch")
             self.max_abs_diff = float((self._openvino(example) - ref).abs().max())
             if self.max_abs_diff > 1e-2:
                 raise EdgepipeError(f"soft_targets.runtime: OpenVINO's teacher logits differ from PyTorch's by "
@@ -150,7 +146,10 @@ class SoftTargets:
                 self.hits += 1
                 return found
         self.misses += 1
-        logits = self._openvino(x) if self._request is not None else self.teacher(x).float()
+        logits = self._openvino(x) if self._request is not None else self.teacher(x)
+        if not isinstance(logits, torch.Tensor):  # a several-output teacher (a task's named outputs): not cached
+            return logits
+        logits = logits.float()
         if digest is not None and len(self._store) * logits.numel() * 4 < _CACHE_LIMIT_BYTES:
             self._store[digest] = logits
             if self._disk is not None:
@@ -272,8 +271,13 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module) -> dict[str, Any]:
 
 
 def kd_step(teacher: nn.Module | SoftTargets, temperature: float, alpha: float, beta: float = 0.0,
-            hints: FeatureHints | None = None) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]:
-    """A ``loss_step`` for edgepipe.training.loop.fit: teacher logits (no grad, eval mode) + KD terms."""
+            hints: FeatureHints | None = None, task: Task | None = None,
+            ) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]:
+    """A ``loss_step`` for edgepipe.training.loop.fit: the teacher's outputs (no grad, eval mode) and the task's
+    distillation loss (``Task.distill_loss``; default classification's KD terms)."""
+    from edgepipe.tasks import DEFAULT, get_task
+
+    task = task or get_task(DEFAULT)
     targets = teacher if isinstance(teacher, SoftTargets) else SoftTargets(teacher)
     if hints is not None and (targets.runtime != "torch" or targets.caching):
         raise EdgepipeError("distill.feature_pairs: feature hints read the teacher's PyTorch layers; "
@@ -281,7 +285,7 @@ def kd_step(teacher: nn.Module | SoftTargets, temperature: float, alpha: float, 
 
     def step(student: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         t_logits = targets(x)
-        terms = kd_terms(student(x), t_logits, y, temperature, alpha)
+        terms = task.distill_loss(task.forward(student, x), t_logits, y, temperature, alpha)
         if hints is not None and beta > 0:
             feature = hints.loss()
             terms["feature"] = feature.detach()

@@ -372,11 +372,11 @@ def data_parallel(model: nn.Module, extra: nn.Module | None) -> nn.Module:
 def share_model(model: nn.Module, path: Path) -> None:
     """Rank 0 changed ``model``'s structure alone (Torch-Pruning's graph surgery): it writes the weights to
     ``path`` (atomically), and every other rank waits at a barrier, then resizes its copy to them and loads them
-    (edgepipe.models.restore_shapes, ``weights_only=True``)."""
+    (edgepipe.models.loading.restore_shapes, ``weights_only=True``)."""
     if not collective_active():
         return
     from edgepipe.io import atomic_torch_save
-    from edgepipe.models import restore_shapes
+    from edgepipe.models.loading import restore_shapes
 
     if is_main():
         atomic_torch_save(path, {k: v.detach() for k, v in model.state_dict().items()})

@@ -4,7 +4,7 @@ A stage supplies a ``loss_step(model, x, y) -> {"loss": total, <component>: valu
 handles the rest the same way everywhere: seeded data order (a function of seed and epoch only, so a
 resumed run sees the same batches), bf16 autocast where the CPU runs bf16 natively, channels-last,
 an atomic checkpoint after every epoch (``checkpoints/last.pt``) from which an interrupted stage
-resumes, per-epoch history (every loss component, validation top-1, images/s) and progress callbacks.
+resumes, per-epoch history (every loss component, the task's validation metric, images/s) and progress callbacks.
 Writes happen on rank 0 only (edgepipe.io.is_main_process), ready for torchrun.
 """
 from __future__ import annotations
@@ -18,17 +18,20 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from edgepipe.training import distributed
 from edgepipe.config import OptimConfig
-from edgepipe.data import Batches
+from edgepipe.data.batches import Batches
 from edgepipe.errors import EdgepipeError
 from edgepipe.io import atomic_torch_save, is_main_process
 from edgepipe.host import host_has_native_bf16
+
+if TYPE_CHECKING:
+    from edgepipe.tasks.base import Task
 
 log = logging.getLogger(__name__)
 
@@ -47,22 +50,6 @@ def autocast(dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, data: Batches, batch_size: int = 256) -> float:
-    """Top-1 accuracy of ``model`` on the validation set, in float32 eval mode."""
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    share, ranks = (distributed.rank(), distributed.world_size()) if distributed.collective_active() else (0, 1)
-    for i, (x, y) in enumerate(data.val_batches(batch_size)):
-        if i % ranks == share:  # under torchrun each rank takes every world-th batch: the whole set, once
-            correct += int((model(x).argmax(1) == y).sum())
-            total += len(y)
-    model.train(was_training)
-    correct, total = distributed.all_reduce_sum([correct, total])
-    return correct / max(1, total)
-
-
 def _fingerprint(cfg: OptimConfig, tag: str) -> str:
     return hashlib.sha256((cfg.model_dump_json() + tag).encode()).hexdigest()[:16]
 
@@ -70,12 +57,17 @@ def _fingerprint(cfg: OptimConfig, tag: str) -> str:
 def fit(model: nn.Module, data: Batches, cfg: OptimConfig, loss_step: LossStep, *, batch_size: int,
         checkpoint_dir: Path, task: str = "train", extra_modules: nn.Module | None = None,
         progress: Progress | None = None, eval_batch_size: int = 256, tag: str = "",
-        ) -> list[dict[str, Any]]:
+        evaluator: Task | None = None) -> list[dict[str, Any]]:
     """Train ``model`` (and ``extra_modules``, e.g. feature adapters) for ``cfg.epochs`` epochs.
 
     Resumes from ``checkpoint_dir/last.pt`` when it belongs to the same config (``tag`` distinguishes
-    several trainings inside one stage). Returns the per-epoch history.
+    several trainings inside one stage). ``evaluator``: the task whose headline metric is computed on the validation
+    split after every epoch (``val_<metric>`` in the history; default classification's top-1). Returns the per-epoch
+    history.
     """
+    from edgepipe.tasks import DEFAULT, get_task
+
+    evaluator = evaluator or get_task(DEFAULT)
     progress = progress or (lambda *a: None)
     distributed.local_batch(batch_size)  # under torchrun: the configured batch must split over the ranks
     shard = (distributed.rank(), distributed.world_size()) if distributed.collective_active() else (0, 1)
@@ -148,7 +140,8 @@ def fit(model: nn.Module, data: Batches, cfg: OptimConfig, loss_step: LossStep, 
                 raise EdgepipeError(f"{task} epoch {epoch + 1}: {len(broken)} weight tensor(s) hold NaN or inf (first: "
                                     f"{broken[0]}); lower this stage's optim.lr (now {cfg.lr:g})")
             row = {"epoch": epoch + 1, "lr": sched.get_last_lr()[0], **{k: v / max(1, seen) for k, v in sums.items()},
-                   "val_top1": evaluate(model, data, eval_batch_size), "images_per_s": seen / seconds,
+                   f"val_{evaluator.headline.name}": evaluator.val_score(model, data, eval_batch_size),
+                   "images_per_s": seen / seconds,
                    "seconds": seconds, "autocast": str(amp).replace("torch.", "") if amp else "off",
                    "processes": shard[1], **({"batchnorm": batchnorm} if shard[1] > 1 else {})}
             history.append(row)
@@ -196,12 +189,6 @@ def clear_checkpoints(checkpoint_dir: Path) -> None:
     """Drop per-epoch checkpoints once the stage's artifact is safely written."""
     if is_main_process():
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
-
-
-def cross_entropy_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Plain supervised loss (teacher training, scratch baselines)."""
-    loss = nn.functional.cross_entropy(model(x), y)
-    return {"loss": loss, "hard": loss.detach()}
 
 
 def seed_everything(seed: int) -> None:

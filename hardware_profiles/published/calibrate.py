@@ -4,8 +4,8 @@
     .venv/bin/python hardware_profiles/published/calibrate.py --write   # also rewrite the calibration section
 
 The table and the fitted ``calibration:`` section live in ``jetson.yaml`` beside this script; the model form and
-how it is fitted are in ``edgepipe.measure.estimate.CALIBRATED_FORM`` and ``edgepipe.measure.estimate.calibrate``. The fit
-builds each row's network (torchvision ResNet-50) and counts its layers with one CPU forward pass: a few seconds.
+how it is fitted are in ``edgepipe.measure.roofline.CALIBRATED_FORM`` and ``edgepipe.measure.calibrate.calibrate``.
+The fit builds each row's network (torchvision ResNet-50) and counts its layers with one CPU forward pass: a few seconds.
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from edgepipe.measure.estimate import DEFAULT_ENQUEUE_SHARE, calibrate, published_table
+from edgepipe.measure.calibrate import DEFAULT_ENQUEUE_SHARE, calibrate
+from edgepipe.measure.roofline import published_table
 
 TABLE = Path(__file__).with_name("jetson.yaml")
 KEYS = ("compute_efficiency", "bandwidth_efficiency", "kernel_launch_us", "enqueue_us")

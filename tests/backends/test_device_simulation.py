@@ -98,3 +98,153 @@ def test_unsupported_tensorrt_version_names_the_jetpack_release(qdq_onnx: Path, 
     bundle = make_bundle(qdq_onnx, tmp_path / "bundle", jetson("jetson-orin-nano", dla_cores=0))
     rc, _, err, _ = run_device_script(bundle, ["check"], fakes=True, env={"FAKE_TRT_VERSION": version})
     assert rc == 2 and len(err.strip().splitlines()) == 1 and says in err
+
+
+def named_io_onnx(path: Path) -> Path:
+    """Three named inputs of three dtypes (int64 ids, a bool mask, float pixels), two outputs (float ``logits``,
+    int64 ``count``), a dynamic batch: what a text or detection model hands the device script."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    batch = "batch"
+    nodes = [helper.make_node("Cast", ["input_ids"], ["ids_f"], to=TensorProto.FLOAT),
+             helper.make_node("Cast", ["mask"], ["mask_f"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["ids_f", "mask_f"], ["masked"], name="/mul"),
+             helper.make_node("Flatten", ["pixels"], ["flat"], name="/flatten"),
+             helper.make_node("Concat", ["masked", "flat"], ["joined"], name="/concat", axis=1),
+             helper.make_node("Gemm", ["joined", "w"], ["logits"], name="/fc/Gemm", transB=1),
+             helper.make_node("Cast", ["mask"], ["mask_i"], to=TensorProto.INT64),
+             helper.make_node("ReduceSum", ["mask_i", "axes"], ["count"], name="/count", keepdims=0)]
+    graph = helper.make_graph(
+        nodes, "named_io",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [batch, 8]),
+         helper.make_tensor_value_info("mask", TensorProto.BOOL, [batch, 8]),
+         helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [batch, 3, 4, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10]),
+         helper.make_tensor_value_info("count", TensorProto.INT64, [batch])],
+        [numpy_helper.from_array(np.full((10, 56), 0.01, np.float32), "w"),
+         numpy_helper.from_array(np.array([1], np.int64), "axes")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+# Runs as a bundle's edgepipe_trt.py (numpy, fake TensorRT and fake CUDA only) and drives the device module's
+# Engine directly; prints one JSON object.
+NAMED_IO_DRIVER = """
+import importlib.util, json, sys
+import numpy as np
+spec = importlib.util.spec_from_file_location("edgepipe_trt_device", {device!r})
+d = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(d)
+out = {{}}
+def error(fn):
+    try:
+        fn()
+    except d.DeviceError as e:
+        return str(e)
+    return None
+shapes = {{"input_ids": [[1, 8], [4, 8], [16, 8]], "mask": [[1, 8], [4, 8], [16, 8]],
+          "pixels": [[1, 3, 4, 4], [4, 3, 4, 4], [16, 3, 4, 4]]}}
+settings = {{"workspace_bytes": 1 << 28, "flags": ["FP16"], "builder_optimization_level": 3,
+            "input_name": "input_ids", "shapes": dict(zip(("min", "opt", "max"), shapes["input_ids"])),
+            "input_shapes": {{n: dict(zip(("min", "opt", "max"), s)) for n, s in shapes.items()}}}}
+d.build_engine({onnx!r}, settings, "named.engine")
+eng = d.Engine("named.engine")
+out["inputs"], out["outputs"] = list(eng.input_names), list(eng.output_names)
+out["dtypes"] = {{n: str(t) for n, t in eng.dtypes.items()}}
+rng = np.random.default_rng(0)
+feeds = {{"input_ids": rng.integers(0, 100, (3, 8)).astype(np.int32), "mask": np.ones((3, 8), bool),
+         "pixels": rng.standard_normal((3, 3, 4, 4)).astype(np.float32), "unused": np.zeros(1)}}
+res = eng.run(feeds)
+out["run"] = {{n: [str(a.dtype), list(a.shape)] for n, a in res.items()}}
+out["run_other_batch"] = {{n: list(a.shape) for n, a in eng.run({{k: v[:2] for k, v in feeds.items()}}).items()}}
+out["missing"] = error(lambda: eng.run({{"input_ids": feeds["input_ids"]}}))
+out["wrong_kind"] = error(lambda: eng.run({{**feeds, "input_ids": feeds["input_ids"].astype(np.float32)}}))
+out["too_big"] = error(lambda: eng.run({{k: np.repeat(v, 6, axis=0) for k, v in feeds.items() if k != "unused"}}))
+ex = eng.example_feeds(2)
+out["example"] = {{n: [str(a.dtype), list(a.shape), float(np.abs(a).sum())] for n, a in ex.items()}}
+seed0 = np.random.default_rng(0).standard_normal((2, 3, 4, 4)).astype(np.float32)
+out["example_pixels_seed0"] = bool(np.array_equal(ex["pixels"], seed0))
+call = eng.bind(feeds)
+eng.run({{k: v[:2] for k, v in feeds.items()}})  # other shapes in between: the bound call binds its own again
+call()
+out["bound_shape"] = list(eng.context.get_tensor_shape("input_ids"))
+t = eng.time(2, 1, 3)
+out["time"] = {{k: t[k] for k in ("batch", "iterations", "inputs")}}
+out["time_feeds"] = eng.time(3, 0, 2, feeds=feeds)["inputs"]
+out["time_mismatch"] = error(lambda: eng.time(4, 0, 1, feeds=feeds))
+out["evaluate_multi_input"] = error(lambda: d.evaluate(eng, "val.npz", 4))
+print(json.dumps(out))
+"""
+
+
+def test_engine_takes_and_returns_named_tensors_of_their_own_dtypes(tmp_path: Path) -> None:
+    onnx = named_io_onnx(tmp_path / "named.onnx")
+    bundle = tmp_path / "driver"
+    bundle.mkdir()
+    device = Path(trtb.device.__file__)
+    (bundle / "edgepipe_trt.py").write_text(NAMED_IO_DRIVER.format(device=str(device), onnx=str(onnx)))
+    rc, out, err, forbidden = run_device_script(bundle, [], fakes=True)
+    assert rc == 0 and forbidden == [], err
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["inputs"] == ["input_ids", "mask", "pixels"] and got["outputs"] == ["logits", "count"]
+    assert got["dtypes"] == {"input_ids": "int64", "mask": "bool", "pixels": "float32", "logits": "float32",
+                             "count": "int64"}
+    assert got["run"] == {"logits": ["float32", [3, 10]], "count": ["int64", [3]]}  # int32 ids cast up to int64
+    assert got["run_other_batch"] == {"logits": [2, 10], "count": [2]}
+    assert "no value for input(s) ['mask', 'pixels']" in got["missing"]
+    assert "input 'input_ids' is float32; the engine takes int64" in got["wrong_kind"]
+    assert "batch 18 of input 'input_ids' is outside the engine's batch range 1..16" in got["too_big"]
+    assert got["example"]["input_ids"] == ["int64", [2, 8], 0.0] and got["example"]["mask"] == ["bool", [2, 8], 0.0]
+    assert got["example"]["pixels"][:2] == ["float32", [2, 3, 4, 4]] and got["example_pixels_seed0"]
+    assert got["bound_shape"] == [3, 8]
+    assert got["time"] == {"batch": 2, "iterations": 3, "inputs": {"input_ids": "int64[2,8]", "mask": "bool[2,8]",
+                                                                   "pixels": "float32[2,3,4,4]"}}
+    assert got["time_feeds"] == {"input_ids": "int32[3,8]", "mask": "bool[3,8]", "pixels": "float32[3,3,4,4]"}
+    assert "timing feeds have batch 3, not 4" in got["time_mismatch"]
+    assert "val.npz holds images for one input" in got["evaluate_multi_input"]
+
+
+EVALUATE_DRIVER = """
+import importlib.util, json
+spec = importlib.util.spec_from_file_location("edgepipe_trt_device", {device!r})
+d = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(d)
+settings = {{"workspace_bytes": 1 << 28, "flags": ["INT8", "FP16"], "builder_optimization_level": 3,
+            "input_name": "input", "shapes": {{"min": [4, 3, 16, 16], "opt": [4, 3, 16, 16], "max": [4, 3, 16, 16]}}}}
+d.build_engine({onnx!r}, settings, "static.engine")
+eng = d.Engine("static.engine")
+read = []
+class Spy(dict):
+    def __getitem__(self, key):
+        read.append(key)
+        return dict.__getitem__(self, key)
+run = eng.run
+eng.run = lambda feeds: Spy(run(feeds))
+acc = d.evaluate(eng, "val.npz", 4)
+print(json.dumps({{"outputs": list(eng.output_names), "read": sorted(set(read)), "images": acc["images"]}}))
+"""
+
+
+def test_device_evaluation_reads_the_logits_output_and_pads_a_static_engine(qdq_onnx: Path, tmp_path: Path) -> None:
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(qdq_onnx))  # a second output ahead of logits: the top-1 still reads "logits"
+    model.graph.node.append(helper.make_node("Identity", [model.graph.output[0].name], ["aux"], name="/aux"))
+    model.graph.output.insert(0, helper.make_tensor_value_info("aux", onnx.TensorProto.FLOAT, ["batch", 10]))
+    onnx.save(model, str(tmp_path / "two_outputs.onnx"))
+    bundle = tmp_path / "driver"
+    bundle.mkdir()
+    rng = np.random.default_rng(0)
+    plan.write_validation_set(bundle, plan.validation_arrays(rng.integers(0, 256, (10, *INPUT_SHAPE), dtype=np.uint8),
+                                                             rng.integers(0, 10, 10), np.full(3, 0.5),
+                                                             np.full(3, 0.25), limit=10))
+    (bundle / "edgepipe_trt.py").write_text(EVALUATE_DRIVER.format(device=str(Path(trtb.device.__file__)),
+                                                                   onnx=str(tmp_path / "two_outputs.onnx")))
+    rc, out, err, forbidden = run_device_script(bundle, [], fakes=True)
+    assert rc == 0 and forbidden == [], err
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got == {"outputs": ["aux", "logits"], "read": ["logits"], "images": 10}  # 4 + 4 + 2 padded to 4

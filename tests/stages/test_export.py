@@ -11,13 +11,14 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import edgepipe.export.onnx_export as onnx_export
+import edgepipe.tasks.classification as classification
 import stages.export as export
 import stages.qat as qat
 from edgepipe.engine.artifacts import Artifact
-from edgepipe.data import DataBundle
+from edgepipe.data.batches import DataBundle
 from edgepipe.errors import EdgepipeError
-from edgepipe.models import load_torch_artifact
-from edgepipe.quantization.fakequant import quant_layers
+from edgepipe.models.loading import load_torch_artifact
+from edgepipe.quantization.layers import quant_layers
 from edgepipe.engine.stage import StageContext, StageResult
 from edgepipe.types import ArtifactKind, DType
 from tests.stages.test_qat import JETSON, trained_student
@@ -148,14 +149,14 @@ def test_nan_logits_fail_the_export_check(quantized: bool) -> None:
     proto = onnx_export.export_onnx(model, data.input_shape, 17)
     with pytest.raises(EdgepipeError, match=r"export: the model outputs NaN or inf logits for 64 of 64 validation "
                                             r"images \(PyTorch: 64, ONNX Runtime: 64\)"):
-        onnx_export.compare_with_torch(model, proto.SerializeToString(), data, 32, quantized, 1e-4, 0.99)
+        classification.compare_with_torch(model, proto.SerializeToString(), data, 32, quantized, 1e-4, 0.99)
 
 
 def test_low_agreement_passes_only_within_the_models_own_rounding_sensitivity() -> None:
     """A low-margin model flips top-1 under float rounding alone: below int8_min_agreement the export is accepted
     only when ONNX Runtime agrees about as much as PyTorch agrees with itself under rounding-size noise, and
     top-1 is kept (the MobileNetV2 case of issue 12); a real difference still fails."""
-    verdict = onnx_export.agreement_verdict
+    verdict = classification.agreement_verdict
     assert verdict(0.985, 0.979, 0.762, 0.765) is None  # within the model's own sensitivity, top-1 kept
     assert "agrees with itself on 99.90%" in verdict(0.985, 0.999, 0.762, 0.765)  # a confident model: not rounding
     assert "top-1 differs" in verdict(0.985, 0.98, 0.70, 0.765)
@@ -167,8 +168,8 @@ def test_self_agreement_is_seeded_and_leaves_the_model_as_it_was(runs: dict) -> 
     x = next(data.val_batches(64))[0]
     before = model(x).detach()
     ref = np.concatenate([model(v).detach().numpy() for v, _ in data.val_batches(32)])
-    first = onnx_export.self_agreement(model, data, 32, ref)
-    assert 0.9 <= first <= 1.0 and onnx_export.self_agreement(model, data, 32, ref) == first
+    first = classification.self_agreement(model, data, 32, ref)
+    assert 0.9 <= first <= 1.0 and classification.self_agreement(model, data, 32, ref) == first
     assert torch.equal(model(x).detach(), before)  # the noise hooks are gone
 
 
@@ -178,5 +179,5 @@ def test_a_graph_that_computes_something_else_still_fails(runs: dict) -> None:
     with torch.no_grad():
         model.fc.weight.mul_(-1)  # PyTorch now ranks the classes the other way round
     with pytest.raises(EdgepipeError, match="agrees with itself on .* not rounding|top-1 differs"):
-        onnx_export.compare_with_torch(model, onnx_bytes, runs["data"], 32, quantized=True, tolerance=1e-3,
+        classification.compare_with_torch(model, onnx_bytes, runs["data"], 32, quantized=True, tolerance=1e-3,
                                        min_agreement=0.99)

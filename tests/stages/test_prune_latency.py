@@ -10,8 +10,9 @@ import pytest
 from edgepipe.config import MeasureConfig
 from edgepipe.errors import EdgepipeError
 from edgepipe.measure.figures import candidate_latency
-from edgepipe.models import load_torch_artifact
-from edgepipe.engine.pipeline import Run, run_pipeline
+from edgepipe.models.loading import load_torch_artifact
+from edgepipe.engine.pipeline import run_pipeline
+from edgepipe.engine.run import Run
 from edgepipe.profiles import get_profile
 from tests.support import tiny_config
 

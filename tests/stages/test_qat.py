@@ -10,13 +10,14 @@ import torch
 import stages.qat as qat
 from edgepipe.engine.artifacts import Artifact
 from edgepipe.config import OptimConfig
-from edgepipe.data import DataBundle
+from edgepipe.data.batches import DataBundle
 from edgepipe.errors import EdgepipeError
-from edgepipe.models import load_torch_artifact, save_torch_artifact
+from edgepipe.models.loading import load_torch_artifact, save_torch_artifact
 from edgepipe.profiles import HardwareProfile
-from edgepipe.quantization.fakequant import QuantConv2d, QuantLinear
+from edgepipe.quantization.layers import QuantConv2d, QuantLinear
 from edgepipe.engine.stage import StageContext
-from edgepipe.training.loop import cross_entropy_step, fit
+from edgepipe.training.loop import fit
+from edgepipe.tasks.classification import cross_entropy_step
 from edgepipe.types import ArtifactKind, DType
 from tests.support import TinyCNN, tiny_config, tiny_data
 
@@ -134,7 +135,7 @@ def test_qat_keeps_the_calibrated_model_when_fine_tuning_lowers_top1(tmp_path: P
                                                                       data: DataBundle) -> None:
     """An lr far too high wrecks the fine-tuning: the stage saves the calibrated snapshot, says so, and the
     saved model scores exactly the calibrated top-1 it recorded (BatchNorm folded the same way)."""
-    from edgepipe.training.loop import evaluate
+    from edgepipe.tasks.classification import evaluate
 
     bad = {"epochs": 1, "lr": 20.0, "autocast": "off"}
     rec = qat.run(context(tmp_path, student, data, teacher=student, qat__optim=bad)).records
@@ -146,7 +147,7 @@ def test_qat_keeps_the_calibrated_model_when_fine_tuning_lowers_top1(tmp_path: P
 
 def test_qat_keeps_the_fine_tuned_model_when_it_is_at_least_as_good(tmp_path: Path, student: Artifact,
                                                                       data: DataBundle) -> None:
-    from edgepipe.training.loop import evaluate
+    from edgepipe.tasks.classification import evaluate
 
     rec = qat.run(context(tmp_path, student, data, teacher=student)).records
     assert rec["kept"] == "fine-tuned" and rec["qat_top1"] >= rec["ptq_top1"] and rec["kept_top1"] == rec["qat_top1"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from edgepipe.errors import EdgepipeError
-from edgepipe.models import load_torch_artifact
+from edgepipe.models.loading import load_torch_artifact
 from edgepipe.profiles import HardwareProfile
 from edgepipe.engine.stage import StageContext
 from tests.support import tiny_config
