@@ -85,11 +85,12 @@ def pipeline_kd_loop_throughput(config: PipelineConfig, data: Batches, teacher_a
 def plain_kd_loop_throughput(config: PipelineConfig, data: Batches, teacher_art: Artifact,
                              progress: Progress) -> dict[str, Any]:
     """A textbook PyTorch distillation loop (what a user writes by hand) over the same batches, all timed
-    as the pipeline's are: eager student in NCHW float32, the teacher module under no_grad, KL + CE, SGD."""
-    from edgepipe.training.distillation import kd_terms
+    as the pipeline's are: eager student in NCHW float32, the teacher module under no_grad, the task's distillation
+    loss (a classifier's KL + CE), SGD."""
     from edgepipe.models.loading import build_from_spec, load_torch_artifact
+    from edgepipe.tasks import task_of
 
-    dcfg = config.distill
+    dcfg, task = config.distill, task_of(config)
     torch.manual_seed(config.seed)
     student = build_from_spec(dcfg.student).train()
     teacher = load_torch_artifact(teacher_art).eval()
@@ -99,7 +100,7 @@ def plain_kd_loop_throughput(config: PipelineConfig, data: Batches, teacher_art:
     for i, (x, y) in enumerate(data.train_batches(config.data.batch_size, 0)):
         with torch.no_grad():
             t_logits = teacher(x)
-        loss = kd_terms(student(x), t_logits, y, dcfg.temperature, dcfg.alpha)["loss"]
+        loss = task.distill_loss(student(x), t_logits, y, dcfg.temperature, dcfg.alpha)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -115,7 +115,6 @@ def compile_standalone(args: argparse.Namespace) -> int:
 
     from edgepipe.backends import get_backend
     from edgepipe.profiles import get_profile
-    from edgepipe.types import Backend
 
     if not args.target or not args.out:
         raise EdgepipeError("standalone compile needs --onnx, --target and --out")
@@ -124,7 +123,7 @@ def compile_standalone(args: argparse.Namespace) -> int:
     profile = get_profile(args.target)
     backend = get_backend(profile.backend)
     ok, reason = backend.available()
-    if profile.backend is Backend.TENSORRT and not ok:
+    if backend.BUILDS_ON_DEVICE and not ok:
         # On the device this command builds the engine; a bundle written here would be a bundle inside a bundle.
         raise EdgepipeError(f"compile --onnx {args.onnx}: no TensorRT engine can be built on this machine ({reason}); "
                             f"run it on the {profile.name} device (see the bundle's README.md)")

@@ -39,6 +39,7 @@ from edgepipe.io import atomic_write_json, atomic_write_text
 from edgepipe.engine.run import Run, now, read_manifest
 from edgepipe.engine.stage import StageContext, StageResult, load_stage
 from edgepipe.tasks import DEFAULT as DEFAULT_TASK
+from edgepipe.tasks import default_task
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int, dict[str, float]], None]
@@ -52,10 +53,13 @@ def _hash(obj: Any) -> str:
 
 def _keyed_config(config: PipelineConfig) -> dict[str, Any]:
     """The config as the keys see it: without data.workers, which changes no pixel and no batch order (every
-    sample's augmentation is seeded by seed, epoch and index; tests/test_streaming.py checks 0 against 2)."""
+    sample's augmentation is seeded by seed, epoch and index; tests/test_streaming.py checks 0 against 2), and with the
+    task resolved (named, or implied by the data) and left out when it is classification, the implicit task of every
+    run made before tasks existed: their keys hold, and a config that names it keys as one that does not."""
     cfg = config.model_dump(mode="json")
     cfg["data"].pop("workers", None)
-    if cfg.get("task") == DEFAULT_TASK:  # the implicit task of every run made before tasks: their keys hold
+    cfg["task"] = config.task or default_task(config.data.kind)
+    if cfg["task"] == DEFAULT_TASK:
         cfg.pop("task")
     return cfg
 
@@ -83,10 +87,10 @@ def stage_key(run: Run, name: str, input_hash: str | None, teacher: Artifact | N
 def metrics_key(run: Run, name: str, key: str) -> str:
     """What decides the stage's figures: its output (``key``), the measure settings, the data, the target
     (estimates, the gain check) and this host."""
-    cfg = run.config
+    cfg, keyed = run.config, _keyed_config(run.config)
     measure = cfg.measure.model_dump(mode="json") if run.is_measured(name) else None
-    return _hash({"stage_key": key, "measure": measure, "data": _keyed_config(cfg)["data"],
-                  **({"task": cfg.task} if cfg.task != DEFAULT_TASK else {}),
+    return _hash({"stage_key": key, "measure": measure, "data": keyed["data"],
+                  **({"task": keyed["task"]} if "task" in keyed else {}),
                   "profile": run.profile.model_dump(mode="json"),  # estimates and the gain check are per target
                   "host": [host_cpu(), list(host_isa())], "version": MEASURE_VERSION})
 
