@@ -59,7 +59,7 @@ def preflight(run: Run) -> None:
     data's image shape and class count."""
     from edgepipe.backends import get_backend
     from edgepipe.models.loading import build_from_spec, check_fits
-    from edgepipe.tasks import task_of
+    from edgepipe.tasks import task_data, task_of
 
     profile, config = run.profile, run.config
     check_run_trusted(run)
@@ -76,7 +76,7 @@ def preflight(run: Run) -> None:
     check_models(run)  # sizes that cannot fit in memory, before any model is built (the data's in edgepipe.data)
     check_fields(run)  # what a stage would refuse mid-run: export.opset, compile.dtype, the provider, layer names
     task = task_of(config)  # the config named a registered task (checked when it was read)
-    data = task.load_data(config)
+    data = task_data(task, config)
     meta = {"input_shape": list(data.input_shape), "num_classes": data.num_classes, "task": task.name}
     run.manifest["data"] = data.notes  # written with the manifest's next save, never by a command that fails
     entry = run.find("teacher") or {}

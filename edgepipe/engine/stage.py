@@ -75,7 +75,9 @@ class StageContext:
 
     @cached_property
     def data(self) -> Batches:
-        return self.task.load_data(self.config)
+        from edgepipe.tasks import task_data
+
+        return task_data(self.task, self.config)
 
     def model_meta(self) -> dict[str, Any]:
         """What the task's I/O is derived from (``Task.inputs``/``outputs``): the data's input shape and classes."""

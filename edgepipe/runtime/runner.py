@@ -14,6 +14,7 @@ its input tensors to the arrays' memory once, as OpenVINO's own ``benchmark_app`
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
@@ -54,14 +55,15 @@ class Runner(Protocol):
         """A one-input model's first output: ``run({only input: batch})``, for a quick look."""
 
 
-class RunnerBase:
+class RunnerBase(ABC):
     """What every runner shares: ``infer`` over ``run``, and a ``bind`` that simply calls ``run`` (a runtime that can
     hand its inputs over once, or skip copying outputs, overrides it)."""
 
     input_names: tuple[str, ...] = ("input",)
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:  # pragma: no cover - protocol
-        raise NotImplementedError
+    @abstractmethod
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every output, by name (see ``Runner.run``)."""
 
     def bind(self, feeds: Mapping[str, np.ndarray]) -> Callable[[], Any]:
         feeds = dict(feeds)

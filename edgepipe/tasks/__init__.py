@@ -70,3 +70,12 @@ def task_of_artifact(artifact: Any) -> Task:
     """The task an artifact was made for (recorded in its meta; classification for artifacts older than tasks)."""
     meta: Mapping[str, Any] = artifact.meta or {}
     return get_task(meta.get("task") or DEFAULT)
+
+
+def task_data(task: Task, config: Any) -> Any:
+    """The splits a task trains and is scored on: its own loader (``Task.load_data``), else the data ``data.kind``
+    names (``edgepipe.data.loading.run_data``)."""
+    from edgepipe.data.loading import run_data
+
+    own = task.load_data(config)
+    return own if own is not None else run_data(config)

@@ -49,11 +49,10 @@ class Task(ABC):
     """The metric a TensorRT deploy bundle's device script computes on the device (None: not on the device)."""
 
     # --- data ------------------------------------------------------------------------------------------------
-    def load_data(self, config: PipelineConfig) -> Batches:
-        """The configured splits, served in seeded batches of ``(inputs, targets)``."""
-        from edgepipe.data.loading import run_data
-
-        return run_data(config)
+    def load_data(self, config: PipelineConfig) -> Batches | None:
+        """The configured splits, served in seeded batches of ``(inputs, targets)``; None (this default): the data
+        ``data.kind`` names, as ``edgepipe.data.loading.run_data`` loads it (``edgepipe.tasks.task_data``)."""
+        return None
 
     def feeds(self, x: Any) -> dict[str, np.ndarray]:
         """A batch's model inputs (as ``Batches`` yields them) as named arrays for a runner."""
