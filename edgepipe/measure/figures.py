@@ -67,8 +67,8 @@ def measure_artifact(artifact: Artifact, data: Batches, cfg: MeasureConfig, prof
 
     The task's metrics (``Task.metrics``, under ``accuracy``) come from the artifact's own runtime (PyTorch for a
     torch model, so a QAT model scores as trained). Latency and throughput come from the target's runtime on this
-    host for every stage, so the stage table compares like with like: a torch model is exported and compiled by the
-    profile's backend first (float stages in the profile's best float dtype, a QAT model in int8), as the gain check
+    host for every stage, so the stage table compares like with like: a torch model is exported (an ONNX model taken
+    as it is) and compiled by the profile's backend first (float stages in the profile's best float dtype, a QAT model in int8), as the gain check
     and ``compare`` time them; a TensorRT target without an engine here times the ONNX in ONNX Runtime as a labelled
     host reference, as its compile stage is measured. A torch model's eager PyTorch batch-1 latency is kept beside
     it (``pytorch_latency``). Timing inputs are the task's (``Task.timing_inputs``)."""
@@ -92,6 +92,7 @@ def measure_artifact(artifact: Artifact, data: Batches, cfg: MeasureConfig, prof
         if artifact.kind is ArtifactKind.TORCH:
             pytorch = time_runner(runner, task.timing_inputs(meta, 1), cfg.warmup, cfg.iterations,
                                   progress=lambda i, n: progress("PyTorch latency (batch 1)", i, n, {})).as_dict()
+        if artifact.kind in (ArtifactKind.TORCH, ArtifactKind.ONNX):
             runner, note = target_runner(artifact, profile, threads, Path(tmp), task, meta)
         latency = time_runner(runner, task.timing_inputs(meta, 1), cfg.warmup, cfg.iterations,
                               progress=lambda i, n: progress("latency (batch 1)", i, n, {}))
@@ -112,8 +113,9 @@ def measure_artifact(artifact: Artifact, data: Batches, cfg: MeasureConfig, prof
 
 def target_runner(artifact: Artifact, profile: HardwareProfile, threads: int, workdir: Path, task: Any,
                   meta: dict[str, Any]) -> tuple[Runner, str | None]:
-    """A torch artifact exported (the task's I/O) and compiled for the target's runtime on this host, to be timed
-    there; with a note when that is a stand-in (a TensorRT target without an engine: the ONNX in ONNX Runtime)."""
+    """A torch artifact exported (the task's I/O), or an ONNX artifact as it is, compiled for the target's runtime on
+    this host to be timed there; with a note when that is a stand-in (a TensorRT target without an engine: the ONNX
+    in ONNX Runtime)."""
     import onnx
 
     from edgepipe.backends import HOST_REFERENCE_NOTE, get_backend
@@ -123,11 +125,14 @@ def target_runner(artifact: Artifact, profile: HardwareProfile, threads: int, wo
 
     backend = get_backend(profile.backend)
     ok, _ = backend.available()
-    proto = export_onnx(load_torch_artifact(artifact), tuple(meta["input_shape"]), 17, task, meta["num_classes"])
-    if artifact.quantized:
-        fold_weight_quantizers(proto)  # int8 weight initializers, as the export stage ships them
-    onnx_path = workdir / "model.onnx"
-    onnx.save(proto, str(onnx_path))
+    if artifact.kind is ArtifactKind.ONNX:  # the export stage's graph, as the compile stage will take it
+        onnx_path = artifact.path("onnx")
+    else:
+        proto = export_onnx(load_torch_artifact(artifact), tuple(meta["input_shape"]), 17, task, meta["num_classes"])
+        if artifact.quantized:
+            fold_weight_quantizers(proto)  # int8 weight initializers, as the export stage ships them
+        onnx_path = workdir / "model.onnx"
+        onnx.save(proto, str(onnx_path))
     if backend.BUILDS_ON_DEVICE and not ok:
         return OrtRunner(onnx_path, threads), HOST_REFERENCE_NOTE
     dtype = profile.compile_dtype(artifact.quantized)
