@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from edgepipe.errors import EdgepipeError, format_validation_error
 from edgepipe.types import DType, Importance
@@ -96,8 +96,11 @@ class OptimConfig(_Strict):
     lr: float = Field(0.1, gt=0, description="Peak learning rate (one-cycle schedule).")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (Nesterov).")
     weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay.")
-    autocast: Literal["auto", "bf16", "off"] = Field(
-        "auto", description="CPU autocast: auto uses bf16 only where the CPU has native bf16 (AMX/AVX512-BF16).")
+    autocast: Literal["auto", "bf16", "fp16", "off"] = Field(
+        "auto", description="Mixed precision while training (edgepipe.device.precision). On the CPU, auto uses bf16 "
+                            "only where the CPU has native bf16 (AMX/AVX512-BF16); fp16 is refused there. On a CUDA "
+                            "GPU, auto uses bf16 where the GPU has it (compute capability 8.0+), else fp16 with a "
+                            "gradient scaler.")
     channels_last: bool = Field(False, description="Train with channels-last memory format.")
 
 
@@ -256,6 +259,11 @@ class PipelineConfig(_Strict):
     on_no_gain: Literal["flag", "skip"] = Field(
         "flag", description="A stage whose output is less accurate than its input and not faster on the target by "
                             "the profile's min_speedup: flag it in the report, or skip it (pass its input through).")
+    device: str = Field(
+        "auto", description="Where PyTorch trains and evaluates (every stage that runs PyTorch): auto (a CUDA GPU when "
+                            "PyTorch sees one, else the CPU), cpu, cuda or cuda:N. Under torchrun each process takes "
+                            "the GPU of its LOCAL_RANK. Not part of any stage's key: a stage trained on a GPU is reused "
+                            "(and resumes) on a CPU and the other way round; the device that trained it is recorded.")
     task: str | None = Field(
         None, description="What the model does (edgepipe.tasks: its inputs, outputs, losses and metrics): "
                           "classification, or a registered task. Default: what data.kind implies (digits and "
@@ -271,6 +279,18 @@ class PipelineConfig(_Strict):
     ptq: PTQConfig = Field(PTQConfig(), description="NNCF post-training quantization (the ptq stage, a baseline).")
     measure: MeasureConfig = Field(MeasureConfig(), description="Latency measurement at every stage.")
     bench: BenchConfig = Field(BenchConfig(), description="`edgepipe bench` sweep.")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        """Checked here, against the grammar; whether this machine has it, when a stage runs (edgepipe.device)."""
+        from edgepipe.device import parse
+
+        try:
+            kind, index = parse(v)
+        except EdgepipeError as e:
+            raise ValueError(str(e).split(": ", 1)[1]) from None
+        return kind if index is None else f"{kind}:{index}"
 
 
 def configs_dir() -> Path:

@@ -28,12 +28,13 @@ def run(ctx: StageContext) -> StageResult:
     seed_everything(cfg.seed + 1)
     teacher = load_torch_artifact(ctx.teacher or ctx.input)
     student = build_from_spec(dcfg.student)
-    data, task = ctx.data, ctx.task
+    data, task, device = ctx.data, ctx.task, ctx.device
     check_fits(student, "distill.student", task, ctx.model_meta())
     init = init_from_teacher(student, teacher) if dcfg.init == "teacher" else {"init": "random"}
     hints = None
     if dcfg.feature_pairs and dcfg.beta > 0:
-        hints = FeatureHints(teacher, student, dcfg.feature_pairs, data.calibration_batches(1, 8)[0])
+        device.module(teacher), device.module(student)
+        hints = FeatureHints(teacher, student, dcfg.feature_pairs, device.batch(data.calibration_batches(1, 8)[0]))
     if dcfg.alpha == 0 and hints is None:  # labels only (the scratch baseline): no teacher forward at all
         targets, loss = None, (lambda m, x, y: task.loss(task.forward(m, x), y))
     else:
@@ -42,7 +43,7 @@ def run(ctx: StageContext) -> StageResult:
     history = fit(student, data, dcfg.optim, loss,
                   batch_size=cfg.data.batch_size, checkpoint_dir=ctx.checkpoint_dir, task="distill",
                   extra_modules=hints, progress=ctx.progress, eval_batch_size=cfg.data.eval_batch_size,
-                  evaluator=task)
+                  evaluator=task, device=device)
     if hints is not None:
         hints.remove()
     teacher_params = sum(p.numel() for p in teacher.parameters())

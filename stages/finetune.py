@@ -28,12 +28,13 @@ def run(ctx: StageContext) -> StageResult:
     cfg, qcfg = ctx.config, ctx.config.qat
     seed_everything(cfg.seed + 3)  # the qat stage's seed: the same batches in the same order
     data, desc = ctx.data, json.loads(ctx.input.path("build").read_text())
-    model = load_torch_artifact(ctx.input)
+    model = ctx.device.module(load_torch_artifact(ctx.input))
     before = ctx.task.val_score(model, data, cfg.data.eval_batch_size)
     targets = ctx.soft_targets(load_torch_artifact(ctx.teacher))
     history = fit(model, data, qcfg.optim, kd_step(targets, qcfg.temperature, qcfg.alpha, task=ctx.task),
                   batch_size=cfg.data.batch_size, checkpoint_dir=ctx.checkpoint_dir, task="finetune",
-                  progress=ctx.progress, eval_batch_size=cfg.data.eval_batch_size, evaluator=ctx.task)
+                  progress=ctx.progress, eval_batch_size=cfg.data.eval_batch_size, evaluator=ctx.task,
+                  device=ctx.device)
     artifact = save_torch_artifact(model, desc["build"], ctx.out_dir, tuple(desc["input_shape"]), desc["num_classes"],
                                    meta=ctx.task_meta())
     return StageResult(artifact, records={"history": history, "top1_before": before, "epochs": qcfg.optim.epochs,

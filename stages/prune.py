@@ -92,10 +92,12 @@ def run(ctx: StageContext) -> StageResult:
     if not pcfg.enabled:
         return StageResult(ctx.input, skipped="disabled in config (prune.enabled: false)")
     seed_everything(cfg.seed + 2)
-    data = ctx.data
-    student = load_torch_artifact(ctx.input)
+    data, device = ctx.data, ctx.device
+    # Torch-Pruning's graph is traced, and candidates are counted, on the training device: the model stays there
+    # from pruning through fine-tuning (a candidate is exported from a CPU copy when its latency is measured).
+    student = device.module(load_torch_artifact(ctx.input))
     teacher = ctx.soft_targets(load_torch_artifact(ctx.teacher)) if ctx.teacher else None
-    example = torch.zeros(1, *data.input_shape)
+    example = device.batch(torch.zeros(1, *data.input_shape))
     base_macs, base_params = count(student, example)
     before = channels(student)
     # Under torchrun the graph surgery is rank 0's alone (Torch-Pruning's dependency graph, candidate latencies);
@@ -130,7 +132,7 @@ def run(ctx: StageContext) -> StageResult:
             histories += fit(student, data, pcfg.optim.model_copy(update={"epochs": pcfg.finetune_per_step}),
                              kd_step(teacher, pcfg.temperature, pcfg.alpha, task=ctx.task), batch_size=cfg.data.batch_size,
                              checkpoint_dir=ctx.checkpoint_dir, task=f"prune step {step} fine-tune",
-                             progress=ctx.progress, tag=f"step{step}", evaluator=ctx.task)
+                             progress=ctx.progress, tag=f"step{step}", evaluator=ctx.task, device=device)
     if latency is not None and not step_log[-1]["reached"]:
         raise EdgepipeError(f"prune.{'latency_ms' if pcfg.latency_ms else 'speedup'}: pruning reached "
                             f"{latency.last_ms:.4g} ms at batch 1 on {latency.where}, above the budget "
@@ -150,7 +152,7 @@ def run(ctx: StageContext) -> StageResult:
             else (lambda m, x, y: task.loss(task.forward(m, x), y)))
     histories += fit(student, data, pcfg.optim, loss, batch_size=cfg.data.batch_size,
                      checkpoint_dir=ctx.checkpoint_dir, task="prune fine-tune", progress=ctx.progress,
-                     eval_batch_size=cfg.data.eval_batch_size, tag="final", evaluator=task)
+                     eval_batch_size=cfg.data.eval_batch_size, tag="final", evaluator=task, device=device)
     if not alone:
         return StageResult(ctx.input)  # rank 0 saves and records the pruned model
     after = channels(student)
@@ -184,12 +186,15 @@ def _prune_to(pruner: tp.pruner.MetaPruner, model: nn.Module, example: torch.Ten
 
 def _accumulate_gradients(model: nn.Module, data, batches: int) -> None:
     """Taylor importance needs dL/dw: one backward pass over a few training batches."""
+    from edgepipe import device as devices
+
     model.eval()
     model.zero_grad()
+    on = devices.module_device(model)
     for i, (x, y) in enumerate(data.train_batches(64, epoch=10_000, augment=False)):
         if i >= batches:
             break
-        nn.functional.cross_entropy(model(x), y).backward()
+        nn.functional.cross_entropy(model(devices.to_device(x, on)), devices.to_device(y, on)).backward()
 
 
 class _Latency:

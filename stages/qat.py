@@ -70,7 +70,7 @@ def run(ctx: StageContext) -> StageResult:
     if not ctx.profile.supports_int8:
         dtypes = ", ".join(d.value for d in ctx.profile.dtypes)
         return StageResult(artifact=ctx.input, skipped=f"target {ctx.profile.name} lists no int8 (dtypes: {dtypes})")
-    if autocast_dtype(qcfg.optim) is not None:
+    if autocast_dtype(qcfg.optim, ctx.device) is not None:
         log.warning("qat: bf16 autocast rounds the fake-quantized values; qat.optim.autocast: off keeps them exact")
     form = resolve_form(ctx.profile, qcfg.activations, qcfg.weight_bits)
     log.info("qat: %s activations, %d-bit weights (%s)", form["activations"], form["weight_bits"], form["reason"])
@@ -79,10 +79,13 @@ def run(ctx: StageContext) -> StageResult:
     data, eval_bs, task = ctx.data, cfg.data.eval_batch_size, ctx.task
     evaluate = task.val_score  # the task's headline metric on the validation split
 
+    device = ctx.device
+    # The graph work (tracing, placing quantizers, building the budget's mixes) runs on CPU models; calibration,
+    # every evaluation and the fine-tuning on the training device.
     model = load_torch_artifact(ctx.input)
     # Without a teacher stage, the float model itself is the teacher (self-distillation).
-    teacher = load_torch_artifact(ctx.teacher) if ctx.teacher else copy.deepcopy(model)
-    float_top1 = evaluate(model, data, eval_bs)
+    teacher = load_torch_artifact(ctx.teacher) if ctx.teacher else device.module(copy.deepcopy(model))
+    float_top1 = evaluate(device.module(copy.deepcopy(model)), data, eval_bs)
     pairs, fold_note = find_conv_bn_pairs(model)  # traced on the float model, folded after fine-tuning
     input_shape = tuple(desc["input_shape"])
     float_model = copy.deepcopy(model)  # the quantized model shares (and fine-tunes) the parameters
@@ -91,11 +94,11 @@ def run(ctx: StageContext) -> StageResult:
         return quant_settings(qcfg.calibration, qcfg.percentile, qcfg.calibration_batches, pairs_folded,
                               form["weight_bits"], form["activations"], form, float_layers)
 
-    model = insert_fake_quant(model, settings([]), input_shape)
+    model = device.module(insert_fake_quant(model, settings([]), input_shape))
     placement = placement_of(model)
 
     batches = data.calibration_batches(qcfg.calibration_batches, cfg.data.batch_size)
-    amax = calibrate(model, batches, qcfg.calibration, qcfg.percentile)
+    amax = calibrate(model, [device.batch(b) for b in batches], qcfg.calibration, qcfg.percentile)
     # The calibrated model as it would be saved: BN folded with its running statistics, as after fine-tuning.
     calibrated = copy.deepcopy(model)
     fold_batchnorm(calibrated, pairs)
@@ -105,18 +108,20 @@ def run(ctx: StageContext) -> StageResult:
     if qcfg.max_drop is not None:
         def build(float_layers: list[str]) -> nn.Module:  # the calibrated mix, as it would be saved
             mix = insert_fake_quant(copy.deepcopy(float_model), settings([], float_layers), input_shape)
+            mix = device.module(mix)
             copy_ranges(calibrated, mix)
             fold_batchnorm(mix, pairs)
             return mix
 
         batches_b, where = _budget_batches(ctx)
-        budget = Budget(qcfg.max_drop, batches_b, where, float_model, calibrated, build,
+        budget = Budget(qcfg.max_drop, batches_b, where, device.module(copy.deepcopy(float_model)), calibrated, build,
                         lambda i, n: ctx.progress("sensitivity (one layer quantized at a time)", i, n, {}), task=task)
         float_layers = budget.select_after_calibration()
         if float_layers is None:
             return _keep_float_model(ctx, budget, fallback)
         if float_layers:
-            model = insert_fake_quant(copy.deepcopy(float_model), settings([], float_layers), input_shape)
+            model = device.module(insert_fake_quant(copy.deepcopy(float_model), settings([], float_layers),
+                                                    input_shape))
             copy_ranges(calibrated, model)
             calibrated = copy.deepcopy(model)
             fold_batchnorm(calibrated, pairs)
@@ -127,7 +132,7 @@ def run(ctx: StageContext) -> StageResult:
     targets = ctx.soft_targets(teacher) if ctx.teacher else teacher
     history = fit(model, data, qcfg.optim, kd_step(targets, qcfg.temperature, qcfg.alpha, task=task),
                   batch_size=cfg.data.batch_size, checkpoint_dir=ctx.checkpoint_dir, task="qat",
-                  progress=ctx.progress, eval_batch_size=eval_bs, evaluator=task)
+                  progress=ctx.progress, eval_batch_size=eval_bs, evaluator=task, device=device)
     fold_batchnorm(model, pairs)
     qat_top1 = evaluate(model, data, eval_bs)
     kept = "fine-tuned" if task.headline.gain_points(ptq_top1, qat_top1) >= 0 else "calibrated"

@@ -37,7 +37,8 @@ def run(ctx: StageContext) -> StageResult:
     if cfg.teacher.train.epochs > 0:
         history = fit(model, data, cfg.teacher.train, lambda m, x, y: task.loss(task.forward(m, x), y),
                       batch_size=cfg.data.batch_size, checkpoint_dir=ctx.checkpoint_dir, task="teacher",
-                      progress=ctx.progress, eval_batch_size=cfg.data.eval_batch_size, evaluator=task)
+                      progress=ctx.progress, eval_batch_size=cfg.data.eval_batch_size, evaluator=task,
+                      device=ctx.device)
     build = spec.model_dump(exclude_none=True, exclude={"weights"})
     files = {}
     if spec.program:  # keep the run folder self-contained: the program travels with the artifact

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from edgepipe import device as devices
 from edgepipe.errors import EdgepipeError
 from edgepipe.models.zoo import register as register_arch
 from edgepipe.runtime.runner import TensorSpec
@@ -85,7 +86,8 @@ class DigitsTwoHead(Task):
     def val_score(self, model: nn.Module, data: Any, batch_size: int) -> float:
         was = model.training
         model.eval()
-        errors = [(model(x)[1].squeeze(1) - y.float()).abs() for x, y in data.val_batches(batch_size)]
+        on = devices.module_device(model)
+        errors = [(model(devices.to_device(x, on))[1].squeeze(1).cpu() - y.float()).abs() for x, y in data.val_batches(batch_size)]
         model.train(was)
         return float(torch.cat(errors).mean())
 

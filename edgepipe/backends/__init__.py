@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from edgepipe.errors import EdgepipeError
 from edgepipe.types import ArtifactKind, Backend, DType
@@ -77,11 +77,12 @@ def backend_of(kind: ArtifactKind) -> Backend | None:
     return _COMPILED.get(kind)
 
 
-def runner_for(artifact: Artifact, threads: int | None) -> tuple[Runner, str | None]:
+def runner_for(artifact: Artifact, threads: int | None, device: Any = None) -> tuple[Runner, str | None]:
     """A runner for ``artifact`` on this host, and a note when it is a stand-in for the target runtime.
 
-    PyTorch runs torch models, ONNX Runtime runs ONNX files, a compiled artifact runs in its backend. A
-    TensorRT bundle holds no engine, so its ONNX runs in ONNX Runtime as a labelled host reference.
+    PyTorch runs torch models (on ``device``, an edgepipe.device.Device; None: the CPU), ONNX Runtime runs ONNX
+    files, a compiled artifact runs in its backend. A TensorRT bundle holds no engine, so its ONNX runs in ONNX
+    Runtime as a labelled host reference.
     """
     kind = artifact.kind
     if kind is ArtifactKind.TORCH:
@@ -89,7 +90,7 @@ def runner_for(artifact: Artifact, threads: int | None) -> tuple[Runner, str | N
 
         note = ("PyTorch runs the QAT model with fake quantization in fp32; INT8 speed shows after compile"
                 if artifact.quantized else None)
-        return TorchRunner.from_artifact(artifact, threads), note
+        return TorchRunner.from_artifact(artifact, threads, device=device), note
     if kind in (ArtifactKind.ONNX, ArtifactKind.TENSORRT_BUNDLE):
         from edgepipe.backends.onnxruntime import OrtRunner
 

@@ -29,13 +29,19 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", help="config YAML or shipped recipe name (digits); needed for a new run folder")
         sp.add_argument("--target", help="hardware profile name, alias or YAML path (see `edgepipe profiles`)")
 
+    def device_arg(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--device", help="where PyTorch trains and evaluates for this command: auto, cpu, cuda or "
+                                         "cuda:N (default: the config's device, auto); not part of any stage's key")
+
     sp = sub.add_parser("run", help="run every stage in order (skipping unchanged ones)")
     run_args(sp)
+    device_arg(sp)
     sp.add_argument("--force", choices=STAGE_ORDER, help="rerun this stage and every later one")
     sp.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     for name in STAGE_ORDER:
         sp = sub.add_parser(name, help=f"run the {name} stage alone on the previous stage's artifact")
         run_args(sp, need_run=name != "compile")
+        device_arg(sp)
         sp.add_argument("--force", action="store_true", help="rerun even if config and input are unchanged")
         if name == "compile":
             sp.add_argument("--onnx", type=path_arg,
@@ -101,6 +107,10 @@ def check_args(args: argparse.Namespace) -> None:
         if isinstance(value, str) and not value.strip():
             flag = name.upper() if name == positional else f"--{name}"
             raise EdgepipeError(f"{flag} is empty; give {hint}")
+    if args.command in ("run", *STAGE_ORDER) and getattr(args, "device", None):
+        from edgepipe.device import parse
+
+        parse(args.device, "--device")  # the grammar now; whether this machine has it, when a stage runs
     run = getattr(args, "run", None)
     if run is None or (args.command == "bench" and args.artifact):
         return

@@ -71,7 +71,7 @@ def _open_run_here(args: argparse.Namespace):
 
     exists = (args.run / "manifest.json").exists()
     if not (args.config or args.target):
-        run = Run.open(args.run)
+        run = _with_device(Run.open(args.run), args)
         preflight(run)
         return run
     if not (args.config and args.target) and not exists:
@@ -84,9 +84,20 @@ def _open_run_here(args: argparse.Namespace):
             return _open_target_run(args)
     existing = Run.open(args.run) if not (args.config and args.target) else None
     config = load_config(args.config) if args.config else existing.config
-    run = Run.create(args.run, config, args.target or existing.profile.name, write=False)
+    run = _with_device(Run.create(args.run, config, args.target or existing.profile.name, write=False), args)
     preflight(run)
     run.write_files()
+    return run
+
+
+def _with_device(run, args: argparse.Namespace):
+    """``run`` with this command's ``--device`` in place of its config's (checked in preflight like the config's;
+    no stage's key holds it: the stages record the device they ran on)."""
+    if getattr(args, "device", None):
+        from edgepipe.device import parse
+
+        kind, index = parse(args.device, "--device")
+        run.config = run.config.model_copy(update={"device": kind if index is None else f"{kind}:{index}"})
     return run
 
 
@@ -102,7 +113,7 @@ def _open_target_run(args: argparse.Namespace):
     config = load_config(args.config) if args.config else parent.config
     force = args.force if args.command == "run" else (args.command if args.force else None)
     view, shared = target_run(parent, config, args.target, config_file=args.config, force=force)
-    preflight(view)
+    preflight(_with_device(view, args))
     run = write_target_run(parent, view, shared, args.target)
     log.info("target %s: %s in %s (sharing %s with %s)", run.profile.name, ", ".join(run.own_stages()) or "nothing",
              run.root, ", ".join(shared) or "nothing", parent.root)

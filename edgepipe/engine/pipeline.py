@@ -33,7 +33,9 @@ from edgepipe.training import distributed
 from edgepipe.engine import signals
 from edgepipe.engine.artifacts import Artifact
 from edgepipe.config import PipelineConfig
+from edgepipe.device import Device, is_out_of_memory, out_of_memory_line
 from edgepipe.errors import EdgepipeError
+from edgepipe.types import ArtifactKind
 from edgepipe.host import host_cpu, host_isa
 from edgepipe.io import atomic_write_json, atomic_write_text
 from edgepipe.engine.run import Run, now, read_manifest
@@ -66,8 +68,6 @@ def _keyed_config(config: PipelineConfig) -> dict[str, Any]:
 
 def stage_key(run: Run, name: str, input_hash: str | None, teacher: Artifact | None) -> str:
     """What decides the stage's output, as its module declares it (edgepipe.engine.stage.Stage)."""
-    from edgepipe.types import ArtifactKind
-
     module = load_stage(name)
     cfg = _keyed_config(run.config)
     target = module.target_key(run.profile, run.config) if module.target_key else None
@@ -84,13 +84,15 @@ def stage_key(run: Run, name: str, input_hash: str | None, teacher: Artifact | N
     return _hash(key)
 
 
-def metrics_key(run: Run, name: str, key: str) -> str:
+def metrics_key(run: Run, name: str, key: str, device: Device | None = None) -> str:
     """What decides the stage's figures: its output (``key``), the measure settings, the data, the target
-    (estimates, the gain check) and this host."""
+    (estimates, the gain check), this host and, when it is a GPU, the device PyTorch evaluates on (its figures are
+    re-measured where the device changes; the CPU is implied, as in every run made before devices existed)."""
     cfg, keyed = run.config, _keyed_config(run.config)
     measure = cfg.measure.model_dump(mode="json") if run.is_measured(name) else None
     return _hash({"stage_key": key, "measure": measure, "data": keyed["data"],
                   **({"task": keyed["task"]} if "task" in keyed else {}),
+                  **({"torch_device": device.label} if device is not None and device.is_cuda else {}),
                   "profile": run.profile.model_dump(mode="json"),  # estimates and the gain check are per target
                   "host": [host_cpu(), list(host_isa())], "version": MEASURE_VERSION})
 
@@ -139,12 +141,15 @@ def _run_stage(run: Run, name: str, force: bool, progress: Progress | None) -> d
                                 f"recorded; run `edgepipe run --run {run.root}` (it redoes {found[0]} first) or "
                                 f"`edgepipe {found[0]} --run {run.root}`")
     key = stage_key(run, name, input_hash, teacher)
-    mkey = metrics_key(run, name, key)
     entry = run.entry(name)
     out_dir = run.root / name
     metrics_path = out_dir / "metrics.json"
     ctx = StageContext(name=name, config=run.config, profile=run.profile, out_dir=out_dir, input=inp,
                        teacher=teacher, progress=progress, cache_dir=run.cache_dir)
+    # Where PyTorch trains and evaluates in a stage that takes a torch model (or builds one: the teacher); a stage
+    # that takes an ONNX file (compile) runs no PyTorch.
+    torch_device = ctx.device if not module.INPUT_KINDS or ArtifactKind.TORCH in module.INPUT_KINDS else None
+    mkey = metrics_key(run, name, key, torch_device)
     reusable = not force and entry.get("key") == key and entry.get("status") in ("done", "skipped")
     damage = _damage(run, name, entry, metrics_path) if reusable and distributed.is_main() else None
     if together:  # rank 0's view of its own files decides for every rank
@@ -163,7 +168,8 @@ def _run_stage(run: Run, name: str, force: bool, progress: Progress | None) -> d
             return _record(run, name, result, ctx, entry.get("wall_time_s") or 0.0, mkey, progress)
         log.warning("%s: %s; redoing the stage", name, damage)
     entry.update(status="running", started=now(), key=key, metrics_key=None, input_hash=input_hash,
-                 ended=None, skipped_reason=None, launch=distributed.describe())
+                 ended=None, skipped_reason=None, launch=distributed.describe(),
+                 **({"torch_device": torch_device.describe()} if torch_device is not None else {}))
     signals.set_stage(name, run.root)
     try:  # from the first save to the last: a Ctrl-C anywhere in between is recorded (measuring included)
         run.save()
@@ -185,6 +191,9 @@ def _run_stage(run: Run, name: str, force: bool, progress: Progress | None) -> d
         # Under torchrun the launcher's SIGTERM (distributed.Stopped) means another rank failed: "failed".
         stopped = isinstance(e, KeyboardInterrupt) or (signals.received() is not None
                                                        and not isinstance(e, distributed.Stopped))
+        if isinstance(e, RuntimeError) and is_out_of_memory(e):  # outside a training loop: evaluation, the teacher
+            e = EdgepipeError(out_of_memory_line(name, torch_device, run.config.data.batch_size,
+                                                 run.config.data.eval_batch_size))
         entry.update(status="interrupted" if stopped else "failed", ended=now(),
                      error=f"interrupted by {signals.name()}" if stopped else f"{type(e).__name__}: {str(e)[:300]}")
         try:
@@ -192,6 +201,8 @@ def _run_stage(run: Run, name: str, force: bool, progress: Progress | None) -> d
         except OSError as save_error:  # e.g. the disk is still full: the error that stopped the stage matters more
             log.warning("%s: could not record the failure in %s (%s)", name, run.root / "manifest.json",
                         save_error.strerror)
+        if isinstance(e, EdgepipeError):
+            raise e from None
         raise
     signals.set_stage(None)
     return metrics
@@ -293,6 +304,7 @@ def _metrics(run: Run, name: str, result: StageResult, ctx: StageContext, wall: 
 
     figures = measure_artifact(art, ctx.data, run.config.measure, run.profile, counts,
                                eval_batch_size=run.config.data.eval_batch_size,
+                               device=ctx.device if art.kind is ArtifactKind.TORCH else None,
                                progress=lambda t, i, n, v: progress(f"{name}: {t}", i, n, v))
     return {**base, **figures, "counts": counts, "gain": _gain(run, name, ctx, art, figures), "records": result.records}
 
@@ -300,8 +312,6 @@ def _metrics(run: Run, name: str, result: StageResult, ctx: StageContext, wall: 
 def _gain(run: Run, name: str, ctx: StageContext, art: Artifact, figures: dict[str, Any]) -> dict[str, Any] | None:
     """A model-transforming stage (torch in, torch out) against its input on the target (edgepipe.measure.figures.stage_gain)."""
     from edgepipe.measure.figures import stage_gain
-    from edgepipe.types import ArtifactKind
-
     found = run.input_of(name)
     if found is None or found[1].kind is not ArtifactKind.TORCH or art.kind is not ArtifactKind.TORCH:
         return None
@@ -324,8 +334,6 @@ def _counts(run: Run, name: str, art: Artifact, ctx: StageContext) -> dict[str, 
     taken from the nearest earlier stage that counted them (export and compile don't change them)."""
     from edgepipe.measure.figures import model_counts
     from edgepipe.models.loading import load_torch_artifact
-    from edgepipe.types import ArtifactKind
-
     if art.kind is ArtifactKind.TORCH:
         return model_counts(load_torch_artifact(art), ctx.data.input_shape)
     order = run.order

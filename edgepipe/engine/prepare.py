@@ -52,6 +52,19 @@ def _reused(run: Run, entry: dict[str, Any]) -> bool:
     return stage_key(run, entry["name"], entry.get("input_hash"), teacher) == entry.get("key")
 
 
+def check_device(setting: str) -> None:
+    """The ``device`` this process would train on exists here (under torchrun: one GPU per local process), or one
+    clear line (edgepipe.device.resolve)."""
+    from edgepipe.device import resolve
+    from edgepipe.training import distributed
+
+    launch = distributed.launch()
+    if launch is None:
+        resolve(setting)
+    else:
+        resolve(setting, local_rank=launch.local_rank, local_world=launch.local_world_size)
+
+
 def preflight(run: Run) -> None:
     """Prove what a command on ``run`` needs before anything in its folder changes: the profile's dtypes against
     its backend, the data (every image decoded, so a damaged file fails here and not mid-run), and the models a
@@ -63,6 +76,7 @@ def preflight(run: Run) -> None:
 
     profile, config = run.profile, run.config
     check_run_trusted(run)
+    check_device(config.device)
     allowed = get_backend(profile.backend).DTYPES
     bad = [d.value for d in profile.dtypes if d not in allowed]
     if bad:

@@ -30,6 +30,7 @@ from edgepipe.profiles import HardwareProfile
 from edgepipe.types import ArtifactKind
 
 if TYPE_CHECKING:
+    from edgepipe.device import Device
     from edgepipe.tasks.base import Task
     from edgepipe.data.batches import Batches
 
@@ -74,6 +75,18 @@ class StageContext:
         return task_of(self.config)
 
     @cached_property
+    def device(self) -> Device:
+        """Where this stage runs PyTorch (the config's ``device``, resolved on this machine; under torchrun the GPU of
+        this process's LOCAL_RANK): models, batches and the teacher go there (edgepipe.device)."""
+        from edgepipe.device import resolve
+        from edgepipe.training import distributed
+
+        launch = distributed.launch()
+        if launch is None:
+            return resolve(self.config.device)
+        return resolve(self.config.device, local_rank=launch.local_rank, local_world=launch.local_world_size)
+
+    @cached_property
     def data(self) -> Batches:
         from edgepipe.tasks import task_data
 
@@ -96,7 +109,8 @@ class StageContext:
         from edgepipe.training.distillation import soft_targets_for
 
         key = self.teacher.content_hash() if self.teacher is not None else ""
-        return soft_targets_for(teacher, self.config.soft_targets, key, self.data.input_shape, self.cache_dir)
+        return soft_targets_for(teacher, self.config.soft_targets, key, self.data.input_shape, self.cache_dir,
+                                device=self.device)
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -93,9 +93,13 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], opset: int, task
     if opset > MAX_OPSET:
         raise EdgepipeError(f"export.opset: {opset} is above {MAX_OPSET}, the highest opset of the TorchScript "
                             f"exporter that INT8 export needs; use 17..{MAX_OPSET}")
+    from edgepipe import device as devices
+
     task = task or get_task(DEFAULT)
     meta = {"input_shape": list(input_shape), "num_classes": num_classes}
     inputs, outputs = task.inputs(meta), task.outputs(meta)
+    if devices.module_device(model).type != "cpu":  # a model on a GPU (a pruning candidate): exported from the CPU
+        model = devices.cpu_copy(model)
     buf = io.BytesIO()
     example = task.example_inputs(meta, 2)
     model.eval()

@@ -62,7 +62,8 @@ def model_counts(model: torch.nn.Module, input_shape: tuple[int, ...]) -> dict[s
 
 def measure_artifact(artifact: Artifact, data: Batches, cfg: MeasureConfig, profile: HardwareProfile,
                      counts: dict[str, Any], eval_batch_size: int = 256,
-                     progress: Callable[[str, int, int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+                     progress: Callable[[str, int, int, dict[str, float]], None] | None = None,
+                     device: Any = None) -> dict[str, Any]:
     """All figures of one artifact; ``counts`` are the MACs/params/activations of its torch source.
 
     The task's metrics (``Task.metrics``, under ``accuracy``) come from the artifact's own runtime (PyTorch for a
@@ -71,14 +72,15 @@ def measure_artifact(artifact: Artifact, data: Batches, cfg: MeasureConfig, prof
     as it is) and compiled by the profile's backend first (float stages in the profile's best float dtype, a QAT model in int8), as the gain check
     and ``compare`` time them; a TensorRT target without an engine here times the ONNX in ONNX Runtime as a labelled
     host reference, as its compile stage is measured. A torch model's eager PyTorch batch-1 latency is kept beside
-    it (``pytorch_latency``). Timing inputs are the task's (``Task.timing_inputs``)."""
+    it (``pytorch_latency``), on ``device`` (an edgepipe.device.Device: the run's; None: the CPU) where PyTorch
+    evaluates. Timing inputs are the task's (``Task.timing_inputs``)."""
     import tempfile
 
     progress = progress or (lambda *a: None)
     task = task_of_artifact(artifact)
     # One explicit thread count for every runtime, so stages measured in different runtimes compare.
     threads = cfg.threads or torch.get_num_threads()
-    runner, note = runner_for(artifact, threads)
+    runner, note = runner_for(artifact, threads, device)
     outputs, targets = run_batches(runner, task.val_feeds(data, eval_batch_size))
     try:
         scores = task.metrics(outputs, targets, data.class_names)

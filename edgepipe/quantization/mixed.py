@@ -220,10 +220,13 @@ def _evaluate(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tens
               ) -> tuple[float, torch.Tensor | None]:
     """The task's headline on the budget images (``Task.score_outputs``), and the outputs as one tensor when the
     model has one (a classifier's logits: the KL tie-break of the sensitivity ranking), else None."""
+    from edgepipe import device as devices
+
     was = model.training
     model.eval()
-    with torch.no_grad():
-        outputs = [task.forward(model, x) for x, _ in batches]
+    on = devices.module_device(model)
+    with torch.no_grad():  # on the model's device; the outputs back on the CPU, beside the labels
+        outputs = [devices.to_device(task.forward(model, devices.to_device(x, on)), torch.device("cpu")) for x, _ in batches]
     model.train(was)
     score = task.score_outputs(outputs, [y for _, y in batches])
     logits = torch.cat([o.float() for o in outputs]) if all(isinstance(o, torch.Tensor) for o in outputs) else None

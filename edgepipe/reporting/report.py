@@ -208,6 +208,16 @@ def _gain_blocks(rows: list[dict[str, Any]]) -> list[Block]:
     return [("h3", "Does each stage earn its place?"), ("list", verdicts)] if verdicts else []
 
 
+def _torch_devices(manifest: dict[str, Any]) -> str:
+    """Where each stage trained and evaluated in PyTorch (the manifest's ``torch_device``), grouped by device."""
+    where: dict[str, list[str]] = {}
+    for e in manifest.get("stages") or []:
+        d = e.get("torch_device")
+        if d and e.get("status") in ("done", "skipped"):
+            where.setdefault(f"{d.get('device')} ({d.get('name')})", []).append(e["name"])
+    return "; ".join(f"{', '.join(names)}: {label}" for label, names in where.items()) or DASH
+
+
 def _document(manifest: dict[str, Any], stages: list[tuple[dict[str, Any], dict[str, Any]]],
               run_dir: Path | None = None) -> list[Block]:
     from edgepipe.engine.device_results import device_blocks
@@ -219,6 +229,7 @@ def _document(manifest: dict[str, Any], stages: list[tuple[dict[str, Any], dict[
         ("h1", f"edgepipe report: {manifest.get('run', '?')}"),
         ("kv", [("Run", manifest.get("run") or DASH), ("Target", manifest.get("target") or DASH),
                 ("Host CPU", host.get("cpu") or DASH), ("ISA", ", ".join(host.get("isa") or []) or DASH),
+                ("PyTorch ran on", _torch_devices(manifest)),
                 ("Versions", ", ".join(f"{k} {v}" for k, v in versions.items()) or DASH),
                 ("Git revision", manifest.get("git_revision") or DASH), ("Created", manifest.get("created") or DASH),
                 ("Report written", datetime.now(timezone.utc).isoformat(timespec="seconds"))]),

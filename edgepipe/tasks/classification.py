@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from edgepipe import device as devices
 from edgepipe.errors import EdgepipeError
 from edgepipe.runtime.runner import TensorSpec
 from edgepipe.tasks import register
@@ -42,15 +43,16 @@ def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Batches, batch_size: int = 256) -> float:
-    """Top-1 accuracy of ``model`` on the validation set, in float32 eval mode (under torchrun each rank takes every
-    world-th batch and the counts are summed: the whole set, once)."""
+    """Top-1 accuracy of ``model`` on the validation set, in float32 eval mode, on the device the model is on (under
+    torchrun each rank takes every world-th batch and the counts are summed: the whole set, once)."""
     was_training = model.training
     model.eval()
     correct = total = 0
     share, ranks = (distributed.rank(), distributed.world_size()) if distributed.collective_active() else (0, 1)
+    on = devices.module_device(model)
     for i, (x, y) in enumerate(data.val_batches(batch_size)):
         if i % ranks == share:
-            correct += int((model(x).argmax(1) == y).sum())
+            correct += int((model(devices.to_device(x, on)).argmax(1).cpu() == y).sum())
             total += len(y)
     model.train(was_training)
     correct, total = distributed.all_reduce_sum([correct, total])

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from edgepipe.config import FeaturePair, SoftTargetsConfig
+from edgepipe import device as devices
 from edgepipe.errors import EdgepipeError
 from edgepipe.io import atomic_write, is_main_process
 
@@ -66,7 +67,7 @@ class FeatureHints(nn.Module):
         return hook
 
     def loss(self) -> torch.Tensor:
-        total = torch.zeros(())
+        total = torch.zeros((), device=self.adapters[0].weight.device if len(self.adapters) else "cpu")
         for i, adapter in enumerate(self.adapters):
             s, t = self._feats[f"s{i}"], self._feats[f"t{i}"].detach()
             s = adapter(s.float())
@@ -98,11 +99,20 @@ class SoftTargets:
     written to disk in small shards, so a later process (a resumed run, a single-stage command, the
     baselines) reuses them too. The key is the digest of the input itself, so a hit can only return
     this teacher's logits for these very pixels. The hit/miss counts are reported in the stage records.
+
+    With ``device`` (an edgepipe.device.Device) a PyTorch teacher runs there; whatever its runtime, the logits come
+    back on the batch's device, and the cache holds them on the CPU (keyed by the batch's bytes, wherever it is).
     """
 
     def __init__(self, teacher: nn.Module, runtime: str = "torch", cache: bool = False, key: str = "",
-                 example: torch.Tensor | None = None, cache_dir: Path | None = None) -> None:
+                 example: torch.Tensor | None = None, cache_dir: Path | None = None, device: Any = None) -> None:
+        if device is not None and runtime == "torch":
+            device.module(teacher)
+        elif device is not None and device.is_cuda:
+            log.warning("soft_targets.runtime: openvino runs the teacher on the CPU while the student trains on %s; "
+                        "runtime: torch runs it on the GPU", device.label)
         self.teacher, self.runtime = teacher.eval(), runtime
+        self.device = device
         for p in teacher.parameters():
             p.requires_grad_(False)
         self.hits = self.misses = self.loaded = 0
@@ -133,27 +143,29 @@ class SoftTargets:
         return self._store is not None
 
     def _openvino(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._request.infer({0: x.contiguous().numpy()})
-        return torch.from_numpy(next(iter(out.values())).copy())
+        out = self._request.infer({0: x.detach().cpu().contiguous().numpy()})
+        return torch.from_numpy(next(iter(out.values())).copy()).to(x.device)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         digest = None
         if self._store is not None:
-            digest = hashlib.blake2b(x.contiguous().numpy().tobytes(), digest_size=16).digest()
+            digest = hashlib.blake2b(x.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
             found = self._store.get(digest)
             if found is not None:
                 self.hits += 1
-                return found
+                return found.to(x.device)
         self.misses += 1
+        if self._request is None and devices.module_device(self.teacher) != x.device:  # the teacher follows the batches
+            self.teacher.to(x.device)
         logits = self._openvino(x) if self._request is not None else self.teacher(x)
         if not isinstance(logits, torch.Tensor):  # a several-output teacher (a task's named outputs): not cached
             return logits
         logits = logits.float()
         if digest is not None and len(self._store) * logits.numel() * 4 < _CACHE_LIMIT_BYTES:
-            self._store[digest] = logits
+            self._store[digest] = logits.cpu()
             if self._disk is not None:
-                self._pending.append((digest, logits))
+                self._pending.append((digest, self._store[digest]))
                 if len(self._pending) >= _SHARD_ENTRIES:
                     self.flush()
         return logits
@@ -223,8 +235,9 @@ def _openvino_request(teacher: nn.Module, example: torch.Tensor) -> Any:
 
 
 def soft_targets_for(teacher: nn.Module, cfg: SoftTargetsConfig, key: str, input_shape: tuple[int, ...],
-                     cache_dir: Path | None = None) -> SoftTargets:
-    return SoftTargets(teacher, cfg.runtime, cfg.cache, key, torch.randn(2, *input_shape), cache_dir=cache_dir)
+                     cache_dir: Path | None = None, device: Any = None) -> SoftTargets:
+    return SoftTargets(teacher, cfg.runtime, cfg.cache, key, torch.randn(2, *input_shape), cache_dir=cache_dir,
+                       device=device)
 
 
 def init_from_teacher(student: nn.Module, teacher: nn.Module) -> dict[str, Any]:

@@ -12,8 +12,12 @@ holds exactly one set of files, and it must be visible at the same path on every
 multi-node run: ``check_shared_run_folder`` fails at once, naming the node, when it is not.
 
 Inside a training stage, ``edgepipe.training.loop.fit`` wraps the model in ``DistributedDataParallel`` with its
-BatchNorm layers synchronised (``synced_batchnorm``); ``edgepipe.training.loop.evaluate`` splits the validation
+BatchNorm layers synchronised (``synced_batchnorm``); the task's evaluation splits the validation
 batches over the ranks and all-reduces the counts, so validation covers the whole set exactly once.
+
+On GPUs (``device: auto`` or ``cuda``, edgepipe.device) each process trains on the GPU of its LOCAL_RANK; the process
+group then runs NCCL for CUDA tensors (DDP's gradients, SyncBatchNorm) and gloo for the CPU ones (counts, decisions,
+barriers): ``init_process_group("cpu:gloo,cuda:nccl")``.
 """
 from __future__ import annotations
 
@@ -68,9 +72,18 @@ def usable_cores() -> int:
 
 
 def backend_for(device: str) -> str:
-    """The torch.distributed backend for the device the training runs on: NCCL for CUDA, gloo for the CPU.
-    edgepipe's training loop runs on the CPU (edgepipe.training.loop), so a launch uses gloo."""
-    return "nccl" if device.startswith("cuda") else "gloo"
+    """The torch.distributed backend for a machine whose PyTorch sees ``device``: on a CUDA machine NCCL for the
+    CUDA tensors and gloo for the CPU ones (the small counts and objects edgepipe exchanges, and barriers: PyTorch
+    sends object collectives to the CPU backend when the group has one); gloo alone on a CPU machine. NCCL connects
+    lazily, at the first CUDA collective, so a run with ``device: cpu`` on a GPU machine never touches it."""
+    return "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo"
+
+
+def _machine_device() -> str:
+    from edgepipe.device import cuda_count
+    import torch.distributed as dist
+
+    return "cuda" if cuda_count() > 0 and dist.is_nccl_available() else "cpu"
 
 
 def _timeout_s() -> float:
@@ -115,8 +128,11 @@ def init_from_env() -> Launch | None:
         raise EdgepipeError("WORLD_SIZE is set (torchrun) but this PyTorch build has no torch.distributed; "
                             "install a build with it or run a single process")
     timeout = _timeout_s()
-    backend = backend_for("cpu")
+    backend = backend_for(_machine_device())
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if "nccl" in backend and local_rank < torch.cuda.device_count():
+        torch.cuda.set_device(local_rank)  # NCCL's communicators bind to the current device: this rank's GPU
     threads = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS", "").isdigit() \
         else max(1, usable_cores() // local_world)
     torch.set_num_threads(max(1, threads))
@@ -128,7 +144,7 @@ def init_from_env() -> Launch | None:
                             "check MASTER_ADDR/MASTER_PORT or --rdzv-endpoint and that every node can reach it"
                             ) from None
     _LAUNCH = Launch(world_size=dist.get_world_size(), rank=dist.get_rank(),
-                     local_rank=int(os.environ.get("LOCAL_RANK", 0)), local_world_size=local_world,
+                     local_rank=local_rank, local_world_size=local_world,
                      backend=backend, timeout_s=timeout, threads_per_rank=torch.get_num_threads(),
                      host=socket.gethostname())
     return _LAUNCH
@@ -323,17 +339,28 @@ def _synced_forward(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> t
 
 
 @contextlib.contextmanager
-def synced_batchnorm(model: nn.Module) -> Iterator[str]:
-    """BatchNorm synchronised across the ranks while training ``model``; yields what the records state.
+def synced_batchnorm(model: nn.Module, device: Any = None) -> Iterator[str]:
+    """BatchNorm synchronised across the ranks while training ``model`` on ``device`` (an edgepipe.device.Device;
+    None: the CPU); yields what the records state.
 
-    ``torch.nn.SyncBatchNorm`` raises on CPU tensors ("expected input tensor to be on GPU", PyTorch 2.14), and
-    edgepipe trains on the CPU, so each BatchNorm's forward is swapped for ``_synced_forward`` (the same statistics
-    SyncBatchNorm computes: global mean and biased variance for normalising, unbiased variance into the running
-    estimate) and put back afterwards. The modules, their parameters and their state dict stay exactly as they
-    were, so checkpoints and artifacts do not change with the world size."""
+    On CUDA: PyTorch's own ``torch.nn.SyncBatchNorm`` (its fused kernels, over NCCL), put in place of each BatchNorm
+    for the training and the originals put back after (``_torch_sync_batchnorm``). On the CPU ``torch.nn.SyncBatchNorm``
+    raises ("expected input tensor to be on GPU", PyTorch 2.14), so each BatchNorm's forward is swapped for
+    ``_synced_forward`` (the same statistics SyncBatchNorm computes: global mean and biased variance for normalising,
+    unbiased variance into the running estimate) and put back afterwards. Either way the modules, their parameters
+    and their state dict stay exactly as they were, so checkpoints and artifacts do not change with the world size."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if _LAUNCH is None or not collective_active() or not norms:
         yield ("single process" if _LAUNCH is None else "no BatchNorm layers")
+        return
+    if device is not None and device.is_cuda:
+        swapped = _torch_sync_batchnorm(model)
+        try:
+            yield (f"synchronised across {_LAUNCH.world_size} ranks: {len(swapped)} BatchNorm layer(s) trained as "
+                   "torch.nn.SyncBatchNorm (NCCL)")
+        finally:
+            for parent, child, original in swapped:
+                setattr(parent, child, original)
         return
     for m in norms:
         m.forward = types.MethodType(_synced_forward, m)
@@ -344,6 +371,29 @@ def synced_batchnorm(model: nn.Module) -> Iterator[str]:
     finally:
         for m in norms:
             del m.forward
+
+
+def _torch_sync_batchnorm(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Replace every BatchNorm under ``model`` by a ``torch.nn.SyncBatchNorm`` holding the very same parameter and
+    buffer tensors (so its updates are the original's), and return (parent, name, original) to put back.
+    (torch.nn.SyncBatchNorm.convert_sync_batchnorm does the replacing but has no way back, and the stages after
+    training need the plain modules: export, pruning's graph.)"""
+    swapped = []
+    for name, m in list(model.named_modules()):
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm) or isinstance(m, nn.SyncBatchNorm) or not name:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        sync = nn.SyncBatchNorm(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+        for attr in ("weight", "bias"):
+            if getattr(m, attr, None) is not None:
+                setattr(sync, attr, getattr(m, attr))
+        for attr in ("running_mean", "running_var", "num_batches_tracked"):
+            setattr(sync, attr, getattr(m, attr))
+        sync.train(m.training)
+        setattr(parent, child, sync)
+        swapped.append((parent, child, m))
+    return swapped
 
 
 class _Trained(nn.Module):
@@ -359,14 +409,16 @@ class _Trained(nn.Module):
         return self.model(x)
 
 
-def data_parallel(model: nn.Module, extra: nn.Module | None) -> nn.Module:
-    """``model`` (with ``extra``) under DistributedDataParallel, for the loss step to call like the model."""
+def data_parallel(model: nn.Module, extra: nn.Module | None, device: Any = None) -> nn.Module:
+    """``model`` (with ``extra``) under DistributedDataParallel on ``device`` (an edgepipe.device.Device; None: the
+    CPU), for the loss step to call like the model."""
     from torch.nn.parallel import DistributedDataParallel
 
     # forward_sync_buffers=False: DDP's construction gives every rank rank 0's buffers, and after that the
     # synchronised BatchNorm keeps the running statistics equal on every rank, so re-sending them before each
-    # forward is waste.
-    return DistributedDataParallel(_Trained(model, extra), device_ids=None, forward_sync_buffers=False)
+    # forward is waste. On a GPU, device_ids names this rank's one GPU (PyTorch's single-device DDP).
+    ids = [device.torch.index] if device is not None and device.is_cuda else None
+    return DistributedDataParallel(_Trained(model, extra), device_ids=ids, forward_sync_buffers=False)
 
 
 def share_model(model: nn.Module, path: Path) -> None:
@@ -379,12 +431,16 @@ def share_model(model: nn.Module, path: Path) -> None:
     from edgepipe.models.loading import restore_shapes
 
     if is_main():
-        atomic_torch_save(path, {k: v.detach() for k, v in model.state_dict().items()})
+        atomic_torch_save(path, {k: v.detach().cpu() for k, v in model.state_dict().items()})
     barrier()
     if not is_main():
+        from edgepipe import device as devices
+
+        where = devices.module_device(model)
         state = torch.load(path, map_location="cpu", weights_only=True)
-        restore_shapes(model, state)
+        restore_shapes(model, state)  # resized layers get new (CPU) tensors: the model goes back where it was
         model.load_state_dict(state)
+        model.to(where)
     barrier()  # every rank has read it before rank 0 may replace it
 
 
