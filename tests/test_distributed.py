@@ -71,7 +71,7 @@ def test_batch_must_split_over_the_ranks(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_backend_follows_the_training_device() -> None:
     assert distributed.backend_for("cpu") == "gloo"
-    assert distributed.backend_for("cuda:1") == "nccl"
+    assert distributed.backend_for("cuda:1") == "cpu:gloo,cuda:nccl"  # NCCL for CUDA tensors, gloo for the CPU's
 
 
 def test_collective_timeout_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

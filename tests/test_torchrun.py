@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from edgepipe.engine.stage import STAGE_ORDER
@@ -38,14 +39,19 @@ def _top1(run: Path) -> dict[str, float]:
 
 def test_two_processes_run_the_digits_recipe_like_one(default_run: Path, tmp_path: Path) -> None:
     run = tmp_path / "digits-jetson-2"
+    # --device cpu: two processes on the CPU even where a GPU is present (the default run trained on the CPU too)
     done = subprocess.run(_torchrun(2, ["run", "--config", "digits", "--target", "jetson", "--run-dir", str(run),
-                                        "--no-report"]), capture_output=True, text=True, timeout=1200, cwd=ROOT)
+                                        "--no-report", "--device", "cpu"]), capture_output=True, text=True, timeout=1200,
+                          cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = json.loads((run / "manifest.json").read_text())
     entries = {e["name"]: e for e in manifest["stages"]}
     assert all(entries[s]["status"] == "done" for s in STAGE_ORDER)
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     for s in ("teacher", "distill", "prune", "qat", "export", "compile"):
-        assert entries[s]["launch"]["world_size"] == 2 and entries[s]["launch"]["backend"] == "gloo"
+        # host property: the process group adds NCCL (for CUDA tensors) where PyTorch sees a GPU, gloo alone otherwise
+        assert entries[s]["launch"]["world_size"] == 2 and entries[s]["launch"]["backend"] == backend
+        assert entries[s].get("torch_device", {"device": "cpu"})["device"] == "cpu"  # compile runs no PyTorch
     history = json.loads((run / "distill" / "metrics.json").read_text())["records"]["history"]
     assert {r["processes"] for r in history} == {2} and "synchronised across 2 ranks" in history[0]["batchnorm"]
     # One set of files: no checkpoints, temporary files or rank markers left, nothing a second rank wrote.
