@@ -16,7 +16,7 @@ DATA ?= $(SHARED)/datasets/cifar10
 TEACHER ?= $(SHARED)/teachers/resnet56_cifar10.pt2
 BENCH_RUN ?= runs/cifar10-bench
 
-.PHONY: setup setup-bench pipeline test bench bench-data bench-students bench-run report clean
+.PHONY: setup setup-bench pipeline test test-gpu gpu-check bench bench-data bench-students bench-run report clean
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,14 @@ pipeline: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -rs
+
+# The tests that need a CUDA device (they skip elsewhere), and the whole GPU verification (under 10 minutes on one
+# GPU; see README "Training on a GPU").
+test-gpu: setup
+	$(BIN)/python -m pytest -q -rs -m gpu
+
+gpu-check: setup
+	BIN=$(BIN) SHARED=$(SHARED) bash tests/gpu_check.sh
 
 # CIFAR-10: the recipe and its baselines, measured side by side -> BENCHMARKS.md/.json/.png (resumable).
 bench: setup-bench
