@@ -6,6 +6,17 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_launch():
+    """Every test leaves this process as it found it: no torchrun launch and no collective in progress (a test that
+    fakes one and leaks it would make every later test call collectives that do not exist)."""
+    yield
+    from edgepipe.training import distributed
+
+    assert distributed.launch() is None and not distributed.collective_active(), \
+        "the test left a (fake) torchrun launch or collective behind"
+
+
 @pytest.fixture(scope="session")
 def default_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The embedded default recipe (digits) for the Jetson, run for real once per session in one process: the

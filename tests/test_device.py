@@ -371,8 +371,8 @@ def test_torch_sync_batchnorm_replaces_and_restores_the_very_modules(monkeypatch
     before = dict(model.named_modules())
     keys = list(model.state_dict())
     monkeypatch.setattr(distributed, "_LAUNCH", types.SimpleNamespace(world_size=2))
-    with distributed.collective(), fake_gpu(monkeypatch):
-        monkeypatch.setattr(distributed, "_COLLECTIVE", True)
+    with distributed.collective(), fake_gpu(monkeypatch):  # collective() puts the flag back as it found it
+        assert distributed.collective_active()
         with distributed.synced_batchnorm(model, resolve("cuda")) as note:
             inside = dict(model.named_modules())
             assert isinstance(inside["1"], torch.nn.SyncBatchNorm) and isinstance(inside["3.1"], torch.nn.SyncBatchNorm)
