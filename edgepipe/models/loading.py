@@ -26,6 +26,7 @@ from edgepipe.engine.artifacts import Artifact
 from edgepipe.errors import EdgepipeError
 from edgepipe.io import atomic_torch_save, atomic_write_json
 from edgepipe.models.trust import check_trusted, from_run_folder, trust
+from edgepipe.models.weights import load_state_dict_file
 from edgepipe.models.zoo import build_arch
 from edgepipe.types import ArtifactKind, DType
 
@@ -63,22 +64,6 @@ def resolve_factory(ref: str) -> Callable[..., nn.Module]:
     if not callable(fn):
         raise EdgepipeError(f"factory '{ref}': not callable")
     return fn
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    p = Path(path)
-    try:
-        sd = torch.load(p, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise EdgepipeError(f"{p}: weights file not found") from None
-    except Exception as e:  # noqa: BLE001 - torch raises many unpickling errors; all mean "not a state dict"
-        raise EdgepipeError(f"{p}: not a loadable state dict ({type(e).__name__}); "
-                            "save it with torch.save(model.state_dict(), path)") from None
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise EdgepipeError(f"{p}: expected a state dict (name -> tensor), got {type(sd).__name__}")
-    return sd
 
 
 class _Refused(Exception):
