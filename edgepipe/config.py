@@ -18,10 +18,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # inf/NaN in a config is always a mistake
 
 
+DETECTION_KINDS = ("digit-canvases", "coco", "voc", "yolo")
+DETECTION_FIELDS = ("annotations", "images", "classes", "canvas_images")
+"""data fields only detection kinds read (left out of the keys of other kinds, whose runs predate them)."""
+
+
 class DataConfig(_Strict):
-    kind: Literal["digits", "imagefolder"] = Field(
-        "digits", description="digits: scikit-learn's embedded 8x8 digits; imagefolder: a folder of class folders.")
-    path: str | None = Field(None, description="imagefolder: root holding train/ and val/ (or test/) folders.")
+    kind: Literal["digits", "imagefolder", "digit-canvases", "coco", "voc", "yolo"] = Field(
+        "digits", description="digits: scikit-learn's embedded 8x8 digits; imagefolder: a folder of class folders. "
+                              "Detection (task detection): digit-canvases (embedded: digits placed on canvases), coco "
+                              "(instances JSON), voc (Pascal VOC) or yolo (images/ and labels/ folders).")
+    path: str | None = Field(None, description="imagefolder: root holding train/ and val/ (or test/) folders; coco, "
+                                                "voc, yolo: the dataset root.")
+    annotations: str = Field("annotations/instances_{split}.json",
+                             description="coco: each split's instances file under path ({split}: the split's name).")
+    images: str = Field("{split}", description="coco: each split's image folder under path ({split}: its name).")
+    classes: list[str] | None = Field(
+        None, description="voc: the class names, in label order (None: the names the training split uses, sorted); "
+                          "coco and yolo read theirs from the files.")
+    canvas_images: int = Field(512, ge=1, description="digit-canvases: training canvases (validation: a quarter as "
+                                                      "many, from digit images never seen in training).")
     train_split: str = Field("train", description="imagefolder: sub-folder with training images.")
     val_split: str = Field("test", description="imagefolder: sub-folder with validation images.")
     image_size: int | None = Field(
@@ -56,8 +72,8 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
-        if self.kind == "imagefolder" and not self.path:
-            raise ValueError("path: imagefolder data needs a path to the dataset root")
+        if self.kind in ("imagefolder", "coco", "voc", "yolo") and not self.path:
+            raise ValueError(f"path: {self.kind} data needs a path to the dataset root")
         if self.std is not None and any(v <= 0 for v in self.std):
             raise ValueError(f"std: every value must be > 0 (it divides the pixels), got {list(self.std)}")
         if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):

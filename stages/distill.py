@@ -36,7 +36,7 @@ def run(ctx: StageContext) -> StageResult:
         device.module(teacher), device.module(student)
         hints = FeatureHints(teacher, student, dcfg.feature_pairs, device.batch(data.calibration_batches(1, 8)[0]))
     if dcfg.alpha == 0 and hints is None:  # labels only (the scratch baseline): no teacher forward at all
-        targets, loss = None, (lambda m, x, y: task.loss(task.forward(m, x), y))
+        targets, loss = None, task.train_loss
     else:
         targets = ctx.soft_targets(teacher)
         loss = kd_step(targets, dcfg.temperature, dcfg.alpha, dcfg.beta, hints, task=task)

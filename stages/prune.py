@@ -149,7 +149,7 @@ def run(ctx: StageContext) -> StageResult:
     task = ctx.task
     pruned_top1 = task.val_score(student, data, cfg.data.eval_batch_size)
     loss = (kd_step(teacher, pcfg.temperature, pcfg.alpha, task=task) if teacher is not None
-            else (lambda m, x, y: task.loss(task.forward(m, x), y)))
+            else task.train_loss)
     histories += fit(student, data, pcfg.optim, loss, batch_size=cfg.data.batch_size,
                      checkpoint_dir=ctx.checkpoint_dir, task="prune fine-tune", progress=ctx.progress,
                      eval_batch_size=cfg.data.eval_batch_size, tag="final", evaluator=task, device=device)

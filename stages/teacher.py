@@ -35,7 +35,7 @@ def run(ctx: StageContext) -> StageResult:
     check_fits(model, "teacher.model", task, ctx.model_meta())
     history = []
     if cfg.teacher.train.epochs > 0:
-        history = fit(model, data, cfg.teacher.train, lambda m, x, y: task.loss(task.forward(m, x), y),
+        history = fit(model, data, cfg.teacher.train, task.train_loss,
                       batch_size=cfg.data.batch_size, checkpoint_dir=ctx.checkpoint_dir, task="teacher",
                       progress=ctx.progress, eval_batch_size=cfg.data.eval_batch_size, evaluator=task,
                       device=ctx.device)

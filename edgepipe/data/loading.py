@@ -27,13 +27,16 @@ def data_fingerprint(cfg: DataConfig) -> str:
     Part of every data-dependent stage key, so replaced or added images retrain instead of passing as
     "unchanged"."""
     digest = hashlib.sha256()
-    if cfg.kind == "digits":
+    if cfg.kind in ("digits", "digit-canvases"):
         import sklearn
 
         digest.update(f"sklearn {sklearn.__version__} load_digits".encode())
+        if cfg.kind != "digits":
+            digest.update(cfg.kind.encode())
         return digest.hexdigest()
     root = Path(cfg.path or "")
-    for split in (cfg.train_split, cfg.val_split):
+    # an ImageFolder's two split folders; a detection set's whole root (annotations, lists and images)
+    for split in (cfg.train_split, cfg.val_split) if cfg.kind == "imagefolder" else ("",):
         base = root / split
         for folder, dirs, files in os.walk(base):
             dirs.sort()

@@ -32,7 +32,7 @@ from edgepipe.training import distributed
 
 from edgepipe.engine import signals
 from edgepipe.engine.artifacts import Artifact
-from edgepipe.config import PipelineConfig
+from edgepipe.config import DETECTION_FIELDS, DETECTION_KINDS, PipelineConfig
 from edgepipe.device import Device, is_out_of_memory, out_of_memory_line
 from edgepipe.errors import EdgepipeError
 from edgepipe.types import ArtifactKind
@@ -41,7 +41,7 @@ from edgepipe.io import atomic_write_json, atomic_write_text
 from edgepipe.engine.run import Run, now, read_manifest
 from edgepipe.engine.stage import StageContext, StageResult, load_stage
 from edgepipe.tasks import DEFAULT as DEFAULT_TASK
-from edgepipe.tasks import default_task
+from edgepipe.tasks import default_task, task_of
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int, dict[str, float]], None]
@@ -57,9 +57,13 @@ def _keyed_config(config: PipelineConfig) -> dict[str, Any]:
     """The config as the keys see it: without data.workers, which changes no pixel and no batch order (every
     sample's augmentation is seeded by seed, epoch and index; tests/test_streaming.py checks 0 against 2), and with the
     task resolved (named, or implied by the data) and left out when it is classification, the implicit task of every
-    run made before tasks existed: their keys hold, and a config that names it keys as one that does not."""
+    run made before tasks existed: their keys hold, and a config that names it keys as one that does not. The data
+    fields only detection reads (``DETECTION_FIELDS``) are left out for other kinds, so their keys hold too."""
     cfg = config.model_dump(mode="json")
     cfg["data"].pop("workers", None)
+    if config.data.kind not in DETECTION_KINDS:
+        for name in DETECTION_FIELDS:
+            cfg["data"].pop(name, None)
     cfg["task"] = config.task or default_task(config.data.kind)
     if cfg["task"] == DEFAULT_TASK:
         cfg.pop("task")
@@ -126,6 +130,7 @@ def _run_stage(run: Run, name: str, force: bool, progress: Progress | None) -> d
     signals.check()  # an interruption a library swallowed stops here, before the next stage starts
     progress = progress or (lambda *a: None)
     module = load_stage(name)
+    task_of(run.config).check_stage(run.config, name)  # what this kind of model cannot go through yet: one line
     together = distributed.collective_active()
     found = run.input_of(name)
     inp = found[1] if found else None
@@ -313,7 +318,8 @@ def _gain(run: Run, name: str, ctx: StageContext, art: Artifact, figures: dict[s
     """A model-transforming stage (torch in, torch out) against its input on the target (edgepipe.measure.figures.stage_gain)."""
     from edgepipe.measure.figures import stage_gain
     found = run.input_of(name)
-    if found is None or found[1].kind is not ArtifactKind.TORCH or art.kind is not ArtifactKind.TORCH:
+    if found is None or found[1].kind is not ArtifactKind.TORCH or art.kind is not ArtifactKind.TORCH \
+            or not ctx.task.exportable:
         return None
     order = run.order
     i = order.index(found[0])

@@ -94,7 +94,10 @@ def measure_artifact(artifact: Artifact, data: Batches, cfg: MeasureConfig, prof
         if artifact.kind is ArtifactKind.TORCH:
             pytorch = time_runner(runner, task.timing_inputs(meta, 1), cfg.warmup, cfg.iterations,
                                   progress=lambda i, n: progress("PyTorch latency (batch 1)", i, n, {})).as_dict()
-        if artifact.kind in (ArtifactKind.TORCH, ArtifactKind.ONNX):
+        if not task.exportable:  # measured in PyTorch alone: its latency is the eager model's on the host
+            note = (f"{task.name} models do not export to ONNX yet: latency and throughput are eager PyTorch on "
+                    f"{runner.device}, not the target's runtime")
+        elif artifact.kind in (ArtifactKind.TORCH, ArtifactKind.ONNX):
             runner, note = target_runner(artifact, profile, threads, Path(tmp), task, meta)
         latency = time_runner(runner, task.timing_inputs(meta, 1), cfg.warmup, cfg.iterations,
                               progress=lambda i, n: progress("latency (batch 1)", i, n, {}))

@@ -47,6 +47,14 @@ class Task(ABC):
     """``data.kind`` values this task is the default for (when the config names no ``task``)."""
     device_metric: ClassVar[str | None] = None
     """The metric a TensorRT deploy bundle's device script computes on the device (None: not on the device)."""
+    exportable: ClassVar[bool] = True
+    """Its models export to ONNX (``Task.inputs``/``outputs``), so every stage is timed on the target's runtime. False:
+    a torch stage is measured in PyTorch only (its latency the eager model's on the host, labelled so) and no stage
+    is compared on the target (the gain check)."""
+
+    def check_stage(self, config: PipelineConfig, stage: str) -> None:
+        """Refuse, with one line, a stage (or a setting of it) this task cannot do, before the engine records anything
+        for that stage (the stages before it stay done, and the run resumes there); default: nothing to refuse."""
 
     # --- data ------------------------------------------------------------------------------------------------
     def load_data(self, config: PipelineConfig) -> Batches | None:
@@ -88,6 +96,11 @@ class Task(ABC):
     def forward(self, model: nn.Module, x: Any) -> Any:
         """Call ``model`` on a training or validation batch's inputs."""
         return model(x)
+
+    def train_loss(self, model: nn.Module, x: Any, y: Any) -> dict[str, torch.Tensor]:
+        """One training batch's supervised loss (``loss`` of ``forward``); a task whose models compute their own loss
+        from the targets in training mode (torchvision's detectors) overrides it."""
+        return self.loss(self.forward(model, x), y)
 
     @abstractmethod
     def loss(self, outputs: Any, targets: Any) -> dict[str, torch.Tensor]:
