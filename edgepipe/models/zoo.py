@@ -167,6 +167,16 @@ def shufflenet_v2_cifar(num_classes: int = 10, width_mult: float = 1.0, in_chann
     return model
 
 
+# --- detectors (edgepipe.models.detectors: torchvision's detection families behind fixed outputs) ----------------
+def _register_detectors() -> None:
+    from edgepipe.models.detectors import DETECTORS
+
+    ARCHITECTURES.update(DETECTORS)
+
+
+_register_detectors()
+
+
 # --- building by name -------------------------------------------------------------------------------
 def build_arch(arch: str, kwargs: dict[str, Any]) -> nn.Module:
     if arch not in ARCHITECTURES:

@@ -1,0 +1,167 @@
+"""Object detection (issue 27): images in, ``boxes``/``scores``/``labels``/``count`` out, scored by COCO mAP.
+
+Data: ``data.kind`` coco, voc or yolo (``edgepipe.data.detection``) or the embedded ``digit-canvases``
+(``edgepipe.data.canvas``), served at ``data.image_size`` by ``edgepipe.data.detection_batches``. Models:
+``edgepipe.models.detectors`` (torchvision's detectors behind fixed-shape outputs). A detector trains on its own
+loss terms (torchvision's: classification and box regression, and the RPN's for a two-stage model), each logged per
+epoch. Scores: mAP@.5 (the headline), mAP@[.5:.95], mAP@.75 and the AP of each class from pycocotools' COCOeval
+(``edgepipe.tasks.detection_metrics``).
+
+Not yet (issue 27, in progress): distillation across detector architectures (feature imitation and prediction
+distillation), pruning's and QAT's detector rules, and the export with NMS in the graph. Those stages refuse a
+detection run with one line until they can do it right; the teacher stage and the labels-only (scratch) student run.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgepipe import device as devices
+from edgepipe.config import DETECTION_KINDS
+from edgepipe.errors import EdgepipeError
+from edgepipe.runtime.runner import TensorSpec
+from edgepipe.tasks import register
+from edgepipe.tasks.base import Task
+from edgepipe.tasks.detection_metrics import coco_scores
+from edgepipe.tasks.metric import Metric
+
+MAP50 = Metric("map50", "mAP@.5")
+MAP = Metric("map", "mAP@[.5:.95]")
+OUTPUTS = ("boxes", "scores", "labels", "count")
+
+
+def _per_image(outputs: Mapping[str, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The padded outputs of a batch of images as each image's (boxes, scores, labels), its ``count`` first ones."""
+    boxes, scores, labels, count = (np.asarray(outputs[k]) for k in OUTPUTS)
+    return [(boxes[i, :c], scores[i, :c], labels[i, :c]) for i, c in enumerate(count.astype(int))]
+
+
+def _truth(targets: list[Any]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Batches of targets (lists of {"boxes", "labels"}) as one list of (boxes, labels) per image."""
+    return [(np.asarray(t["boxes"]), np.asarray(t["labels"])) for batch in targets for t in batch]
+
+
+@register
+class Detection(Task):
+    name = "detection"
+    headline = MAP50
+    secondary = (MAP,)
+    data_kinds = DETECTION_KINDS
+    exportable = False  # until the export with decoding and NMS in the graph (issue 27, item 7)
+
+    def check_stage(self, config: Any, stage: str) -> None:
+        if stage not in ("teacher", "distill"):
+            raise EdgepipeError(f"task detection: the {stage} stage cannot take a detector yet (issue 27 is in "
+                                "progress: the teacher and a labels-only student train and are scored, and stay done "
+                                "in the run)")
+        d = config.distill
+        if stage == "distill" and d.enabled and (d.alpha > 0 or (d.feature_pairs and d.beta > 0)):
+            raise EdgepipeError("distill.alpha: distillation between detectors is not available yet (issue 27); set "
+                                "distill.alpha: 0 and no feature_pairs to train the student on the labels")
+
+    def load_data(self, config: Any) -> Any:
+        from edgepipe.data.detection_batches import detection_split_pair, detection_bundle
+
+        cfg = config.data
+        train, val, size = detection_split_pair(cfg, config.seed)
+        bundle = detection_bundle(train, val, size, cfg.augment, cfg.hflip and cfg.kind != "digit-canvases",
+                                  config.seed)
+        if cfg.limit_train or cfg.limit_val:
+            bundle = bundle.subset(cfg.limit_train or bundle.train_size, cfg.limit_val or bundle.val_size)
+        return bundle
+
+    def feeds(self, x: Any) -> dict[str, np.ndarray]:
+        return {"images": np.ascontiguousarray(np.asarray(x, dtype=np.float32))}
+
+    def inputs(self, meta: Mapping[str, Any]) -> tuple[TensorSpec, ...]:
+        return (TensorSpec("images", "float32", ("batch", *(meta.get("input_shape") or ()))),)
+
+    def outputs(self, meta: Mapping[str, Any]) -> tuple[TensorSpec, ...]:
+        k = meta.get("max_detections") or 100
+        return (TensorSpec("boxes", "float32", ("batch", k, 4)), TensorSpec("scores", "float32", ("batch", k)),
+                TensorSpec("labels", "int64", ("batch", k)), TensorSpec("count", "int64", ("batch",)))
+
+    # --- training ----------------------------------------------------------------------------------------------
+    def train_loss(self, model: nn.Module, x: Any, y: Any) -> dict[str, torch.Tensor]:
+        """torchvision's detectors compute their loss terms themselves from the targets, in training mode."""
+        return self.loss(model(x, y), y)
+
+    def loss(self, outputs: Any, targets: Any) -> dict[str, torch.Tensor]:
+        if not isinstance(outputs, Mapping):
+            raise EdgepipeError("detection: the model returned no loss terms in training mode; a detector's forward "
+                                "must take (images, targets) and return its losses (edgepipe.models.detectors)")
+        total = sum(outputs.values())
+        return {"loss": total, "hard": total.detach(), **{k: v.detach() for k, v in outputs.items()}}
+
+    def distill_loss(self, student: Any, teacher: Any, targets: Any, temperature: float, alpha: float,
+                     ) -> dict[str, torch.Tensor]:
+        raise EdgepipeError("detection: distillation from a detector teacher is not available yet (issue 27); set "
+                            "distill.alpha: 0 and no feature_pairs to train the student on the labels")
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, data: Any, batch_size: int) -> tuple[list[Any], list[Any]]:
+        """Every validation image's detections (on the model's device) and its ground truth."""
+        was = model.training
+        model.eval()
+        on = devices.module_device(model)
+        detections, truth = [], []
+        for x, y in data.val_batches(batch_size):
+            out = model(devices.to_device(x, on))
+            named = dict(zip(OUTPUTS, (t.float().cpu().numpy() if t.is_floating_point() else t.cpu().numpy()
+                                       for t in out)))
+            detections += _per_image(named)
+            truth += _truth([y])
+        model.train(was)
+        return detections, truth
+
+    def val_score(self, model: nn.Module, data: Any, batch_size: int) -> float:
+        """mAP@.5 on the validation split (every rank scores the whole split: mAP does not add up over shards)."""
+        detections, truth = self.predict(model, data, batch_size)
+        return float(coco_scores(truth, detections, data.class_names)["map50"] or 0.0)
+
+    # --- checks and scores -------------------------------------------------------------------------------------
+    def check_outputs(self, out: Any, field: str, meta: Mapping[str, Any], batch: int) -> None:
+        if not (isinstance(out, (tuple, list)) and len(out) == 4 and all(isinstance(t, torch.Tensor) for t in out)):
+            raise EdgepipeError(f"{field}: a detector must return (boxes, scores, labels, count) tensors in eval mode; "
+                                "wrap a torchvision detection model in edgepipe.models.detectors.Detector")
+        boxes, scores, labels, count = out
+        if boxes.ndim != 3 or boxes.shape[0] != batch or boxes.shape[2] != 4 or scores.shape != boxes.shape[:2] \
+                or labels.shape != boxes.shape[:2] or count.shape != (batch,):
+            raise EdgepipeError(f"{field}: outputs shapes {[list(t.shape) for t in out]} for a batch of {batch}; "
+                                "expected boxes [N, K, 4], scores [N, K], labels [N, K], count [N]")
+
+    def metrics(self, outputs: Mapping[str, np.ndarray], targets: list[Any],
+                class_names: list[str] | None = None) -> dict[str, Any]:
+        truth = _truth(targets)
+        detections = _per_image(outputs)
+        if len(detections) != len(truth):
+            raise EdgepipeError(f"detections for {len(detections)} images, ground truth for {len(truth)}")
+        names = class_names or [str(i) for i in range(1 + max((int(t[1].max()) for t in truth if len(t[1])),
+                                                              default=0))]
+        scores = coco_scores(truth, detections, names)
+        return {**scores, "samples": len(truth)}
+
+    def score_outputs(self, outputs: list[Any], targets: list[Any]) -> float:
+        named = {k: np.concatenate([o[i].float().cpu().numpy() if o[i].is_floating_point() else o[i].cpu().numpy()
+                                    for o in outputs]) for i, k in enumerate(OUTPUTS)}
+        return float(self.metrics(named, targets)["map50"] or 0.0)
+
+    def fidelity(self, reference: Mapping[str, np.ndarray], compiled: Mapping[str, np.ndarray], targets: list[Any],
+                 limit: float) -> dict[str, Any]:
+        ref, out = self.metrics(reference, targets), self.metrics(compiled, targets)
+        drop = MAP50.drop_points(ref["map50"] or 0.0, out["map50"] or 0.0)
+        return {"drop_points": drop, "max_drop_points": limit, "fails": drop > limit,
+                "test": "mAP@.5 of the compiled model against the reference runtime's on the same images",
+                "reference_map50": ref["map50"], "compiled_map50": out["map50"], "samples": ref["samples"]}
+
+    def protected_layers(self, model: nn.Module, meta: Mapping[str, Any]) -> list[nn.Module]:
+        """The layers whose outputs are the detections: the class and box predictors of every head (SSD's and
+        RetinaNet's per-level predictors, Faster R-CNN's RPN and box predictor)."""
+        ends = ("cls_logits", "bbox_pred", "cls_score", "classification_head", "regression_head")
+        return [m for n, m in model.named_modules() if n.split(".")[-1] in ends or
+                any(f".{e}.module_list." in f".{n}." for e in ends[3:])]
+
