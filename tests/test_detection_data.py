@@ -153,3 +153,27 @@ def test_coco_map_from_pycocotools() -> None:
                for b, c in truth]
     assert coco_scores(truth, shifted, ["a", "b"])["map50"] < 0.5
     assert coco_scores(truth, [(np.zeros((0, 4)), np.zeros(0), np.zeros(0))] * 2, ["a", "b"])["map"] == 0.0
+
+
+def test_a_bad_detection_set_stops_the_command_before_the_run_folder_is_written(small, tmp_path: Path,
+                                                                                capsys) -> None:
+    """Through the CLI: a malformed annotation file is one line, exit 2, and no run folder is made (the detection
+    loader runs in preflight, before anything is written)."""
+    import json as _json
+
+    from edgepipe.cli import main
+    from tests.test_detection_task import _config
+
+    root = write_voc(small, tmp_path / "voc", name="train")
+    write_voc(small, tmp_path / "voc", name="test")
+    bad = next((root / "Annotations").glob("*.xml"))
+    bad.write_text("<annotation><object>")
+    config = _config(kind="voc", path=str(root), image_size=48)
+    config["teacher"]["model"]["kwargs"]["num_classes"] = 4
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(_json.dumps(config))
+    run = tmp_path / "run"
+    assert main(["teacher", "--config", str(cfg), "--target", "generic-cpu", "--run", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{bad}: not well-formed XML" in err[0]
+    assert not (run / "manifest.json").exists()
