@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,30 +83,27 @@ class Device:
         return torch.autocast(self.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-def to_device(obj: Any, device: torch.device) -> Any:
-    """Tensors in ``obj`` (nested tuples, lists, dicts) moved to ``device``; other values as they are."""
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``fn`` applied to every tensor in ``obj`` (nested tuples, named tuples, lists, dicts); other values as they
+    are. A batch's targets come in any of these forms (a detector's: a list of dicts of tensors)."""
     if isinstance(obj, torch.Tensor):
-        if obj.device == device:
-            return obj
-        return obj.to(device, non_blocking=device.type == "cuda")
+        return fn(obj)
     if isinstance(obj, Mapping):
-        return {k: to_device(v, device) for k, v in obj.items()}
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        moved = [to_device(v, device) for v in obj]
+        moved = [map_tensors(v, fn) for v in obj]
         return type(obj)(moved) if not hasattr(obj, "_fields") else type(obj)(*moved)
     return obj
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Tensors in ``obj`` moved to ``device`` (without blocking the host on a GPU); other values as they are."""
+    return map_tensors(obj, lambda t: t if t.device == device else t.to(device, non_blocking=device.type == "cuda"))
 
 
 def pinned(obj: Any) -> Any:
     """``obj``'s CPU tensors in page-locked memory (a no-op without a usable GPU)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.pin_memory() if obj.device.type == "cpu" else obj
-    if isinstance(obj, Mapping):
-        return {k: pinned(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        moved = [pinned(v) for v in obj]
-        return type(obj)(moved) if not hasattr(obj, "_fields") else type(obj)(*moved)
-    return obj
+    return map_tensors(obj, lambda t: t.pin_memory() if t.device.type == "cpu" else t)
 
 
 def cpu_copy(model: nn.Module) -> nn.Module:

@@ -61,20 +61,18 @@ def _tensors(obj: Any) -> Iterator[torch.Tensor]:
 
 
 def _fake_to_device(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        gpu = torch.device(device).type == "cuda"
-        if gpu == _marked(obj):
-            return obj
-        out = obj.clone() if gpu else obj.detach().clone()
+    import edgepipe.device as devices
+
+    gpu = torch.device(device).type == "cuda"
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if gpu == _marked(t):
+            return t
+        out = t.clone() if gpu else t.detach().clone()
         if gpu:
             setattr(out, MARK, True)
         return out
-    if isinstance(obj, Mapping):
-        return {k: _fake_to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        moved = [_fake_to_device(v, device) for v in obj]
-        return type(obj)(moved) if not hasattr(obj, "_fields") else type(obj)(*moved)
-    return obj
+    return devices.map_tensors(obj, move)
 
 
 @contextlib.contextmanager
