@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -77,11 +78,14 @@ def test_the_detection_config_resolves_its_task_and_refuses_a_missing_path() -> 
         validate_config(_config(kind="voc"))
 
 
-def test_teacher_and_a_labels_only_student_train_through_the_engine(tmp_path: Path) -> None:
-    """Faster R-CNN teacher and SSD student (labels only: distillation between detectors is still to come) on the
-    digit canvases, through Run/run_pipeline: every epoch logs the detectors' own loss terms and mAP@.5."""
+@pytest.mark.parametrize("target", ["intel-xeon-amx", "jetson-orin-nano"])
+def test_teacher_and_a_labels_only_student_train_export_and_compile_through_the_engine(tmp_path: Path,
+                                                                                        target: str) -> None:
+    """Faster R-CNN teacher and SSD student (labels only) on the digit canvases, through Run/run_pipeline: every epoch
+    logs the detectors' own loss terms and mAP@.5; the student exports with NMS in the graph, checked by mAP, and
+    compiles for the target (OpenVINO; a Jetson bundle whose ONNX passes the TensorRT checks)."""
     config = validate_config(_config())
-    run = Run.create(tmp_path / "run", config, "generic-cpu", order=("teacher", "distill"))
+    run = Run.create(tmp_path / "run", config, target, order=("teacher", "distill", "export", "compile"))
     run_pipeline(run)
     for stage, terms in (("teacher", {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}),
                          ("distill", {"classification", "bbox_regression"})):
@@ -92,11 +96,29 @@ def test_teacher_and_a_labels_only_student_train_through_the_engine(tmp_path: Pa
         assert all(0.0 <= r["val_map50"] <= 1.0 for r in history)
         assert history[-1]["loss"] < history[0]["loss"], stage
         assert np.isfinite([r["loss"] for r in history]).all()
-        # measured: COCO mAP from pycocotools on the validation canvases, and (no export yet) eager PyTorch latency
+        # measured: COCO mAP from pycocotools on the validation canvases; the teacher (torchvision's per-image
+        # post-processing) in eager PyTorch, the SSD student on the target's runtime
         assert m["metric"]["name"] == "map50" and m["accuracy"]["samples"] == 16
         assert set(m["accuracy"]["per_class"]) == {str(d) for d in range(10)}
-        assert m["latency"]["backend"] == "pytorch" and "do not export to ONNX yet" in m["measure_note"]
-        assert m["gain"] is None
+        if stage == "teacher":
+            assert m["latency"]["backend"] == "pytorch" and "does not export to ONNX" in m["measure_note"]
+        else:
+            assert m["latency"]["backend"] != "pytorch" and m["on_target"]
+        assert m["gain"] is None  # nothing on the target to compare the student with
+    export = json.loads((run.root / "export" / "metrics.json").read_text())
+    checks = export["records"]["checks"]
+    assert checks["max_gap_points"] == 0.5 and checks["gap_points"] <= 0.5 and checks["samples"] == 16
+    onnx_ops = {n.op_type for n in onnx.load(str(run.root / "export" / "model.onnx")).graph.node}
+    assert "NonMaxSuppression" in onnx_ops
+    compiled = json.loads((run.root / "compile" / "metrics.json").read_text())
+    assert compiled["status"] == "done" and compiled["metric"]["name"] == "map50"
+    if target == "jetson-orin-nano":
+        from edgepipe.backends.tensorrt_plan import check_onnx_for_tensorrt
+
+        assert (run.root / "compile" / "edgepipe_trt.py").exists()
+        assert check_onnx_for_tensorrt(run.root / "compile" / "model.onnx") == []
+    else:
+        assert compiled["latency"]["backend"] == "openvino"
 
 
 def test_what_detection_cannot_do_yet_is_one_line_and_the_done_stages_stay(tmp_path: Path, capsys) -> None:

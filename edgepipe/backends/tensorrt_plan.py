@@ -46,7 +46,17 @@ SUPPORTED_OPS = frozenset({
     "Identity", "Constant", "ConstantOfShape", "Cast", "Dropout", "Range",
     # explicit quantization
     "QuantizeLinear", "DequantizeLinear",
+    # a detector's post-processing (edgepipe.models.detection_outputs): selection, NMS, padding to fixed outputs
+    "GatherElements", "GatherND", "ScatterND", "ScatterElements", "NonMaxSuppression", "NonZero",
+    "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "Mod",
 })
+NMS_LAYER = ("INMSLayer", "add_nms")
+"""How TensorRT runs ONNX ``NonMaxSuppression``: its ONNX parser builds an ``INMSLayer`` (``INetworkDefinition.add_nms``,
+TensorRT 8.6 and later; per image and per class, as ONNX defines it), no plugin. The names are checked against the
+TensorRT 10.3 bindings' (tests/fake_tensorrt/tensorrt_10_3_names.json)."""
+NMS_TOPK_LIMIT = 2000
+"""The most boxes per image TensorRT's NMS considers: 2000 on SM 5.3 and 6.2 devices (Jetson Nano, TX2), 5000 on the
+others (TensorRT operator docs, "NMS", TopK box limit); the smaller bound, so a bundle builds on any Jetson."""
 
 
 def build_settings(profile: HardwareProfile, dtype: DType, input_shape: tuple[int, ...],
@@ -158,9 +168,35 @@ def check_onnx_for_tensorrt(onnx_path: Path | str) -> list[str]:
         if node.domain not in ("", "ai.onnx") or node.op_type not in SUPPORTED_OPS:
             domain = f"{node.domain}." if node.domain else ""
             problems.append(f"{node.op_type} '{node.name or node.output[0]}': op {domain}{node.op_type} is not in "
-                            "edgepipe's list of TensorRT-supported ONNX ops for CNN classifiers")
+                            "edgepipe's list of TensorRT-supported ONNX ops for CNN classifiers and detectors")
         elif node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             problems.extend(_qdq_problems(node, values))
+        elif node.op_type == "NonMaxSuppression":
+            problems.extend(_nms_problems(node, values, model))
+    return problems
+
+
+def _nms_problems(node: Any, values: dict[str, np.ndarray], model: Any) -> list[str]:
+    """ONNX NonMaxSuppression as TensorRT's parser takes it: ``max_output_boxes_per_class``, ``iou_threshold`` and
+    ``score_threshold`` constants (onnx-tensorrt docs/operators.md), corner boxes, and at most ``NMS_TOPK_LIMIT`` boxes
+    per image (the boxes input's static dimension 1, read by shape inference)."""
+    import onnx
+
+    where = f"NonMaxSuppression '{node.name or node.output[0]}'"
+    problems = [f"{where}: input {i} ({what}) is not a constant; TensorRT's NMS layer needs it at build time"
+                for i, what in ((2, "max_output_boxes_per_class"), (3, "iou_threshold"), (4, "score_threshold"))
+                if len(node.input) <= i or node.input[i] not in values]
+    if next((a.i for a in node.attribute if a.name == "center_point_box"), 0) != 0:
+        problems.append(f"{where}: center_point_box=1; edgepipe's detectors give corner boxes")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+    except onnx.shape_inference.InferenceError:  # a malformed graph: its other problems are reported
+        inferred = model.graph
+    shapes = {v.name: v for v in (*inferred.input, *inferred.value_info)}
+    dims = shapes[node.input[0]].type.tensor_type.shape.dim if node.input[0] in shapes else []
+    if len(dims) == 3 and dims[1].HasField("dim_value") and dims[1].dim_value > NMS_TOPK_LIMIT:
+        problems.append(f"{where}: {dims[1].dim_value} boxes per image, more than the {NMS_TOPK_LIMIT} TensorRT's NMS "
+                        "considers on every Jetson; lower the detector's candidates")
     return problems
 
 

@@ -319,7 +319,7 @@ def _gain(run: Run, name: str, ctx: StageContext, art: Artifact, figures: dict[s
     from edgepipe.measure.figures import stage_gain
     found = run.input_of(name)
     if found is None or found[1].kind is not ArtifactKind.TORCH or art.kind is not ArtifactKind.TORCH \
-            or not ctx.task.exportable:
+            or not figures.get("on_target", True):
         return None
     order = run.order
     i = order.index(found[0])
@@ -329,6 +329,8 @@ def _gain(run: Run, name: str, ctx: StageContext, art: Artifact, figures: dict[s
     before = (run.metrics_of(order[i]).get("accuracy") or {}).get(metric)
     if before is None:  # the input stage was not measured (e.g. a derived run measuring only its last stage)
         return None
+    if not run.metrics_of(order[i]).get("on_target", True):  # its input was measured in PyTorch alone (a teacher
+        return None  # whose post-processing does not export): there is no target figure to compare with
     gain = stage_gain(found[1], art, before, figures["accuracy"][metric], run.profile, run.config.measure,
                       tuple(ctx.data.input_shape), order[i])
     (log.info if gain["earned"] else log.warning)("%s: %s", name, gain["verdict"])

@@ -106,6 +106,9 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], opset: int, task
     try:
         with frozen_weight_scales(model), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is deprecated: see below
+            # shapes read as Python numbers (a detector's anchor and class counts) are constants of the graph; the
+            # export check runs the graph at other batch sizes and fails a graph that fixed one
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             # dynamo=False: the torch.export-based exporter (the default) cannot export fake-quant ops,
             # while the TorchScript exporter maps them to QuantizeLinear/DequantizeLinear. Float models
             # take the same path so both kinds of graph come out of one exporter.

@@ -94,9 +94,10 @@ def measure_artifact(artifact: Artifact, data: Batches, cfg: MeasureConfig, prof
         if artifact.kind is ArtifactKind.TORCH:
             pytorch = time_runner(runner, task.timing_inputs(meta, 1), cfg.warmup, cfg.iterations,
                                   progress=lambda i, n: progress("PyTorch latency (batch 1)", i, n, {})).as_dict()
-        if not task.exportable:  # measured in PyTorch alone: its latency is the eager model's on the host
-            note = (f"{task.name} models do not export to ONNX yet: latency and throughput are eager PyTorch on "
-                    f"{runner.device}, not the target's runtime")
+        exported = artifact.kind is not ArtifactKind.TORCH or task.exports(runner.model)
+        if not exported:  # measured in PyTorch alone: its latency is the eager model's on the host
+            note = (f"this {task.name} model does not export to ONNX (its post-processing is not a graph): latency and "
+                    f"throughput are eager PyTorch on {runner.device}, not the target's runtime")
         elif artifact.kind in (ArtifactKind.TORCH, ArtifactKind.ONNX):
             runner, note = target_runner(artifact, profile, threads, Path(tmp), task, meta)
         latency = time_runner(runner, task.timing_inputs(meta, 1), cfg.warmup, cfg.iterations,
@@ -113,7 +114,7 @@ def measure_artifact(artifact: Artifact, data: Batches, cfg: MeasureConfig, prof
             # a torch artifact's size is its weights file (a teacher may also carry a copy of its .pt2)
             "size_bytes": artifact.path("model").stat().st_size if artifact.kind is ArtifactKind.TORCH
             else artifact.size_bytes(), "latency": latency.as_dict(), "throughput": throughput.as_dict(),
-            "pytorch_latency": pytorch, "estimate": estimate, "measure_note": note}
+            "pytorch_latency": pytorch, "estimate": estimate, "measure_note": note, "on_target": exported}
 
 
 def target_runner(artifact: Artifact, profile: HardwareProfile, threads: int, workdir: Path, task: Any,

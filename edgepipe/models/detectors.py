@@ -27,7 +27,11 @@ MAX_DETECTIONS = 100
 
 
 class Detector(nn.Module):
-    """A torchvision detection model with edgepipe's labels and fixed-shape outputs (see the module docstring)."""
+    """A torchvision detection model with edgepipe's labels and fixed-shape outputs (see the module docstring).
+    Its inference runs torchvision's own per-image post-processing: measured in PyTorch, not exported
+    (``exportable``); one-stage SSDs are ``SSDDetector``, which exports."""
+
+    exportable = False
 
     def __init__(self, model: nn.Module, num_classes: int, max_detections: int = MAX_DETECTIONS) -> None:
         super().__init__()
@@ -57,6 +61,97 @@ class Detector(nn.Module):
             boxes[i, :m], scores[i, :m], labels[i, :m] = d["boxes"][order], d["scores"][order], d["labels"][order] - 1
             count[i] = m
         return boxes, scores, labels, count
+
+
+class DetectorCore(nn.Module):
+    """A one-stage detector's network, tensors in and out: images [N, 3, H, W] in [0, 1] -> normalised -> backbone ->
+    head -> ``class_logits`` [N, A, 1 + C] and ``box_regression`` [N, A, 4] over its A anchors. Plain tensors and
+    modules only, so torch.fx traces it (QAT), Torch-Pruning builds its dependency graph (pruning) and the exporter
+    writes it; ``features`` are the maps its head reads (feature distillation)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        maps = self.backbone((images - self.mean) / self.std)
+        return list(maps.values()) if isinstance(maps, dict) else [maps]
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.head(self.features(images))
+        return out["cls_logits"], out["bbox_regression"]
+
+
+class SSDDetector(Detector):
+    """SSD and SSDlite (torchvision's ``SSD``) with an exportable inference path: the core (``DetectorCore``) and then
+    ``edgepipe.models.detection_outputs.select_detections`` (decoding, NMS per class, fixed-size outputs), the same
+    code in PyTorch and in the ONNX graph. Training computes torchvision's SSD losses (its matcher, box coder and
+    ``SSD.compute_loss`` with hard negative mining) on the core's outputs, so what QAT and pruning change in the core
+    is what trains. The anchors are computed once at the model's input size (it never resizes)."""
+
+    exportable = True
+
+    def __init__(self, ssd: nn.Module, num_classes: int, size: int, max_detections: int = MAX_DETECTIONS,
+                 candidates: int = 400) -> None:
+        nn.Module.__init__(self)
+        self.num_classes, self.max_detections, self.candidates = num_classes, max_detections, candidates
+        self.size = (size, size)
+        self.core = DetectorCore(ssd.backbone, ssd.head, ssd.transform.image_mean, ssd.transform.image_std)
+        self.box_coder, self.proposal_matcher = ssd.box_coder, ssd.proposal_matcher
+        self.neg_to_pos_ratio = ssd.neg_to_pos_ratio
+        self.score_thresh, self.nms_thresh = ssd.score_thresh, ssd.nms_thresh
+        self.register_buffer("anchors", self._anchors(ssd.anchor_generator), persistent=False)
+
+    @torch.no_grad()
+    def _anchors(self, generator: nn.Module) -> torch.Tensor:
+        from torchvision.models.detection.image_list import ImageList
+
+        was = self.core.training
+        self.core.eval()
+        on = next(self.core.parameters()).device  # "meta" when a build is only checked (edgepipe.models.zoo)
+        shapes = [m.shape for m in self.core.features(torch.zeros(1, 3, *self.size, device=on))]
+        self.core.train(was)
+        if on.type == "meta":  # shapes only: as many boxes as the generator would give
+            per_cell = generator.num_anchors_per_location()
+            return torch.zeros(sum(k * s[-2] * s[-1] for k, s in zip(per_cell, shapes)), 4, device=on)
+        # the default boxes depend on the feature maps' sizes only
+        return generator(ImageList(torch.zeros(1, 3, *self.size, device=on), [self.size]),
+                         [torch.zeros(s, device=on) for s in shapes])[0]
+
+    def forward(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None) -> Any:
+        class_logits, regression = self.core(images)
+        if self.training:
+            if targets is None:
+                raise ValueError("Detector: training needs targets (boxes and labels per image)")
+            return self.losses(class_logits, regression, targets)
+        return self.detections(class_logits, regression)
+
+    def detections(self, class_logits: torch.Tensor, regression: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from edgepipe.models.detection_outputs import decode_boxes, select_detections
+
+        boxes = decode_boxes(self.box_coder, regression.float(), self.anchors, self.size)
+        return select_detections(class_logits, boxes, self.max_detections, self.candidates, self.nms_thresh,
+                                 self.score_thresh)
+
+    def matches(self, targets: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """Each anchor's matched ground-truth box (-1: background), torchvision's SSD matcher."""
+        from torchvision.ops import boxes as box_ops
+
+        return [torch.full((len(self.anchors),), -1, dtype=torch.int64, device=self.anchors.device)
+                if t["boxes"].numel() == 0 else self.proposal_matcher(box_ops.box_iou(t["boxes"], self.anchors))
+                for t in targets]
+
+    def losses(self, class_logits: torch.Tensor, regression: torch.Tensor, targets: list[dict[str, torch.Tensor]],
+               ) -> dict[str, torch.Tensor]:
+        from torchvision.models.detection.ssd import SSD
+
+        shifted = [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in targets]
+        head = {"cls_logits": class_logits.float(), "bbox_regression": regression.float()}
+        # SSD.compute_loss reads only box_coder and neg_to_pos_ratio from its instance, both held here
+        return SSD.compute_loss(self, shifted, head, [self.anchors] * len(targets), self.matches(targets))
 
 
 def _fixed_size(model: nn.Module, size: int) -> nn.Module:
@@ -111,7 +206,7 @@ def ssd_small(num_classes: int, size: int = 64, widths: tuple[int, ...] = (16, 3
     head = SSDHead(channels, anchors.num_anchors_per_location(), num_classes + 1)
     model = SSD(backbone, anchors, (size, size), num_classes + 1, head=head, score_thresh=0.01,
                 detections_per_img=MAX_DETECTIONS, topk_candidates=200)
-    return Detector(model, num_classes)
+    return SSDDetector(model, num_classes, size)
 
 
 def faster_rcnn_small(num_classes: int, size: int = 64, widths: tuple[int, ...] = (32, 64, 128),
@@ -164,11 +259,8 @@ def tv_ssdlite320_mobilenet_v3_large(num_classes: int, size: int = 320, width_mu
 
     model = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=num_classes + 1,
                                           width_mult=width_mult, detections_per_img=MAX_DETECTIONS)
-    model.size = (size, size)
-    model.transform.fixed_size = (size, size)
-    model.transform.min_size, model.transform.max_size = (size,), size
     _load_backbone(model.backbone.features, backbone_weights)
-    return Detector(model, num_classes)
+    return SSDDetector(model, num_classes, size)
 
 
 DETECTORS = {

@@ -52,6 +52,11 @@ class Task(ABC):
     a torch stage is measured in PyTorch only (its latency the eager model's on the host, labelled so) and no stage
     is compared on the target (the gain check)."""
 
+    def exports(self, model: nn.Module) -> bool:
+        """Whether this model exports to ONNX (``exportable`` for every model of the task, unless the task says per
+        model: a detector whose post-processing is not a graph is measured in PyTorch alone)."""
+        return self.exportable
+
     def check_stage(self, config: PipelineConfig, stage: str) -> None:
         """Refuse, with one line, a stage (or a setting of it) this task cannot do, before the engine records anything
         for that stage (the stages before it stay done, and the run resumes there); default: nothing to refuse."""

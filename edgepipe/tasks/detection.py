@@ -32,6 +32,9 @@ from edgepipe.tasks.metric import Metric
 MAP50 = Metric("map50", "mAP@.5")
 MAP = Metric("map", "mAP@[.5:.95]")
 OUTPUTS = ("boxes", "scores", "labels", "count")
+EXPORT_MAP_GAP = 0.5
+"""Points of mAP@.5 a float graph may differ from PyTorch by on the validation split (an INT8 graph: 1, as for every
+task): a graph that computes something else misses by far more."""
 
 
 def _per_image(outputs: Mapping[str, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -51,10 +54,25 @@ class Detection(Task):
     headline = MAP50
     secondary = (MAP,)
     data_kinds = DETECTION_KINDS
-    exportable = False  # until the export with decoding and NMS in the graph (issue 27, item 7)
+    exportable = True  # one-stage SSDs, with decoding and NMS in the graph; see exports
+
+    def exports(self, model: nn.Module) -> bool:
+        """SSD/SSDlite (``SSDDetector``) export with decoding and NMS in the graph; a two-stage model (Faster R-CNN)
+        runs torchvision's per-image post-processing and is measured in PyTorch."""
+        return bool(getattr(model, "exportable", False))
+
+    def export_check(self, model: nn.Module, onnx_bytes: bytes, data: Any, batch_size: int, quantized: bool,
+                     tolerance: float, min_agreement: float, threads: int | None = None) -> dict[str, Any] | None:
+        """By mAP@.5 on the validation split (PyTorch against ONNX Runtime), float graphs too: detections are a set,
+        and two boxes of nearly equal score may trade places between runtimes; plus the largest difference of each
+        output, recorded."""
+        from edgepipe.export.check import compare_outputs
+
+        return compare_outputs(self, model, onnx_bytes, data, batch_size, quantized, tolerance, threads,
+                               metric_gap=EXPORT_MAP_GAP)
 
     def check_stage(self, config: Any, stage: str) -> None:
-        if stage not in ("teacher", "distill"):
+        if stage not in ("teacher", "distill", "export", "compile"):
             raise EdgepipeError(f"task detection: the {stage} stage cannot take a detector yet (issue 27 is in "
                                 "progress: the teacher and a labels-only student train and are scored, and stay done "
                                 "in the run)")

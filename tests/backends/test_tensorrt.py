@@ -97,14 +97,14 @@ def test_check_reports_opset_fixed_batch_and_unsupported_ops(float_onnx: Path, t
     model = onnx.load(str(float_onnx))
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 8
     next(o for o in model.opset_import if o.domain in ("", "ai.onnx")).version = 12
-    model.graph.node.append(onnx.helper.make_node("NonMaxSuppression", ["logits"], ["boxes"], name="nms"))
+    model.graph.node.append(onnx.helper.make_node("Unique", ["logits"], ["boxes"], name="unique"))
     model.graph.node.append(onnx.helper.make_node("QLinearConv", ["logits"], ["q"], name="qconv"))
     path = tmp_path / "bad.onnx"
     onnx.save(model, str(path))
     problems = plan.check_onnx_for_tensorrt(path)
     assert any(p.startswith("opset 12 < 13") for p in problems)
     assert any("input 'input': batch dim is 8, not dynamic" in p for p in problems)
-    assert any("NonMaxSuppression 'nms'" in p for p in problems) and any("QLinearConv 'qconv'" in p for p in problems)
+    assert any("Unique 'unique'" in p for p in problems) and any("QLinearConv 'qconv'" in p for p in problems)
     assert len(problems) == 4
 
 
