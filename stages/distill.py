@@ -32,11 +32,17 @@ def run(ctx: StageContext) -> StageResult:
     check_fits(student, "distill.student", task, ctx.model_meta())
     init = init_from_teacher(student, teacher) if dcfg.init == "teacher" else {"init": "random"}
     hints = None
-    if dcfg.feature_pairs and dcfg.beta > 0:
+    if dcfg.alpha > 0 or dcfg.beta > 0:
         device.module(teacher), device.module(student)
+        hints = task.distiller(teacher, student, dcfg.temperature, dcfg.alpha, dcfg.beta,
+                               device.batch(data.calibration_batches(1, 8)[0]))
+    own = hints is not None  # the task distils its own way (detectors): its step, its adapters
+    if not own and dcfg.feature_pairs and dcfg.beta > 0:
         hints = FeatureHints(teacher, student, dcfg.feature_pairs, device.batch(data.calibration_batches(1, 8)[0]))
     if dcfg.alpha == 0 and hints is None:  # labels only (the scratch baseline): no teacher forward at all
         targets, loss = None, task.train_loss
+    elif own:
+        targets, loss = None, hints.step
     else:
         targets = ctx.soft_targets(teacher)
         loss = kd_step(targets, dcfg.temperature, dcfg.alpha, dcfg.beta, hints, task=task)
@@ -53,7 +59,8 @@ def run(ctx: StageContext) -> StageResult:
                                    meta=ctx.task_meta())
     return StageResult(artifact, records={
         "history": history, "init": init, "soft_targets": targets.record() if targets else None,
-        "loss": "KD" if targets else "the task's loss on labels only (alpha 0, no feature hints)", "temperature": dcfg.temperature, "alpha": dcfg.alpha, "beta": dcfg.beta,
+        "loss": "KD" if targets else hints.record() if own else
+        "the task's loss on labels only (alpha 0, no feature hints)", "temperature": dcfg.temperature, "alpha": dcfg.alpha, "beta": dcfg.beta,
         "feature_pairs": [p.model_dump() for p in dcfg.feature_pairs],
         "teacher_params": teacher_params, "student_params": student_params,
         "params_ratio": student_params / teacher_params})

@@ -96,16 +96,17 @@ def run(ctx: StageContext) -> StageResult:
     # Torch-Pruning's graph is traced, and candidates are counted, on the training device: the model stays there
     # from pruning through fine-tuning (a candidate is exported from a CPU copy when its latency is measured).
     student = device.module(load_torch_artifact(ctx.input))
-    teacher = ctx.soft_targets(load_torch_artifact(ctx.teacher)) if ctx.teacher else None
+    net = ctx.task.prunable(student)  # what the pruner changes: the model, or a detector's core (no NMS)
+    teacher, distiller = _teacher(ctx, student)
     example = device.batch(torch.zeros(1, *data.input_shape))
-    base_macs, base_params = count(student, example)
+    base_macs, base_params = count(net, example)
     before = channels(student)
     # Under torchrun the graph surgery is rank 0's alone (Torch-Pruning's dependency graph, candidate latencies);
     # after each step the other ranks take its pruned weights (edgepipe.training.distributed.share_model) and every rank
     # fine-tunes under DDP.
     alone = distributed.is_main()
     pruner = tp.pruner.MetaPruner(
-        student, example, importance=importance(pcfg.importance), pruning_ratio=1.0,
+        net, example, importance=importance(pcfg.importance), pruning_ratio=1.0,
         iterative_steps=SMALL_STEPS, max_pruning_ratio=pcfg.max_layer_ratio, global_pruning=pcfg.global_pruning,
         ignored_layers=ignored_layers(student, ctx.task, ctx.model_meta(), pcfg.ignore), round_to=pcfg.round_to) if alone else None
     step_log, histories = [], []
@@ -116,20 +117,21 @@ def run(ctx: StageContext) -> StageResult:
             goal = pcfg.ratio ** (step / pcfg.steps) if latency is None else latency.goal(step, pcfg.steps)
             with distributed.main_only_threads():
                 if latency is None:
-                    reached = _prune_to(pruner, student, example, goal, base_macs, base_params, pcfg, data)
+                    reached = _prune_to(pruner, net, example, goal, base_macs, base_params, pcfg, data)
                 else:
-                    reached = latency.prune_to(pruner, student, goal, pcfg, data)
+                    reached = latency.prune_to(pruner, student, goal, pcfg, data, net)
         distributed.share_model(student, ctx.checkpoint_dir / f"pruned-step{step}.pt")
         if alone:  # rank 0 records the steps (and stops the run below if the budget is out of reach)
-            macs, params = count(student, example)
+            macs, params = count(net, example)
             step_log.append({"step": step, "goal_ratio" if latency is None else "goal_ms": goal, "macs": macs,
                              "params": params, "macs_ratio": macs / base_macs, "params_ratio": params / base_params,
                              "reached": reached, **({"latency_ms": latency.last_ms} if latency else {})})
             ctx.progress("prune steps", step, pcfg.steps, {"macs_ratio": macs / base_macs})
             log.info("prune step %d/%d: MACs %.1f%% params %.1f%% of the student", step, pcfg.steps,
                      100 * macs / base_macs, 100 * params / base_params)
-        if step < pcfg.steps and pcfg.finetune_per_step and teacher is not None:
+        if step < pcfg.steps and pcfg.finetune_per_step and (teacher or distiller) is not None:
             histories += fit(student, data, pcfg.optim.model_copy(update={"epochs": pcfg.finetune_per_step}),
+                             distiller.step if distiller is not None else
                              kd_step(teacher, pcfg.temperature, pcfg.alpha, task=ctx.task), batch_size=cfg.data.batch_size,
                              checkpoint_dir=ctx.checkpoint_dir, task=f"prune step {step} fine-tune",
                              progress=ctx.progress, tag=f"step{step}", evaluator=ctx.task, device=device)
@@ -148,8 +150,8 @@ def run(ctx: StageContext) -> StageResult:
         raise EdgepipeError(f"prune.ratio: {reached}; raise prune.max_layer_ratio or the ratio")
     task = ctx.task
     pruned_top1 = task.val_score(student, data, cfg.data.eval_batch_size)
-    loss = (kd_step(teacher, pcfg.temperature, pcfg.alpha, task=task) if teacher is not None
-            else task.train_loss)
+    loss = (distiller.step if distiller is not None else kd_step(teacher, pcfg.temperature, pcfg.alpha, task=task)
+            if teacher is not None else task.train_loss)
     histories += fit(student, data, pcfg.optim, loss, batch_size=cfg.data.batch_size,
                      checkpoint_dir=ctx.checkpoint_dir, task="prune fine-tune", progress=ctx.progress,
                      eval_batch_size=cfg.data.eval_batch_size, tag="final", evaluator=task, device=device)
@@ -159,14 +161,31 @@ def run(ctx: StageContext) -> StageResult:
     build = json.loads(ctx.input.path("build").read_text())["build"]
     artifact = save_torch_artifact(student, build, ctx.out_dir, data.input_shape, data.num_classes,
                                    meta=ctx.task_meta())
-    macs, params = count(student, example)
+    macs, params = count(net, example)
+    if distiller is not None:
+        distiller.remove()
     return StageResult(artifact, records={
         "history": histories, "importance": pcfg.importance.value, "target": pcfg.target, "ratio": pcfg.ratio,
         "macs_before": base_macs, "params_before": base_params, "macs_after": macs, "params_after": params,
         "macs_ratio": macs / base_macs, "params_ratio": params / base_params, "top1_after_pruning": pruned_top1,
         "steps": step_log, "channels": {n: [before[n], after.get(n, before[n])] for n in before},
-        "soft_targets": teacher.record() if teacher is not None else None,
+        "soft_targets": teacher.record() if teacher is not None and distiller is None else None,
+        "distillation": distiller.record() if distiller is not None else None,
         "latency": latency.record() if latency is not None else None})
+
+
+def _teacher(ctx: StageContext, student: nn.Module) -> tuple[Any, Any]:
+    """The fine-tune's teacher: its logits (``SoftTargets``), or the task's own distillation (a detector's
+    prediction distillation at ``prune.temperature``/``prune.alpha``: ``Task.distiller``); (None, None) without one."""
+    if not ctx.teacher:
+        return None, None
+    teacher = load_torch_artifact(ctx.teacher)
+    example = ctx.device.batch(ctx.data.calibration_batches(1, 8)[0])
+    pcfg = ctx.config.prune
+    distiller = ctx.task.distiller(ctx.device.module(teacher), student, pcfg.temperature, pcfg.alpha, 0.0, example)
+    if distiller is not None:
+        return teacher, distiller
+    return ctx.soft_targets(teacher), None
 
 
 def _prune_to(pruner: tp.pruner.MetaPruner, model: nn.Module, example: torch.Tensor, goal: float, base_macs: int,
@@ -231,21 +250,23 @@ class _Latency:
         return lat
 
     def prune_to(self, pruner: tp.pruner.MetaPruner, model: nn.Module, goal_ms: float, pcfg: PruneConfig,
-                 data) -> bool:
-        """Small pruner steps, measuring whenever MACs fell by ``latency_check``, until p50 <= goal_ms."""
-        measured_at = count(model, self.example)[0]
+                 data, net: nn.Module | None = None) -> bool:
+        """Small pruner steps, measuring whenever MACs fell by ``latency_check``, until p50 <= goal_ms (``model``
+        timed whole; ``net``, the part the pruner changes, counted)."""
+        net = model if net is None else net
+        measured_at = count(net, self.example)[0]
         if self.last_ms <= goal_ms:
             return True
         while pruner.current_step < pruner.iterative_steps:
             if pcfg.importance is Importance.TAYLOR:
                 _accumulate_gradients(model, data, pcfg.taylor_batches)
             pruner.step()
-            macs = count(model, self.example)[0]
+            macs = count(net, self.example)[0]
             if measured_at - macs >= pcfg.latency_check * self.base_macs:
                 measured_at = macs
                 if self._meets(model, macs, goal_ms):
                     return True
-        return self._meets(model, count(model, self.example)[0], goal_ms)
+        return self._meets(model, count(net, self.example)[0], goal_ms)
 
     def _meets(self, model: nn.Module, macs: int, goal_ms: float) -> bool:
         """The candidate meets ``goal_ms`` in a measurement and again in an independent one (a fresh compile)."""

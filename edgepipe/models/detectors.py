@@ -47,6 +47,11 @@ class Detector(nn.Module):
             return self.model(list(images), shifted)
         return self.pad(self.model(list(images)))
 
+    def feature_module(self) -> nn.Module:
+        """The module whose output is the feature maps the heads read (its backbone, with the FPN where it has
+        one): feature distillation hooks it."""
+        return self.model.backbone
+
     def pad(self, detections: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
         k = self.max_detections
         n = len(detections)
@@ -120,6 +125,9 @@ class SSDDetector(Detector):
         # the default boxes depend on the feature maps' sizes only
         return generator(ImageList(torch.zeros(1, 3, *self.size, device=on), [self.size]),
                          [torch.zeros(s, device=on) for s in shapes])[0]
+
+    def feature_module(self) -> nn.Module:
+        return self.core.backbone
 
     def forward(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None) -> Any:
         class_logits, regression = self.core(images)

@@ -116,6 +116,13 @@ class Task(ABC):
                      ) -> dict[str, torch.Tensor]:
         """Distillation against the teacher's outputs: ``{"loss", "soft", "hard"}`` (soft: the teacher term)."""
 
+    def distiller(self, teacher: nn.Module, student: nn.Module, temperature: float, alpha: float, beta: float,
+                  example: torch.Tensor) -> nn.Module | None:
+        """Distillation that is not a comparison of outputs (``distill_loss``): a module whose parameters train with
+        the student (adapters) and whose ``step`` is the ``loss_step``, ``record()`` what it did and ``remove()`` its
+        hooks. None (this default): ``distill_loss`` on the teacher's outputs, with the configured feature hints."""
+        return None
+
     @abstractmethod
     def val_score(self, model: nn.Module, data: Batches, batch_size: int) -> float:
         """The headline metric of ``model`` on the validation split in PyTorch (each training epoch)."""
@@ -157,6 +164,10 @@ class Task(ABC):
                  limit: float) -> dict[str, Any]:
         """A paired test of a compiled model against the reference runtime on the same data: at least
         ``drop_points`` (headline points lost), ``max_drop_points`` (= ``limit``), ``fails`` and ``test``."""
+
+    def prunable(self, model: nn.Module) -> nn.Module:
+        """The part of ``model`` structured pruning traces and changes (default: all of it)."""
+        return model
 
     def protected_layers(self, model: nn.Module, meta: Mapping[str, Any]) -> list[nn.Module]:
         """Layers structured pruning must leave whole (their outputs are the task's outputs)."""

@@ -72,14 +72,16 @@ class Detection(Task):
                                metric_gap=EXPORT_MAP_GAP)
 
     def check_stage(self, config: Any, stage: str) -> None:
-        if stage not in ("teacher", "distill", "export", "compile"):
+        if stage == "prune" and config.prune.enabled and config.prune.importance.value == "taylor":
+            raise EdgepipeError("prune.importance: taylor needs a detector's loss gradients in eval mode, which "
+                                "torchvision's detectors do not give; use magnitude or bn_scale")
+        if stage not in ("teacher", "distill", "prune", "export", "compile"):
             raise EdgepipeError(f"task detection: the {stage} stage cannot take a detector yet (issue 27 is in "
-                                "progress: the teacher and a labels-only student train and are scored, and stay done "
-                                "in the run)")
-        d = config.distill
-        if stage == "distill" and d.enabled and (d.alpha > 0 or (d.feature_pairs and d.beta > 0)):
-            raise EdgepipeError("distill.alpha: distillation between detectors is not available yet (issue 27); set "
-                                "distill.alpha: 0 and no feature_pairs to train the student on the labels")
+                                "progress: the teacher and the distilled student train, export and compile, and "
+                                "stay done in the run)")
+        if stage == "distill" and config.distill.enabled and config.distill.feature_pairs:
+            raise EdgepipeError("distill.feature_pairs: a detector's feature maps are paired by resolution (PKD on "
+                                "every map its head reads); leave feature_pairs empty and set distill.beta")
 
     def load_data(self, config: Any) -> Any:
         from edgepipe.data.detection_batches import detection_split_pair, detection_bundle
@@ -117,8 +119,15 @@ class Detection(Task):
 
     def distill_loss(self, student: Any, teacher: Any, targets: Any, temperature: float, alpha: float,
                      ) -> dict[str, torch.Tensor]:
-        raise EdgepipeError("detection: distillation from a detector teacher is not available yet (issue 27); set "
-                            "distill.alpha: 0 and no feature_pairs to train the student on the labels")
+        raise EdgepipeError("detection: detectors distil through Detection.distiller (their outputs are detection "
+                            "sets, not logits)")
+
+    def distiller(self, teacher: nn.Module, student: nn.Module, temperature: float, alpha: float, beta: float,
+                  example: torch.Tensor) -> nn.Module:
+        """Prediction distillation and PKD feature imitation (``edgepipe.training.detection_kd``)."""
+        from edgepipe.training.detection_kd import DetectionDistiller
+
+        return DetectionDistiller(teacher, student, temperature, alpha, beta, example)
 
     @torch.no_grad()
     def predict(self, model: nn.Module, data: Any, batch_size: int) -> tuple[list[Any], list[Any]]:
@@ -175,6 +184,14 @@ class Detection(Task):
         return {"drop_points": drop, "max_drop_points": limit, "fails": drop > limit,
                 "test": "mAP@.5 of the compiled model against the reference runtime's on the same images",
                 "reference_map50": ref["map50"], "compiled_map50": out["map50"], "samples": ref["samples"]}
+
+    def prunable(self, model: nn.Module) -> nn.Module:
+        """A one-stage detector's core (normalise, backbone, head): one tensor graph Torch-Pruning traces, the
+        decoding and NMS after it untouched; a two-stage detector is refused."""
+        if not hasattr(model, "core"):
+            raise EdgepipeError("prune: only one-stage SSD detectors prune (ssd_small, tv_ssdlite320_mobilenet_v3_"
+                                "large): a two-stage detector's RoI stage is not one traceable graph")
+        return model.core
 
     def protected_layers(self, model: nn.Module, meta: Mapping[str, Any]) -> list[nn.Module]:
         """The layers whose outputs are the detections: the class and box predictors of every head (SSD's and
