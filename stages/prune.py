@@ -96,7 +96,7 @@ def run(ctx: StageContext) -> StageResult:
     # Torch-Pruning's graph is traced, and candidates are counted, on the training device: the model stays there
     # from pruning through fine-tuning (a candidate is exported from a CPU copy when its latency is measured).
     student = device.module(load_torch_artifact(ctx.input))
-    net = ctx.task.prunable(student)  # what the pruner changes: the model, or a detector's core (no NMS)
+    net = ctx.task.graph_core(student)  # what the pruner changes: the model, or a detector's core (no NMS)
     teacher, distiller = _teacher(ctx, student)
     example = device.batch(torch.zeros(1, *data.input_shape))
     base_macs, base_params = count(net, example)

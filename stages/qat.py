@@ -83,6 +83,7 @@ def run(ctx: StageContext) -> StageResult:
     # The graph work (tracing, placing quantizers, building the budget's mixes) runs on CPU models; calibration,
     # every evaluation and the fine-tuning on the training device.
     model = load_torch_artifact(ctx.input)
+    task.graph_core(model)  # a model the task cannot quantize (a two-stage detector) is one line here
     # Without a teacher stage, the float model itself is the teacher (self-distillation).
     teacher = load_torch_artifact(ctx.teacher) if ctx.teacher else device.module(copy.deepcopy(model))
     float_top1 = evaluate(device.module(copy.deepcopy(model)), data, eval_bs)
@@ -103,7 +104,8 @@ def run(ctx: StageContext) -> StageResult:
     calibrated = copy.deepcopy(model)
     fold_batchnorm(calibrated, pairs)
     ptq_top1 = evaluate(calibrated, data, eval_bs)
-    log.info("qat: float top-1 %.4f, calibrated (PTQ) top-1 %.4f", float_top1, ptq_top1)
+    metric = task.headline.label
+    log.info("qat: float %s %.4f, calibrated (PTQ) %s %.4f", metric, float_top1, metric, ptq_top1)
     budget: Budget | None = None
     if qcfg.max_drop is not None:
         def build(float_layers: list[str]) -> nn.Module:  # the calibrated mix, as it would be saved
@@ -126,19 +128,24 @@ def run(ctx: StageContext) -> StageResult:
             calibrated = copy.deepcopy(model)
             fold_batchnorm(calibrated, pairs)
             ptq_top1 = evaluate(calibrated, data, eval_bs)
-            log.info("qat: the mix with %d layer(s) in %s: calibrated top-1 %.4f", len(float_layers),
-                     fallback["dtype"], ptq_top1)
+            log.info("qat: the mix with %d layer(s) in %s: calibrated %s %.4f", len(float_layers),
+                     fallback["dtype"], metric, ptq_top1)
 
-    targets = ctx.soft_targets(teacher) if ctx.teacher else teacher
-    history = fit(model, data, qcfg.optim, kd_step(targets, qcfg.temperature, qcfg.alpha, task=task),
+    distiller = task.distiller(device.module(teacher), model, qcfg.temperature, qcfg.alpha, 0.0,
+                               device.batch(batches[0]))  # a detector's own distillation, else the teacher's outputs
+    targets = None if distiller is not None else ctx.soft_targets(teacher) if ctx.teacher else teacher
+    history = fit(model, data, qcfg.optim,
+                  distiller.step if distiller is not None else kd_step(targets, qcfg.temperature, qcfg.alpha, task=task),
                   batch_size=cfg.data.batch_size, checkpoint_dir=ctx.checkpoint_dir, task="qat",
                   progress=ctx.progress, eval_batch_size=eval_bs, evaluator=task, device=device)
+    if distiller is not None:
+        distiller.remove()
     fold_batchnorm(model, pairs)
     qat_top1 = evaluate(model, data, eval_bs)
     kept = "fine-tuned" if task.headline.gain_points(ptq_top1, qat_top1) >= 0 else "calibrated"
     if kept == "calibrated":
-        log.warning("qat: fine-tuning lowered top-1 from %.4f (calibrated) to %.4f; keeping the calibrated model",
-                    ptq_top1, qat_top1)
+        log.warning("qat: fine-tuning lowered %s from %.4f (calibrated) to %.4f; keeping the calibrated model",
+                    metric, ptq_top1, qat_top1)
         model = calibrated
     float_layers: list[str] = []
     kept_top1 = qat_top1 if kept == "fine-tuned" else ptq_top1
@@ -162,7 +169,8 @@ def run(ctx: StageContext) -> StageResult:
         "quantized_layers": len(quant_layers(model)),
         "form": form, "placement": _placement_summary(placement, len(activation_quantizers(model))),
         "teacher": "teacher stage" if ctx.teacher else "float input (self-distillation)",
-        "soft_targets": targets.record() if ctx.teacher else None,
+        "soft_targets": targets.record() if ctx.teacher and targets is not None else None,
+        "distillation": distiller.record() if distiller is not None else None,
         "temperature": qcfg.temperature, "alpha": qcfg.alpha, "settings": saved, "fallback": fallback,
         "float_layers": float_layers,
         "mixed_precision": budget.record(float_layers, fallback, _variants(ctx, budget, model, float_model, fallback,

@@ -78,21 +78,34 @@ def test_the_detection_config_resolves_its_task_and_refuses_a_missing_path() -> 
         validate_config(_config(kind="voc"))
 
 
-@pytest.mark.parametrize("target", ["intel-xeon-amx", "jetson-orin-nano"])
-def test_teacher_and_a_labels_only_student_train_export_and_compile_through_the_engine(tmp_path: Path,
-                                                                                        target: str) -> None:
-    """Faster R-CNN teacher and SSD student (labels only) on the digit canvases, through Run/run_pipeline: every epoch
-    logs the detectors' own loss terms and mAP@.5; the student exports with NMS in the graph, checked by mAP, and
-    compiles for the target (OpenVINO; a Jetson bundle whose ONNX passes the TensorRT checks)."""
-    config = validate_config(_config())
-    run = Run.create(tmp_path / "run", config, target, order=("teacher", "distill", "export", "compile"))
+KD = {"alpha": 0.5, "beta": 1.0, "temperature": 2.0}
+FULL = ("teacher", "distill", "prune", "qat", "export", "compile")
+
+
+@pytest.mark.parametrize("target,order,distill", [
+    ("intel-xeon-amx", FULL, KD), ("jetson-orin-nano", ("teacher", "distill", "export", "compile"), {})])
+def test_detectors_train_distil_prune_quantize_export_and_compile_through_the_engine(
+        tmp_path: Path, target: str, order: tuple[str, ...], distill: dict) -> None:
+    """Faster R-CNN teacher and SSD student on the digit canvases, through Run/run_pipeline: every epoch logs the
+    detectors' own loss terms (and the distillation's) and mAP@.5; the student (distilled, pruned, QAT'd on OpenVINO's
+    target; labels only for the Jetson bundle) exports with NMS in the graph, checked by mAP, and compiles: OpenVINO
+    INT8 with every convolution in i8/u8 and NMS in the compiled model; a Jetson bundle whose ONNX passes the TensorRT
+    checks."""
+    raw = _config()
+    raw["distill"].update(distill)
+    raw["prune"] = {"ratio": 0.6, "steps": 1, "alpha": 0.5, "temperature": 2.0,
+                    "optim": {"epochs": 1, "lr": 0.01, "autocast": "off"}}
+    raw["qat"] = {"calibration_batches": 2, "alpha": 0.5, "temperature": 2.0,
+                  "optim": {"epochs": 1, "lr": 0.001, "autocast": "off"}}
+    run = Run.create(tmp_path / "run", validate_config(raw), target, order=order)
     run_pipeline(run)
+    kd = {"soft", "soft_box", "feature"} if distill else set()
     for stage, terms in (("teacher", {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}),
-                         ("distill", {"classification", "bbox_regression"})):
+                         ("distill", {"classification", "bbox_regression", *kd})):
         m = json.loads((run.root / stage / "metrics.json").read_text())
         assert m["status"] == "done"
         history = m["records"]["history"]
-        assert len(history) == 2 and terms <= set(history[0])
+        assert len(history) == 2 and terms <= set(history[0]), stage
         assert all(0.0 <= r["val_map50"] <= 1.0 for r in history)
         assert history[-1]["loss"] < history[0]["loss"], stage
         assert np.isfinite([r["loss"] for r in history]).all()
@@ -105,9 +118,15 @@ def test_teacher_and_a_labels_only_student_train_export_and_compile_through_the_
         else:
             assert m["latency"]["backend"] != "pytorch" and m["on_target"]
         assert m["gain"] is None  # nothing on the target to compare the student with
+    if "prune" in order:
+        pruned = json.loads((run.root / "prune" / "metrics.json").read_text())["records"]
+        assert pruned["macs_ratio"] <= 0.6 and {"soft", "soft_box"} <= set(pruned["history"][-1])
+        qat = json.loads((run.root / "qat" / "metrics.json").read_text())["records"]
+        assert qat["quantized_layers"] > 0 and qat["distillation"]["method"].startswith("prediction distillation")
     export = json.loads((run.root / "export" / "metrics.json").read_text())
     checks = export["records"]["checks"]
-    assert checks["max_gap_points"] == 0.5 and checks["gap_points"] <= 0.5 and checks["samples"] == 16
+    assert checks["max_gap_points"] == (1.0 if "qat" in order else 0.5) and checks["samples"] == 16
+    assert checks["gap_points"] <= checks["max_gap_points"]
     onnx_ops = {n.op_type for n in onnx.load(str(run.root / "export" / "model.onnx")).graph.node}
     assert "NonMaxSuppression" in onnx_ops
     compiled = json.loads((run.root / "compile" / "metrics.json").read_text())
@@ -118,25 +137,27 @@ def test_teacher_and_a_labels_only_student_train_export_and_compile_through_the_
         assert (run.root / "compile" / "edgepipe_trt.py").exists()
         assert check_onnx_for_tensorrt(run.root / "compile" / "model.onnx") == []
     else:
-        assert compiled["latency"]["backend"] == "openvino"
+        records = compiled["records"]
+        assert compiled["latency"]["backend"] == "openvino" and compiled["latency"]["dtype"] == "int8"
+        assert records["int8_convolutions"] and records["nms_layers"] == 1 and records["residual_adds"] == {}
+        assert not records["fidelity"]["fails"] and records["fidelity"]["metric"] == "map50"
 
 
-def test_what_detection_cannot_do_yet_is_one_line_and_the_done_stages_stay(tmp_path: Path, capsys) -> None:
+def test_what_a_detector_cannot_do_is_one_line_and_the_done_stages_stay(tmp_path: Path, capsys) -> None:
     from edgepipe.cli import main
 
-    kd = _config()
-    kd["distill"]["alpha"] = 0.5
-    kd["teacher"]["train"]["epochs"] = 1
+    raw = _config()
+    raw["teacher"]["train"]["epochs"] = 1
+    raw["distill"]["feature_pairs"] = [{"teacher": "model.backbone", "student": "core.backbone"}]
+    raw["distill"]["beta"] = 1.0
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(json.dumps(kd))
+    cfg.write_text(json.dumps(raw))
     run = tmp_path / "run"
     assert main(["teacher", "--config", str(cfg), "--target", "generic-cpu", "--run", str(run)]) == 0
     capsys.readouterr()
     assert main(["distill", "--run", str(run)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "distill.alpha: distillation between detectors is not available yet" in err[0]
+    assert len(err) == 1 and "distill.feature_pairs: a detector's feature maps are paired by resolution" in err[0]
     entries = {e["name"]: e for e in json.loads((run / "manifest.json").read_text())["stages"]}
     assert entries["teacher"]["status"] == "done"
     assert "distill" not in entries or entries["distill"]["status"] == "pending"
-    assert main(["prune", "--run", str(run)]) == 2
-    assert "task detection: the prune stage cannot take a detector yet" in capsys.readouterr().err

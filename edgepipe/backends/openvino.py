@@ -118,7 +118,10 @@ def op_precisions(compiled_model: Any, adds: list[str]) -> dict[str, Any]:
         ops.append({"op": "Add (residual)", "name": name, "precision": "not in execution graph"})
         add_precision[name] = "not in execution graph"
     return {"ops": ops, "residual_adds": add_precision, "standalone_fake_quantize": fake_quantize,
-            "float_compute_ops": [o for o in ops if o["precision"] not in _INT8]}
+            "float_compute_ops": [o for o in ops if o["precision"] not in _INT8],
+            "nms_layers": sum(op.get_rt_info()["layerType"].astype(str) == "NonMaxSuppression"
+                              for op in compiled_model.get_runtime_model().get_ordered_ops()
+                              if "layerType" in op.get_rt_info())}
 
 
 def int8_convolutions(hist: dict[str, dict[str, int]]) -> bool:
@@ -340,6 +343,8 @@ def compile(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_dir: Pa
         "op_precisions": per_op["ops"], "residual_adds": per_op["residual_adds"],
         "standalone_fake_quantize": per_op["standalone_fake_quantize"],
         "float_compute_ops": per_op["float_compute_ops"] if dtype is DType.INT8 else [],
+        # a detector's NMS, compiled into the model (OpenVINO's NonMaxSuppression execution layer)
+        **({"nms_layers": per_op["nms_layers"]} if per_op["nms_layers"] else {}),
         "requested_dtype": dtype.value,
         "runtime_dtype": achieved.value,
     }

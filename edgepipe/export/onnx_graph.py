@@ -42,9 +42,21 @@ def is_residual_add(node: onnx.NodeProto, constants: set[str] | dict[str, np.nda
 
 
 def residual_adds(graph: onnx.GraphProto) -> list[str]:
-    """Names of the graph's residual adds (see ``is_residual_add``), in graph order."""
+    """Names of the graph's residual adds (see ``is_residual_add``) inside the network: between its layers (a Conv,
+    Gemm or MatMul upstream of both inputs and downstream of the sum), in graph order; not the box arithmetic of a
+    detector's decoding after its last layer."""
+    layers = ("Conv", "ConvTranspose", "Gemm", "MatMul")
     constants = constant_values(graph)
-    return [n.name for n in graph.node if is_residual_add(n, constants)]
+    after: set[str] = set()  # tensors computed from a layer's output (a tensor's shape is not its values)
+    for node in graph.node:  # topological order: one pass each way
+        if node.op_type in layers or (node.op_type not in ("Shape", "Size") and any(i in after for i in node.input)):
+            after.update(node.output)
+    before: set[str] = set()  # tensors some later layer reads
+    for node in reversed(graph.node):
+        if node.op_type in layers or any(o in before for o in node.output):
+            before.update(node.input)
+    return [n.name for n in graph.node if is_residual_add(n, constants) and all(i in after for i in n.input)
+            and n.output[0] in before]
 
 
 def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:

@@ -98,6 +98,7 @@ class SSDDetector(Detector):
     is what trains. The anchors are computed once at the model's input size (it never resizes)."""
 
     exportable = True
+    graph_part = "core"  # what QAT quantizes (edgepipe.quantization.layers.graph_part); decoding and NMS stay float
 
     def __init__(self, ssd: nn.Module, num_classes: int, size: int, max_detections: int = MAX_DETECTIONS,
                  candidates: int = 400) -> None:
@@ -192,6 +193,22 @@ class _Features(nn.Module):
         return OrderedDict((str(i), m) for i, m in enumerate(maps[-self.outputs:]))
 
 
+class _FeaturePyramid(nn.Module):
+    """``_Features``' last three maps (strides 4, 8, 16 of four stages) through torchvision's
+    ``FeaturePyramidNetwork``: every level ``channels`` wide, so RoIs of every size pool from a map of their scale."""
+
+    def __init__(self, widths: tuple[int, ...], channels: int) -> None:
+        from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
+
+        super().__init__()
+        self.body = _Features(widths, 3)
+        self.fpn = FeaturePyramidNetwork(list(widths[-3:]), channels)
+        self.out_channels = channels
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        return self.fpn(self.body(x))
+
+
 def _load_backbone(backbone: nn.Module, path: str | None) -> None:
     if path:
         from edgepipe.models.weights import load_state_dict_file
@@ -217,20 +234,30 @@ def ssd_small(num_classes: int, size: int = 64, widths: tuple[int, ...] = (16, 3
     return SSDDetector(model, num_classes, size)
 
 
-def faster_rcnn_small(num_classes: int, size: int = 64, widths: tuple[int, ...] = (32, 64, 128),
-                      backbone_weights: str | None = None) -> Detector:
-    """A two-stage Faster R-CNN (Ren et al. 2015; torchvision's FasterRCNN: RPN, RoIAlign, box head) on a narrow
-    stride-8 backbone, the small default's teacher: anchors of 8 to 32 pixels at three aspects."""
-    from torchvision.models.detection.faster_rcnn import FasterRCNN
+def faster_rcnn_small(num_classes: int, size: int = 64, widths: tuple[int, ...] = (32, 64, 96, 128),
+                      fpn_channels: int = 64, representation: int = 256, backbone_weights: str | None = None,
+                      ) -> Detector:
+    """A two-stage Faster R-CNN with an FPN (Ren et al. 2015, Lin et al. 2017; torchvision's FasterRCNN: RPN,
+    multi-scale RoIAlign, box head) on a narrow four-stage backbone, the small default's teacher: maps at strides 4,
+    8 and 16 with anchors of 8, 16 and 32 pixels (three aspects each); proposals, sampled RoIs and the box head's
+    width (``representation``, torchvision's TwoMLPHead) sized for a few objects per image rather than COCO's (2000
+    proposals, 512 RoIs, 1024 wide), which is most of its training time on a CPU."""
+    from torchvision.models.detection.faster_rcnn import FasterRCNN, FastRCNNPredictor, TwoMLPHead
     from torchvision.models.detection.rpn import AnchorGenerator
     from torchvision.ops import MultiScaleRoIAlign
 
-    backbone = _Features(tuple(widths), 1)
-    _load_backbone(backbone, backbone_weights)
-    anchors = AnchorGenerator(sizes=((8, 16, 32),), aspect_ratios=((0.5, 1.0, 2.0),))
-    model = FasterRCNN(backbone, num_classes + 1, min_size=size, max_size=size, rpn_anchor_generator=anchors,
-                       box_roi_pool=MultiScaleRoIAlign(["0"], output_size=7, sampling_ratio=2),
-                       box_detections_per_img=MAX_DETECTIONS, rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=100)
+    backbone = _FeaturePyramid(tuple(widths), fpn_channels)
+    _load_backbone(backbone.body, backbone_weights)
+    anchors = AnchorGenerator(sizes=((8,), (16,), (32,)), aspect_ratios=((0.5, 1.0, 2.0),) * 3)
+    model = FasterRCNN(backbone, None, min_size=size, max_size=size, rpn_anchor_generator=anchors,
+                       # one sample per bin: torchvision's CPU RoIAlign backward is most of a training step
+                       box_roi_pool=MultiScaleRoIAlign(["0", "1", "2"], output_size=7, sampling_ratio=1,
+                                                       canonical_scale=32, canonical_level=3),
+                       box_head=TwoMLPHead(fpn_channels * 7 * 7, representation),
+                       box_predictor=FastRCNNPredictor(representation, num_classes + 1),
+                       box_detections_per_img=MAX_DETECTIONS,
+                       rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300, rpn_batch_size_per_image=128,
+                       box_batch_size_per_image=64, rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=100)
     return _fixed_size_detector(model, size, num_classes)
 
 

@@ -75,7 +75,8 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from edgepipe.errors import EdgepipeError
-from edgepipe.quantization.layers import QUANT_LAYER_OF, ActQuant, activation_quantizers, quant_layers, replace_module
+from edgepipe.quantization.layers import (QUANT_LAYER_OF, ActQuant, activation_quantizers, graph_part, quant_layers,
+                                         replace_module)
 from edgepipe.quantization.mixed import keep_float
 from edgepipe.quantization.placement import apply_placement, plan_placement
 
@@ -131,15 +132,18 @@ def _check_settings(settings: dict[str, Any]) -> list[tuple[str, str]]:
 
 # --- BatchNorm folding -------------------------------------------------------------------------------
 def find_conv_bn_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], str | None]:
-    """Conv2d -> BatchNorm2d pairs where the conv feeds only that BN and each module is called once.
+    """Conv2d -> BatchNorm2d pairs where the conv feeds only that BN and each module is called once (names in
+    ``model``, within its ``graph_part``).
 
     Returns (pairs, note): the note says why nothing could be looked for (torch.fx cannot trace the
     model), else None.
     """
+    prefix, model = graph_part(model)
     graph, note = _trace(model)
     if graph is None:
         log.warning("BatchNorm stays unfolded: %s", note)
         return [], note
+    prefix = f"{prefix}." if prefix else ""
     modules = dict(model.named_modules())
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     pairs = []
@@ -151,7 +155,7 @@ def find_conv_bn_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], str | N
         conv = modules.get(src.target) if isinstance(src, fx.Node) and src.op == "call_module" else None
         if (type(conv) is nn.Conv2d and len(src.users) == 1 and calls[src.target] == 1 and calls[node.target] == 1
                 and conv.out_channels == bn.num_features):
-            pairs.append((src.target, node.target))
+            pairs.append((prefix + src.target, prefix + node.target))
     return pairs, None
 
 
@@ -212,6 +216,8 @@ def insert_fake_quant(model: nn.Module, settings: dict[str, Any], input_shape: t
     if quant_layers(model) or activation_quantizers(model):
         raise EdgepipeError("insert_fake_quant: the model already holds fake-quantized layers")
     fold_batchnorm(model, pairs)
+    whole = model
+    prefix, model = graph_part(whole)  # the quantized part; a detector's decoding and NMS stay float
     targets = [(n, m) for n, m in model.named_modules() if type(m) in QUANT_LAYER_OF]
     if not targets:
         raise EdgepipeError(f"insert_fake_quant: {type(model).__name__} has no nn.Conv2d or nn.Linear to quantize")
@@ -236,6 +242,9 @@ def insert_fake_quant(model: nn.Module, settings: dict[str, Any], input_shape: t
         if traced is None:
             layer.input_quant = ActQuant(signed=True)
         replace_module(model, name, layer)
+    if prefix:
+        replace_module(whole, prefix, model)
+        model = whole
     if settings.get("float_layers"):
         keep_float(model, settings["float_layers"])
     return model

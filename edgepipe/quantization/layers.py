@@ -29,6 +29,13 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+def graph_part(model: nn.Module) -> tuple[str, nn.Module]:
+    """The submodule that is the model's tensor graph, and its name: a model whose forward runs Python that fx cannot
+    trace after that graph names it in ``graph_part`` (a one-stage detector: ``core``, before its decoding and NMS,
+    which stay float); otherwise the model itself (name ``""``). Quantization traces, places and folds within it."""
+    name = getattr(model, "graph_part", "") or ""
+    return name, (model.get_submodule(name) if name else model)
+
 
 # --- fake-quantized tensors and layers -----------------------------------------------------------------
 def weight_scale(weight: torch.Tensor, qmax: int = QMAX) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from edgepipe.quantization.layers import QUANT_LAYER_OF, QUANTIZERS, ActQuant
+from edgepipe.quantization.layers import QUANT_LAYER_OF, QUANTIZERS, ActQuant, graph_part
 
 _F = nn.functional
 _NONNEG_FUNCTIONS = {torch.relu, _F.relu, _F.relu6, torch.sigmoid, _F.sigmoid, _F.hardsigmoid, torch.softmax,
@@ -178,6 +178,7 @@ def apply_placement(gm: fx.GraphModule, plan: list[dict[str, Any]]) -> None:
 
 def placement_of(model: nn.Module) -> list[dict[str, Any]] | None:
     """The plan a traced QAT model was built with (None for the untraced fallback)."""
+    model = graph_part(model)[1]  # the traced part of a model whose forward goes on in Python (a detector's core)
     if not isinstance(model, fx.GraphModule) or not hasattr(model, QUANTIZERS):
         return None
     nodes = {n.name: n for n in model.graph.nodes}

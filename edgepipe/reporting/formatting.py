@@ -100,6 +100,13 @@ def new_figure(width: float = 7.0, height: float = 4.2) -> Any:
     return fig
 
 
+def rectangle(corner: tuple[float, float], width: float, height: float, color: str) -> Any:
+    """An unfilled box outline to add to an axes (a detection or a ground-truth box)."""
+    from matplotlib.patches import Rectangle
+
+    return Rectangle(corner, width, height, fill=False, edgecolor=color, linewidth=1.0)
+
+
 def png_bytes(fig: Any, dpi: int = 110) -> bytes:
     """``fig`` rendered as PNG."""
     buf = io.BytesIO()

@@ -197,14 +197,54 @@ PLOTS: tuple[tuple[str, str], ...] = (
     ("per_class_top1.png", "Top-1 per class: teacher, distilled student and the last stage"),
     ("prune_latency.png", "Batch-1 latency of each pruning candidate against its MACs, with the budget"),
     ("int8_sensitivity.png", "Top-1 drop per layer with only that layer INT8, and the layers kept in float"),
+    ("detections.png", "Validation images: the ground truth and each stage's detections (score >= 0.3)"),
 )
 
 
-def make_plots(rows: list[dict[str, Any]], stages: Stages) -> list[tuple[str, str, bytes | None, str | None]]:
-    """(file name, caption, PNG bytes or None, why it was skipped or None) for every plot in ``PLOTS``."""
+def _plot_detections(stages: Stages, examples: Callable[[], Any] | None) -> bytes | str:
+    """A few validation images (one per column): the ground truth in the first row, then each measured stage's
+    detections (its ``accuracy.examples``), labelled with class and score."""
+    measured = [(e.get("name"), value_at(m, "accuracy", "examples")) for e, m in stages]
+    measured = [(n, ex) for n, ex in measured if isinstance(ex, list) and ex]
+    if not measured:
+        return "no stage recorded detections (a detection run records them when it is measured)"
+    if examples is None:
+        return "the run's validation images are not readable here"
+    loaded = examples()
+    if isinstance(loaded, str):
+        return loaded
+    images, truth, names = loaded
+    cols = min(len(images), len(measured[0][1]))
+    rows = [("ground truth", [{"boxes": t["boxes"], "labels": t["labels"], "scores": None} for t in truth])]
+    rows += measured
+    fig = fmt.new_figure(width=2.4 * cols + 0.6, height=2.4 * len(rows) + 0.3)
+    for r, (title, found) in enumerate(rows):
+        for c in range(cols):
+            ax = fig.add_subplot(len(rows), cols, r * cols + c + 1)
+            image = images[c]
+            ax.imshow(image.transpose(1, 2, 0) if image.shape[0] in (1, 3) else image, interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(title, fontsize=9)
+            d = found[c] if c < len(found) else {"boxes": [], "labels": [], "scores": None}
+            scores = d.get("scores") or [None] * len(d["boxes"])
+            for (x1, y1, x2, y2), label, score in zip(d["boxes"], d["labels"], scores):
+                color = "lime" if score is None else "red"
+                ax.add_patch(fmt.rectangle((x1, y1), x2 - x1, y2 - y1, color))
+                text = names[int(label)] if 0 <= int(label) < len(names) else str(label)
+                ax.text(x1, y1, text if score is None else f"{text} {score:.2f}", color=color, fontsize=6,
+                        va="bottom")
+    return fmt.png_bytes(fig)
+
+
+def make_plots(rows: list[dict[str, Any]], stages: Stages, examples: Callable[[], Any] | None = None,
+               ) -> list[tuple[str, str, bytes | None, str | None]]:
+    """(file name, caption, PNG bytes or None, why it was skipped or None) for every plot in ``PLOTS``;
+    ``examples`` gives the validation images the detection pictures draw on (images, ground truth, class names)."""
     makers: list[Callable[[], bytes | str]] = [lambda: _plot_accuracy_latency(rows), lambda: _plot_distillation(stages),
                                                lambda: _plot_channels(stages), lambda: _plot_per_class(stages),
-                                               lambda: _plot_prune_latency(stages), lambda: _plot_sensitivity(stages)]
+                                               lambda: _plot_prune_latency(stages), lambda: _plot_sensitivity(stages),
+                                               lambda: _plot_detections(stages, examples)]
     out = []
     for (name, caption), make in zip(PLOTS, makers):
         result = make()

@@ -17,6 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edgepipe.reporting import formatting as fmt
 from edgepipe.errors import EdgepipeError
 from edgepipe.reporting.plots import make_plots, number, value_at
@@ -243,7 +245,7 @@ def _document(manifest: dict[str, Any], stages: list[tuple[dict[str, Any], dict[
         *(device_blocks(run_dir, rows) if run_dir is not None else []),
         ("h2", "Plots"),
     ]
-    for name, caption, png, note in make_plots(rows, stages):
+    for name, caption, png, note in make_plots(rows, stages, _examples_loader(run_dir)):
         blocks.append(("plot", name, caption, png, None if note is None else f"Plot skipped: {note}."))
     return blocks
 
@@ -375,6 +377,29 @@ def _render_html(blocks: list[Block]) -> str:
                 out.append(f'<p class="note">{e(caption)}: {e(note)}</p>')
     out.append("</body></html>")
     return "\n".join(out) + "\n"
+
+
+def _examples_loader(run_dir: Path | None) -> Any:
+    """For a detection run, what the detection pictures draw on: its first validation images (as the task reads its
+    data, from the run's config), their ground truth and the class names; or why they cannot be read here."""
+    if run_dir is None or not (Path(run_dir) / "config.yaml").is_file():
+        return None
+
+    def load() -> Any:
+        from edgepipe.config import load_config
+        from edgepipe.tasks import task_of
+        from edgepipe.tasks.detection import EXAMPLES
+
+        try:
+            config = load_config(Path(run_dir) / "config.yaml")
+            data = task_of(config).load_data(config)
+            images, truth = data.val_head(EXAMPLES)
+        except (EdgepipeError, OSError) as e:
+            return f"the validation images cannot be read here ({str(e).splitlines()[0]})"
+        truth = [{"boxes": np.asarray(t["boxes"]).tolist(), "labels": np.asarray(t["labels"]).tolist()}
+                 for t in truth]
+        return images, truth, list(data.class_names)
+    return load
 
 
 def write_report(run_dir: Path) -> tuple[Path, Path]:

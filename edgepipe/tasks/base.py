@@ -165,8 +165,9 @@ class Task(ABC):
         """A paired test of a compiled model against the reference runtime on the same data: at least
         ``drop_points`` (headline points lost), ``max_drop_points`` (= ``limit``), ``fails`` and ``test``."""
 
-    def prunable(self, model: nn.Module) -> nn.Module:
-        """The part of ``model`` structured pruning traces and changes (default: all of it)."""
+    def graph_core(self, model: nn.Module) -> nn.Module:
+        """The part of ``model`` that is one tensor graph: what structured pruning traces and changes and QAT
+        quantizes (default: all of it)."""
         return model
 
     def protected_layers(self, model: nn.Module, meta: Mapping[str, Any]) -> list[nn.Module]:

@@ -43,6 +43,22 @@ def _per_image(outputs: Mapping[str, np.ndarray]) -> list[tuple[np.ndarray, np.n
     return [(boxes[i, :c], scores[i, :c], labels[i, :c]) for i, c in enumerate(count.astype(int))]
 
 
+EXAMPLES = 4
+"""Validation images whose detections each stage records, for the report's pictures."""
+EXAMPLE_SCORE = 0.3
+
+
+def _examples(detections: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> list[dict[str, list]]:
+    """The first ``EXAMPLES`` images' detections scoring at least ``EXAMPLE_SCORE`` (at most 20 each), rounded."""
+    out = []
+    for boxes, scores, labels in detections[:EXAMPLES]:
+        keep = np.flatnonzero(np.asarray(scores) >= EXAMPLE_SCORE)[:20]
+        out.append({"boxes": np.round(np.asarray(boxes)[keep], 1).tolist(),
+                    "scores": np.round(np.asarray(scores)[keep], 3).tolist(),
+                    "labels": np.asarray(labels)[keep].astype(int).tolist()})
+    return out
+
+
 def _truth(targets: list[Any]) -> list[tuple[np.ndarray, np.ndarray]]:
     """Batches of targets (lists of {"boxes", "labels"}) as one list of (boxes, labels) per image."""
     return [(np.asarray(t["boxes"]), np.asarray(t["labels"])) for batch in targets for t in batch]
@@ -75,7 +91,7 @@ class Detection(Task):
         if stage == "prune" and config.prune.enabled and config.prune.importance.value == "taylor":
             raise EdgepipeError("prune.importance: taylor needs a detector's loss gradients in eval mode, which "
                                 "torchvision's detectors do not give; use magnitude or bn_scale")
-        if stage not in ("teacher", "distill", "prune", "export", "compile"):
+        if stage not in ("teacher", "distill", "prune", "qat", "export", "compile"):
             raise EdgepipeError(f"task detection: the {stage} stage cannot take a detector yet (issue 27 is in "
                                 "progress: the teacher and the distilled student train, export and compile, and "
                                 "stay done in the run)")
@@ -170,7 +186,7 @@ class Detection(Task):
         names = class_names or [str(i) for i in range(1 + max((int(t[1].max()) for t in truth if len(t[1])),
                                                               default=0))]
         scores = coco_scores(truth, detections, names)
-        return {**scores, "samples": len(truth)}
+        return {**scores, "samples": len(truth), "examples": _examples(detections)}
 
     def score_outputs(self, outputs: list[Any], targets: list[Any]) -> float:
         named = {k: np.concatenate([o[i].float().cpu().numpy() if o[i].is_floating_point() else o[i].cpu().numpy()
@@ -185,12 +201,13 @@ class Detection(Task):
                 "test": "mAP@.5 of the compiled model against the reference runtime's on the same images",
                 "reference_map50": ref["map50"], "compiled_map50": out["map50"], "samples": ref["samples"]}
 
-    def prunable(self, model: nn.Module) -> nn.Module:
-        """A one-stage detector's core (normalise, backbone, head): one tensor graph Torch-Pruning traces, the
-        decoding and NMS after it untouched; a two-stage detector is refused."""
+    def graph_core(self, model: nn.Module) -> nn.Module:
+        """A one-stage detector's core (normalise, backbone, head): one tensor graph Torch-Pruning traces and QAT
+        quantizes (its ``graph_part``), the decoding and NMS after it untouched and float; a two-stage detector is
+        refused."""
         if not hasattr(model, "core"):
-            raise EdgepipeError("prune: only one-stage SSD detectors prune (ssd_small, tv_ssdlite320_mobilenet_v3_"
-                                "large): a two-stage detector's RoI stage is not one traceable graph")
+            raise EdgepipeError("a two-stage detector's RoI stage is not one traceable graph: only one-stage SSD "
+                                "students (ssd_small, tv_ssdlite320_mobilenet_v3_large) are pruned and quantized")
         return model.core
 
     def protected_layers(self, model: nn.Module, meta: Mapping[str, Any]) -> list[nn.Module]:

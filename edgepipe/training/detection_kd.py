@@ -66,28 +66,32 @@ class DetectionDistiller(nn.Module):
                                 "(ssd_small, tv_ssdlite320_mobilenet_v3_large); set distill.alpha: 0 to distil "
                                 "features only")
         for role, model in (("teacher", teacher), ("student", student)):
-            if not hasattr(model, "feature_module"):
+            if beta > 0 and not hasattr(model, "feature_module"):
                 raise EdgepipeError(f"distill.{role}: a detector wrapped in edgepipe.models.detectors (Detector or "
                                     "SSDDetector) is needed to read its feature maps")
         self.temperature, self.alpha, self.beta = temperature, alpha, beta
         self._models = (teacher, student)  # a tuple: not submodules
         self._seen: dict[str, Any] = {}
-        self._hooks = [teacher.feature_module().register_forward_hook(self._keep("teacher")),
-                       student.feature_module().register_forward_hook(self._keep("student"))]
+        self._hooks = []
+        if beta > 0:  # feature maps: read by hooks (a QAT student's traced core has no backbone module to hook)
+            self._hooks += [teacher.feature_module().register_forward_hook(self._keep("teacher")),
+                            student.feature_module().register_forward_hook(self._keep("student"))]
         if hasattr(student, "core"):
             self._hooks.append(student.core.register_forward_hook(self._keep("head")))
-        with torch.no_grad():
-            was = student.training
-            teacher.eval(), student.eval()
-            teacher(example), student(example)
-            student.train(was)
-        t_maps, s_maps = _maps(self._seen["teacher"]), _maps(self._seen["student"])
+        self.pairs: list[int] = []
+        self.adapters = nn.ModuleList()
+        if beta > 0:
+            with torch.no_grad():
+                was = student.training
+                teacher.eval(), student.eval()
+                teacher(example), student(example)
+                student.train(was)
+            t_maps, s_maps = _maps(self._seen["teacher"]), _maps(self._seen["student"])
+            # each student map with the teacher map of the nearest resolution
+            self.pairs = [min(range(len(t_maps)), key=lambda j, s=s: abs(t_maps[j].shape[-1] - s.shape[-1]))
+                          for s in s_maps]
+            self.adapters.extend(nn.Conv2d(s.shape[1], t_maps[j].shape[1], 1) for s, j in zip(s_maps, self.pairs))
         self._seen.clear()
-        # each student map with the teacher map of the nearest resolution
-        self.pairs = [min(range(len(t_maps)), key=lambda j, s=s: abs(t_maps[j].shape[-1] - s.shape[-1]))
-                      for s in s_maps]
-        self.adapters = nn.ModuleList(nn.Conv2d(s.shape[1], t_maps[j].shape[1], 1)
-                                      for s, j in zip(s_maps, self.pairs))
 
     def _keep(self, key: str) -> Any:
         def hook(_m: nn.Module, _i: tuple, out: Any) -> None:
@@ -155,7 +159,7 @@ class DetectionDistiller(nn.Module):
         teacher.eval()
         with torch.no_grad():
             detections = teacher(x)
-        teacher_maps = _maps(self._seen.pop("teacher"))
+        teacher_maps = _maps(self._seen.pop("teacher")) if self.beta > 0 else []
         losses = student(x, y)  # the student's own terms on the labels; the hooks keep its maps and head outputs
         hard = sum(losses.values())
         terms = {k: v.detach() for k, v in losses.items()}
