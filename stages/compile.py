@@ -121,24 +121,24 @@ def compile_dtype(config: PipelineConfig, profile: HardwareProfile, quantized: b
 
 
 def add_validation_set(ctx: StageContext, artifact: Any) -> dict[str, Any]:
-    """Put the first validation images into the bundle (``val.npz``) with the exported ONNX's top-1 on exactly
-    those inputs (ONNX Runtime reference), so the device's top-1 has a reference to be compared with."""
+    """Put the first validation images into the bundle (``val.npz``, ``Task.device_validation``) with the exported
+    ONNX's headline metric on exactly those inputs (ONNX Runtime reference), so the device's figure has a reference
+    to be compared with."""
     from edgepipe.backends.onnxruntime import OrtRunner
     from edgepipe.backends.tensorrt_device import validation_inputs
-    from edgepipe.backends.tensorrt_plan import VALIDATION_FILE, validation_arrays, write_validation_set
+    from edgepipe.backends.tensorrt_plan import VALIDATION_FILE, write_validation_set
     from edgepipe.runtime.runner import run_batches
 
-    data = ctx.data
-    limit = ctx.config.compile.device_val_images
-    arrays = validation_arrays(*data.val_head(limit), data.mean.numpy(), data.std.numpy(), limit)
+    arrays, truth = ctx.task.device_validation(ctx.data, ctx.config.compile.device_val_images)
     write_validation_set(artifact.root, arrays)
     artifact.files["validation"] = VALIDATION_FILE
-    x, y = validation_inputs(arrays)
+    x, _ = validation_inputs(arrays)
+    y = truth
     batch = ctx.config.data.eval_batch_size
     outputs, targets = run_batches(OrtRunner(ctx.input.path("onnx"), ctx.config.measure.threads, reference=True),
                                    [(ctx.task.feeds(x[i:i + batch]), y[i:i + batch]) for i in range(0, len(x), batch)])
     metric = ctx.task.device_metric
-    return {"file": VALIDATION_FILE, "images": int(len(y)), f"reference_{metric}": ctx.task.metrics(outputs, targets)[metric],
+    return {"file": VALIDATION_FILE, "images": int(len(x)), f"reference_{metric}": ctx.task.metrics(outputs, targets)[metric],
             "reference": "exported ONNX in ONNX Runtime, graph optimizations off, on the same inputs"}
 
 

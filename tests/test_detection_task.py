@@ -136,11 +136,65 @@ def test_detectors_train_distil_prune_quantize_export_and_compile_through_the_en
 
         assert (run.root / "compile" / "edgepipe_trt.py").exists()
         assert check_onnx_for_tensorrt(run.root / "compile" / "model.onnx") == []
+        _device_detections_are_scored_on_import(run.root, compiled["records"]["device_validation"])
+        # the report draws the first validation images with the ground truth and each stage's detections
+        from edgepipe.reporting.report import write_report
+
+        md, _ = write_report(run.root)
+        assert len(export["accuracy"]["examples"]) == 4
+        assert (run.root / "report_assets" / "detections.png").stat().st_size > 1000
+        assert "report_assets/detections.png" in md.read_text()
     else:
         records = compiled["records"]
         assert compiled["latency"]["backend"] == "openvino" and compiled["latency"]["dtype"] == "int8"
         assert records["int8_convolutions"] and records["nms_layers"] == 1 and records["residual_adds"] == {}
         assert not records["fidelity"]["fails"] and records["fidelity"]["metric"] == "map50"
+
+
+class _OrtEngine:
+    """What the device script's evaluation reads from a TensorRT engine (named inputs and outputs, ``run``), here
+    the bundle's ONNX in ONNX Runtime: the device's evaluation and the host's scoring of it, end to end."""
+
+    def __init__(self, path: Path) -> None:
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.input_names = tuple(i.name for i in self.session.get_inputs())
+        self.output_names = tuple(o.name for o in self.session.get_outputs())
+
+    def run(self, feeds: dict) -> dict:
+        return dict(zip(self.output_names, self.session.run(None, feeds)))
+
+
+def _device_detections_are_scored_on_import(run: Path, reference: dict) -> None:
+    import hashlib
+
+    from edgepipe.backends import tensorrt_device as device
+    from edgepipe.engine.device_results import import_results
+
+    bundle = run / "compile"
+    accuracy = device.evaluate(_OrtEngine(bundle / "model.onnx"), bundle / "val.npz", 8)
+    assert accuracy["images"] == reference["images"] == 16 and len(accuracy["detections"]["boxes"]) == 16
+    timing = {"batch": 1, "warmup": 2, "iterations": 5, "p50_ms": 0.5, "p90_ms": 0.6, "p99_ms": 0.7,
+              "images_per_s": 2000.0}
+    results = {"schema": device.SCHEMA, "created": "2026-12-06T00:00:00+00:00", "target": "jetson-orin-nano",
+               "tensorrt_version": "10.3.0", "gpu": "Orin",
+               "engine": {"file": "model.engine",
+                          "onnx_sha256": hashlib.sha256((bundle / "model.onnx").read_bytes()).hexdigest()},
+               "latency": timing, "throughput": {**timing, "batch": 8}, "accuracy": accuracy}
+    path = run / "results.json"
+    path.write_text(json.dumps(results))
+    stored = json.loads(import_results(run, path).read_text())["accuracy"]
+    # the device's detections scored by the same pycocotools code as the host's reference on the same images
+    assert stored["map50"] == pytest.approx(reference["reference_map50"], abs=0.005)
+    assert stored["scored"].startswith("on the host at import")
+    broken = json.loads(json.dumps(results))
+    found = broken["accuracy"]["detections"]
+    i = next(i for i, boxes in enumerate(found["boxes"]) if boxes)
+    found["scores"][i] = ["x"] * len(found["boxes"][i])
+    path.write_text(json.dumps(broken))
+    with pytest.raises(Exception, match=f"accuracy.detections of image {i} are damaged"):
+        import_results(run, path)
 
 
 def test_what_a_detector_cannot_do_is_one_line_and_the_done_stages_stay(tmp_path: Path, capsys) -> None:

@@ -17,8 +17,9 @@ version when the device has them), ``device``, ``settings`` (the bundle's build 
 (file, size, build time, its ONNX's sha256), ``latency`` (batch 1: p50/p90/p99/mean of GPU time between
 CUDA events around ``execute_async_v3``, plus end-to-end time with host copies, and ``inputs``: each input's
 dtype and shape), ``throughput`` (images/s at the profile's optimal batch), ``layers`` (name, type and precision
-of every engine layer, from the engine inspector) and ``precision_counts``, ``accuracy`` (top-1 on the bundle's
-``val.npz``, read from the output named ``logits``), ``created``.
+of every engine layer, from the engine inspector) and ``precision_counts``, ``accuracy`` (a classifier: top-1 on the
+bundle's ``val.npz``, read from the output named ``logits``; a detector: its detections on those images, from its
+``boxes``/``scores``/``labels``/``count`` outputs, scored by mAP on the host at import), ``created``.
 
 TensorRT API used (TensorRT 10; JetPack 6.1/6.2 ship 10.3): Builder/IBuilderConfig/OnnxParser/Runtime/
 IExecutionContext (``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``), IEngineInspector; every
@@ -560,14 +561,16 @@ class Engine:
 def validation_inputs(val: Any) -> tuple[np.ndarray, np.ndarray]:
     """The bundle's ``val.npz`` as model input: raw pixels normalized exactly as edgepipe's data pipeline does
     (uint8 / 255, then (x - mean) / std per channel, in float32), and the labels."""
-    images, labels = val["images"], val["labels"]
-    if images.ndim != 4 or len(images) != len(labels) or len(images) == 0:
-        raise DeviceError(f"expected images (N,C,H,W) and labels (N,) with N > 0, got {images.shape} and {labels.shape}")
+    images = val["images"]
+    labels = val["labels"] if "labels" in val else None  # a detector's set holds boxes instead (box_image...)
+    if images.ndim != 4 or len(images) == 0 or (labels is not None and len(images) != len(labels)):
+        raise DeviceError(f"expected images (N,C,H,W) with N > 0 and as many labels, got {images.shape} and "
+                          f"{None if labels is None else labels.shape}")
     x = images.astype(np.float32)
     if images.dtype == np.uint8:
         x = x / np.float32(255.0)
     mean, std = (val[k].astype(np.float32).reshape(1, -1, 1, 1) for k in ("mean", "std"))
-    return (x - mean) / std, labels.astype(np.int64)
+    return (x - mean) / std, None if labels is None else labels.astype(np.int64)
 
 
 def evaluate(engine: Engine, val_path: Path | str, batch: int) -> dict[str, Any]:
@@ -579,8 +582,11 @@ def evaluate(engine: Engine, val_path: Path | str, batch: int) -> dict[str, Any]
     try:
         with np.load(val_path, allow_pickle=False) as val:  # a bundle is data: never unpickle from it
             x, y = validation_inputs(val)
+            detection = "box_image" in val
     except (KeyError, ValueError, OSError) as e:
         raise DeviceError(f"{val_path}: not a validation set written by edgepipe ({e}); copy the bundle again") from None
+    if detection:
+        return detections(engine, x, batch, Path(val_path).name)
     name = engine.input_names[0]
     output = "logits" if "logits" in engine.output_names else engine.output_names[0]
     correct = 0
@@ -588,6 +594,29 @@ def evaluate(engine: Engine, val_path: Path | str, batch: int) -> dict[str, Any]
         logits = engine.run({name: x[i:i + batch]})[output]
         correct += int((logits.argmax(axis=1) == y[i:i + batch]).sum())
     return {"top1": correct / len(x), "images": int(len(x)), "source": Path(val_path).name, "batch": batch}
+
+
+DETECTION_OUTPUTS = ("boxes", "scores", "labels", "count")
+
+
+def detections(engine: Engine, x: np.ndarray, batch: int, source: str) -> dict[str, Any]:
+    """A detector's detections on the bundle's images, each image's first ``count`` as the engine returns them
+    (boxes rounded to 0.01 pixel). mAP is computed from them on the host at import (``edgepipe import-results``,
+    pycocotools, the code that scores every stage), so the device needs no COCO tooling and the figures compare."""
+    missing = [n for n in DETECTION_OUTPUTS if n not in engine.output_names]
+    if missing:
+        raise DeviceError(f"the bundle's val.npz holds a detection set, but the engine has no output(s) "
+                          f"{', '.join(missing)} (it returns {list(engine.output_names)})")
+    name = engine.input_names[0]
+    found: dict[str, list[Any]] = {"boxes": [], "scores": [], "labels": []}
+    for i in range(0, len(x), batch):
+        out = engine.run({name: x[i:i + batch]})
+        for j, c in enumerate(np.asarray(out["count"]).astype(np.int64).reshape(-1)):
+            found["boxes"].append(np.round(out["boxes"][j, :c].astype(np.float64), 2).tolist())
+            found["scores"].append(out["scores"][j, :c].astype(np.float64).tolist())
+            found["labels"].append(out["labels"][j, :c].astype(np.int64).tolist())
+    return {"detections": found, "images": int(len(x)), "source": source, "batch": batch,
+            "metric": "map50: computed on the host from these detections by edgepipe import-results"}
 
 
 def device_facts(binding: Any) -> dict[str, Any]:

@@ -258,6 +258,28 @@ def validation_arrays(images: np.ndarray, labels: np.ndarray, mean: np.ndarray, 
             "mean": np.asarray(mean, np.float32), "std": np.asarray(std, np.float32)}
 
 
+def detection_validation_arrays(images: np.ndarray, targets: list[dict[str, Any]], mean: np.ndarray, std: np.ndarray,
+                                limit: int, class_names: list[str]) -> dict[str, np.ndarray]:
+    """A detection set as the bundle stores it: the images as ``validation_arrays`` keeps them, and every ground-truth
+    box flattened (``box_image``: its image, ``boxes`` x1 y1 x2 y2, ``box_labels``) with the class names, all plain
+    arrays (the device loads the file with ``allow_pickle=False``)."""
+    arrays = validation_arrays(images, np.zeros(len(images), np.int64), mean, std, limit)
+    del arrays["labels"]
+    kept = targets[:len(arrays["images"])]
+    boxes = [np.asarray(t["boxes"], np.float32).reshape(-1, 4) for t in kept]
+    return {**arrays, "box_image": np.concatenate([np.full(len(b), i, np.int64) for i, b in enumerate(boxes)]),
+            "boxes": np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32),
+            "box_labels": np.concatenate([np.asarray(t["labels"], np.int64).reshape(-1) for t in kept]),
+            "class_names": np.asarray(class_names, dtype=str)}
+
+
+def detection_validation_targets(arrays: Any) -> list[dict[str, np.ndarray]]:
+    """The ground truth of each image of a bundle's detection set (``detection_validation_arrays``)."""
+    image = np.asarray(arrays["box_image"])
+    return [{"boxes": np.asarray(arrays["boxes"])[image == i], "labels": np.asarray(arrays["box_labels"])[image == i]}
+            for i in range(len(arrays["images"]))]
+
+
 def write_validation_set(out_dir: Path, arrays: dict[str, np.ndarray]) -> Path:
     def write(p: Path) -> None:
         with open(p, "wb") as f:  # a file object: given a path, numpy would append ".npz" to the temporary name

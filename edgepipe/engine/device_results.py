@@ -50,11 +50,60 @@ def load_results(path: Path) -> dict[str, Any]:
     if not isinstance((data.get("engine") or {}).get("onnx_sha256"), str):
         raise EdgepipeError(f"{path}: engine.onnx_sha256 is missing; rerun edgepipe_trt.py bench with this bundle")
     acc = data.get("accuracy")
-    if acc is not None and not (isinstance(acc, dict) and _is_number(acc.get("top1")) and 0 <= acc["top1"] <= 1):
+    if isinstance(acc, dict) and "detections" in acc:
+        _check_detections(path, acc)
+    elif acc is not None and not (isinstance(acc, dict) and _is_number(acc.get("top1")) and 0 <= acc["top1"] <= 1):
         raise EdgepipeError(f"{path}: accuracy.top1 must be a fraction in [0, 1]; rerun edgepipe_trt.py bench")
     if acc is not None and "images" in acc:
         _check_number(path, "accuracy.images", acc["images"], whole=True, least=1)
     return data
+
+
+def _check_detections(path: Path, acc: dict[str, Any]) -> None:
+    """A detector's device detections: per image, boxes [[x1, y1, x2, y2]], scores and labels of one length, all
+    finite numbers (the host scores them; a damaged file must not score)."""
+    found = acc["detections"]
+    lists = [found.get(k) if isinstance(found, dict) else None for k in ("boxes", "scores", "labels")]
+    if not all(isinstance(v, list) for v in lists) or len({len(v) for v in lists}) != 1 \
+            or len(lists[0]) != acc.get("images"):
+        raise EdgepipeError(f"{path}: accuracy.detections must hold boxes, scores and labels for each of the "
+                            f"{acc.get('images')} images; copy results.json from the device again")
+    for i, (boxes, scores, labels) in enumerate(zip(*lists)):
+        ok = (isinstance(boxes, list) and isinstance(scores, list) and isinstance(labels, list)
+              and len(boxes) == len(scores) == len(labels)
+              and all(isinstance(b, list) and len(b) == 4 and all(_is_number(v) for v in b) for b in boxes)
+              and all(_is_number(s) for s in scores) and all(isinstance(v, int) and v >= 0 for v in labels))
+        if not ok:
+            raise EdgepipeError(f"{path}: accuracy.detections of image {i} are damaged (boxes of 4 finite numbers, "
+                                "scores and class indices of one length); copy results.json from the device again")
+
+
+def score_detections(acc: dict[str, Any], val_path: Path) -> dict[str, Any]:
+    """The device's detections scored as every stage is (the detection task's COCO metrics, pycocotools) against
+    the bundle's ground truth (its ``val.npz``)."""
+    import numpy as np
+
+    from edgepipe.backends.tensorrt_plan import detection_validation_targets
+    from edgepipe.tasks import get_task
+
+    with np.load(val_path, allow_pickle=False) as val:
+        truth = detection_validation_targets(val)
+        names = [str(n) for n in val["class_names"]]
+    found = acc["detections"]
+    if len(truth) != len(found["boxes"]):
+        raise EdgepipeError(f"{val_path}: {len(truth)} images, the device scored {len(found['boxes'])}; the results "
+                            "are not from this bundle")
+    k = max(1, max(len(s) for s in found["scores"]))
+    n = len(truth)
+    outputs = {"boxes": np.zeros((n, k, 4), np.float32), "scores": np.zeros((n, k), np.float32),
+               "labels": np.full((n, k), -1, np.int64), "count": np.zeros(n, np.int64)}
+    for i, (b, s, lab) in enumerate(zip(found["boxes"], found["scores"], found["labels"])):
+        c = len(s)
+        outputs["boxes"][i, :c], outputs["scores"][i, :c], outputs["labels"][i, :c] = \
+            np.asarray(b, np.float32).reshape(-1, 4), s, lab
+        outputs["count"][i] = c
+    scores = get_task("detection").metrics(outputs, [truth], names)
+    return {k: scores.get(k) for k in ("map50", "map", "map75", "per_class")}
 
 
 _COUNTS = ("batch", "warmup", "iterations")
@@ -114,6 +163,14 @@ def import_results(run_dir: Path, path: Path) -> Path:
     if onnx.is_file() and sha256(onnx) != data["engine"]["onnx_sha256"]:
         raise EdgepipeError(f"{path}: the engine was built from another ONNX than {onnx} (sha256 differs): the "
                             "bundle is stale; copy this run's compile/ folder to the device and run it again")
+    acc = data.get("accuracy")
+    if isinstance(acc, dict) and "detections" in acc:  # a detector: scored here, as every stage is
+        val = bundle / "val.npz"
+        if not val.is_file():
+            raise EdgepipeError(f"{val}: missing; the device's detections are scored against the bundle's ground "
+                                "truth: recompile the run (edgepipe run --run RUN --force compile)")
+        data["accuracy"] = {**acc, **score_detections(acc, val),
+                            "scored": "on the host at import: pycocotools COCOeval, as every stage"}
     out = run_dir / DEVICE_DIR / f"{data['target']}.json"
     atomic_write_json(out, {**data, "imported_from": str(Path(path).resolve())})
     return out
@@ -126,6 +183,16 @@ def _run_target(run_dir: Path) -> str | None:
     except (OSError, ValueError, AttributeError):
         return None
     return target if isinstance(target, str) else None
+
+
+def _metric_row(acc: dict[str, Any], reference: dict[str, Any]) -> list[str]:
+    """The device's headline figure on the bundle's images beside the exported ONNX's on the same images: top-1 for
+    a classifier, mAP@.5 (scored at import) for a detector."""
+    metric, label = ("map50", "mAP@.5") if "map50" in acc or "detections" in acc else ("top1", "top-1")
+    value, ref = acc.get(metric), reference.get(f"reference_{metric}")
+    return [f"{label} on {acc.get('images', '?')} bundle images",
+            f"{100 * value:.2f}%" if _is_number(value) else fmt.DASH,
+            f"reference (exported ONNX, ONNX Runtime): {100 * ref:.2f}%" if _is_number(ref) else fmt.DASH]
 
 
 def device_blocks(run_dir: Path, rows: list[dict[str, Any]]) -> list[tuple]:
@@ -161,10 +228,7 @@ def device_blocks(run_dir: Path, rows: list[dict[str, Any]]) -> list[tuple]:
              f"{fmt.ms(est1['latency_ms'])} ms" if isinstance(est1, dict) and est1.get("latency_ms") else fmt.DASH],
             [f"throughput, batch {thr['batch']}", f"{thr['images_per_s']:,.0f} img/s",
              f"{estb['images_per_s']:,.0f} img/s" if isinstance(estb, dict) and estb.get("images_per_s") else fmt.DASH],
-            [f"top-1 on {acc.get('images', '?')} bundle images",
-             f"{100 * acc['top1']:.2f}%" if acc else fmt.DASH,
-             f"reference (exported ONNX, ONNX Runtime): {100 * reference['reference_top1']:.2f}%"
-             if reference.get("reference_top1") is not None else fmt.DASH],
+            _metric_row(acc, reference),
         ]
         counts = ", ".join(f"{k} {v}" for k, v in sorted((res.get("precision_counts") or {}).items()))
         blocks += [

@@ -57,6 +57,14 @@ class Task(ABC):
         model: a detector whose post-processing is not a graph is measured in PyTorch alone)."""
         return self.exportable
 
+    def device_validation(self, data: Batches, limit: int) -> tuple[dict[str, np.ndarray], Any]:
+        """The bundle's ``val.npz`` (the first ``limit`` validation images for the device script) and those images'
+        targets, one per image (sliced into batches as ``metrics`` takes them)."""
+        from edgepipe.backends.tensorrt_plan import validation_arrays
+
+        arrays = validation_arrays(*data.val_head(limit), data.mean.numpy(), data.std.numpy(), limit)
+        return arrays, arrays["labels"]
+
     def check_stage(self, config: PipelineConfig, stage: str) -> None:
         """Refuse, with one line, a stage (or a setting of it) this task cannot do, before the engine records anything
         for that stage (the stages before it stay done, and the run resumes there); default: nothing to refuse."""

@@ -70,6 +70,7 @@ class Detection(Task):
     headline = MAP50
     secondary = (MAP,)
     data_kinds = DETECTION_KINDS
+    device_metric = "map50"  # computed on the host from the device's detections (edgepipe import-results)
     exportable = True  # one-stage SSDs, with decoding and NMS in the graph; see exports
 
     def exports(self, model: nn.Module) -> bool:
@@ -86,6 +87,14 @@ class Detection(Task):
 
         return compare_outputs(self, model, onnx_bytes, data, batch_size, quantized, tolerance, threads,
                                metric_gap=EXPORT_MAP_GAP)
+
+    def device_validation(self, data: Any, limit: int) -> tuple[dict[str, np.ndarray], Any]:
+        from edgepipe.backends.tensorrt_plan import detection_validation_arrays, detection_validation_targets
+
+        images, targets = data.val_head(limit)
+        arrays = detection_validation_arrays(images, targets, data.mean.numpy(), data.std.numpy(), limit,
+                                             list(data.class_names))
+        return arrays, detection_validation_targets(arrays)
 
     def check_stage(self, config: Any, stage: str) -> None:
         if stage == "prune" and config.prune.enabled and config.prune.importance.value == "taylor":
