@@ -53,19 +53,21 @@ class Detector(nn.Module):
         return self.model.backbone
 
     def pad(self, detections: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+        """Each image's detections in score order, padded to ``max_detections`` by concatenating padding and cutting
+        at a fixed length: no length read as a Python number, so a traced graph holds for any detection count."""
         k = self.max_detections
-        n = len(detections)
-        device = detections[0]["boxes"].device if detections else torch.device("cpu")
-        boxes = torch.zeros(n, k, 4, device=device)
-        scores = torch.zeros(n, k, device=device)
-        labels = torch.full((n, k), -1, dtype=torch.int64, device=device)
-        count = torch.zeros(n, dtype=torch.int64, device=device)
-        for i, d in enumerate(detections):
-            m = min(k, len(d["scores"]))
-            order = torch.argsort(d["scores"], descending=True)[:m]
-            boxes[i, :m], scores[i, :m], labels[i, :m] = d["boxes"][order], d["scores"][order], d["labels"][order] - 1
-            count[i] = m
-        return boxes, scores, labels, count
+        out: list[list[torch.Tensor]] = [[], [], [], []]
+        for d in detections:
+            order = torch.argsort(d["scores"], descending=True)
+            scores = d["scores"][order]
+            out[0].append(torch.cat([d["boxes"][order], scores.new_zeros(k, 4)])[:k])
+            out[1].append(torch.cat([scores, scores.new_zeros(k)])[:k])
+            out[2].append(torch.cat([d["labels"][order] - 1, d["labels"].new_full((k,), -1)])[:k])
+            out[3].append((torch.arange(k, device=scores.device) < scores.shape[0]).sum())
+        if not detections:
+            return (torch.zeros(0, k, 4), torch.zeros(0, k), torch.zeros(0, k, dtype=torch.int64),
+                    torch.zeros(0, dtype=torch.int64))
+        return tuple(torch.stack(parts) for parts in out)
 
 
 class DetectorCore(nn.Module):
