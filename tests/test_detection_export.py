@@ -129,27 +129,33 @@ def test_tensorrts_nms_rules_are_checked(tmp_path) -> None:
     assert any("3000 boxes per image, more than the 2000" in p for p in problems)
 
 
-def test_a_two_stage_detector_traced_at_batch_one_holds_for_any_detection_count(tmp_path) -> None:
-    """Detector.pad reads no length as a Python number, so a traced Faster R-CNN (the teacher, batch 1) returns
-    PyTorch's detections on images with other counts than the one it was traced on (groundwork for measuring a
-    two-stage teacher on the target's runtime)."""
+def test_a_two_stage_detector_exports_per_image_and_runs_at_any_batch_and_detection_count(tmp_path) -> None:
+    """A Faster R-CNN (the teacher) is traced for one image (Detector.pad reads no length as a Python number, so the
+    trace holds for any detection count) and scanned over the batch (edgepipe.export.per_image): PyTorch's
+    detections at batch 1 and 6, on images with different counts, in ONNX Runtime and OpenVINO."""
     torch.manual_seed(0)
     model = build_arch("faster_rcnn_small", {"num_classes": 3, "size": 48}).eval()
     with torch.no_grad():  # class scores spread out, and a threshold among them: counts differ between images
         model.model.roi_heads.box_predictor.cls_score.weight.normal_(0, 0.3)
     model.model.roi_heads.score_thresh = 0.2645  # about the median score of this model
     images = [torch.rand(1, 3, 48, 48, generator=torch.Generator().manual_seed(s)) for s in range(6)]
-    path = tmp_path / "teacher.onnx"
-    with torch.no_grad():
-        torch.onnx.export(model, (images[0],), str(path), dynamo=False, opset_version=17, input_names=["images"],
-                          output_names=["boxes", "scores", "labels", "count"])
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    proto = export_onnx(model, (3, 48, 48), 17, get_task("detection"), 3)
+    onnx.checker.check_model(proto, full_check=True)
+    assert [n.op_type for n in proto.graph.node] == ["Scan"]
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(proto.SerializeToString(), b""), "CPU",
+                                  {"INFERENCE_PRECISION_HINT": "f32"})
     counts = set()
-    for x in images:
+    for x in [*images, torch.cat(images)]:
         with torch.no_grad():
             ref = [t.numpy() for t in model(x)]
-        out = session.run(None, {"images": x.numpy()})
-        counts.add(int(ref[3][0]))
-        assert np.array_equal(ref[3], out[3]) and np.array_equal(ref[2], out[2])
-        assert np.allclose(ref[1], out[1], atol=1e-5) and np.allclose(ref[0], out[0], atol=1e-3)
+        counts |= set(ref[3].tolist())
+        result = compiled({"images": x.numpy()})
+        for out in (session.run(None, {"images": x.numpy()}), [result[o] for o in compiled.outputs]):
+            assert np.array_equal(ref[3], out[3]) and np.array_equal(ref[2], out[2])
+            assert np.allclose(ref[1], out[1], atol=1e-5) and np.allclose(ref[0], out[0], atol=1e-3)
     assert len(counts) > 2, counts

@@ -101,7 +101,10 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], opset: int, task
     if devices.module_device(model).type != "cpu":  # a model on a GPU (a pruning candidate): exported from the CPU
         model = devices.cpu_copy(model)
     buf = io.BytesIO()
-    example = task.example_inputs(meta, 2)
+    per_image = bool(getattr(model, "export_per_image", False))  # traced for one image, then scanned over the batch
+    example = task.example_inputs(meta, 1 if per_image else 2)
+    dynamic = {} if per_image else \
+        {s.name: s.dynamic_axes() for s in (*inputs, *outputs) if s.dynamic_axes()}
     model.eval()
     try:
         with frozen_weight_scales(model), torch.no_grad(), warnings.catch_warnings():
@@ -114,12 +117,16 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], opset: int, task
             # take the same path so both kinds of graph come out of one exporter.
             torch.onnx.export(model, example, buf, dynamo=False, opset_version=opset,
                               input_names=[s.name for s in inputs], output_names=[s.name for s in outputs],
-                              do_constant_folding=True,
-                              dynamic_axes={s.name: s.dynamic_axes() for s in (*inputs, *outputs) if s.dynamic_axes()})
+                              do_constant_folding=True, dynamic_axes=dynamic or None)
     except Exception as e:  # noqa: BLE001 - the exporter raises many error types; all mean "cannot export"
         raise EdgepipeError(f"export: torch.onnx.export failed at opset {opset} "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    return onnx.load_from_string(buf.getvalue())
+    proto = onnx.load_from_string(buf.getvalue())
+    if per_image:
+        from edgepipe.export.per_image import scan_over_batch
+
+        proto = scan_over_batch(proto)
+    return proto
 
 
 # --- folding weight quantizers ------------------------------------------------------------------------

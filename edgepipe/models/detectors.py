@@ -28,10 +28,13 @@ MAX_DETECTIONS = 100
 
 class Detector(nn.Module):
     """A torchvision detection model with edgepipe's labels and fixed-shape outputs (see the module docstring).
-    Its inference runs torchvision's own per-image post-processing: measured in PyTorch, not exported
-    (``exportable``); one-stage SSDs are ``SSDDetector``, which exports."""
+    Its inference runs torchvision's own per-image pipeline (transform, RPN, RoI heads, post-processing), which a
+    trace unrolls for one batch size: it exports traced for one image and scanned over the batch
+    (``export_per_image``, ``edgepipe.export.per_image``). One-stage SSDs are ``SSDDetector``, whose graph is
+    batch-wide and whose core prunes and quantizes."""
 
-    exportable = False
+    exportable = True
+    export_per_image = True
 
     def __init__(self, model: nn.Module, num_classes: int, max_detections: int = MAX_DETECTIONS) -> None:
         super().__init__()
@@ -100,6 +103,7 @@ class SSDDetector(Detector):
     is what trains. The anchors are computed once at the model's input size (it never resizes)."""
 
     exportable = True
+    export_per_image = False
     graph_part = "core"  # what QAT quantizes (edgepipe.quantization.layers.graph_part); decoding and NMS stay float
 
     def __init__(self, ssd: nn.Module, num_classes: int, size: int, max_detections: int = MAX_DETECTIONS,

@@ -7,9 +7,11 @@ loss terms (torchvision's: classification and box regression, and the RPN's for 
 epoch. Scores: mAP@.5 (the headline), mAP@[.5:.95], mAP@.75 and the AP of each class from pycocotools' COCOeval
 (``edgepipe.tasks.detection_metrics``).
 
-Not yet (issue 27, in progress): distillation across detector architectures (feature imitation and prediction
-distillation), pruning's and QAT's detector rules, and the export with NMS in the graph. Those stages refuse a
-detection run with one line until they can do it right; the teacher stage and the labels-only (scratch) student run.
+Every stage takes a detector: distillation across architectures (``distiller``: prediction distillation and PKD,
+``edgepipe.training.detection_kd``), pruning and QAT of a one-stage detector's core (``graph_core``; a two-stage
+detector is refused with one line, as is Taylor importance), export with decoding and NMS in the graph
+(``edgepipe.models.detection_outputs``; a two-stage teacher per image under an ONNX Scan), checked by mAP, and
+the device's detections scored on the host (``device_validation``, ``edgepipe.engine.device_results``).
 """
 from __future__ import annotations
 
@@ -71,11 +73,12 @@ class Detection(Task):
     secondary = (MAP,)
     data_kinds = DETECTION_KINDS
     device_metric = "map50"  # computed on the host from the device's detections (edgepipe import-results)
-    exportable = True  # one-stage SSDs, with decoding and NMS in the graph; see exports
+    exportable = True  # the wrapped detectors (see exports)
 
     def exports(self, model: nn.Module) -> bool:
-        """SSD/SSDlite (``SSDDetector``) export with decoding and NMS in the graph; a two-stage model (Faster R-CNN)
-        runs torchvision's per-image post-processing and is measured in PyTorch."""
+        """Detectors wrapped by ``edgepipe.models.detectors`` export: SSD/SSDlite with decoding and NMS in one
+        batch-wide graph, a two-stage model (Faster R-CNN) traced per image and scanned over the batch; a model
+        without the wrapper's ``exportable`` is measured in PyTorch."""
         return bool(getattr(model, "exportable", False))
 
     def export_check(self, model: nn.Module, onnx_bytes: bytes, data: Any, batch_size: int, quantized: bool,
