@@ -44,7 +44,8 @@ def run(ctx: StageContext) -> StageResult:
     images = ctx.data.calibration_batches(1, pcfg.subset_size)[0].numpy()
     artifact, records = backend.post_training_quantize(
         ctx.input.path("onnx"), images, pcfg.preset, profile, ctx.out_dir,
-        meta={"input_shape": ctx.input.meta.get("input_shape"), "num_classes": ctx.input.meta.get("num_classes")},
+        meta={"input_shape": ctx.input.meta.get("input_shape"), "num_classes": ctx.input.meta.get("num_classes"),
+              **ctx.task_meta()},
         progress=ctx.progress)
     artifact.save()
     return StageResult(artifact, records=records)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from edgepipe.backends.tensorrt_plan import NMS_LAYER, check_onnx_for_tensorrt
+from edgepipe.errors import EdgepipeError
 from edgepipe.export.onnx_export import export_onnx
 from edgepipe.models.detection_outputs import BatchedNMS
 from edgepipe.models.zoo import build_arch
@@ -159,3 +160,14 @@ def test_a_two_stage_detector_exports_per_image_and_runs_at_any_batch_and_detect
             assert np.array_equal(ref[3], out[3]) and np.array_equal(ref[2], out[2])
             assert np.allclose(ref[1], out[1], atol=1e-5) and np.allclose(ref[0], out[0], atol=1e-3)
     assert len(counts) > 2, counts
+    # OpenVINO's execution graph shows the Scan, not the layers inside it: the runner reports the precision hint
+    # (not "int8" for want of float layers), and NNCF, which does not enter the loop body, makes no INT8 model
+    from edgepipe.backends.openvino import OvRunner, post_training_quantize
+    from edgepipe.profiles import get_profile
+
+    path = tmp_path / "teacher.onnx"
+    onnx.save(proto, str(path))
+    assert OvRunner(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).dtype == "fp32"
+    with pytest.raises(EdgepipeError, match="NNCF found nothing to quantize"):
+        post_training_quantize(path, torch.cat(images).numpy(), "performance", get_profile("intel-xeon-amx"),
+                               tmp_path / "ptq", {}, lambda *a: None)

@@ -214,3 +214,18 @@ def test_what_a_detector_cannot_do_is_one_line_and_the_done_stages_stay(tmp_path
     entries = {e["name"]: e for e in json.loads((run / "manifest.json").read_text())["stages"]}
     assert entries["teacher"]["status"] == "done"
     assert "distill" not in entries or entries["distill"]["status"] == "pending"
+
+
+def test_nncf_post_training_int8_of_the_ssd_student(tmp_path: Path) -> None:
+    """The ptq baseline's stage (NNCF nncf.quantize, OpenVINO INT8) on an exported SSD: every convolution int8, the
+    NMS still in the graph, scored by mAP like every stage."""
+    raw = _config()
+    raw["teacher"]["train"]["epochs"] = 1
+    raw["distill"]["optim"]["epochs"] = 1
+    run = Run.create(tmp_path / "run", validate_config(raw), "intel-xeon-amx", order=("teacher", "distill", "export",
+                                                                                        "ptq"))
+    run_pipeline(run)
+    m = json.loads((run.root / "ptq" / "metrics.json").read_text())
+    assert m["status"] == "done" and m["metric"]["name"] == "map50" and m["latency"]["dtype"] == "int8"
+    convs = m["records"]["conv_precisions"]["Convolution"]
+    assert set(convs) <= {"i8", "u8"} and sum(convs.values()) > 0 and m["accuracy"]["samples"] == 16

@@ -130,9 +130,12 @@ def int8_convolutions(hist: dict[str, dict[str, int]]) -> bool:
     return bool(convs) and all(p in _INT8 for p in convs)
 
 
-def runtime_dtype(hist: dict[str, dict[str, int]]) -> DType:
+def runtime_dtype(hist: dict[str, dict[str, int]], hidden: DType = DType.FP32) -> DType:
     """INT8 if most convolutions run int8 (all of them, or all but an accuracy budget's float layers), else the
-    float precision most compute layers run in."""
+    float precision most compute layers run in; ``hidden`` when the execution graph shows no compute layer at all
+    (they run inside a loop body, e.g. a two-stage detector's per-image ``Scan``: the precision hint's)."""
+    if not hist:
+        return hidden
     convs = hist.get("Convolution", {})
     if int8_convolutions(hist) or sum(n for p, n in convs.items() if p in _INT8) > sum(convs.values()) / 2:
         return DType.INT8
@@ -209,7 +212,8 @@ class OvRunner(RunnerBase):
         self.compiled = core.compile_model(core.read_model(str(xml_path)), device, config)
         self.request = self.compiled.create_infer_request()
         self.precisions = runtime_precisions(self.compiled)
-        self.dtype = runtime_dtype(self.precisions).value
+        hint = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # "f32", "bf16", "f16"
+        self.dtype = runtime_dtype(self.precisions, _FROM_RUNTIME.get(hint, DType.FP32)).value
         self.device = _device_label(core, device)
         self.threads = threads
         self.input_names = tuple(i.get_any_name() for i in self.compiled.inputs)
@@ -443,6 +447,10 @@ def post_training_quantize(onnx_path: Path, images: np.ndarray, preset: str, pro
     quantized = nncf.quantize(convert(onnx_path), dataset, subset_size=len(images),
                               preset=nncf.QuantizationPreset(preset), target_device=nncf.TargetDevice.CPU)
     progress("ptq: nncf.quantize", 1, 1, {})
+    if not any(op.get_type_name() == "FakeQuantize" for op in quantized.get_ordered_ops()):
+        raise EdgepipeError(f"ptq: NNCF found nothing to quantize in {onnx_path} (its layers run inside a loop "
+                            "body, e.g. a two-stage detector scanned over the batch, which NNCF does not enter); "
+                            "no INT8 model is made")
     save_ir(quantized, out_dir)
     config = inference_config(profile, DType.INT8)
     runner = OvRunner(out_dir / "model.xml", "CPU", config)
