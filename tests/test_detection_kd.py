@@ -62,6 +62,20 @@ def test_the_distiller_logs_each_term_and_trains_the_students_and_adapters(batch
     distiller.remove()
 
 
+def test_the_distillation_step_runs_under_bf16_autocast(batch) -> None:
+    """Training autocasts to bf16 where the CPU has it (optim.autocast: auto): the teacher's detections come out in
+    bf16 and must still fill the float targets (PyTorch emulates bf16 autocast on any CPU, so this runs anywhere)."""
+    x, y = batch
+    teacher, student = _models()
+    distiller = TASK.distiller(teacher, student, 2.0, 0.5, 1.0, x)
+    student.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = distiller.step(student, x, y)
+    terms["loss"].backward()
+    assert all(torch.isfinite(v) for v in terms.values()) and float(terms["soft"]) > 0
+    distiller.remove()
+
+
 def test_prediction_distillation_follows_the_teachers_detections(batch) -> None:
     x, y = batch
     teacher, student = _models()

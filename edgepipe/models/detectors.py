@@ -223,16 +223,17 @@ def _load_backbone(backbone: nn.Module, path: str | None) -> None:
 
 
 def ssd_small(num_classes: int, size: int = 64, widths: tuple[int, ...] = (16, 32, 64, 64), maps: int = 3,
-              backbone_weights: str | None = None) -> Detector:
+              min_ratio: float = 0.15, max_ratio: float = 0.9, backbone_weights: str | None = None) -> Detector:
     """A one-stage SSD (Liu et al. 2016; torchvision's SSD, its default boxes, matcher, losses and NMS) on a narrow
     backbone, for small images such as the digit canvases: ``maps`` feature maps of the last stages, default boxes
-    of aspect 1, 2 and 1/2 at scales from 0.15 to 0.9 of the image."""
+    of aspect 1, 2 and 1/2 at scales from ``min_ratio`` to ``max_ratio`` of the image (lower ``min_ratio`` for
+    small objects)."""
     from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
     from torchvision.models.detection.ssd import SSD, SSDHead
 
     backbone = _Features(tuple(widths), maps)
     _load_backbone(backbone, backbone_weights)
-    anchors = DefaultBoxGenerator([[2]] * maps, min_ratio=0.15, max_ratio=0.9)
+    anchors = DefaultBoxGenerator([[2]] * maps, min_ratio=min_ratio, max_ratio=max_ratio)
     channels = list(widths[-maps:])
     head = SSDHead(channels, anchors.num_anchors_per_location(), num_classes + 1)
     model = SSD(backbone, anchors, (size, size), num_classes + 1, head=head, score_thresh=0.01,
@@ -241,11 +242,11 @@ def ssd_small(num_classes: int, size: int = 64, widths: tuple[int, ...] = (16, 3
 
 
 def faster_rcnn_small(num_classes: int, size: int = 64, widths: tuple[int, ...] = (32, 64, 96, 128),
-                      fpn_channels: int = 64, representation: int = 256, backbone_weights: str | None = None,
-                      ) -> Detector:
+                      fpn_channels: int = 64, representation: int = 256, anchor_sizes: tuple[int, ...] = (8, 16, 32),
+                      backbone_weights: str | None = None) -> Detector:
     """A two-stage Faster R-CNN with an FPN (Ren et al. 2015, Lin et al. 2017; torchvision's FasterRCNN: RPN,
     multi-scale RoIAlign, box head) on a narrow four-stage backbone, the small default's teacher: maps at strides 4,
-    8 and 16 with anchors of 8, 16 and 32 pixels (three aspects each); proposals, sampled RoIs and the box head's
+    8 and 16 with anchors of ``anchor_sizes`` pixels (8, 16 and 32 by default; three aspects each); proposals, sampled RoIs and the box head's
     width (``representation``, torchvision's TwoMLPHead) sized for a few objects per image rather than COCO's (2000
     proposals, 512 RoIs, 1024 wide), which is most of its training time on a CPU."""
     from torchvision.models.detection.faster_rcnn import FasterRCNN, FastRCNNPredictor, TwoMLPHead
@@ -254,7 +255,9 @@ def faster_rcnn_small(num_classes: int, size: int = 64, widths: tuple[int, ...] 
 
     backbone = _FeaturePyramid(tuple(widths), fpn_channels)
     _load_backbone(backbone.body, backbone_weights)
-    anchors = AnchorGenerator(sizes=((8,), (16,), (32,)), aspect_ratios=((0.5, 1.0, 2.0),) * 3)
+    if len(anchor_sizes) != 3:
+        raise ValueError(f"anchor_sizes: one size per pyramid level (3), got {list(anchor_sizes)}")
+    anchors = AnchorGenerator(sizes=tuple((int(s),) for s in anchor_sizes), aspect_ratios=((0.5, 1.0, 2.0),) * 3)
     model = FasterRCNN(backbone, None, min_size=size, max_size=size, rpn_anchor_generator=anchors,
                        # one sample per bin: torchvision's CPU RoIAlign backward is most of a training step
                        box_roi_pool=MultiScaleRoIAlign(["0", "1", "2"], output_size=7, sampling_ratio=1,
