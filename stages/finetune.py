@@ -30,12 +30,21 @@ def run(ctx: StageContext) -> StageResult:
     data, desc = ctx.data, json.loads(ctx.input.path("build").read_text())
     model = ctx.device.module(load_torch_artifact(ctx.input))
     before = ctx.task.val_score(model, data, cfg.data.eval_batch_size)
-    targets = ctx.soft_targets(load_torch_artifact(ctx.teacher))
-    history = fit(model, data, qcfg.optim, kd_step(targets, qcfg.temperature, qcfg.alpha, task=ctx.task),
+    teacher = load_torch_artifact(ctx.teacher)
+    # a detector distils its own way (Task.distiller: prediction distillation, as in its qat stage)
+    distiller = ctx.task.distiller(ctx.device.module(teacher), model, qcfg.temperature, qcfg.alpha, 0.0,
+                                   ctx.device.batch(data.calibration_batches(1, 8)[0]))
+    targets = None if distiller is not None else ctx.soft_targets(teacher)
+    history = fit(model, data, qcfg.optim,
+                  distiller.step if distiller is not None else kd_step(targets, qcfg.temperature, qcfg.alpha,
+                                                                       task=ctx.task),
                   batch_size=cfg.data.batch_size, checkpoint_dir=ctx.checkpoint_dir, task="finetune",
                   progress=ctx.progress, eval_batch_size=cfg.data.eval_batch_size, evaluator=ctx.task,
                   device=ctx.device)
+    if distiller is not None:
+        distiller.remove()
     artifact = save_torch_artifact(model, desc["build"], ctx.out_dir, tuple(desc["input_shape"]), desc["num_classes"],
                                    meta=ctx.task_meta())
     return StageResult(artifact, records={"history": history, "top1_before": before, "epochs": qcfg.optim.epochs,
-                                          "soft_targets": targets.record()})
+                                          "soft_targets": targets.record() if targets is not None else None,
+                                          "distillation": distiller.record() if distiller is not None else None})

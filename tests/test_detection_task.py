@@ -216,15 +216,20 @@ def test_what_a_detector_cannot_do_is_one_line_and_the_done_stages_stay(tmp_path
     assert "distill" not in entries or entries["distill"]["status"] == "pending"
 
 
-def test_nncf_post_training_int8_of_the_ssd_student(tmp_path: Path) -> None:
-    """The ptq baseline's stage (NNCF nncf.quantize, OpenVINO INT8) on an exported SSD: every convolution int8, the
-    NMS still in the graph, scored by mAP like every stage."""
+def test_the_ptq_baselines_stages_fine_tune_by_distillation_then_nncf_int8_the_ssd_student(tmp_path: Path) -> None:
+    """The ptq baseline's stages: finetune (the qat stage's epochs and prediction distillation, no fake quantization)
+    then NNCF nncf.quantize (OpenVINO INT8) of the exported SSD: every convolution int8, the NMS still in the graph,
+    scored by mAP like every stage."""
     raw = _config()
     raw["teacher"]["train"]["epochs"] = 1
     raw["distill"]["optim"]["epochs"] = 1
-    run = Run.create(tmp_path / "run", validate_config(raw), "intel-xeon-amx", order=("teacher", "distill", "export",
-                                                                                        "ptq"))
+    raw["qat"] = {"alpha": 0.5, "temperature": 2.0, "optim": {"epochs": 1, "lr": 0.001, "autocast": "off"}}
+    order = ("teacher", "distill", "finetune", "export", "ptq")
+    run = Run.create(tmp_path / "run", validate_config(raw), "intel-xeon-amx", order=order)
     run_pipeline(run)
+    tuned = json.loads((run.root / "finetune" / "metrics.json").read_text())["records"]
+    assert tuned["distillation"]["method"].startswith("prediction distillation")
+    assert {"soft", "soft_box", "hard"} <= set(tuned["history"][0])
     m = json.loads((run.root / "ptq" / "metrics.json").read_text())
     assert m["status"] == "done" and m["metric"]["name"] == "map50" and m["latency"]["dtype"] == "int8"
     convs = m["records"]["conv_precisions"]["Convolution"]

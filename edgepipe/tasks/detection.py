@@ -103,7 +103,7 @@ class Detection(Task):
         if stage == "prune" and config.prune.enabled and config.prune.importance.value == "taylor":
             raise EdgepipeError("prune.importance: taylor needs a detector's loss gradients in eval mode, which "
                                 "torchvision's detectors do not give; use magnitude or bn_scale")
-        if stage not in ("teacher", "distill", "prune", "qat", "export", "compile", "ptq"):
+        if stage not in ("teacher", "distill", "prune", "qat", "export", "compile", "ptq", "finetune"):
             raise EdgepipeError(f"task detection: the {stage} stage cannot take a detector yet (issue 27 is in "
                                 "progress: the teacher and the distilled student train, export and compile, and "
                                 "stay done in the run)")
