@@ -172,11 +172,14 @@ def _run_stage(run: Run, name: str, force: bool, progress: Progress | None) -> d
             result = StageResult(art, records=old.get("records") or {}, skipped=old.get("skipped_reason"))
             return _record(run, name, result, ctx, entry.get("wall_time_s") or 0.0, mkey, progress)
         log.warning("%s: %s; redoing the stage", name, damage)
-    entry.update(status="running", started=now(), key=key, metrics_key=None, input_hash=input_hash,
-                 ended=None, skipped_reason=None, launch=distributed.describe(),
-                 **({"torch_device": torch_device.describe()} if torch_device is not None else {}))
     signals.set_stage(name, run.root)
     try:  # from the first save to the last: a Ctrl-C anywhere in between is recorded (measuring included)
+        # Marked running inside the try: a signal raises at any bytecode, and one landing between marking the
+        # entry and entering the try left the stage "running" in the manifest (the next save wrote it) although
+        # the command had stopped (seen under `sigterm then ctrl-c` ~0.2 s into a stage).
+        entry.update(status="running", started=now(), key=key, metrics_key=None, input_hash=input_hash,
+                     ended=None, skipped_reason=None, launch=distributed.describe(),
+                     **({"torch_device": torch_device.describe()} if torch_device is not None else {}))
         run.save()
         if distributed.is_main():
             _checkpoints_for(ctx.checkpoint_dir, key, name)
@@ -189,8 +192,8 @@ def _run_stage(run: Run, name: str, force: bool, progress: Progress | None) -> d
             return None
         metrics = _record(run, name, result, ctx, time.perf_counter() - t0, mkey, progress)
     except BaseException as e:
-        if entry.get("status") in ("done", "skipped"):  # recorded already; only clearing its checkpoints was cut
-            raise
+        if entry.get("status") in ("done", "skipped"):  # recorded already (only clearing its checkpoints was cut),
+            raise  # or stopped before the entry was marked running (a forced rerun of a finished stage: left as it was)
         # SIGINT/SIGTERM (edgepipe.engine.signals raises a KeyboardInterrupt; native code may turn it into another error, e.g.
         # a C extension's import into "ImportError: initialization failed"): "interrupted", resumed like "failed".
         # Under torchrun the launcher's SIGTERM (distributed.Stopped) means another rank failed: "failed".

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from edgepipe.config import PipelineConfig, load_config
+from edgepipe.engine import signals
 from edgepipe.engine.artifacts import Artifact
 from edgepipe.engine import stage as stages
 from edgepipe.engine.stage import load_stage
@@ -174,10 +175,14 @@ class Run:
         return self.derive(self.root / "targets" / get_profile(target).name, shared, target=target)
 
     def save(self) -> None:
+        """Write the manifest as it is in memory. A Ctrl-C or SIGTERM during the save takes effect once it is
+        written: the signal could otherwise land in the metadata lookups before the write (``git`` is a
+        subprocess) and stop a stage already marked done in memory with "running" left on disk."""
         if is_main_process():
-            self.manifest.update(git_revision=git_revision(), versions=library_versions(),
-                                 host={"cpu": host_cpu(), "isa": list(host_isa())})
-            atomic_write_json(self.root / "manifest.json", self.manifest)
+            with signals.deferred():
+                self.manifest.update(git_revision=git_revision(), versions=library_versions(),
+                                     host={"cpu": host_cpu(), "isa": list(host_isa())})
+                atomic_write_json(self.root / "manifest.json", self.manifest)
 
     def find(self, name: str) -> dict[str, Any] | None:
         """The manifest entry of stage ``name`` (None: not recorded)."""
