@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from edgepipe.backends.tensorrt_plan import NMS_LAYER, check_onnx_for_tensorrt
-from edgepipe.errors import EdgepipeError
 from edgepipe.export.onnx_export import export_onnx
 from edgepipe.models.detection_outputs import BatchedNMS
 from edgepipe.models.zoo import build_arch
@@ -161,13 +160,32 @@ def test_a_two_stage_detector_exports_per_image_and_runs_at_any_batch_and_detect
             assert np.allclose(ref[1], out[1], atol=1e-5) and np.allclose(ref[0], out[0], atol=1e-3)
     assert len(counts) > 2, counts
     # OpenVINO's execution graph shows the Scan, not the layers inside it: the runner reports the precision hint
-    # (not "int8" for want of float layers), and NNCF, which does not enter the loop body, makes no INT8 model
-    from edgepipe.backends.openvino import OvRunner, post_training_quantize
+    # (not "int8" for want of float layers). NNCF does not enter the loop body either: post-training INT8 quantizes
+    # the one-image graph inside the Scan, and the runner runs it once per image of a batch.
+    from edgepipe.backends.openvino import OvRunner, load, post_training_quantize
+    from edgepipe.export.per_image import per_image_graph
     from edgepipe.profiles import get_profile
 
     path = tmp_path / "teacher.onnx"
     onnx.save(proto, str(path))
     assert OvRunner(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).dtype == "fp32"
-    with pytest.raises(EdgepipeError, match="NNCF found nothing to quantize"):
-        post_training_quantize(path, torch.cat(images).numpy(), "performance", get_profile("intel-xeon-amx"),
-                               tmp_path / "ptq", {}, lambda *a: None)
+    single = per_image_graph(proto)
+    assert per_image_graph(single) is None and [i.name for i in single.graph.input] == ["images"]
+    assert [d.dim_value for d in single.graph.input[0].type.tensor_type.shape.dim] == [3, 48, 48]
+    one = ort.InferenceSession(single.SerializeToString(), providers=["CPUExecutionProvider"])
+    scanned = session.run(None, {"images": images[0].numpy()})
+    for a, b in zip(scanned, one.run(None, {"images": images[0].numpy()[0]})):
+        assert np.array_equal(a[0], b)
+    artifact, records = post_training_quantize(path, torch.cat(images * 3).numpy(), "performance",
+                                               get_profile("intel-xeon-amx"), tmp_path / "ptq", {}, lambda *a: None)
+    convs = records["conv_precisions"]["Convolution"]
+    assert records["per_image"] and artifact.meta["per_image"] and set(convs) <= {"i8", "u8"} and sum(convs.values())
+    artifact.save()
+    runner = load(artifact)
+    batch = torch.cat(images).numpy()
+    out = runner.run({"images": batch})
+    assert [out[o.name].shape for o in proto.graph.output] == [r.shape for r in session.run(None, {"images": batch})]
+    for i in (0, 5):  # a batch's detections are its images' own
+        alone = runner.run({"images": batch[i:i + 1]})
+        assert all(np.array_equal(alone[k][0], out[k][i]) for k in out)
+    runner.bind({"images": batch})()

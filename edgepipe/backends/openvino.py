@@ -13,6 +13,10 @@ is the precision the convolutions actually run in; the requested one is kept bes
 A profile whose device (GPU, NPU) is not on this host is compiled and measured on CPU, and the
 records say so in ``measured_on`` and ``note``: the IR itself is device independent.
 
+This module is over 500 lines because it is the whole OpenVINO backend: every verb edgepipe.backends asks of a
+backend (compile, load and its runner, NNCF post-training INT8, host facts, the INT8 form) beside the execution-graph
+reading they all share; each part is short, and splitting them would only scatter that shared reading.
+
 Docs relied on:
 - OpenVINO, "Execution model utilities" (ov::exec_model_info: LAYER_TYPE "layerType",
   RUNTIME_PRECISION "runtimePrecision", OUTPUT_PRECISIONS, IMPL_TYPE "primitiveType", ...):
@@ -202,9 +206,12 @@ class OvRunner(RunnerBase):
     backend = "openvino"
 
     def __init__(self, xml_path: Path | str, device: str = "CPU", config: dict[str, str] | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, per_image: bool = False) -> None:
+        """``per_image``: the model takes one image (no batch axis, ``edgepipe.export.per_image.per_image_graph``); a
+        batch runs as one inference per image, its outputs stacked, as the scanned graph it came from runs it."""
         import openvino as ov
 
+        self.per_image = per_image
         core = ov.Core()
         config = dict(config or {})
         if threads:
@@ -217,9 +224,16 @@ class OvRunner(RunnerBase):
         self.device = _device_label(core, device)
         self.threads = threads
         self.input_names = tuple(i.get_any_name() for i in self.compiled.inputs)
-        self.output_names = tuple(o.get_any_name() for o in self.compiled.outputs)
+        self.output_names = tuple(_port_name(o) for o in self.compiled.outputs)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.per_image:
+            images = [self._run_one({n: feeds[n][i] for n in self.input_names})
+                      for i in range(len(feeds[self.input_names[0]]))]
+            return {n: np.stack([one[n] for one in images]) for n in self.output_names}
+        return self._run_one(feeds)
+
+    def _run_one(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.request.infer({n: feeds[n] for n in self.input_names})
         return {n: self.request.get_tensor(n).data.copy() for n in self.output_names}
 
@@ -230,9 +244,27 @@ class OvRunner(RunnerBase):
         import openvino as ov
 
         kept = {n: np.ascontiguousarray(feeds[n]) for n in self.input_names}
+        if self.per_image:  # one request per image, each bound to its slice: a batch is that many inferences
+            requests = [self.compiled.create_infer_request() for _ in range(len(kept[self.input_names[0]]))]
+            for i, request in enumerate(requests):
+                for name, array in kept.items():
+                    request.set_tensor(name, ov.Tensor(np.ascontiguousarray(array[i]), shared_memory=True))
+
+            def each() -> None:
+                for request in requests:
+                    request.infer()
+            each.kept = kept  # type: ignore[attr-defined]  # the arrays live as long as the call
+            return each
         for name, array in kept.items():
             self.request.set_tensor(name, ov.Tensor(array, shared_memory=True))
         return self.request.infer
+
+
+def _port_name(port: Any) -> str:
+    """The name a graph gave an output: where OpenVINO merged tensors (an output Squeeze folded into the op before it)
+    the port carries several names, and the one the exporter named (``boxes``) is preferred to the internal ones the
+    ONNX frontend made from node paths (``/Slice_output_0``)."""
+    return min(port.get_names(), key=lambda n: (n.startswith("/") or "::" in n, n), default=port.get_any_name())
 
 
 def stable_names(model: Any) -> int:
@@ -368,7 +400,8 @@ def compile(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_dir: Pa
 
 
 def load(artifact: Artifact, threads: int | None = None) -> OvRunner:
-    return OvRunner(artifact.path("xml"), artifact.meta.get("measured_on", "CPU"), artifact.meta.get("config"), threads)
+    return OvRunner(artifact.path("xml"), artifact.meta.get("measured_on", "CPU"), artifact.meta.get("config"), threads,
+                    per_image=bool(artifact.meta.get("per_image")))
 
 
 # --- what edgepipe asks every backend besides compile/load (the verbs listed in edgepipe.backends) ---------
@@ -442,24 +475,51 @@ def post_training_quantize(onnx_path: Path, images: np.ndarray, preset: str, pro
     compiled model; ``meta`` is added to its descriptor. Returns the artifact (unsaved) and its records."""
     import nncf
 
-    dataset = nncf.Dataset([images[i:i + 1] for i in range(len(images))])
+    from edgepipe.export.per_image import per_image_graph
+
+    # A graph scanned over the batch (a two-stage detector, edgepipe.export.per_image): NNCF does not enter the Scan's
+    # body, so the one-image graph inside it is quantized and run once per image (OvRunner(per_image=True)).
+    single = per_image_graph(onnx.load(str(onnx_path)))
+    model = convert(onnx_path) if single is None else _per_image_model(single, out_dir)
+    samples = [images[i:i + 1] if single is None else images[i] for i in range(len(images))]
     progress("ptq: nncf.quantize", 0, 1, {})
-    quantized = nncf.quantize(convert(onnx_path), dataset, subset_size=len(images),
+    quantized = nncf.quantize(model, nncf.Dataset(samples), subset_size=len(images),
                               preset=nncf.QuantizationPreset(preset), target_device=nncf.TargetDevice.CPU)
     progress("ptq: nncf.quantize", 1, 1, {})
     if not any(op.get_type_name() == "FakeQuantize" for op in quantized.get_ordered_ops()):
         raise EdgepipeError(f"ptq: NNCF found nothing to quantize in {onnx_path} (its layers run inside a loop "
-                            "body, e.g. a two-stage detector scanned over the batch, which NNCF does not enter); "
-                            "no INT8 model is made")
+                            "body it does not enter); no INT8 model is made")
     save_ir(quantized, out_dir)
     config = inference_config(profile, DType.INT8)
-    runner = OvRunner(out_dir / "model.xml", "CPU", config)
+    runner = OvRunner(out_dir / "model.xml", "CPU", config, per_image=single is not None)
     method = (f"nncf {nncf.__version__} nncf.quantize, {len(images)} un-augmented training images, "
-              f"{preset} preset")
+              f"{preset} preset" + ("" if single is None else "; the one-image graph inside the exported Scan, run "
+                                    "once per image of a batch"))
+    if single is not None:
+        meta = {**meta, "per_image": True}
     artifact = Artifact(kind=ArtifactKind.OPENVINO_IR, root=out_dir, files={"xml": "model.xml", "bin": "model.bin"},
                         dtype=DType(runner.dtype), quantized=True,
                         meta={"backend": "openvino", "device": "CPU", "measured_on": "CPU", "config": config,
                               "requested_dtype": DType.INT8.value, "runtime_dtype": runner.dtype,
                               **meta, "method": method})
     return artifact, {"method": method, "nncf_version": nncf.__version__, "subset_size": len(images),
+                      "per_image": single is not None,
                       "preset": preset, "conv_precisions": runner.precisions, "runtime_dtype": runner.dtype}
+
+
+def _per_image_model(single: Any, out_dir: Path) -> Any:
+    """The one-image ONNX graph as an OpenVINO model NNCF can walk: converted, then saved and read back, which drops
+    the ops no output depends on (the traced graph leaves some; NNCF's graph builder meets them as consumers it
+    cannot place)."""
+    import openvino as ov
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".per-image-", dir=out_dir))
+    try:
+        onnx.save(single, str(tmp / "model.onnx"))
+        model = convert(tmp / "model.onnx")
+        stable_names(model)
+        ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
+        return ov.Core().read_model(str(tmp / "model.xml"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -8,11 +8,25 @@ OpenVINO (its TensorIterator) run ``Scan``; the model inside is the traced one, 
 """
 from __future__ import annotations
 
+from typing import Any
+
 import onnx
 from onnx import helper
 
 INNER = "per_image_"
 """Prefix of the traced graph's own input and output names inside the Scan body (each name is assigned once)."""
+
+
+def _renamed(nodes: Any, rename: dict[str, str]) -> list[onnx.NodeProto]:
+    """Copies of ``nodes`` whose input and output names are mapped through ``rename`` (others kept)."""
+    out = []
+    for node in nodes:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.input[:] = [rename.get(n, n) for n in node.input]
+        copy.output[:] = [rename.get(n, n) for n in node.output]
+        out.append(copy)
+    return out
 
 
 def scan_over_batch(traced: onnx.ModelProto) -> onnx.ModelProto:
@@ -26,13 +40,7 @@ def scan_over_batch(traced: onnx.ModelProto) -> onnx.ModelProto:
         raise ValueError(f"scan_over_batch: expected one input, found {[i.name for i in inputs]}")
     source = inputs[0]
     rename = {source.name: INNER + source.name, **{o.name: INNER + o.name for o in graph.output}}
-    nodes = []
-    for node in graph.node:
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        copy.input[:] = [rename.get(n, n) for n in node.input]
-        copy.output[:] = [rename.get(n, n) for n in node.output]
-        nodes.append(copy)
+    nodes = _renamed(graph.node, rename)
     axis = helper.make_tensor(INNER + "axis0", onnx.TensorProto.INT64, [1], [0])
     image = INNER + "image"
     body_nodes = [helper.make_node("Unsqueeze", [image, axis.name], [rename[source.name]], name=INNER + "unsqueeze"),
@@ -57,3 +65,28 @@ def scan_over_batch(traced: onnx.ModelProto) -> onnx.ModelProto:
     model = helper.make_model(main, opset_imports=list(traced.opset_import), ir_version=traced.ir_version,
                               producer_name=traced.producer_name, producer_version=traced.producer_version)
     return model
+
+
+def per_image_graph(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """The traced one-image graph inside a ``scan_over_batch`` model, as a model of its own under the outer names: input
+    without the batch axis (``[C, H, W]``), outputs without it; None for any other model. What a tool that does not
+    enter loop bodies (NNCF's post-training quantization) works on: edgepipe.backends.openvino runs it once per image."""
+    graph = model.graph
+    if len(graph.node) != 1 or graph.node[0].op_type != "Scan" or graph.node[0].name != INNER + "scan":
+        return None
+    scan = graph.node[0]
+    body = next(a.g for a in scan.attribute if a.name == "body")
+    outer_in, outer_out = scan.input[0], list(scan.output)
+    rename = {body.input[0].name: outer_in, **{b.name: o for b, o in zip(body.output, outer_out)}}
+    nodes = _renamed(body.node, rename)
+    inputs, outputs = [onnx.ValueInfoProto()], []
+    inputs[0].CopyFrom(body.input[0])
+    inputs[0].name = outer_in
+    for b, name in zip(body.output, outer_out):
+        out = onnx.ValueInfoProto()
+        out.CopyFrom(b)
+        out.name = name
+        outputs.append(out)
+    single = helper.make_graph(nodes, graph.name, inputs, outputs, initializer=list(body.initializer))
+    return helper.make_model(single, opset_imports=list(model.opset_import), ir_version=model.ir_version,
+                             producer_name=model.producer_name, producer_version=model.producer_version)
