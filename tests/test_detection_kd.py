@@ -46,6 +46,28 @@ def test_pkd_is_one_minus_pearson_and_ignores_each_channels_scale_and_offset() -
     assert float(pkd_loss(s, t)) == pytest.approx(1 - r, rel=1e-3)
 
 
+def test_labels_only_distillation_does_not_run_the_teacher_and_is_the_students_own_loss(batch) -> None:
+    """alpha = beta = 0 (the scratch-same-init baseline): the teacher's forward, most of a KD step's compute with a
+    Faster R-CNN teacher, is not paid, and the loss is the student's torchvision loss on the labels."""
+    x, y = batch
+    teacher, student = _models()
+    calls = []
+    teacher.register_forward_hook(lambda *a: calls.append(1))
+    distiller = TASK.distiller(teacher, student, 2.0, 0.0, 0.0, x)
+    student.train()
+    calls.clear()
+    terms = distiller.step(student, x, y)
+    torch.manual_seed(1)
+    own = sum(student(x, y).values())
+    assert calls == [] and float(terms["soft"]) == 0 == float(terms["feature"])
+    assert float(terms["loss"]) == pytest.approx(float(terms["hard"])) and float(terms["hard"]) == pytest.approx(
+        float(own), rel=1e-5)
+    distiller.step(student, x, y)
+    assert calls == []
+    TASK.distiller(teacher, student, 2.0, 0.5, 0.0, x).step(student, x, y)
+    assert calls == [1]
+
+
 def test_the_distiller_logs_each_term_and_trains_the_students_and_adapters(batch) -> None:
     x, y = batch
     teacher, student = _models()

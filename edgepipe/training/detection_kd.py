@@ -163,8 +163,10 @@ class DetectionDistiller(nn.Module):
         """A ``loss_step`` for edgepipe.training.loop.fit (``student`` may be the DDP-wrapped student)."""
         teacher = self._models[0]
         teacher.eval()
-        with torch.no_grad():  # in float32 even under autocast: they index and fill float targets
-            detections = tuple(d.float() if d.is_floating_point() else d for d in teacher(x))
+        detections: tuple[torch.Tensor, ...] = ()
+        if self.alpha > 0 or self.beta > 0:  # labels only (alpha = beta = 0, the scratch baselines): no teacher call
+            with torch.no_grad():  # in float32 even under autocast: they index and fill float targets
+                detections = tuple(d.float() if d.is_floating_point() else d for d in teacher(x))
         teacher_maps = _maps(self._seen.pop("teacher")) if self.beta > 0 else []
         losses = student(x, y)  # the student's own terms on the labels; the hooks keep its maps and head outputs
         hard = sum(losses.values())
