@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data", help="override data.path (the ImageFolder root)")
     sp.add_argument("--teacher", help="override teacher.model.program (a torch.export .pt2 file)")
     sp.add_argument("--out", type=path_arg, default=Path("."), help="folder for BENCHMARKS.md/.json/.png (default: .)")
+    sp.add_argument("--seeds", type=int, help="detection: seeds of the KD-gain rows (distilled, scratch-same-init), "
+                    "default 2; classification runs at the config's seed")
     sp = sub.add_parser("import-results", help="merge a device's results.json (from a TensorRT bundle's "
                         "edgepipe_trt.py) into the run; the report shows it beside the estimate")
     sp.add_argument("--run", type=path_arg, required=True, help="the run whose compile stage wrote the bundle")

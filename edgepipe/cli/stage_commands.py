@@ -202,7 +202,8 @@ def compare_command(args: argparse.Namespace) -> int:
     data = load_config(args.config).model_dump(mode="json")
     if args.data:
         if not Path(args.data).is_dir():
-            raise EdgepipeError(f"--data {args.data}: not a folder; give the ImageFolder root holding train/ and test/")
+            raise EdgepipeError(f"--data {args.data}: not a folder; give the dataset root (an ImageFolder holding train/ and "
+                                "test/, or the detection data in its data.kind layout)")
         data["data"]["path"] = args.data
     if args.teacher:
         if not Path(args.teacher).is_file():
@@ -214,11 +215,24 @@ def compare_command(args: argparse.Namespace) -> int:
 
     preflight(Run.create(args.run, config, args.target, write=False))
     command = "edgepipe " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "edgepipe compare"
+    from edgepipe.tasks import task_of
+
+    detection = task_of(config).name == "detection"
+    if not detection and args.seeds not in (None, 1):
+        raise EdgepipeError(f"--seeds {args.seeds}: a classification benchmark runs its rows at the config's seed only")
     with progress_bars() as progress:
-        config_file = Path(args.config) if Path(args.config).is_file() else configs_dir() / f"{args.config}.yaml"
-        result = compare(config, args.run, args.target, args.device, args.out, command, progress,
-                         recipe_notes=leading_comment(config_file))
+        if detection:
+            from edgepipe.reporting.detection_bench import compare_detection
+
+            result = compare_detection(config, args.run, args.target, args.device, args.out, command, progress,
+                                       seeds=args.seeds or 2)
+        else:
+            config_file = Path(args.config) if Path(args.config).is_file() else configs_dir() / f"{args.config}.yaml"
+            result = compare(config, args.run, args.target, args.device, args.out, command, progress,
+                             recipe_notes=leading_comment(config_file))
     for c in result["checks"]:
         print(f"{'pass' if c['pass'] else 'MISS'}  {c['claim']}  (measured {c['measured']:.4g})")
-    print(f"wrote {args.out / 'BENCHMARKS.md'}, BENCHMARKS.json and BENCHMARKS.png")
+    written = "the detection section, BENCHMARKS-detection.json and .png" if detection else \
+        "BENCHMARKS.json and BENCHMARKS.png"
+    print(f"wrote {args.out / 'BENCHMARKS.md'} ({written})")
     return 0

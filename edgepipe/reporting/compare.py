@@ -41,21 +41,17 @@ log = logging.getLogger(__name__)
 FINAL_METHOD = "pipeline: distill -> prune -> QAT INT8 -> ONNX QDQ -> OpenVINO (compile stage IR)"
 
 
-def compare(config: PipelineConfig, run_dir: Path, target: str, device_target: str | None, out_dir: Path,
-            command: str, progress: Progress | None = None, recipe_notes: str = "") -> dict[str, Any]:
-    """Run the pipeline and every baseline; write BENCHMARKS.{md,json,png} into ``out_dir``.
-
-    ``recipe_notes`` (the config file's leading comment: what the student is and why) is quoted in
-    BENCHMARKS.md beside the recipe's settings."""
-    started = time.perf_counter()
-    progress = progress or (lambda *a: None)
+def preconditions(config: PipelineConfig, target: str, device_target: str | None
+                  ) -> tuple[HardwareProfile, HardwareProfile | None]:
+    """What every benchmark needs before its first stage: a task it is written for, an OpenVINO target (every row is
+    measured there on this host) and NNCF (the post-training baselines come after the whole pipeline)."""
     from edgepipe.tasks import task_of
 
     task = task_of(config)
-    if task.headline.name != "top1":
-        raise EdgepipeError(f"task: compare's baselines and claims (KD gain, INT8 within 2 points of the teacher, "
-                            f"PTQ vs QAT) are stated in top-1, and task {task.name} scores {task.headline.label}; "
-                            "run `edgepipe run` and `edgepipe report`, which compare its stages in its own metric")
+    if task.name not in ("classification", "detection"):
+        raise EdgepipeError(f"task: compare's baselines and claims are written for classification and detection, "
+                            f"not task {task.name}; run `edgepipe run` and `edgepipe report`, which compare its stages "
+                            f"in its own metric ({task.headline.label})")
     profile = get_profile(target)
     if not get_backend(profile.backend).POST_TRAINING_QUANTIZATION:  # OpenVINO: NNCF's PTQ baselines
         raise EdgepipeError(f"--target {target}: compare measures every row in OpenVINO on this host; "
@@ -66,6 +62,18 @@ def compare(config: PipelineConfig, run_dir: Path, target: str, device_target: s
     except ImportError:
         raise EdgepipeError("compare needs NNCF for its post-training quantization baselines: "
                             "pip install -e '.[bench]' (or make bench)") from None
+    return profile, device
+
+
+def compare(config: PipelineConfig, run_dir: Path, target: str, device_target: str | None, out_dir: Path,
+            command: str, progress: Progress | None = None, recipe_notes: str = "") -> dict[str, Any]:
+    """Run the pipeline and every baseline; write BENCHMARKS.{md,json,png} into ``out_dir``.
+
+    ``recipe_notes`` (the config file's leading comment: what the student is and why) is quoted in
+    BENCHMARKS.md beside the recipe's settings. (A detection config: edgepipe.reporting.detection_bench.)"""
+    started = time.perf_counter()
+    progress = progress or (lambda *a: None)
+    profile, device = preconditions(config, target, device_target)
     if config.measure.throughput_batch != THROUGHPUT_BATCH:
         log.info("compare: throughput at batch %d (measure.throughput_batch %d in the config)", THROUGHPUT_BATCH,
                  config.measure.throughput_batch)
@@ -77,8 +85,8 @@ def compare(config: PipelineConfig, run_dir: Path, target: str, device_target: s
         raise EdgepipeError(f"{run.root}: the compiled model is not INT8 (target {profile.name} lists "
                             f"{', '.join(d.value for d in profile.dtypes)}); compare needs an INT8 final model")
     runs, built = run_baselines(run, progress)
-    rows = [_row(runs[b.row], b.row, _method(b, runs, config)) for b in built]
-    rows.append(_row(run, "final", FINAL_METHOD, stage="compile", seconds=run.entry("compile").get("measure_time_s")))
+    rows = [row_of(runs[b.row], b.row, _method(b, runs, config)) for b in built]
+    rows.append(row_of(run, "final", FINAL_METHOD, stage="compile", seconds=run.entry("compile").get("measure_time_s")))
     device_run = run.for_target(device.name) if device else None
     if device_run is not None:
         run_pipeline(device_run, progress=progress)
@@ -87,7 +95,7 @@ def compare(config: PipelineConfig, run_dir: Path, target: str, device_target: s
     all_runs = [run, *(runs[b.row] for b in built), timing, *([device_run] if device_run else [])]
     run_of = {**{b.row: runs[b.row] for b in built}, "final": run}
     stage_of = {**{b.row: runs[b.row].order[-1] for b in built}, "final": "compile"}
-    earlier = _earlier_invocation_seconds(all_runs)
+    earlier = earlier_invocation_seconds(all_runs)
     measure = config.measure
     result = {
         "command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -109,7 +117,7 @@ def compare(config: PipelineConfig, run_dir: Path, target: str, device_target: s
         "this_invocation_seconds": time.perf_counter() - started,
         "earlier_invocation_epoch_seconds": earlier,
     }
-    result["paired"] = _paired(run_of, stage_of, run, config.measure, progress)
+    result["paired"] = paired(run_of, stage_of, run, config.measure, progress)
     result["checks"] = acceptance(result)
     write_benchmarks(Path(out_dir), result)
     return result
@@ -118,16 +126,16 @@ def compare(config: PipelineConfig, run_dir: Path, target: str, device_target: s
 PAIRED_AGAINST = ("teacher-fp32", "teacher-bf16", "teacher-int8")
 
 
-def _paired(run_of: dict[str, Run], stage_of: dict[str, str], run: Run, measure: Any,
-            progress: Progress) -> dict[str, Any]:
+def paired(run_of: dict[str, Run], stage_of: dict[str, str], run: Run, measure: Any,
+            progress: Progress, batches: tuple[int, ...] = (LATENCY_BATCH, THROUGHPUT_BATCH)) -> dict[str, Any]:
     """The final model against each teacher row, timed back to back in alternating rounds
     (edgepipe.measure.figures.paired_speedup): what the speed-up claims are computed from."""
     from edgepipe.measure.figures import paired_speedup
 
     final = run.artifact_of("compile")
     shape = tuple(final.meta["input_shape"])
-    return {row: paired_speedup(run_of[row].artifact_of(stage_of[row]), final, shape, measure,
-                                (LATENCY_BATCH, THROUGHPUT_BATCH), progress=progress)
+    return {row: paired_speedup(run_of[row].artifact_of(stage_of[row]), final, shape, measure, batches,
+                                progress=progress)
             for row in PAIRED_AGAINST if row in run_of}
 
 
@@ -140,7 +148,7 @@ def _method(b: Baseline, runs: dict[str, Run], config: PipelineConfig) -> str:
                            init=config.distill.init, qat_epochs=n_epochs(config.qat.optim.epochs))
 
 
-def _row(run: Run, name: str, method: str, stage: str | None = None, seconds: float | None = None) -> dict[str, Any]:
+def row_of(run: Run, name: str, method: str, stage: str | None = None, seconds: float | None = None) -> dict[str, Any]:
     """One benchmark row from the metrics the engine recorded for the run's last stage (or ``stage``)."""
     stage = stage or run.order[-1]
     m = run.metrics_of(stage)
@@ -152,12 +160,15 @@ def _row(run: Run, name: str, method: str, stage: str | None = None, seconds: fl
     if lat["dtype"] != requested:
         note = (f"OpenVINO was asked for {requested} and ran {lat['dtype']}: this CPU has no native {requested} "
                 f"({host_cpu()})")
-    return {"row": name, "method": method, "top1": m["accuracy"]["top1"], "params": m.get("params"),
+    scores = {k: v for k, v in m["accuracy"].items() if isinstance(v, (int, float)) or k == "per_class"}
+    return {"row": name, "method": method, "top1": m["accuracy"].get("top1"), "scores": scores,
+            "params": m.get("params"),
             "macs": m.get("macs"), "size_bytes": m.get("size_bytes"), "backend": lat["backend"],
             "device": lat["device"], "requested_dtype": requested, "runtime_dtype": lat["dtype"],
             "threads": lat["threads"], "warmup": lat["warmup"], "iterations": lat["iterations"],
             "latency_b1_p50_ms": lat["p50_ms"], "latency_b1_p90_ms": lat["p90_ms"],
-            "throughput_b64_images_per_s": m["throughput"]["images_per_s"], "estimate": None, "note": note,
+            "throughput_b64_images_per_s": m["throughput"]["images_per_s"], "throughput_batch": m["throughput"].get("batch"),
+            "estimate": None, "note": note,
             "seconds": own_seconds(run) if seconds is None else seconds, "fingerprint": run.entry(stage)["metrics_key"],
             "conv_precisions": records.get("conv_precisions")}
 
@@ -198,7 +209,7 @@ def _training(timing: Run, run: Run) -> dict[str, Any]:
             "distill_stage_median_images_per_s": float(np.median(rates)) if rates else None}
 
 
-def _earlier_invocation_seconds(runs: list[Run]) -> float:
+def earlier_invocation_seconds(runs: list[Run]) -> float:
     """Training time of epochs that ran before an interruption: a resumed stage's wall time covers only
     the epochs after it, so these are added to the benchmark's compute time."""
     total = 0.0
