@@ -53,13 +53,13 @@ bench: setup-bench
 		--data $(DATA) --teacher $(TEACHER) --run $(BENCH_RUN) --out .
 
 # BCCD detection (issue 27): a Faster R-CNN teacher trained here (its time reported apart), an SSD student distilled
-# (KD gain over 2 seeds), pruned, INT8, every row in OpenVINO -> the detection section of BENCHMARKS.md and
+# (KD gain over 3 seeds), pruned, INT8, every row in OpenVINO -> the detection section of BENCHMARKS.md and
 # BENCHMARKS-detection.json/.png (resumable). Measured 2026-12-06 on a 2-core Intel Xeon with AMX: see BENCHMARKS.md.
 DETECTION_DATA ?= $(SHARED)/datasets/bccd
 DETECTION_RUN ?= runs/bccd-bench
 bench-detection: setup-bench
 	$(BIN)/edgepipe compare --config configs/bccd.yaml --target intel-xeon-amx --data $(DETECTION_DATA) \
-		--run $(DETECTION_RUN) --seeds 2 --out .
+		--run $(DETECTION_RUN) --seeds 3 --out .
 
 # Data loading: peak memory and images/s of one distillation epoch on synthetic ImageFolders of 10k, 50k and
 # 200k 64x64 images, streamed and in memory -> the data-loading section of BENCHMARKS.md (folders in runs/).

@@ -90,6 +90,7 @@ def test_the_claims_come_from_the_rows_and_the_section_is_written_beside_the_oth
     text = (root / "out" / "BENCHMARKS.md").read_text()
     assert text.startswith("# Benchmarks\n\nclassification rows\n") and f"<!-- begin: {SECTION} -->" in text
     assert "KD gain over seeds" in text and "| final |" in text and result["host"]["cpu"] in text
+    assert ("do not establish a KD gain" in text) == (abs(kd["measured"]) < abs(gains[0] - gains[1]) / 2 ** 0.5)
     assert (root / "out" / "BENCHMARKS-detection.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((root / "out" / "BENCHMARKS-detection.json").read_text())["checks"] == result["checks"]
 

@@ -151,6 +151,21 @@ def _seed_rows(config: PipelineConfig, runs: dict[str, Run], seeds: int) -> list
     return out
 
 
+def _reading(seeds: list[dict[str, Any]]) -> str:
+    """What the seeds allow one to say, from their figures: a gain smaller than its spread is not established, and
+    the spread of each row says where the variation comes from."""
+    if len(seeds) < 2:
+        return ""
+    gains = [s["gain"] for s in seeds]
+    mean, sd = statistics.mean(gains), statistics.stdev(gains)
+    spread = {row: statistics.stdev([s[row] for s in seeds]) for row in ("distilled", "scratch_same_init")}
+    verdict = (f"The mean gain is smaller than its seed spread ({100 * abs(mean):.2f} < {100 * sd:.2f} pts): "
+               "these seeds do not establish a KD gain either way" if abs(mean) < sd else
+               f"The mean gain exceeds its seed spread ({100 * abs(mean):.2f} > {100 * sd:.2f} pts)")
+    return (f"{verdict}. Across seeds, `distilled` varies by {100 * spread['distilled']:.2f} pts (sample standard "
+            f"deviation) and `scratch-same-init` by {100 * spread['scratch_same_init']:.2f} pts.")
+
+
 def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Issue 27's bars, each from measured figures: (claim, measured, required, pass)."""
     r = {row["row"]: row for row in result["rows"]}
@@ -221,7 +236,7 @@ def markdown(result: dict[str, Any]) -> str:
                              f"{100 * s['gain']:+.2f} pts"] for s in result["seeds"]], align=list("rrrr"), markup=True),
               "", f"Mean gain {100 * statistics.mean(gains):+.2f} pts, range {100 * min(gains):+.2f} .. "
                   f"{100 * max(gains):+.2f} pts" + (f", sample standard deviation {100 * statistics.stdev(gains):.2f} pts"
-                                                    if len(gains) > 1 else "") + "."]
+                                                    if len(gains) > 1 else "") + ". " + _reading(result["seeds"])]
     lines += ["", "### Claims, checked against the rows above", "",
               fmt.md_table(["claim", "measured", "required", "result"],
                            [[ch["claim"], _figure(ch["measured"], ch["unit"]), ">= " + _figure(ch["required"], ch["unit"]),
@@ -254,6 +269,10 @@ def plot(result: dict[str, Any]) -> bytes:
                    color="tab:red" if r["row"] == "final" else ("tab:blue" if int8 else "tab:gray"))
         ax.annotate(r["row"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _pos: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
     ax.set_xlabel(f"OpenVINO latency, batch 1, p50 (ms, log scale) — {result['conditions']['threads']} threads, "
                   f"{result['host']['cpu']}")
     ax.set_ylabel(f"mAP@.5 on {result['conditions']['images']} test images (%)")
