@@ -21,6 +21,11 @@ class _Strict(BaseModel):
 DETECTION_KINDS = ("digit-canvases", "coco", "voc", "yolo")
 DETECTION_FIELDS = ("annotations", "images", "classes", "canvas_images")
 """data fields only detection kinds read (left out of the keys of other kinds, whose runs predate them)."""
+LATER_DEFAULTS = {"data": {"val_from_train": None, "val_from_train_seed": 0, "unlabeled": None},
+                  "distill": {"loss": "kd", "dkd_alpha": 1.0, "dkd_beta": 8.0, "pseudo_label_threshold": None,
+                              "assistants": []}}
+"""Fields added after runs were made, with the value that reproduces those runs: left out of the stage keys while they
+hold it, so every earlier run's keys hold (edgepipe.engine.pipeline._keyed_config)."""
 
 
 class DataConfig(_Strict):
@@ -69,6 +74,20 @@ class DataConfig(_Strict):
     eval_batch_size: int = Field(256, gt=0, description="Batch size for accuracy evaluation.")
     limit_train: int | None = Field(None, gt=0, description="Use only N training samples, the first of every class in turn (tests, quick runs).")
     limit_val: int | None = Field(None, gt=0, description="Use only N validation samples, the first of every class in turn (tests, quick runs).")
+    val_from_train: float | None = Field(
+        None, gt=0, description="Carve a held-out split from the training images (a fraction below 1, or a number of "
+                                "images), stratified by class and seeded by data.val_from_train_seed. Every choice is "
+                                "then made on it: each epoch's validation metric, sweeps (`edgepipe sweep`), the gain "
+                                "check and the QAT accuracy budget; the validation split (val_split) is only reported. "
+                                "None: choices and reports share the validation split.")
+    val_from_train_seed: int = Field(0, ge=0, description="Seed of the held-out split's draw (fixed apart from the run's "
+                                                          "seed, so runs at several seeds choose on the same images).")
+    unlabeled: str | None = Field(
+        None, description="imagefolder: images without labels for distillation: a folder (any layout; a file that is "
+                          "also a training image is skipped), or 'rest': the training images data.limit_train leaves "
+                          "out. The distill stage trains on them with the teacher's soft targets alone (alpha > 0), "
+                          "optionally with hard pseudo-labels (distill.pseudo_label_threshold); other stages never "
+                          "see them.")
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -78,6 +97,9 @@ class DataConfig(_Strict):
             raise ValueError(f"std: every value must be > 0 (it divides the pixels), got {list(self.std)}")
         if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
             raise ValueError(f"mean and std: one value per channel each, got {len(self.mean)} and {len(self.std)}")
+        if self.val_from_train is not None and self.val_from_train >= 1 and self.val_from_train != int(self.val_from_train):
+            raise ValueError(f"val_from_train: {self.val_from_train:g} is neither a fraction below 1 nor a whole number "
+                             "of images")
         return self
 
 
@@ -157,7 +179,22 @@ class DistillConfig(_Strict):
                               "blocks of each stage where the student is shallower (same widths required).")
     temperature: float = Field(4.0, gt=0, description="Softmax temperature T of the soft targets.")
     alpha: float = Field(0.9, ge=0, le=1, description="Weight of the soft (KL) term; 1-alpha weighs the hard CE.")
+    loss: Literal["kd", "dkd"] = Field(
+        "kd", description="The soft term: kd (Hinton et al. 2015, KL of the tempered distributions) or dkd (decoupled "
+                          "KD, Zhao et al. 2022: dkd_alpha x target-class KD + dkd_beta x non-target-class KD, each "
+                          "scaled by T^2; classification).")
+    pseudo_label_threshold: float | None = Field(
+        None, gt=0, le=1, description="data.unlabeled: an unlabeled image whose teacher probability of its top class "
+                                      "(softmax at T=1) reaches this also gets that class as a hard label (None: soft "
+                                      "targets only).")
+    dkd_alpha: float = Field(1.0, ge=0, description="dkd: weight of the target-class term (TCKD).")
+    dkd_beta: float = Field(8.0, ge=0, description="dkd: weight of the non-target-class term (NCKD); the paper's "
+                                                   "CIFAR-100 setting is 8.")
     beta: float = Field(0.0, ge=0, description="Weight of the feature-hint (MSE) term.")
+    assistants: list[ModelSpec] = Field(
+        default_factory=list, description="Teacher assistants (Mirzadeh et al. 2020): teacher -> assistants[0] -> ... -> "
+                                          "student, each step distilled with these settings and cached as a run of its "
+                                          "own (RUN/assistants/<i>); the student learns from the last assistant.")
     feature_pairs: list[FeaturePair] = Field(default_factory=list, description="Teacher/student layer pairs.")
     optim: OptimConfig = Field(OptimConfig(), description="Student training.")
 
@@ -347,13 +384,42 @@ def resolve_config_path(name: str | Path) -> Path:
 
 def load_config(path: str | Path) -> PipelineConfig:
     """Load and validate a config YAML (or a shipped recipe by name, e.g. ``digits``; see resolve_config_path)."""
-    from edgepipe.yamlfile import read_yaml
 
     p = resolve_config_path(path)
+    return validate_config(_read_extended(p, ()), p)
+
+
+def _read_extended(p: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """A config file's mapping; with ``extends: OTHER`` (a file, or a shipped recipe name) that config's mapping with
+    this one merged over it, section by section (a mapping merges key by key; anything else, a list included,
+    replaces; ``null`` resets a field to its default)."""
+    from edgepipe.yamlfile import read_yaml
+
     data = read_yaml(p, "config file")
     if not isinstance(data, dict):
         raise EdgepipeError(f"{p}: expected a mapping of config sections, got {type(data).__name__}")
-    return validate_config(data, p)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str) or not parent.strip():
+        raise EdgepipeError(f"{p}: extends: expected a config file or shipped recipe name, got {parent!r}")
+    q = resolve_config_path(parent if Path(parent).is_absolute() or "/" not in parent and not Path(parent).suffix
+                            else p.parent / parent)
+    if q.resolve() in chain or q.resolve() == p.resolve():
+        raise EdgepipeError(f"{p}: extends: {parent} leads back to itself; remove the loop")
+    return _merged(_read_extended(q, (*chain, p.resolve())), data)
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        elif value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
+    return out
 
 
 def validate_config(data: dict[str, Any], source: str | Path = "<config>") -> PipelineConfig:

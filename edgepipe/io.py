@@ -84,10 +84,11 @@ def lock_holder(path: Path) -> int | None:
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
+def run_lock(run_dir: Path, wait: bool = False) -> Iterator[None]:
     """Hold an exclusive lock on ``run_dir`` while a command writes to it (``fcntl.flock``, released by the OS
-    even on SIGKILL). A second writer fails at once with one line naming the holder's PID. The lock file is
-    empty and never rewritten, so taking the lock leaves a finished run's files as they were."""
+    even on SIGKILL). A second writer fails at once with one line naming the holder's PID, or with ``wait`` (a sweep's
+    trial, which another worker may be running) waits for it. The lock file is empty and never rewritten, so taking
+    the lock leaves a finished run's files as they were."""
     import fcntl
 
     from edgepipe.errors import EdgepipeError
@@ -106,7 +107,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
                             "path and its permissions") from None
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             pid = lock_holder(path)
             raise EdgepipeError(f"{run_dir}: another edgepipe command{f' (PID {pid})' if pid else ''} is writing to "

@@ -45,7 +45,13 @@ def run(ctx: StageContext) -> StageResult:
         targets, loss = None, hints.step
     else:
         targets = ctx.soft_targets(teacher)
-        loss = kd_step(targets, dcfg.temperature, dcfg.alpha, dcfg.beta, hints, task=task)
+        loss = kd_step(targets, dcfg.temperature, dcfg.alpha, dcfg.beta, hints, task=task, method=dcfg.loss,
+                       weights=(dcfg.dkd_alpha, dcfg.dkd_beta) if dcfg.loss == "dkd" else (),
+                       pseudo_threshold=dcfg.pseudo_label_threshold)
+    # data.unlabeled: the images without labels train against the teacher's soft targets (never labels alone)
+    unlabeled = data.unlabeled_size if targets is not None else 0
+    if unlabeled:
+        data = data.with_unlabeled()
     history = fit(student, data, dcfg.optim, loss,
                   batch_size=cfg.data.batch_size, checkpoint_dir=ctx.checkpoint_dir, task="distill",
                   extra_modules=hints, progress=ctx.progress, eval_batch_size=cfg.data.eval_batch_size,
@@ -59,8 +65,17 @@ def run(ctx: StageContext) -> StageResult:
                                    meta=ctx.task_meta())
     return StageResult(artifact, records={
         "history": history, "init": init, "soft_targets": targets.record() if targets else None,
-        "loss": "KD" if targets else hints.record() if own else
+        "loss": ("DKD" if dcfg.loss == "dkd" else "KD") if targets else hints.record() if own else
         "the task's loss on labels only (alpha 0, no feature hints)", "temperature": dcfg.temperature, "alpha": dcfg.alpha, "beta": dcfg.beta,
+        **({"dkd_alpha": dcfg.dkd_alpha, "dkd_beta": dcfg.dkd_beta} if dcfg.loss == "dkd" else {}),
         "feature_pairs": [p.model_dump() for p in dcfg.feature_pairs],
         "teacher_params": teacher_params, "student_params": student_params,
+        **({"assistants": [a.model_dump(exclude_none=True) for a in dcfg.assistants],
+            "taught_by": f"assistant {len(dcfg.assistants)} of {len(dcfg.assistants)} (RUN/assistants/"
+                         f"{len(dcfg.assistants) - 1})"} if dcfg.assistants else {}),
+        "unlabeled": {"images": unlabeled, "labelled_images": data.train_size - unlabeled,
+                      "how": "teacher soft targets" + (f" + hard pseudo-labels where the teacher's top-class probability "
+                                                       f">= {dcfg.pseudo_label_threshold}"
+                                                       if dcfg.pseudo_label_threshold is not None else " only")}
+        if unlabeled else None,
         "params_ratio": student_params / teacher_params})

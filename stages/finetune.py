@@ -29,7 +29,7 @@ def run(ctx: StageContext) -> StageResult:
     seed_everything(cfg.seed + 3)  # the qat stage's seed: the same batches in the same order
     data, desc = ctx.data, json.loads(ctx.input.path("build").read_text())
     model = ctx.device.module(load_torch_artifact(ctx.input))
-    before = ctx.task.val_score(model, data, cfg.data.eval_batch_size)
+    before = ctx.task.val_score(model, data.choice_split(), cfg.data.eval_batch_size)
     teacher = load_torch_artifact(ctx.teacher)
     # a detector distils its own way (Task.distiller: prediction distillation, as in its qat stage)
     distiller = ctx.task.distiller(ctx.device.module(teacher), model, qcfg.temperature, qcfg.alpha, 0.0,

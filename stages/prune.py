@@ -149,7 +149,7 @@ def run(ctx: StageContext) -> StageResult:
                                 "prune.round_to or raise prune.ratio")
         raise EdgepipeError(f"prune.ratio: {reached}; raise prune.max_layer_ratio or the ratio")
     task = ctx.task
-    pruned_top1 = task.val_score(student, data, cfg.data.eval_batch_size)
+    pruned_top1 = task.val_score(student, data.choice_split(), cfg.data.eval_batch_size)
     loss = (distiller.step if distiller is not None else kd_step(teacher, pcfg.temperature, pcfg.alpha, task=task)
             if teacher is not None else task.train_loss)
     histories += fit(student, data, pcfg.optim, loss, batch_size=cfg.data.batch_size,

@@ -77,7 +77,10 @@ def run(ctx: StageContext) -> StageResult:
     fallback = resolve_fallback(ctx.profile, qcfg.fallback_dtype)
     seed_everything(cfg.seed + 3)
     data, eval_bs, task = ctx.data, cfg.data.eval_batch_size, ctx.task
-    evaluate = task.val_score  # the task's headline metric on the validation split
+    def evaluate(net: Any, batches: Any, batch_size: int) -> float:
+        """The task's headline metric on the split choices are made on (the held-out split of data.val_from_train, else
+        the validation split): which INT8 model is kept is a choice."""
+        return task.val_score(net, batches.choice_split(), batch_size)
 
     device = ctx.device
     # The graph work (tracing, placing quantizers, building the budget's mixes) runs on CPU models; calibration,
@@ -178,12 +181,15 @@ def run(ctx: StageContext) -> StageResult:
 
 
 def _budget_batches(ctx: StageContext) -> tuple[list[tuple[Any, Any]], str]:
-    """The images the budget is measured on: ``qat.budget_split`` (a held-out ImageFolder split) or the
-    validation split, limited to ``qat.budget_images`` (every class in turn)."""
+    """The images the budget is measured on: ``qat.budget_split`` (a held-out ImageFolder split), the split carved by
+    data.val_from_train or the validation split, limited to ``qat.budget_images`` (every class in turn)."""
     from edgepipe.data.loading import run_data
 
     cfg, q = ctx.config, ctx.config.qat
     data, where = ctx.data, f"validation ({cfg.data.val_split})" if cfg.data.kind == "imagefolder" else "validation"
+    if data.choice_split() is not data:
+        data = data.choice_split()
+        where = f"{data.val_size} images held out from training (data.val_from_train)"
     if q.budget_split is not None:
         if cfg.data.kind != "imagefolder":
             raise EdgepipeError(f"qat.budget_split: {q.budget_split!r} needs data.kind: imagefolder (the {cfg.data.kind} "

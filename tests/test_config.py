@@ -44,3 +44,23 @@ def test_bad_config_is_one_clear_line(tmp_path: Path, text: str, needle: str) ->
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(EdgepipeError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_a_config_extends_another(tmp_path):
+    """extends: a recipe or file; mappings merge key by key, lists and values replace, null resets; loops refused."""
+    from edgepipe.config import load_config
+    from edgepipe.errors import EdgepipeError
+
+    (tmp_path / "child.yaml").write_text("extends: digits\nname: child\ndistill:\n  alpha: 0.5\n"
+                                         "  student: {kwargs: {depth: 14}}\nbench: {batch_sizes: [2]}\n"
+                                         "data: {val_fraction: null}\n")
+    child, parent = load_config(tmp_path / "child.yaml"), load_config("digits")
+    assert child.name == "child" and child.distill.alpha == 0.5 and child.distill.temperature == parent.distill.temperature
+    assert child.distill.student.kwargs == {**parent.distill.student.kwargs, "depth": 14}
+    assert child.bench.batch_sizes == [2] and child.data.val_fraction == 0.2  # the field's default
+    (tmp_path / "grand.yaml").write_text("extends: child.yaml\nseed: 3\n")
+    assert load_config(tmp_path / "grand.yaml").distill.alpha == 0.5
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(EdgepipeError, match="leads back to itself"):
+        load_config(tmp_path / "a.yaml")

@@ -185,3 +185,17 @@ def test_data_benchmark_measures_a_streamed_epoch(tmp_path: Path) -> None:
     text = table([row, {**row, "images": 400}], {"command": "x", "date": "d", "cpu": "c", "isa": "i", "cores": 2,
                                                  "torch": "t", "image_size": 16, "batch_size": 50})
     assert "meets the bound of +25%" in text
+
+
+def test_streamed_and_in_memory_carve_the_same_held_out_split(folder: Path) -> None:
+    """data.val_from_train: the same held-out images from disk as in memory, none of them left in training."""
+    stats = {"mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3], "val_from_train": 6}
+    memory = load_data(_cfg(folder, streaming=False, **stats))
+    stream = load_data(_cfg(folder, streaming=True, workers=0, **stats))
+    assert stream.train_size == memory.train_size == 18 and stream.choice_split().val_size == 6
+    for (xs, ys), (xm, ym) in zip(stream.choice_split().val_batches(4), memory.choice_split().val_batches(4),
+                                  strict=True):
+        assert torch.equal(xs, xm) and torch.equal(ys, ym)
+    for (xs, ys), (xm, ym) in zip(stream.val_batches(4), memory.val_batches(4), strict=True):
+        assert torch.equal(xs, xm) and torch.equal(ys, ym)  # the reported split is untouched
+    assert stream.notes["val_from_train"] == memory.notes["val_from_train"]

@@ -48,6 +48,9 @@ class Batches(abc.ABC):
     std: torch.Tensor
     class_names: list[str]
     notes: dict[str, Any]
+    choice: Batches | None = None
+    """The same data with the held-out split carved from training (data.val_from_train) as its validation set; None:
+    choices are made on the validation split itself (``choice_split``)."""
 
     @property
     def num_classes(self) -> int:
@@ -73,6 +76,29 @@ class Batches(abc.ABC):
         if images.dtype == torch.uint8:
             x = x / 255.0
         return (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+
+    def choice_split(self) -> Batches:
+        """The data every choice is scored on (each epoch's validation metric, sweeps, the gain check, the accuracy
+        budget): its ``val_*`` methods serve the held-out split when data.val_from_train carved one, else this data."""
+        return self.choice if self.choice is not None else self
+
+    def train_labels_array(self) -> np.ndarray:
+        """Every training image's label, in dataset order."""
+        raise NotImplementedError
+
+    @property
+    def unlabeled_size(self) -> int:
+        """Images without labels that distillation may add (data.unlabeled)."""
+        return 0
+
+    def with_unlabeled(self) -> Batches:
+        """The training set with the unlabeled images added, labelled -1 (``edgepipe.data.unlabeled.UNLABELED``: the
+        hard term ignores them); this data itself when it has none."""
+        return self
+
+    def split_train(self, keep: np.ndarray, held_out: np.ndarray) -> Batches:
+        """This data trained on ``keep`` (training indices) alone, with ``choice`` validating on ``held_out``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot carve a held-out split")
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return max(1, self.train_size // batch_size)
@@ -127,6 +153,30 @@ class DataBundle(Batches):
     seed: int = 0
     notes: dict[str, Any] = field(default_factory=dict)
     """How the files became tensors: channels, source image modes, files skipped as unreadable (per split)."""
+    choice: Batches | None = field(default=None, repr=False)
+    unlabeled_images: torch.Tensor | None = field(default=None, repr=False)
+    """Images without labels (data.unlabeled), stored as ``train_images`` are; only ``with_unlabeled`` trains on them."""
+
+    def train_labels_array(self) -> np.ndarray:
+        return self.train_labels.numpy()
+
+    @property
+    def unlabeled_size(self) -> int:
+        return 0 if self.unlabeled_images is None else len(self.unlabeled_images)
+
+    def with_unlabeled(self) -> DataBundle:
+        if self.unlabeled_images is None:
+            return self
+        n = len(self.unlabeled_images)
+        return replace(self, train_images=torch.cat([self.train_images, self.unlabeled_images.to(self.train_images.dtype)]),
+                       train_labels=torch.cat([self.train_labels, torch.full((n,), -1, dtype=self.train_labels.dtype)]),
+                       unlabeled_images=None)
+
+    def split_train(self, keep: np.ndarray, held_out: np.ndarray) -> DataBundle:
+        k, h = torch.from_numpy(keep), torch.from_numpy(held_out)
+        kept = replace(self, train_images=self.train_images[k], train_labels=self.train_labels[k], choice=None)
+        kept.choice = replace(kept, val_images=self.train_images[h], val_labels=self.train_labels[h])
+        return kept
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -181,8 +231,11 @@ class DataBundle(Batches):
     def subset(self, n_train: int, n_val: int) -> DataBundle:
         tr = torch.from_numpy(class_spread(self.train_labels.numpy(), n_train))
         va = torch.from_numpy(class_spread(self.val_labels.numpy(), n_val))
-        return replace(self, train_images=self.train_images[tr], train_labels=self.train_labels[tr],
-                       val_images=self.val_images[va], val_labels=self.val_labels[va])
+        out = replace(self, train_images=self.train_images[tr], train_labels=self.train_labels[tr],
+                      val_images=self.val_images[va], val_labels=self.val_labels[va], choice=None)
+        if self.choice is not None:  # the held-out split is kept whole: its images are no training images
+            out.choice = replace(self.choice, train_images=out.train_images, train_labels=out.train_labels)
+        return out
 
 
 def class_spread(labels: np.ndarray, n: int) -> np.ndarray:

@@ -35,9 +35,11 @@ def data_fingerprint(cfg: DataConfig) -> str:
             digest.update(cfg.kind.encode())
         return digest.hexdigest()
     root = Path(cfg.path or "")
-    # an ImageFolder's two split folders; a detection set's whole root (annotations, lists and images)
-    for split in (cfg.train_split, cfg.val_split) if cfg.kind == "imagefolder" else ("",):
-        base = root / split
+    # an ImageFolder's two split folders (and a folder of unlabeled images); a detection set's whole root
+    folders = [root / cfg.train_split, root / cfg.val_split] if cfg.kind == "imagefolder" else [root]
+    if cfg.unlabeled and cfg.unlabeled != "rest":
+        folders.append(Path(cfg.unlabeled))
+    for base in folders:
         for folder, dirs, files in os.walk(base):
             dirs.sort()
             for name in sorted(files):
@@ -46,7 +48,7 @@ def data_fingerprint(cfg: DataConfig) -> str:
                     st = path.stat()
                 except OSError:
                     continue
-                digest.update(f"{path.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                digest.update(f"{os.path.relpath(path, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
@@ -76,9 +78,47 @@ def load_data(cfg: DataConfig, seed: int = 0, channels: int | None = None) -> Ba
         if given is not None and len(given) != channels:
             raise EdgepipeError(f"data.{name}: {len(given)} value(s) for images with {channels} channel(s); "
                                 f"give one per channel")
+    rest = None
+    if cfg.unlabeled == "rest":
+        from edgepipe.data.unlabeled import rest_of_training
+
+        if not isinstance(bundle, DataBundle) or not cfg.limit_train or cfg.limit_train >= bundle.train_size:
+            raise EdgepipeError("data.unlabeled: rest means the training images data.limit_train leaves out; set "
+                                f"data.limit_train below the {bundle.train_size} training images (data held in memory)")
+        rest = rest_of_training(bundle, cfg.limit_train)
     if cfg.limit_train or cfg.limit_val:
         bundle = bundle.subset(cfg.limit_train or bundle.train_size, cfg.limit_val or bundle.val_size)
+    if rest is not None:
+        bundle.unlabeled_images = rest
+        bundle.notes = {**bundle.notes, "unlabeled": {"source": "rest: the training images data.limit_train leaves "
+                                                                 "out, their labels unused", "images": len(rest)}}
+    if cfg.val_from_train is not None:
+        bundle = carve_held_out(bundle, cfg.val_from_train, cfg.val_from_train_seed)
     return bundle
+
+
+def carve_held_out(bundle: Batches, size: float, seed: int) -> Batches:
+    """``bundle`` training on the rest of its training images, with ``size`` of them (a fraction below 1, or a count)
+    held out for choices (``Batches.choice_split``): stratified by class, drawn with ``seed``
+    (scikit-learn's train_test_split). The draw depends on the labels and the seed alone, so runs at several run seeds
+    choose on the same images. Recorded in ``notes["val_from_train"]``."""
+    import numpy as np
+    from sklearn.model_selection import train_test_split
+
+    labels = bundle.train_labels_array()
+    n = len(labels)
+    held = int(size) if size >= 1 else int(round(size * n))
+    classes = len(np.unique(labels))
+    if not classes <= held <= n - classes:
+        raise EdgepipeError(f"data.val_from_train: {size:g} holds out {held} of {n} training images; a stratified "
+                            f"split of {classes} classes needs between {classes} and {n - classes}: give a fraction "
+                            "below 1 or a count in that range")
+    keep, out = train_test_split(np.arange(n), test_size=held, random_state=seed, stratify=labels)
+    carved = bundle.split_train(np.sort(keep), np.sort(out))
+    carved.notes = {**bundle.notes, "val_from_train": {
+        "images": int(held), "of": n, "training_images_left": int(n - held), "seed": seed, "stratified": True,
+        "per_class": {bundle.class_names[c]: int(k) for c, k in zip(*np.unique(labels[out], return_counts=True))}}}
+    return carved
 
 
 def run_data(config: PipelineConfig) -> Batches:
@@ -130,6 +170,9 @@ def _imagefolder(cfg: DataConfig, seed: int, channels: int) -> Batches:
                             f"({'; '.join(only)}); give both splits the same class folders")
     stream, reason = streaming_choice(cfg, train, val, channels)
     if stream:
+        if cfg.unlabeled:
+            raise EdgepipeError(f"data.unlabeled: needs the images in memory, and this data streams ({reason}); set "
+                                "data.streaming: false (and raise data.memory_limit_mb) or remove data.unlabeled")
         return streamed_imagefolder(cfg, seed, channels, train, val, reason)
     tr_x, tr_y, classes, tr_notes = decode_split(train.root, cfg.image_size, channels, cfg.strict, cfg.crop_fraction,
                                                  train)
@@ -141,7 +184,14 @@ def _imagefolder(cfg: DataConfig, seed: int, channels: int) -> Batches:
     else:
         f = tr.float() / 255.0
         mean, std = f.mean(dim=(0, 2, 3)), f.std(dim=(0, 2, 3))
+    unlabeled, un_notes = None, None
+    if cfg.unlabeled and cfg.unlabeled != "rest":
+        from edgepipe.data.unlabeled import folder_images
+
+        unlabeled, un_notes = folder_images(cfg, channels, train, tuple(tr.shape[1:]))
     return DataBundle(tr, torch.from_numpy(tr_y), va, torch.from_numpy(va_y), mean, std, classes,
                       augment=cfg.augment, hflip=cfg.hflip, pad=max(1, tr.shape[-1] // 8), seed=seed,
                       notes={"channels": channels, "streaming": {"on": False, "reason": reason},
-                             cfg.train_split: tr_notes, cfg.val_split: va_notes})
+                             cfg.train_split: tr_notes, cfg.val_split: va_notes,
+                             **({"unlabeled": {"source": str(cfg.unlabeled), **un_notes}} if un_notes else {})},
+                      unlabeled_images=unlabeled)

@@ -145,6 +145,7 @@ class StreamingBundle(Batches):
     seed: int = 0
     workers: int = 0
     notes: dict[str, Any] = field(default_factory=dict)
+    choice: Batches | None = field(default=None, repr=False)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -203,9 +204,20 @@ class StreamingBundle(Batches):
         images = torch.cat(list(self._images(self.val, list(range(n)), 256))) if n else torch.empty(0, *self.shape)
         return images.to(torch.uint8).numpy(), self.val.labels[:n].copy()
 
+    def train_labels_array(self) -> np.ndarray:
+        return np.asarray(self.train.labels)
+
+    def split_train(self, keep: np.ndarray, held_out: np.ndarray) -> StreamingBundle:
+        kept = replace(self, train=self.train.take(keep), choice=None)
+        kept.choice = replace(kept, val=self.train.take(held_out))
+        return kept
+
     def subset(self, n_train: int, n_val: int) -> StreamingBundle:
-        return replace(self, train=self.train.take(class_spread(self.train.labels, n_train)),
-                       val=self.val.take(class_spread(self.val.labels, n_val)))
+        out = replace(self, train=self.train.take(class_spread(self.train.labels, n_train)),
+                      val=self.val.take(class_spread(self.val.labels, n_val)), choice=None)
+        if self.choice is not None:  # the held-out split is kept whole: its images are no training images
+            out.choice = replace(self.choice, train=out.train)
+        return out
 
 
 class _Check(torch.utils.data.Dataset):

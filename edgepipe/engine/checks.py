@@ -14,7 +14,8 @@ stages in the run's order that will use the field:
 - ``bench.batch_sizes`` (what a later ``edgepipe bench`` reads from the run's config);
 - ``distill.feature_pairs`` (layer names in both models; feature hints need the PyTorch teacher),
   ``distill.init: teacher`` (the student's tensors in the teacher), ``prune.ignore`` (module names) and
-  ``qat.budget_split``.
+  ``qat.budget_split``; ``distill.loss`` against the task, ``data.val_from_train`` and ``data.unlabeled`` against the
+  data kind and task, ``distill.pseudo_label_threshold`` against ``data.unlabeled``.
 """
 from __future__ import annotations
 
@@ -62,6 +63,34 @@ def check_fields(run: Any) -> None:
                             "(e.g. [1, 8, 32])")
     _check_models(run)
     _check_budget_split(run)
+    _check_task_fields(run)
+
+
+def _check_task_fields(run: Any) -> None:
+    """``distill.loss`` against what the task's distillation offers, ``data.val_from_train`` against the data kinds
+    that carve one (classification's)."""
+    from edgepipe.config import DETECTION_KINDS
+    from edgepipe.tasks import task_of
+
+    config = run.config
+    task = task_of(config)
+    if "distill" in run.order and config.distill.enabled and config.distill.loss not in task.distill_losses:
+        raise EdgepipeError(f"distill.loss: {config.distill.loss} is not offered by task {task.name} (it offers "
+                            f"{', '.join(task.distill_losses)}); set distill.loss: {task.distill_losses[0]}")
+    if config.data.unlabeled is not None and config.data.unlabeled != "rest" and config.data.kind != "imagefolder":
+        raise EdgepipeError(f"data.unlabeled: a folder of unlabeled images goes with data.kind: imagefolder, not "
+                            f"{config.data.kind}; use 'rest' (the training images data.limit_train leaves out) or "
+                            "remove data.unlabeled")
+    if config.data.unlabeled is not None and task.name != "classification":
+        raise EdgepipeError(f"data.unlabeled: distillation from unlabeled images is written for classification, not "
+                            f"task {task.name}; remove data.unlabeled")
+    if config.distill.pseudo_label_threshold is not None and config.data.unlabeled is None:
+        raise EdgepipeError("distill.pseudo_label_threshold: set without data.unlabeled, so there is nothing to "
+                            "pseudo-label; set data.unlabeled or remove the threshold")
+    if config.data.val_from_train is not None and config.data.kind in DETECTION_KINDS:
+        raise EdgepipeError(f"data.val_from_train: carves held-out images for classification data, not "
+                            f"{config.data.kind} detection data; give the held-out images as their own split, or "
+                            "remove data.val_from_train")
 
 
 def expected_compile_dtype(run: Any) -> DType | None:

@@ -32,7 +32,7 @@ from edgepipe.training import distributed
 
 from edgepipe.engine import signals
 from edgepipe.engine.artifacts import Artifact
-from edgepipe.config import DETECTION_FIELDS, DETECTION_KINDS, PipelineConfig
+from edgepipe.config import DETECTION_FIELDS, DETECTION_KINDS, LATER_DEFAULTS, PipelineConfig
 from edgepipe.device import Device, is_out_of_memory, out_of_memory_line
 from edgepipe.errors import EdgepipeError
 from edgepipe.types import ArtifactKind
@@ -58,9 +58,18 @@ def _keyed_config(config: PipelineConfig) -> dict[str, Any]:
     sample's augmentation is seeded by seed, epoch and index; tests/test_streaming.py checks 0 against 2), and with the
     task resolved (named, or implied by the data) and left out when it is classification, the implicit task of every
     run made before tasks existed: their keys hold, and a config that names it keys as one that does not. The data
-    fields only detection reads (``DETECTION_FIELDS``) are left out for other kinds, so their keys hold too."""
+    fields only detection reads (``DETECTION_FIELDS``) are left out for other kinds, so their keys hold too, and so are
+    fields added later (``LATER_DEFAULTS``) while they hold the value that reproduces the earlier runs."""
     cfg = config.model_dump(mode="json")
     cfg["data"].pop("workers", None)
+    for section, fields in LATER_DEFAULTS.items():
+        for name, default in fields.items():
+            if cfg[section].get(name, default) == default:
+                cfg[section].pop(name, None)
+    if config.distill.loss == "kd":  # the DKD weights decide nothing under KD
+        cfg["distill"].pop("dkd_alpha", None), cfg["distill"].pop("dkd_beta", None)
+    else:  # under DKD they are keyed whatever they are
+        cfg["distill"].update(dkd_alpha=config.distill.dkd_alpha, dkd_beta=config.distill.dkd_beta)
     if config.data.kind not in DETECTION_KINDS:
         for name in DETECTION_FIELDS:
             cfg["data"].pop(name, None)
@@ -137,7 +146,7 @@ def _run_stage(run: Run, name: str, force: bool, progress: Progress | None) -> d
     if inp is not None and inp.kind not in module.INPUT_KINDS:
         raise EdgepipeError(f"stage {name} cannot take a {inp.kind.value} artifact (from {found[0]}); "
                             f"it takes {', '.join(k.value for k in module.INPUT_KINDS)}")
-    teacher = run.artifact_of("teacher") if module.USES_TEACHER else None
+    teacher = _teacher_for(run, name, progress) if module.USES_TEACHER else None
     input_hash = inp.content_hash() if inp else None  # hashed once: it reads every byte of the model
     if found is not None:
         recorded = (run.find(found[0]) or {}).get("output_hash")
@@ -317,6 +326,33 @@ def _metrics(run: Run, name: str, result: StageResult, ctx: StageContext, wall: 
     return {**base, **figures, "counts": counts, "gain": _gain(run, name, ctx, art, figures), "records": result.records}
 
 
+def _teacher_for(run: Run, name: str, progress: Progress) -> Artifact | None:
+    """The teacher a stage learns from: the teacher stage's, except for ``distill`` with ``distill.assistants`` (Mirzadeh
+    et al. 2020, "Improved Knowledge Distillation via Teacher Assistant"): there the last assistant of the chain
+    teacher -> assistants[0] -> ... Each step is a run derived from the one before (``Run.derive`` with
+    ``as_teacher``: the previous step's distilled model is its teacher) in ``<run>/assistants/<i>``, executed, cached
+    and measured by this engine like any run, with this run's distill settings and the assistant as student. The
+    stages after distill (pruning and QAT fine-tuning) keep learning from the teacher itself."""
+    assistants = run.config.distill.assistants
+    if name != "distill" or not assistants:
+        return run.artifact_of("teacher")
+    if distributed.launch() is not None:
+        raise EdgepipeError("distill.assistants: the teacher-assistant chain runs in one process; run `edgepipe run "
+                            "--run RUN` without torchrun once (the assistants are then cached), or remove "
+                            "distill.assistants")
+    previous, stage = run, "teacher"
+    for i, spec in enumerate(assistants):
+        config = run.config.model_copy(update={"distill": run.config.distill.model_copy(
+            update={"student": spec, "assistants": []})})
+        child = previous.derive(run.root / "assistants" / str(i), ("teacher",), config=config,
+                                order=("teacher", "distill"), measured=("distill",),
+                                as_teacher=None if stage == "teacher" else stage)
+        label = f"assistant {i + 1}/{len(assistants)}"
+        run_pipeline(child, progress=lambda what, *a: progress(f"{label}: {what}", *a))
+        previous, stage = child, "distill"
+    return previous.artifact_of("distill")
+
+
 def _gain(run: Run, name: str, ctx: StageContext, art: Artifact, figures: dict[str, Any]) -> dict[str, Any] | None:
     """A model-transforming stage (torch in, torch out) against its input on the target (edgepipe.measure.figures.stage_gain)."""
     from edgepipe.measure.figures import stage_gain
@@ -329,12 +365,17 @@ def _gain(run: Run, name: str, ctx: StageContext, art: Artifact, figures: dict[s
     while i > 0 and run.metrics_of(order[i]).get("status") == "skipped":  # a skipped stage passed this model on
         i -= 1
     metric = ctx.task.headline.name
-    before = (run.metrics_of(order[i]).get("accuracy") or {}).get(metric)
+    # on the held-out split where data.val_from_train carved one (choices are never made on the reported split)
+    scores = run.metrics_of(order[i]).get("accuracy") or {}
+    after = figures["accuracy"]
+    if "choice" in scores and "choice" in after:
+        scores, after = scores["choice"], after["choice"]
+    before = scores.get(metric)
     if before is None:  # the input stage was not measured (e.g. a derived run measuring only its last stage)
         return None
     if not run.metrics_of(order[i]).get("on_target", True):  # its input was measured in PyTorch alone (a teacher
         return None  # whose post-processing does not export): there is no target figure to compare with
-    gain = stage_gain(found[1], art, before, figures["accuracy"][metric], run.profile, run.config.measure,
+    gain = stage_gain(found[1], art, before, after[metric], run.profile, run.config.measure,
                       tuple(ctx.data.input_shape), order[i])
     (log.info if gain["earned"] else log.warning)("%s: %s", name, gain["verdict"])
     return gain

@@ -144,26 +144,28 @@ class Run:
 
     def derive(self, root: Path, shared: tuple[str, ...], *, target: str | None = None,
                config: PipelineConfig | None = None, order: tuple[str, ...] | None = None,
-               measured: tuple[str, ...] | None = None) -> Run:
+               measured: tuple[str, ...] | None = None, as_teacher: str | None = None) -> Run:
         """A run in ``root`` that reuses this run's finished ``shared`` stages and executes the rest itself.
 
         The child's manifest points at this run's artifacts (with their hashes, marked ``shared_from``)
         and gets a copy of their metrics.json, so its own stages key on them and count from them. The
-        target, config and order default to this run's."""
+        target, config and order default to this run's. With ``as_teacher`` the child's ``teacher`` stage is this
+        run's stage of that name (a teacher-assistant chain: the assistant this run distilled teaches the next)."""
         root = Path(root)
         child = Run.create(root, config or self.config, target or self.profile.name, order=order or self.order,
                            measured=measured)
         child.cache_root = self.cache_dir
         for name in shared:
-            parent = self.find(name)
+            source = as_teacher if name == "teacher" and as_teacher else name
+            parent = self.find(source)
             if parent is None or parent.get("status") not in ("done", "skipped") or not parent.get("artifact_dir"):
-                raise EdgepipeError(f"{self.root}: stage {name} has not run; run it before deriving {root}")
+                raise EdgepipeError(f"{self.root}: stage {source} has not run; run it before deriving {root}")
             entry = child.entry(name)
             entry.clear()
             entry.update({k: v for k, v in parent.items() if k != "shared_from"}, name=name,
                          artifact_dir=os.path.relpath(self.root / parent["artifact_dir"], root),
                          shared_from=os.path.relpath(self.root, root))
-            metrics = self.root / name / "metrics.json"
+            metrics = self.root / source / "metrics.json"
             if metrics.exists() and is_main_process():  # counts for the stages after it
                 atomic_write_text(root / name / "metrics.json", metrics.read_text())
         child.save()

@@ -66,7 +66,8 @@ def measure_artifact(artifact: Artifact, data: Batches, cfg: MeasureConfig, prof
                      device: Any = None) -> dict[str, Any]:
     """All figures of one artifact; ``counts`` are the MACs/params/activations of its torch source.
 
-    The task's metrics (``Task.metrics``, under ``accuracy``) come from the artifact's own runtime (PyTorch for a
+    The task's metrics (``Task.metrics``, under ``accuracy``; with data.val_from_train also the headline on the
+    held-out split, ``accuracy.choice``, which the gain check and sweeps read) come from the artifact's own runtime (PyTorch for a
     torch model, so a QAT model scores as trained). Latency and throughput come from the target's runtime on this
     host for every stage, so the stage table compares like with like: a torch model is exported (an ONNX model taken
     as it is) and compiled by the profile's backend first (float stages in the profile's best float dtype, a QAT model in int8), as the gain check
@@ -87,6 +88,11 @@ def measure_artifact(artifact: Artifact, data: Batches, cfg: MeasureConfig, prof
     except EdgepipeError as e:
         raise EdgepipeError(f"{artifact.root}: {e}") from None
     scores.update(backend=runner.backend, dtype=runner.dtype)
+    held_out = data.choice_split()
+    if held_out is not data:  # data.val_from_train: the headline on the held-out images, which choices read
+        outputs, targets = run_batches(runner, task.val_feeds(held_out, eval_batch_size))
+        scores["choice"] = {task.headline.name: task.metrics(outputs, targets, data.class_names)[task.headline.name],
+                            "images": held_out.val_size, "split": "held out from training (data.val_from_train)"}
     shape = tuple(artifact.meta.get("input_shape") or data.input_shape)
     meta = {"input_shape": list(shape), "num_classes": artifact.meta.get("num_classes") or data.num_classes}
     pytorch = None

@@ -302,9 +302,22 @@ def _data_blocks(notes: dict[str, Any]) -> list[Block]:
     if not notes:
         return []
     items = [f"{notes.get('channels', '?')} channel(s) per image"]
+    held = notes.get("val_from_train")
+    if isinstance(held, dict):
+        items.append(f"held out from training for every choice (data.val_from_train): {held.get('images', 0):,} of "
+                     f"{held.get('of', 0):,} training images, stratified by class, draw seed {held.get('seed')}; the "
+                     "validation split is only reported")
+    unlabeled = notes.get("unlabeled")
+    if isinstance(unlabeled, dict) and unlabeled.get("source", "").startswith("rest"):
+        items.append(f"unlabeled (data.unlabeled): {unlabeled.get('images', 0):,} images, {unlabeled['source']}; the "
+                     "distill stage trains on them with the teacher's soft targets (its records say how)")
+    elif isinstance(unlabeled, dict):
+        items.append(f"unlabeled (data.unlabeled): {unlabeled.get('images', 0):,} images from {unlabeled.get('source')} "
+                     f"({unlabeled.get('skipped_as_training_images', 0)} skipped as training images); the distill "
+                     "stage trains on them with the teacher's soft targets (its records say how)")
     skipped_total = repeated_total = 0
     for split, info in notes.items():
-        if not isinstance(info, dict):
+        if not isinstance(info, dict) or split in ("val_from_train",) or (split == "unlabeled" and "modes" not in info):
             continue
         modes = ", ".join(f"{m} {n:,}" for m, n in sorted((info.get("modes") or {}).items()))
         skipped = info.get("skipped") or []

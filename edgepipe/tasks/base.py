@@ -43,6 +43,8 @@ class Task(ABC):
     headline: ClassVar[Metric]
     """The metric every comparison uses."""
     secondary: ClassVar[tuple[Metric, ...]] = ()
+    distill_losses: ClassVar[tuple[str, ...]] = ("kd",)
+    """The soft terms ``distill_loss`` offers (``distill.loss``); the first is the default."""
     data_kinds: ClassVar[tuple[str, ...]] = ()
     """``data.kind`` values this task is the default for (when the config names no ``task``)."""
     device_metric: ClassVar[str | None] = None
@@ -121,8 +123,9 @@ class Task(ABC):
 
     @abstractmethod
     def distill_loss(self, student: Any, teacher: Any, targets: Any, temperature: float, alpha: float,
-                     ) -> dict[str, torch.Tensor]:
-        """Distillation against the teacher's outputs: ``{"loss", "soft", "hard"}`` (soft: the teacher term)."""
+                     method: str = "kd", weights: tuple[float, ...] = ()) -> dict[str, torch.Tensor]:
+        """Distillation against the teacher's outputs: ``{"loss", "soft", "hard", <component>...}`` (soft: the
+        teacher term); ``method`` one of ``distill_losses`` with its ``weights`` (dkd: TCKD's and NCKD's)."""
 
     def distiller(self, teacher: nn.Module, student: nn.Module, temperature: float, alpha: float, beta: float,
                   example: torch.Tensor) -> nn.Module | None:

@@ -72,8 +72,48 @@ def kd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
     t = temperature
     soft = F.kl_div(F.log_softmax(student_logits.float() / t, dim=1), F.log_softmax(teacher_logits.float() / t, dim=1),
                     reduction="batchmean", log_target=True) * (t * t)
-    hard = F.cross_entropy(student_logits.float(), labels)
+    hard = labelled_cross_entropy(student_logits, labels)
     return {"loss": alpha * soft + (1 - alpha) * hard, "soft": soft, "hard": hard}
+
+
+def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the images that have a label (an unlabeled image's is -1, data.unlabeled); zero, with the
+    graph kept, for a batch of unlabeled images only (PyTorch's ignore_index mean would be 0/0)."""
+    if bool((labels >= 0).all()):
+        return F.cross_entropy(logits.float(), labels)
+    if not bool((labels >= 0).any()):
+        return logits.float().sum() * 0.0
+    return F.cross_entropy(logits.float(), labels, ignore_index=-1)
+
+
+def dkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float,
+              alpha: float, tckd_weight: float, nckd_weight: float) -> dict[str, torch.Tensor]:
+    """Decoupled KD (Zhao et al. 2022, "Decoupled Knowledge Distillation", eq. 7), written here because no
+    maintained library ships it as a loss: KD's KL splits into the target-class term (TCKD: KL of the binary
+    target / rest distributions) and the non-target term (NCKD: KL among the other classes, the target masked out),
+    each at temperature T and scaled by T^2; the soft term is ``tckd_weight * TCKD + nckd_weight * NCKD`` and it is
+    mixed with cross-entropy by ``alpha`` as KD's is. (The paper also ramps the DKD term in over its first 20 of 240
+    epochs; edgepipe's one-cycle schedule warms the learning rate up instead.)"""
+    t = temperature
+    s, te = student_logits.float() / t, teacher_logits.float() / t
+    # an unlabeled image (label -1) splits at the teacher's class
+    target = F.one_hot(torch.where(labels >= 0, labels, te.argmax(1)), s.shape[1]).bool()
+    p_s, p_t = F.softmax(s, dim=1), F.softmax(te, dim=1)
+    eps = 1e-8  # the binary probabilities' floor: log(0) where a model puts all its mass on one side
+
+    def binary(p: torch.Tensor) -> torch.Tensor:
+        on = (p * target).sum(1, keepdim=True)
+        return torch.cat([on, 1 - on], dim=1).clamp_min(eps)
+    b_s, b_t = binary(p_s), binary(p_t)
+    tckd = (b_t * (b_t.log() - b_s.log())).sum(1).mean() * (t * t)
+    masked = -1e4  # the target's logit out of the non-target softmax (finite: bf16 and fp16 safe)
+    log_s = F.log_softmax(s.masked_fill(target, masked), dim=1)
+    log_t = F.log_softmax(te.masked_fill(target, masked), dim=1)
+    nckd = F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * (t * t)
+    soft = tckd_weight * tckd + nckd_weight * nckd
+    hard = labelled_cross_entropy(student_logits, labels)
+    return {"loss": alpha * soft + (1 - alpha) * hard, "soft": soft, "hard": hard, "tckd": tckd.detach(),
+            "nckd": nckd.detach()}
 
 
 def accuracy_record(logits: np.ndarray, labels: np.ndarray, class_names: list[str] | None = None) -> dict[str, Any]:
@@ -115,6 +155,7 @@ class Classification(Task):
     secondary = (TOP5,)
     data_kinds = ("digits", "imagefolder")
     device_metric = "top1"
+    distill_losses = ("kd", "dkd")
 
     def inputs(self, meta: Mapping[str, Any]) -> tuple[TensorSpec, ...]:
         return (TensorSpec("input", "float32", ("batch", *(meta.get("input_shape") or ()))),)
@@ -127,7 +168,9 @@ class Classification(Task):
         return {"loss": loss, "hard": loss.detach()}
 
     def distill_loss(self, student: Any, teacher: Any, targets: Any, temperature: float, alpha: float,
-                     ) -> dict[str, torch.Tensor]:
+                     method: str = "kd", weights: tuple[float, ...] = ()) -> dict[str, torch.Tensor]:
+        if method == "dkd":
+            return dkd_terms(student, teacher, targets, temperature, alpha, *weights)
         return kd_terms(student, teacher, targets, temperature, alpha)
 
     def val_score(self, model: nn.Module, data: Batches, batch_size: int) -> float:

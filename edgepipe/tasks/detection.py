@@ -146,7 +146,7 @@ class Detection(Task):
         return {"loss": total, "hard": total.detach(), **{k: v.detach() for k, v in outputs.items()}}
 
     def distill_loss(self, student: Any, teacher: Any, targets: Any, temperature: float, alpha: float,
-                     ) -> dict[str, torch.Tensor]:
+                     method: str = "kd", weights: tuple[float, ...] = ()) -> dict[str, torch.Tensor]:
         raise EdgepipeError("detection: detectors distil through Detection.distiller (their outputs are detection "
                             "sets, not logits)")
 

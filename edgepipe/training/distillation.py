@@ -56,6 +56,15 @@ class FeatureHints(nn.Module):
             teacher.eval(), student.eval()
             teacher(example), student(example)
             student.train(was)
+        for i, p in enumerate(pairs):
+            for role, key, name in (("teacher", f"t{i}", p.teacher), ("student", f"s{i}", p.student)):
+                if key not in self._feats:
+                    self.remove()
+                    raise EdgepipeError(
+                        f"distill.feature_pairs: the {role}'s module '{name}' is never called in a forward pass, so "
+                        "its output cannot be read" + (" (a torch.export program runs as one graph; its submodules "
+                        "hold weights only): give the teacher as arch + weights or a factory for feature hints"
+                        if role == "teacher" and name.startswith("program.") else "; name a module the model calls"))
         self.adapters = nn.ModuleList(
             nn.Conv2d(self._feats[f"s{i}"].shape[1], self._feats[f"t{i}"].shape[1], 1, bias=False)
             for i in range(len(pairs)))
@@ -284,10 +293,15 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module) -> dict[str, Any]:
 
 
 def kd_step(teacher: nn.Module | SoftTargets, temperature: float, alpha: float, beta: float = 0.0,
-            hints: FeatureHints | None = None, task: Task | None = None,
+            hints: FeatureHints | None = None, task: Task | None = None, method: str = "kd",
+            weights: tuple[float, ...] = (), pseudo_threshold: float | None = None,
             ) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]:
     """A ``loss_step`` for edgepipe.training.loop.fit: the teacher's outputs (no grad, eval mode) and the task's
-    distillation loss (``Task.distill_loss``; default classification's KD terms)."""
+    distillation loss (``Task.distill_loss`` with ``method`` and its ``weights``; default classification's KD terms).
+
+    Images labelled -1 (data.unlabeled) count in the soft term only, or, with ``pseudo_threshold``, also in the hard
+    term with the teacher's class where its probability reaches the threshold; the fraction of each batch that is
+    unlabeled and pseudo-labelled is logged (``unlabeled``, ``pseudo_labeled``)."""
     from edgepipe.tasks import DEFAULT, get_task
 
     task = task or get_task(DEFAULT)
@@ -298,11 +312,25 @@ def kd_step(teacher: nn.Module | SoftTargets, temperature: float, alpha: float, 
 
     def step(student: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         t_logits = targets(x)
-        terms = task.distill_loss(task.forward(student, x), t_logits, y, temperature, alpha)
+        unlabeled = y < 0 if isinstance(y, torch.Tensor) and y.dtype != torch.bool else None
+        if unlabeled is not None and bool(unlabeled.any()):  # data.unlabeled: soft targets, and confident classes
+            fraction = unlabeled.float().mean()
+            if pseudo_threshold is not None:
+                confidence, top = torch.softmax(t_logits.float(), dim=1).max(1)
+                take = unlabeled & (confidence >= pseudo_threshold)
+                y = torch.where(take, top, y)
+                pseudo = take.float().mean()
+        # KD keeps the five-argument call a task written before distill.loss existed implements
+        extra = (method, weights) if method != "kd" else ()
+        terms = task.distill_loss(task.forward(student, x), t_logits, y, temperature, alpha, *extra)
         if hints is not None and beta > 0:
             feature = hints.loss()
             terms["feature"] = feature.detach()
             terms["loss"] = terms["loss"] + beta * feature
         terms["soft"], terms["hard"] = terms["soft"].detach(), terms["hard"].detach()
+        if unlabeled is not None and bool(unlabeled.any()):
+            terms["unlabeled"] = fraction
+            if pseudo_threshold is not None:
+                terms["pseudo_labeled"] = pseudo
         return terms
     return step

@@ -66,8 +66,10 @@ def fit(model: nn.Module, data: Batches, cfg: OptimConfig, loss_step: LossStep, 
 
     Resumes from ``checkpoint_dir/last.pt`` when it belongs to the same config (``tag`` distinguishes
     several trainings inside one stage), whichever device wrote it. ``evaluator``: the task whose headline metric is
-    computed on the validation split after every epoch (``val_<metric>`` in the history; default classification's
-    top-1). Returns the per-epoch history.
+    computed after every epoch on the split choices are made on (``Batches.choice_split``: the held-out split of
+    data.val_from_train, else the validation split; ``val_<metric>`` in the history, and a ``"<task> validation"``
+    progress call with it, which a sweep prunes trials by; default classification's top-1). Returns the per-epoch
+    history.
     """
     from edgepipe.tasks import DEFAULT, get_task
 
@@ -155,7 +157,7 @@ def fit(model: nn.Module, data: Batches, cfg: OptimConfig, loss_step: LossStep, 
                 device.synchronize()
                 seconds = time.perf_counter() - t0
                 where = f" (epoch {epoch + 1}, validation)"
-                val = evaluator.val_score(model, data, eval_batch_size)
+                val = evaluator.val_score(model, data.choice_split(), eval_batch_size)
             except RuntimeError as e:  # torch.OutOfMemoryError is one
                 if not is_out_of_memory(e):
                     raise
@@ -174,6 +176,7 @@ def fit(model: nn.Module, data: Batches, cfg: OptimConfig, loss_step: LossStep, 
                    **({"grad_scaler": True} if scaler is not None else {}), "device": device.label,
                    "processes": shard[1], **({"batchnorm": batchnorm} if shard[1] > 1 else {})}
             history.append(row)
+            progress(f"{task} validation", epoch + 1, cfg.epochs, {f"val_{evaluator.headline.name}": val})
             log.info("%s epoch %d/%d: %s", task, epoch + 1, cfg.epochs,
                      ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
             if is_main_process():
