@@ -16,7 +16,7 @@ DATA ?= $(SHARED)/datasets/cifar10
 TEACHER ?= $(SHARED)/teachers/resnet56_cifar10.pt2
 BENCH_RUN ?= runs/cifar10-bench
 
-.PHONY: setup setup-bench pipeline test test-gpu gpu-check bench bench-detection bench-data bench-students bench-run report clean
+.PHONY: setup setup-bench pipeline test test-gpu gpu-check bench bench-detection bench-sweep bench-unlabeled bench-data bench-students bench-run report clean
 
 setup: $(VENV)/.installed
 
@@ -60,6 +60,28 @@ DETECTION_RUN ?= runs/bccd-bench
 bench-detection: setup-bench
 	$(BIN)/edgepipe compare --config configs/bccd.yaml --target intel-xeon-amx --data $(DETECTION_DATA) \
 		--run $(DETECTION_RUN) --seeds 3 --out .
+
+# Distillation studies on CIFAR-10 (issue 28), each `edgepipe sweep` on a ResNet-8 from the shipped ResNet-56, choices on
+# 2,000 held-out training images, 3 seeds, written as sections of BENCHMARKS.md (resumable: finished trials are reused):
+# temperature x alpha; DKD vs KD; a teacher assistant (ResNet-20) vs direct; feature hints vs KD. bench-unlabeled:
+# 4,000 labelled images with and without the other 46,000 unlabeled, 2 seeds.
+SWEEP_RUN ?= runs/cifar10-sweep
+SWEEP = $(BIN)/edgepipe sweep --config configs/cifar10-sweep.yaml --target intel-xeon-amx --run $(SWEEP_RUN) --seeds 3 \
+	--into BENCHMARKS.md
+bench-sweep: setup
+	$(SWEEP) --set distill.temperature=1,2,4,8 --set distill.alpha=0.5,0.9,1.0 --study temperature-alpha \
+		--title "temperature x alpha, ResNet-8 student"
+	$(SWEEP) --set distill.loss=kd,dkd --study dkd-vs-kd --title "decoupled KD (DKD, alpha 1, beta 8) vs KD at equal epochs"
+	$(SWEEP) --set 'distill.assistants=[],[{arch: cifar_resnet, kwargs: {depth: 20, width: 16, num_classes: 10}}]' \
+		--study assistant-vs-direct --title "teacher assistant (ResNet-56 -> ResNet-20 -> ResNet-8) vs direct"
+	$(BIN)/edgepipe sweep --config configs/cifar10-sweep-features.yaml --target intel-xeon-amx \
+		--run $(SWEEP_RUN)-features --seeds 3 --into BENCHMARKS.md --set distill.beta=0,1 --study features-vs-kd \
+		--title "feature hints (FitNets on layer3, beta 1) vs KD at equal epochs"
+
+bench-unlabeled: setup
+	$(BIN)/edgepipe sweep --config configs/cifar10-unlabeled.yaml --target intel-xeon-amx --run runs/cifar10-unlabeled \
+		--set data.unlabeled=null,rest --seeds 2 --study unlabeled --into BENCHMARKS.md \
+		--title "4,000 labelled images, without and with the other 46,000 unlabeled (the shipped teacher was trained on all 50,000 labels)"
 
 # Data loading: peak memory and images/s of one distillation epoch on synthetic ImageFolders of 10k, 50k and
 # 200k 64x64 images, streamed and in memory -> the data-loading section of BENCHMARKS.md (folders in runs/).

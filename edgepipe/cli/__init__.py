@@ -30,6 +30,7 @@ COMMANDS: dict[str, Handler] = {
     "compile": stage_commands.compile_command,  # also standalone, with --onnx
     "bench": stage_commands.bench_command,
     "compare": stage_commands.compare_command,
+    "sweep": stage_commands.sweep_command,
     "report": tool_commands.report_command,
     "import-results": tool_commands.import_results_command,
     "profiles": tool_commands.profiles_command,
@@ -39,13 +40,16 @@ COMMANDS: dict[str, Handler] = {
     "estimate": tool_commands.estimate_command,
 }
 """Each command of edgepipe.cli.parser.build_parser and the function that carries it out (its exit code)."""
+UNLOCKED = ("sweep",)
+"""Commands that lock the run folders they write themselves: a sweep's workers share the base run (locked while its
+shared stages run) and lock one trial's folder at a time (edgepipe.engine.sweep)."""
 
 
 def main(argv: list[str] | None = None) -> int:
     """The ``edgepipe`` command (``argv`` None: the program's own arguments). SIGINT or SIGTERM at any moment: one
     line naming what stopped and the command that resumes it, exit 130/143, no traceback (edgepipe.engine.signals)."""
     signals.quiet_telemetry()  # before anything imports openvino or nncf
-    signals.RESUMABLE.update(("run", "compare", *STAGE_ORDER))
+    signals.RESUMABLE.update(("run", "compare", "sweep", *STAGE_ORDER))
     signals.install()
     words = list(sys.argv[1:] if argv is None else argv)
     command = next((w for w in words if not w.startswith("-")), "")
@@ -92,7 +96,7 @@ def _main(argv: list[str] | None) -> int:
         if launch is not None:
             check_launchable(args)
             signal.signal(signal.SIGTERM, _stop)  # torchrun stops every rank with SIGTERM when one fails
-        if getattr(args, "run", None) is None:
+        if getattr(args, "run", None) is None or args.command in UNLOCKED:
             return COMMANDS[args.command](args)
         from edgepipe.io import run_lock
 

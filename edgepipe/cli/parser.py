@@ -57,8 +57,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data", help="override data.path (the ImageFolder root)")
     sp.add_argument("--teacher", help="override teacher.model.program (a torch.export .pt2 file)")
     sp.add_argument("--out", type=path_arg, default=Path("."), help="folder for BENCHMARKS.md/.json/.png (default: .)")
-    sp.add_argument("--seeds", type=int, help="detection: seeds of the KD-gain rows (distilled, scratch-same-init), "
-                    "default 2; classification runs at the config's seed")
+    sp.add_argument("--seeds", type=int, help="seeds of the KD-gain rows (the distill stage with and without the "
+                    "teacher), the gain stated with its spread; default 1 for classification, 2 for detection")
+    sp = sub.add_parser("sweep", help="a study over config fields (Optuna): each trial a run derived from --run, "
+                        "chosen on the held-out split; writes sweep.md/.json, convergence and heatmap plots")
+    run_args(sp)
+    sp.add_argument("--set", dest="sets", action="append", default=[], metavar="FIELD=V1,V2,...",
+                    help="a config field and its values, e.g. distill.temperature=1,2,4,8 (repeat for more fields)")
+    sp.add_argument("--seeds", type=int, default=1, help="run each setting at seeds seed .. seed+N-1 (default 1)")
+    sp.add_argument("--study", help="study name (default: the swept fields); trials of the same setting are shared "
+                    "between studies of one run")
+    sp.add_argument("--storage", help="Optuna storage URL shared by every worker of the study (default: "
+                    "sqlite:///RUN/sweeps/STUDY/study.db)")
+    sp.add_argument("--sampler", choices=("grid", "tpe"), default="grid",
+                    help="grid: every setting at every seed; tpe: --trials draws from the same values")
+    sp.add_argument("--trials", type=int, help="tpe: number of trials (default: the grid's size)")
+    sp.add_argument("--prune-trials", action="store_true",
+                    help="stop a trial whose held-out metric after an epoch is below the median of earlier trials")
+    sp.add_argument("--out", type=path_arg, help="folder for the report (default: RUN/sweeps/STUDY)")
+    sp.add_argument("--into", type=path_arg, help="also write the report as a section of this Markdown file (e.g. "
+                    "BENCHMARKS.md), its plots beside it")
+    sp.add_argument("--title", help="a line saying what the study compares (shown in its heading)")
     sp = sub.add_parser("import-results", help="merge a device's results.json (from a TensorRT bundle's "
                         "edgepipe_trt.py) into the run; the report shows it beside the estimate")
     sp.add_argument("--run", type=path_arg, required=True, help="the run whose compile stage wrote the bundle")
@@ -125,7 +144,7 @@ def check_args(args: argparse.Namespace) -> None:
     if (run / LOCK_FILE).is_file() and lock_holder(run / LOCK_FILE) is not None:
         return  # a run being created by another command: run_lock says which PID holds it
     entries = [p.name for p in run.iterdir()] if run.is_dir() else []
-    if args.command in ("run", "compare", *STAGE_ORDER) and args.config and args.target:  # a new run
+    if args.command in ("run", "compare", "sweep", *STAGE_ORDER) and args.config and args.target:  # a new run
         others = [n for n in entries if n not in _OWN_FILES and not (n.startswith(".") and n.endswith(".tmp"))]
         if others:
             raise EdgepipeError(f"{run}: a folder that is not empty ({len(entries)} entries, e.g. {others[0]}) and "

@@ -218,8 +218,8 @@ def compare_command(args: argparse.Namespace) -> int:
     from edgepipe.tasks import task_of
 
     detection = task_of(config).name == "detection"
-    if not detection and args.seeds not in (None, 1):
-        raise EdgepipeError(f"--seeds {args.seeds}: a classification benchmark runs its rows at the config's seed only")
+    if args.seeds is not None and args.seeds < 1:
+        raise EdgepipeError(f"--seeds {args.seeds}: give 1 or more")
     with progress_bars() as progress:
         if detection:
             from edgepipe.reporting.detection_bench import compare_detection
@@ -229,10 +229,60 @@ def compare_command(args: argparse.Namespace) -> int:
         else:
             config_file = Path(args.config) if Path(args.config).is_file() else configs_dir() / f"{args.config}.yaml"
             result = compare(config, args.run, args.target, args.device, args.out, command, progress,
-                             recipe_notes=leading_comment(config_file))
+                             recipe_notes=leading_comment(config_file), seeds=args.seeds or 1)
     for c in result["checks"]:
         print(f"{'pass' if c['pass'] else 'MISS'}  {c['claim']}  (measured {c['measured']:.4g})")
     written = "the detection section, BENCHMARKS-detection.json and .png" if detection else \
         "BENCHMARKS.json and BENCHMARKS.png"
     print(f"wrote {args.out / 'BENCHMARKS.md'} ({written})")
+    return 0
+
+
+def sweep_command(args: argparse.Namespace) -> int:
+    """`edgepipe sweep`: the study over ``--set`` fields (edgepipe.engine.sweep) and its report
+    (edgepipe.reporting.sweep_report)."""
+    import hashlib
+    import re
+    import shlex
+
+    from edgepipe.engine.sweep import Space, parse_sets, sweep
+    from edgepipe.io import run_lock
+    from edgepipe.reporting.sweep_report import label, write_report
+
+    fields = parse_sets(args.sets)
+    if args.seeds < 1:
+        raise EdgepipeError(f"--seeds {args.seeds}: give 1 or more")
+    if args.trials is not None and (args.sampler != "tpe" or args.trials < 1):
+        raise EdgepipeError("--trials N (N >= 1) goes with --sampler tpe; the grid runs every setting at every seed")
+    from edgepipe.config import load_config
+    from edgepipe.engine.run import Run
+    from edgepipe.engine.stage import STAGE_ORDER
+    from edgepipe.engine.sweep import check_space, stages_of
+
+    if args.config:
+        config = load_config(args.config)
+    elif (args.run / "manifest.json").exists():
+        config = Run.open(args.run).config
+    else:
+        raise EdgepipeError(f"{args.run}: not a run folder yet; give --config and --target to start the sweep's base run")
+    space = Space(fields, list(range(config.seed, config.seed + args.seeds)))
+    check_space(config, space)  # before anything is written: a bad --set leaves the run folder as it was
+    stages_of(config, space, tuple(STAGE_ORDER))
+    with run_lock(args.run, wait=True):  # opened (or created) by one worker at a time; released for the trials
+        run = _open_run_here(args)
+    # default: the swept fields' names and a digest of their values and seeds (another grid is another study)
+    digest = hashlib.sha256(repr((sorted(fields.items()), space.seeds)).encode()).hexdigest()[:6]
+    swept = [f.split(".")[-1] for f in space.swept]
+    study = args.study or re.sub(r"[^A-Za-z0-9_.-]", "_", "-".join([*swept, f"seeds{args.seeds}", digest]))
+    command = "edgepipe " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "edgepipe sweep"
+    with progress_bars() as progress:
+        result = sweep(run, space, study, args.storage, args.sampler, args.trials, args.prune_trials, progress)
+    out = args.out or Path(result["folder"])
+    summary = write_report(result, out, command, into=args.into, title=args.title)
+    chosen = summary["chosen"]
+    if chosen:
+        print(f"chosen on the held-out split: {label(chosen['setting'])} ({chosen['n']} seed(s))")
+    if summary["versus_default"]:
+        print(f"against the config's own setting: {summary['versus_default']['reading']}")
+    print(f"wrote {out / 'sweep.md'} ({summary['completed']} trials completed, {summary['pruned']} pruned)")
     return 0

@@ -90,10 +90,11 @@ def derived_config(config: PipelineConfig, overrides: dict[str, Any]) -> Pipelin
     return validate_config(data, f"baseline of {config.name}")
 
 
-def baseline_run(runs: dict[str, Run], b: Baseline, progress: Progress) -> Run:
-    """Derive ``b``'s run from its parent and let the engine execute (or reuse) its own stages."""
+def baseline_run(runs: dict[str, Run], b: Baseline, progress: Progress, folder: str = "baselines") -> Run:
+    """Derive ``b``'s run from its parent (in ``<pipeline run>/<folder>/<row>``) and let the engine execute (or reuse)
+    its own stages."""
     parent = runs[b.parent]
-    child = parent.derive(runs["pipeline"].root / "baselines" / b.row, b.shared,
+    child = parent.derive(runs["pipeline"].root / folder / b.row, b.shared,
                           config=derived_config(runs["pipeline"].config, b.overrides), order=b.order,
                           measured=(b.order[-1],))
     run_pipeline(child, progress=progress)
