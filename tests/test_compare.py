@@ -141,3 +141,22 @@ def test_cli_names_a_missing_data_folder(tmp_path, capsys):
     assert main(["compare", "--config", "cifar10", "--target", "intel-xeon-amx", "--run", str(tmp_path / "r"),
                  "--data", str(tmp_path / "nope")]) == 2
     assert "--data" in capsys.readouterr().err
+
+
+def test_the_kd_gain_is_stated_over_seeds(compared):
+    """--seeds 2: the distill stage with and without the teacher at a second seed (two derived runs), each seed's gain
+    from the stage's own history, the mean against its spread as a claim; the first seed is the rows' own runs."""
+    root, first = compared
+    result = compare(_config(), root / "run", "intel-xeon-amx", None, root / "out2", "edgepipe compare (test)", seeds=2)
+    seeds = result["seeds"]
+    assert [s["seed"] for s in seeds] == [0, 1]
+    history = json.loads((root / "run" / "distill" / "metrics.json").read_text())["records"]["history"]
+    assert seeds[0]["distilled"] == history[-1]["val_top1"]
+    for row in ("distilled-seed1", "scratch-same-init-seed1"):
+        cfg = json.loads((root / "run" / "baselines" / row / "manifest.json").read_text())
+        assert [e["name"] for e in cfg["stages"]] == ["teacher", "distill"]
+    assert seeds[1]["gain"] == pytest.approx(seeds[1]["distilled"] - seeds[1]["scratch_same_init"])
+    claims = {c["claim"]: c for c in result["checks"]}
+    assert any(c.startswith("KD gain over 2 seeds") for c in claims)
+    assert "KD gain over seeds" in (root / "out2" / "BENCHMARKS.md").read_text()
+    assert [r["top1"] for r in result["rows"]] == [r["top1"] for r in first["rows"]]  # every row reused

@@ -28,6 +28,7 @@ import numpy as np
 
 from edgepipe.engine.baselines import TRAIN_TIMING, Baseline, baseline_run, own_seconds, run_baselines
 from edgepipe.reporting.benchmarks import LATENCY_BATCH, THROUGHPUT_BATCH, acceptance, recipe, write_benchmarks
+from edgepipe.reporting.seeds import seed_baselines, seed_rows
 from edgepipe.config import PipelineConfig
 from edgepipe.errors import EdgepipeError
 from edgepipe.host import host_cpu, host_has_native_bf16, host_isa, library_versions
@@ -66,8 +67,10 @@ def preconditions(config: PipelineConfig, target: str, device_target: str | None
 
 
 def compare(config: PipelineConfig, run_dir: Path, target: str, device_target: str | None, out_dir: Path,
-            command: str, progress: Progress | None = None, recipe_notes: str = "") -> dict[str, Any]:
-    """Run the pipeline and every baseline; write BENCHMARKS.{md,json,png} into ``out_dir``.
+            command: str, progress: Progress | None = None, recipe_notes: str = "", seeds: int = 1) -> dict[str, Any]:
+    """Run the pipeline and every baseline; write BENCHMARKS.{md,json,png} into ``out_dir``. With ``seeds`` > 1 the
+    KD gain is also stated over that many seeds (edgepipe.reporting.seeds: the distill stage with and without the
+    teacher at each further seed, two derived runs each).
 
     ``recipe_notes`` (the config file's leading comment: what the student is and why) is quoted in
     BENCHMARKS.md beside the recipe's settings. (A detection config: edgepipe.reporting.detection_bench.)"""
@@ -85,6 +88,9 @@ def compare(config: PipelineConfig, run_dir: Path, target: str, device_target: s
         raise EdgepipeError(f"{run.root}: the compiled model is not INT8 (target {profile.name} lists "
                             f"{', '.join(d.value for d in profile.dtypes)}); compare needs an INT8 final model")
     runs, built = run_baselines(run, progress)
+    extra = seed_baselines(config, seeds)
+    for b in extra:
+        baseline_run(runs, b, progress)
     rows = [row_of(runs[b.row], b.row, _method(b, runs, config)) for b in built]
     rows.append(row_of(run, "final", FINAL_METHOD, stage="compile", seconds=run.entry("compile").get("measure_time_s")))
     device_run = run.for_target(device.name) if device else None
@@ -92,7 +98,7 @@ def compare(config: PipelineConfig, run_dir: Path, target: str, device_target: s
         run_pipeline(device_run, progress=progress)
     timing = baseline_run(runs, TRAIN_TIMING, progress)
     training = _training(timing, run)
-    all_runs = [run, *(runs[b.row] for b in built), timing, *([device_run] if device_run else [])]
+    all_runs = [run, *(runs[b.row] for b in [*built, *extra]), timing, *([device_run] if device_run else [])]
     run_of = {**{b.row: runs[b.row] for b in built}, "final": run}
     stage_of = {**{b.row: runs[b.row].order[-1] for b in built}, "final": "compile"}
     earlier = earlier_invocation_seconds(all_runs)
@@ -110,6 +116,8 @@ def compare(config: PipelineConfig, run_dir: Path, target: str, device_target: s
                        "accuracy_samples": (run.metrics_of("compile").get("accuracy") or {}).get("samples")},
         "rows": rows, "device_row": _device_row(device_run, device) if device_run else None,
         "training_throughput": training,
+        "seeds": seed_rows(config, runs, seeds, "top1") if seeds > 1 else [],
+        "held_out": config.data.val_from_train is not None,
         "per_class": {r: (run_of[r].metrics_of(stage_of[r]).get("accuracy") or {}).get("per_class")
                       for r in ("teacher-fp32", "distilled", "final")},
         "stage_seconds": {e["name"]: e.get("wall_time_s") for e in run.manifest["stages"]},

@@ -32,27 +32,17 @@ from edgepipe.errors import EdgepipeError
 from edgepipe.host import host_cpu, host_has_native_bf16, host_isa, library_versions
 from edgepipe.reporting import formatting as fmt
 from edgepipe.reporting.compare import earlier_invocation_seconds, paired, preconditions, row_of
+from edgepipe.reporting.seeds import seed_baselines, seed_rows
+from edgepipe.reporting.seeds import section as seeds_section
+from edgepipe.tasks.detection import MAP50
 from edgepipe.types import DType
 
 SECTION = "detection"
 ROWS = ("teacher-fp32", "teacher-bf16", "teacher-int8", "scratch-same-init", "distilled", "pruned", "ptq")
 FINAL_METHOD = "pipeline: distill -> prune -> QAT INT8 (core) -> ONNX with NMS -> OpenVINO (compile stage IR)"
-LABELS_ONLY = {"distill.alpha": 0.0, "distill.beta": 0.0}
 
 # The acceptance bars of issue 27, each from measured rows: (claim, required minimum).
 KD_GAIN_MIN, FINAL_VS_DISTILLED_MIN, SPEEDUP_MIN = 0.020, -0.015, 5.0
-
-
-def seed_baselines(config: PipelineConfig, seeds: int) -> list[Baseline]:
-    """The distill stage with and without the teacher at each further seed (the config's seed is the pipeline's own
-    distill stage and the scratch-same-init row): the KD gain's spread."""
-    out = []
-    for seed in range(config.seed + 1, config.seed + seeds):
-        out += [Baseline(f"distilled-seed{seed}", "pipeline", ("teacher",), ("distill",),
-                         f"distill stage at seed {seed}", {"seed": seed}),
-                Baseline(f"scratch-same-init-seed{seed}", "pipeline", ("teacher",), ("distill",),
-                         f"distill stage at seed {seed}, labels only", {"seed": seed, **LABELS_ONLY})]
-    return out
 
 
 def compare_detection(config: PipelineConfig, run_dir: Path, target: str, device_target: str | None, out_dir: Path,
@@ -94,7 +84,7 @@ def compare_detection(config: PipelineConfig, run_dir: Path, target: str, device
                        "throughput_batch": first["throughput_batch"],
                        "images": first["scores"].get("images"), "boxes": first["scores"].get("boxes"),
                        "evaluator": (run.metrics_of("compile").get("accuracy") or {}).get("evaluator")},
-        "recipe": _recipe(config), "rows": rows, "seeds": _seed_rows(config, runs, seeds),
+        "recipe": _recipe(config), "rows": rows, "seeds": seed_rows(config, runs, seeds, "map50"),
         "teacher_training": {"epochs": config.teacher.train.epochs, "seconds": teacher.get("wall_time_s"),
                              "map50": (run.metrics_of("teacher").get("accuracy") or {}).get("map50")},
         "compute_seconds": sum(own_seconds(r) for r in all_runs) + earlier - (teacher.get("wall_time_s") or 0.0),
@@ -130,40 +120,6 @@ def _recipe(config: PipelineConfig) -> dict[str, Any]:
                    f"{q.optim.lr}; decoding and NMS float",
             "data": f"{config.data.kind} {config.data.path}: train on {config.data.train_split}, report on "
                     f"{config.data.val_split}, {config.data.image_size} px"}
-
-
-def _seed_rows(config: PipelineConfig, runs: dict[str, Run], seeds: int) -> list[dict[str, Any]]:
-    """Per seed: the distill stage's mAP@.5 in PyTorch with the teacher (distilled) and without (scratch-same-init): its
-    last epoch's validation score, what the stage hands on (a baseline measures only its last stage, so the distill
-    stage of a row that goes on to export has no measured figures of its own)."""
-    def map50(run: Run) -> float:
-        history = (run.metrics_of("distill").get("records") or {}).get("history") or []
-        if not history or history[-1].get("val_map50") is None:
-            raise EdgepipeError(f"{run.root / 'distill'}: no validation mAP@.5 in its history; rerun `edgepipe compare`")
-        return float(history[-1]["val_map50"])
-
-    out = []
-    for seed in range(config.seed, config.seed + seeds):
-        kd = runs["pipeline"] if seed == config.seed else runs[f"distilled-seed{seed}"]
-        plain = runs["scratch-same-init"] if seed == config.seed else runs[f"scratch-same-init-seed{seed}"]
-        out.append({"seed": seed, "distilled": map50(kd), "scratch_same_init": map50(plain),
-                    "gain": map50(kd) - map50(plain)})
-    return out
-
-
-def _reading(seeds: list[dict[str, Any]]) -> str:
-    """What the seeds allow one to say, from their figures: a gain smaller than its spread is not established, and
-    the spread of each row says where the variation comes from."""
-    if len(seeds) < 2:
-        return ""
-    gains = [s["gain"] for s in seeds]
-    mean, sd = statistics.mean(gains), statistics.stdev(gains)
-    spread = {row: statistics.stdev([s[row] for s in seeds]) for row in ("distilled", "scratch_same_init")}
-    verdict = (f"The mean gain is smaller than its seed spread ({100 * abs(mean):.2f} < {100 * sd:.2f} pts): "
-               "these seeds do not establish a KD gain either way" if abs(mean) < sd else
-               f"The mean gain exceeds its seed spread ({100 * abs(mean):.2f} > {100 * sd:.2f} pts)")
-    return (f"{verdict}. Across seeds, `distilled` varies by {100 * spread['distilled']:.2f} pts (sample standard "
-            f"deviation) and `scratch-same-init` by {100 * spread['scratch_same_init']:.2f} pts.")
 
 
 def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -226,17 +182,7 @@ def markdown(result: dict[str, Any]) -> str:
                   fmt.md_table(["row", *classes], [[r["row"], *(fmt.pct((r["scores"].get("per_class") or {}).get(k))
                                                                for k in classes)] for r in rows],
                                align=["l", *"r" * len(classes)], markup=True)]
-    gains = [s["gain"] for s in result["seeds"]]
-    lines += ["", "### KD gain over seeds", "",
-              "The distill stage with the teacher (`distilled`) and without it (alpha = beta = 0: `scratch-same-init`, "
-              "the same initialisation, data order, epochs and optimizer), at each seed, mAP@.5 of the PyTorch model on "
-              "the same split:", "",
-              fmt.md_table(["seed", "distilled", "scratch-same-init", "KD gain"],
-                           [[s["seed"], fmt.pct(s["distilled"]), fmt.pct(s["scratch_same_init"]),
-                             f"{100 * s['gain']:+.2f} pts"] for s in result["seeds"]], align=list("rrrr"), markup=True),
-              "", f"Mean gain {100 * statistics.mean(gains):+.2f} pts, range {100 * min(gains):+.2f} .. "
-                  f"{100 * max(gains):+.2f} pts" + (f", sample standard deviation {100 * statistics.stdev(gains):.2f} pts"
-                                                    if len(gains) > 1 else "") + ". " + _reading(result["seeds"])]
+    lines += seeds_section(result["seeds"], MAP50, "the same split")
     lines += ["", "### Claims, checked against the rows above", "",
               fmt.md_table(["claim", "measured", "required", "result"],
                            [[ch["claim"], _figure(ch["measured"], ch["unit"]), ">= " + _figure(ch["required"], ch["unit"]),
