@@ -219,9 +219,10 @@ def test_a_field_given_one_value_is_set_in_every_trial(swept):
     result = json.loads((root / "run" / "sweeps" / "dkd" / "sweep.json").read_text())
     assert result["fixed"] == {"distill.loss": "dkd"} and list(result["fields"]) == ["distill.alpha"]
     assert [sorted(r["setting"]) for r in result["rows"]] == [["distill.alpha"]] * 2
-    for folder in (root / "run" / "sweeps" / "trials").glob("distill.loss=dkd*"):
+    folders = list((root / "run" / "sweeps" / "trials").glob("distill.loss=dkd_distill.alpha=*"))
+    assert len(folders) == 2
+    for folder in folders:
         assert yaml.safe_load((folder / "config.yaml").read_text())["distill"]["loss"] == "dkd"
-    assert len(list((root / "run" / "sweeps" / "trials").glob("distill.loss=dkd*"))) == 2
 
 
 def test_pruned_trials_stop_early_and_are_reported(swept, monkeypatch):
@@ -242,3 +243,18 @@ def test_pruned_trials_stop_early_and_are_reported(swept, monkeypatch):
     for r in result["rows"]:
         folder = root / "run" / "sweeps" / "trials" / f"distill.temperature={r['setting']['distill.temperature']}_seed=0"
         assert (folder / "distill" / "checkpoints" / "last.pt").exists()
+
+
+def test_a_trial_runs_through_the_first_stage_that_reads_each_field():
+    from edgepipe.engine.stage import STAGE_ORDER
+    from edgepipe.engine.sweep import Space, stages_of
+    from edgepipe.errors import EdgepipeError
+
+    cfg, order = _sweep_config(), tuple(STAGE_ORDER)
+    assert stages_of(cfg, Space({"data.unlabeled": [None, "rest"]}, [0]), order) == (("teacher",), ("distill",))
+    assert stages_of(cfg, Space({"prune.ratio": [0.5, 0.6]}, [0]), order) == (("teacher", "distill"), ("prune",))
+    assert stages_of(cfg, Space({"prune.ratio": [0.5, 0.6]}, [0, 1]), order)[1] == ("distill", "prune")  # the seed
+    assert stages_of(cfg, Space({"distill.alpha": [0.5, 0.9]}, [0]), order, until="compile")[1] == \
+        ("distill", "prune", "qat", "export", "compile")
+    with pytest.raises(EdgepipeError, match="--until distill: prune.ratio is first read by the prune stage"):
+        stages_of(cfg, Space({"prune.ratio": [0.5, 0.6]}, [0]), order, until="distill")

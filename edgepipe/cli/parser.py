@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--sampler", choices=("grid", "tpe"), default="grid",
                     help="grid: every setting at every seed; tpe: --trials draws from the same values")
     sp.add_argument("--trials", type=int, help="tpe: number of trials (default: the grid's size)")
+    sp.add_argument("--until", choices=STAGE_ORDER, help="run each trial through this stage and score it there "
+                    "(default: the first stage that reads each swept field: distill for distill.* and data.*)")
     sp.add_argument("--prune-trials", action="store_true",
                     help="stop a trial whose held-out metric after an epoch is below the median of earlier trials")
     sp.add_argument("--out", type=path_arg, help="folder for the report (default: RUN/sweeps/STUDY)")

@@ -267,7 +267,7 @@ def sweep_command(args: argparse.Namespace) -> int:
         raise EdgepipeError(f"{args.run}: not a run folder yet; give --config and --target to start the sweep's base run")
     space = Space(fields, list(range(config.seed, config.seed + args.seeds)))
     check_space(config, space)  # before anything is written: a bad --set leaves the run folder as it was
-    stages_of(config, space, tuple(STAGE_ORDER))
+    stages_of(config, space, tuple(STAGE_ORDER), args.until)
     with run_lock(args.run, wait=True):  # opened (or created) by one worker at a time; released for the trials
         run = _open_run_here(args)
     # default: the swept fields' names and a digest of their values and seeds (another grid is another study)
@@ -276,7 +276,8 @@ def sweep_command(args: argparse.Namespace) -> int:
     study = args.study or re.sub(r"[^A-Za-z0-9_.-]", "_", "-".join([*swept, f"seeds{args.seeds}", digest]))
     command = "edgepipe " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "edgepipe sweep"
     with progress_bars() as progress:
-        result = sweep(run, space, study, args.storage, args.sampler, args.trials, args.prune_trials, progress)
+        result = sweep(run, space, study, args.storage, args.sampler, args.trials, args.prune_trials, progress,
+                       until=args.until)
     out = args.out or Path(result["folder"])
     summary = write_report(result, out, command, into=args.into, title=args.title)
     chosen = summary["chosen"]

@@ -112,6 +112,7 @@ def run_baselines(pipeline: Run, progress: Progress) -> tuple[dict[str, Run], li
 
 
 def own_seconds(run: Run) -> float:
-    """Stage and measurement time of the stages a run executed itself (shared ones count in their own run)."""
+    """Stage and measurement time of the stages a run executed itself (shared ones count in their own run), in its
+    order (a derived run whose order was shortened keeps its other stages' entries, which no longer count)."""
     return sum((e.get("wall_time_s") or 0.0) + (e.get("measure_time_s") or 0.0)
-               for e in run.manifest["stages"] if not e.get("shared_from"))
+               for e in run.manifest["stages"] if not e.get("shared_from") and e.get("name") in run.order)

@@ -115,20 +115,31 @@ def decoded(value: Any, choices: list[Any]) -> Any:
     return next(c for c in choices if encoded(c) == value)
 
 
-def stages_of(config: PipelineConfig, space: Space, order: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(shared, own): the stages every trial takes from the base run and those it executes, through the last stage a
-    swept field decides. The teacher is always shared (trained once); a field only the teacher reads is refused."""
-    sections = {name.split(".")[0] for name in space.fields}
-
-    def reading(names: set[str]) -> list[int]:
-        return [i for i, s in enumerate(order) if s != "teacher" and names & set(load_stage(s).SECTIONS)]
-    decided = reading(sections)
-    if not decided:
-        raise EdgepipeError(f"--set {', '.join(space.fields)}: no stage after the teacher reads "
-                            f"{', '.join(sorted(sections))}; a sweep shares the teacher across trials (sweep its "
-                            "settings with one `edgepipe run` per setting)")
-    # several seeds: from the first stage that reads the seed, through the last stage a swept field decides
-    first, last = min(decided + (reading({"seed"}) if len(space.seeds) > 1 else [])), max(decided)
+def stages_of(config: PipelineConfig, space: Space, order: tuple[str, ...], until: str | None = None,
+              ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(shared, own): the stages every trial takes from the base run and those it executes. A trial runs from the
+    first stage a swept field (or, with several seeds, the seed) decides through the first stage that reads each
+    field (distill.* and data.* stop at distill, prune.* at prune), or through ``until``; every figure is that last
+    stage's. The teacher is always shared (trained once); a field only the teacher reads is refused."""
+    def reading(section: str) -> list[int]:
+        return [i for i, s in enumerate(order) if s != "teacher" and section in load_stage(s).SECTIONS]
+    firsts = {}
+    for name in space.fields:
+        found = reading(name.split(".")[0])
+        if not found:
+            raise EdgepipeError(f"--set {name}: no stage after the teacher reads {name.split('.')[0]}; a sweep shares "
+                                "the teacher across trials (sweep its settings with one `edgepipe run` per setting)")
+        firsts[name] = found[0]
+    first = min([*firsts.values(), *(reading("seed")[:1] if len(space.seeds) > 1 else [])])
+    last = max(firsts.values())
+    if until is not None:
+        if until not in order:
+            raise EdgepipeError(f"--until {until}: not a stage of this run ({', '.join(order)})")
+        if order.index(until) < last:
+            late = max(firsts, key=firsts.get)
+            raise EdgepipeError(f"--until {until}: {late} is first read by the {order[last]} stage, after {until}; "
+                                f"give --until {order[last]} or a later stage")
+        last = order.index(until)
     return order[:first], order[first:last + 1]
 
 
@@ -188,18 +199,19 @@ def trial_record(run: Run, last: str, metric: str) -> dict[str, Any]:
     # a teacher-assistant chain's steps are runs of their own inside the trial's folder: their compute is the trial's
     steps = [Run.open(d) for d in sorted((run.root / "assistants").glob("*")) if (d / "manifest.json").exists()]
     return {"folder": str(run.root), "val": (acc.get("choice") or {}).get(metric), "test": acc.get(metric),
-            "seconds": own_seconds(run) + sum(own_seconds(step) for step in steps), "history": history or []}
+            "seconds": own_seconds(run) + sum(own_seconds(step) for step in steps), "history": history or [],
+            "runtime": f"{acc.get('backend', '?')} {acc.get('dtype', '?')}"}
 
 
 def sweep(base: Run, space: Space, study_name: str, storage: str | None, sampler: str, trials: int | None,
-          prune: bool, progress: Progress | None = None) -> dict[str, Any]:
+          prune: bool, progress: Progress | None = None, until: str | None = None) -> dict[str, Any]:
     """Run the study (resuming an earlier one in the same storage) and return every finished trial's record."""
     import optuna
 
     progress = progress or (lambda *a: None)
     config = base.config
     check_space(config, space)
-    shared, own = stages_of(config, space, base.order)
+    shared, own = stages_of(config, space, base.order, until)
     task = task_of(config)
     metric = task.headline
     with run_lock(base.root, wait=True):  # the shared stages, once (other workers of the study wait, then reuse them)
@@ -263,7 +275,7 @@ def sweep(base: Run, space: Space, study_name: str, storage: str | None, sampler
         trial_dir = base.root / TRIALS / trial_name({**space.fixed, **setting}, seed)
         if t.state.name == "COMPLETE" and (trial_dir / "manifest.json").exists():
             row.update({k: v for k, v in trial_record(Run.open(trial_dir), own[-1], metric.name).items()
-                        if k in ("history", "seconds")})
+                        if k in ("val", "test", "history", "seconds", "runtime")})  # the trial's folder is the truth
         rows.append(row)
     default = {k: _value_at(config, k) for k in space.swept}
     return {"study": study_name, "storage": storage, "sampler": sampler, "pruning": prune, "fields": space.swept,

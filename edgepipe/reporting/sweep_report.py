@@ -145,7 +145,8 @@ def markdown(result: dict[str, Any], summary: dict[str, Any], level: int = 1, im
     lines = [f"{h1} Sweep `{result['study']}`" + (f": {result['title']}" if result.get("title") else ""), "",
              f"Command: `{result['command']}`  ", f"Date: {result['date']}  ",
              f"Host: {result['host']['cpu']} ({', '.join(result['host']['isa']) or 'no AVX-512/AMX'}); every figure "
-             f"is PyTorch {metric.label} of the stage `{result['stages'][-1]}` (float32, eval mode).  ",
+             f"is the {metric.label} of the stage `{result['stages'][-1]}` in its own runtime ("
+             f"{', '.join(sorted({r['runtime'] for r in result['rows'] if r.get('runtime')})) or '?'}).  ",
              f"Choices: on {held.get('images', '?')} images held out from training (data.val_from_train, stratified, "
              f"draw seed {held.get('seed', '?')}); test: the validation split, reported only.  ",
              f"Trials: {summary['completed']} completed, {summary['pruned']} pruned; sampler {result['sampler']}; "

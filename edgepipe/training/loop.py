@@ -176,7 +176,6 @@ def fit(model: nn.Module, data: Batches, cfg: OptimConfig, loss_step: LossStep, 
                    **({"grad_scaler": True} if scaler is not None else {}), "device": device.label,
                    "processes": shard[1], **({"batchnorm": batchnorm} if shard[1] > 1 else {})}
             history.append(row)
-            progress(f"{task} validation", epoch + 1, cfg.epochs, {f"val_{evaluator.headline.name}": val})
             log.info("%s epoch %d/%d: %s", task, epoch + 1, cfg.epochs,
                      ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
             if is_main_process():
@@ -187,6 +186,8 @@ def fit(model: nn.Module, data: Batches, cfg: OptimConfig, loss_step: LossStep, 
                 if scaler is not None:
                     state["scaler"] = scaler.state_dict()
                 atomic_torch_save(ckpt, _on_cpu(state))
+            # after the checkpoint: a sweep's pruner may stop the trial here, and a later run resumes from this epoch
+            progress(f"{task} validation", epoch + 1, cfg.epochs, {f"val_{evaluator.headline.name}": val})
     model.to(memory_format=torch.contiguous_format).eval()
     return history
 
