@@ -74,6 +74,8 @@ bench-sweep: setup
 	$(SWEEP) --set distill.loss=kd,dkd --study dkd-vs-kd --title "decoupled KD (DKD, alpha 1, beta 8) vs KD at equal epochs"
 	$(SWEEP) --set 'distill.assistants=[],[{arch: cifar_resnet, kwargs: {depth: 20, width: 16, num_classes: 10}}]' \
 		--study assistant-vs-direct --title "teacher assistant (ResNet-56 -> ResNet-20 -> ResNet-8) vs direct"
+	$(SWEEP) --set distill.optim.epochs=4,14 --study direct-epochs \
+		--title "direct distillation at 4 and 14 epochs (the assistant chain's compute spent on student epochs instead)"
 	$(BIN)/edgepipe sweep --config configs/cifar10-sweep-features.yaml --target intel-xeon-amx \
 		--run $(SWEEP_RUN)-features --seeds 3 --into BENCHMARKS.md --set distill.beta=0,1 --study features-vs-kd \
 		--title "feature hints (FitNets on layer3, beta 1) vs KD at equal epochs"
