@@ -258,3 +258,24 @@ def test_a_trial_runs_through_the_first_stage_that_reads_each_field():
         ("distill", "prune", "qat", "export", "compile")
     with pytest.raises(EdgepipeError, match="--until distill: prune.ratio is first read by the prune stage"):
         stages_of(cfg, Space({"prune.ratio": [0.5, 0.6]}, [0]), order, until="distill")
+
+
+def test_an_interrupted_sweep_resumes_its_unfinished_trials(swept, monkeypatch):
+    """Ctrl-C in a trial (the stage records it interrupted, Optuna the trial failed): the same command again runs the
+    grid points without a finished trial, and only those."""
+    root, args = swept
+    import stages.distill as distill_stage
+
+    original, trained = distill_stage.run, []
+
+    def interrupted(ctx):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(distill_stage, "run", interrupted)
+    command = [*args[:7], "--set", "distill.temperature=6,7", "--study", "resumed"]
+    assert main(command) == 130
+    monkeypatch.setattr(distill_stage, "run", lambda ctx: trained.append(ctx.config.distill.temperature) or original(ctx))
+    assert main(command) == 0
+    assert sorted(trained) == [6.0, 7.0]
+    result = json.loads((root / "run" / "sweeps" / "resumed" / "sweep.json").read_text())
+    assert sorted(r["setting"]["distill.temperature"] for r in result["rows"]) == [6, 7]
+    assert all(r["state"] == "complete" for r in result["rows"])

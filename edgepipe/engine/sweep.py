@@ -259,8 +259,20 @@ def sweep(base: Run, space: Space, study_name: str, storage: str | None, sampler
             raise EdgepipeError(f"{run.root}: stage {own[-1]} has no held-out figure (accuracy.choice)")
         return rec["val"]
 
-    done = {t.user_attrs.get("trial_folder") for t in study.trials if t.state.name == "COMPLETE"}
-    remaining = n_trials - len(done) if sampler == "grid" else max(0, n_trials - len(study.trials))
+    if sampler == "grid":
+        # Every grid point without a finished trial is queued explicitly: Optuna's GridSampler counts a failed or
+        # interrupted trial (Ctrl-C, a killed worker) as visited, and the sweep must resume it (from its checkpoint).
+        finished = {_point(t.params) for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")}
+        waiting = {_point(t.params) for t in study.trials if t.state.name == "WAITING"}
+        points = [{**dict(zip(space.swept, combo)), "seed": seed}
+                  for combo in itertools.product(*(space_with_seed[k] for k in space.swept)) for seed in space.seeds]
+        missing = [p for p in points if _point(p) not in finished]
+        for p in missing:
+            if _point(p) not in waiting:
+                study.enqueue_trial(p)
+        remaining = len(missing)
+    else:
+        remaining = max(0, n_trials - len(study.trials))
     if remaining > 0:
         study.optimize(objective, n_trials=remaining, catch=())
     rows = []
@@ -283,6 +295,11 @@ def sweep(base: Run, space: Space, study_name: str, storage: str | None, sampler
             "seeds": space.seeds, "shared": list(shared), "stages": list(own), "metric": metric.as_dict(),
             "default": default, "held_out": _held_out_note(base), "rows": rows, "folder": str(folder),
             "base_config_seed": config.seed}
+
+
+def _point(params: dict[str, Any]) -> tuple:
+    """A grid point as a hashable key (its encoded values, the seed included)."""
+    return tuple(sorted(params.items()))
 
 
 def _value_at(config: PipelineConfig, dotted: str) -> Any:
