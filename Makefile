@@ -16,7 +16,7 @@ DATA ?= $(SHARED)/datasets/cifar10
 TEACHER ?= $(SHARED)/teachers/resnet56_cifar10.pt2
 BENCH_RUN ?= runs/cifar10-bench
 
-.PHONY: setup setup-bench pipeline test test-gpu gpu-check bench bench-detection bench-sweep bench-unlabeled bench-data bench-students bench-run report clean
+.PHONY: setup setup-bench pipeline test test-gpu gpu-check bench bench-shapes bench-detection bench-sweep bench-unlabeled bench-data bench-students bench-run report clean
 
 setup: $(VENV)/.installed
 
@@ -51,6 +51,13 @@ gpu-check: setup
 bench: setup-bench
 	$(BIN)/edgepipe compare --config configs/cifar10.yaml --target intel-xeon-amx --device jetson \
 		--data $(DATA) --teacher $(TEACHER) --run $(BENCH_RUN) --out .
+
+# Which student shape meets the throughput bars on this CPU (before training any): each shape's NNCF INT8 graph against
+# the teacher's FP32 and INT8 graphs, OpenVINO, batch 64, alternating rounds -> BENCHMARKS.md's student-shapes section.
+SHAPES ?= 20:16,32,64 20:16,32,48 20:12,24,48 20:16,32,32 20:16,16,32 14:16,32,64 14:16,32,48 8:16,32,64
+bench-shapes: setup-bench
+	$(BIN)/python -m edgepipe.measure.shapes --teacher $(TEACHER) $(foreach s,$(SHAPES),--shape $(s)) \
+		--target intel-xeon-amx --out BENCHMARKS.md
 
 # BCCD detection (issue 27): a Faster R-CNN teacher trained here (its time reported apart), an SSD student distilled
 # (KD gain over 3 seeds), pruned, INT8, every row in OpenVINO -> the detection section of BENCHMARKS.md and

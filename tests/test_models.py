@@ -24,6 +24,18 @@ def test_cifar_resnet_sizes() -> None:
         build_arch("cifar_resnet", {"depth": 21})
 
 
+def test_cifar_resnet_stage_widths() -> None:
+    """``widths`` builds the shape a pruned student has (the pruned layer3 of the benchmark recipe), with the
+    teacher's parameter names; a wrong list is one clear error."""
+    m = build_arch("cifar_resnet", {"depth": 14, "widths": [16, 32, 48]}).eval()
+    assert [m.conv1.out_channels, m.layer2[0].conv1.out_channels, m.layer3[-1].conv2.out_channels] == [16, 32, 48]
+    assert m.fc.in_features == 48 and len(m.layer1) == 2
+    assert m(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert set(m.state_dict()) == set(build_arch("cifar_resnet", {"depth": 14}).state_dict())
+    with pytest.raises(EdgepipeError, match="widths must be three"):
+        build_arch("cifar_resnet", {"depth": 14, "widths": [16, 32]})
+
+
 def test_unknown_arch_lists_known() -> None:
     with pytest.raises(EdgepipeError, match="cifar_resnet"):
         build_arch("resnet9000", {})

@@ -43,25 +43,31 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """ResNet-(6n+2) for small images: widths w, 2w, 4w; parameter names match the shipped teacher."""
+    """ResNet-(6n+2) for small images: widths w, 2w, 4w (or ``widths``, one per stage: the shape a pruned student
+    has, e.g. [16, 32, 48]); parameter names match the shipped teacher."""
 
-    def __init__(self, depth: int = 20, num_classes: int = 10, width: int = 16, in_channels: int = 3) -> None:
+    def __init__(self, depth: int = 20, num_classes: int = 10, width: int = 16, in_channels: int = 3,
+                 widths: list[int] | tuple[int, ...] | None = None) -> None:
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
             raise EdgepipeError(f"cifar_resnet: depth must be 6n+2 and >= 8 (20, 32, 44, 56, 110), got {depth}")
+        if widths is not None and (len(widths) != 3 or not all(isinstance(w, int) and w >= 1 for w in widths)):
+            raise EdgepipeError(f"cifar_resnet: widths must be three channel counts >= 1 (one per stage), got {widths}")
+        stages = tuple(widths) if widths is not None else (width, 2 * width, 4 * width)
         for name, value in (("width", width), ("num_classes", num_classes), ("in_channels", in_channels)):
             if isinstance(value, int) and value < 1:
                 raise EdgepipeError(f"cifar_resnet: {name} must be >= 1, got {value}")
         n = (depth - 2) // 6
+        width = stages[0]
         self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         layers, cin = [], width
-        for i, w in enumerate((width, 2 * width, 4 * width)):
+        for i, w in enumerate(stages):
             blocks = [BasicBlock(cin if j == 0 else w, w, 2 if (i > 0 and j == 0) else 1) for j in range(n)]
             layers.append(nn.Sequential(*blocks))
             cin = w
         self.layer1, self.layer2, self.layer3 = layers
-        self.fc = nn.Linear(4 * width, num_classes)
+        self.fc = nn.Linear(stages[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.bn1(self.conv1(x)))
@@ -70,9 +76,10 @@ class CifarResNet(nn.Module):
 
 
 @register("cifar_resnet")
-def cifar_resnet(depth: int = 20, num_classes: int = 10, width: int = 16, in_channels: int = 3) -> nn.Module:
-    """CIFAR-style ResNet; depth 20-110 (6n+2)."""
-    return CifarResNet(depth, num_classes, width, in_channels)
+def cifar_resnet(depth: int = 20, num_classes: int = 10, width: int = 16, in_channels: int = 3,
+                 widths: list[int] | None = None) -> nn.Module:
+    """CIFAR-style ResNet; depth 20-110 (6n+2); ``widths`` sets each stage's channels (default w, 2w, 4w)."""
+    return CifarResNet(depth, num_classes, width, in_channels, widths)
 
 
 for _d in (8, 14, 20, 32, 44, 56, 110):

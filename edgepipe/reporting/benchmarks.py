@@ -334,15 +334,16 @@ def _speedup_cell(gain: dict[str, Any]) -> str:
 
 
 def students_section(runs: list[Path], reference: Path | None = None) -> str:
-    """The small-input students (issue 12) beside the ResNet-20 recipe, from their finished run folders."""
+    """The small-input students (issue 12) beside the benchmark recipe, from their finished run folders."""
     rows = [_student_row(r) for r in runs]
     notes = []
     if reference is not None and (reference / "manifest.json").exists():
-        ref = _student_row(reference, "cifar10-resnet20 (make bench)")
+        name = yaml.safe_load((reference / "config.yaml").read_text()).get("name") or reference.name
+        ref = _student_row(reference, f"{name} (make bench)")
         if ref["host"] == rows[0]["host"]:
             rows.append(ref)
         else:
-            notes.append(f"The ResNet-20 recipe's row ({reference}) was measured on another CPU ({ref['host']}), so it "
+            notes.append(f"The benchmark recipe's row ({reference}) was measured on another CPU ({ref['host']}), so it "
                          "is left out; see the Results table above for its figures on its own machine.")
     for r in rows:
         g = r["gain"]
@@ -395,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="what", required=True)
     sp = sub.add_parser("students", help="the small-input students' rows (make bench-students)")
     sp.add_argument("--run", type=Path, action="append", required=True, help="a finished student run folder")
-    sp.add_argument("--reference", type=Path, help="the ResNet-20 recipe's run folder (make bench), for its row")
+    sp.add_argument("--reference", type=Path, help="the benchmark recipe's run folder (make bench), for its row")
     sp.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
     args = p.parse_args(argv)
     body = students_section(args.run, args.reference)
