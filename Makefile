@@ -16,7 +16,7 @@ DATA ?= $(SHARED)/datasets/cifar10
 TEACHER ?= $(SHARED)/teachers/resnet56_cifar10.pt2
 BENCH_RUN ?= runs/cifar10-bench
 
-.PHONY: setup setup-bench pipeline test test-gpu gpu-check bench bench-shapes bench-detection bench-sweep bench-unlabeled bench-data bench-students bench-run report clean
+.PHONY: setup setup-bench pipeline test test-gpu gpu-check bench bench-shapes bench-frontier bench-detection bench-sweep bench-unlabeled bench-data bench-students bench-run report clean
 
 setup: $(VENV)/.installed
 
@@ -57,7 +57,16 @@ bench: setup-bench
 SHAPES ?= 20:16,32,64 20:16,32,48 20:12,24,48 20:16,32,32 20:16,16,32 14:16,32,64 14:16,32,48 8:16,32,64
 bench-shapes: setup-bench
 	$(BIN)/python -m edgepipe.measure.shapes --teacher $(TEACHER) $(foreach s,$(SHAPES),--shape $(s)) \
-		--target intel-xeon-amx --out BENCHMARKS.md
+		--target intel-xeon-amx --out BENCHMARKS.md --json BENCHMARKS-shapes.json
+
+# The recipes tried for the stretch bar (issue 28), accuracy against throughput -> BENCHMARKS.md's frontier section and
+# BENCHMARKS-frontier.png, read from their run folders (FRONTIER_RUNS; each recipe run as make bench runs it, e.g.
+# `edgepipe compare --config configs/cifar10-e16.yaml ... --run runs/cifar10-e16 --out runs/cifar10-e16/benchmark`),
+# their speed from bench-shapes (BENCHMARKS-shapes.json).
+FRONTIER_RUNS ?= $(BENCH_RUN)
+bench-frontier: setup
+	$(BIN)/python -m edgepipe.reporting.frontier $(foreach r,$(FRONTIER_RUNS),--run $(r)) --shapes BENCHMARKS-shapes.json \
+		--teacher-metrics $(firstword $(FRONTIER_RUNS))/teacher/metrics.json --out BENCHMARKS.md
 
 # BCCD detection (issue 27): a Faster R-CNN teacher trained here (its time reported apart), an SSD student distilled
 # (KD gain over 3 seeds), pruned, INT8, every row in OpenVINO -> the detection section of BENCHMARKS.md and

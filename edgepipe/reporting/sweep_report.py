@@ -225,7 +225,8 @@ def convergence(result: dict[str, Any], summary: dict[str, Any]) -> bytes | str:
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
     handles, labels = fig.axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=7, loc="outside lower center", ncol=min(4, len(labels)), frameon=False)
+    if labels:  # none when no setting's history reached an epoch of the plotted metric
+        fig.legend(handles, labels, fontsize=7, loc="outside lower center", ncol=min(4, len(labels)), frameon=False)
     fig.suptitle(f"Sweep {result['study']}: convergence per setting (mean over seeds)", fontsize=10)
     return fmt.png_bytes(fig)
 
