@@ -79,9 +79,12 @@ bench-detection: setup-bench
 
 # Distillation studies on CIFAR-10 (issue 28), each `edgepipe sweep` on a ResNet-8 from the shipped ResNet-56, choices on
 # 2,000 held-out training images, 3 seeds, written as sections of BENCHMARKS.md (resumable: finished trials are reused):
-# temperature x alpha; DKD vs KD; a teacher assistant (ResNet-20) vs direct; feature hints vs KD. bench-unlabeled:
-# 4,000 labelled images with and without the other 46,000 unlabeled, 2 seeds.
+# temperature x alpha; DKD vs KD; a teacher assistant (ResNet-20) vs direct; direct at more epochs (the chain's compute);
+# feature hints vs KD; then the table of every method against its reference (edgepipe.reporting.methods: paired by
+# seed, compute per trial, a verdict only beyond the seed spread). bench-unlabeled: 4,000 labelled images with and
+# without the other 46,000 unlabeled, 2 seeds.
 SWEEP_RUN ?= runs/cifar10-sweep
+TA_CHAIN = assistant-vs-direct:distill.assistants=[{arch: cifar_resnet, kwargs: {depth: 20, width: 16, num_classes: 10}}]
 SWEEP = $(BIN)/edgepipe sweep --config configs/cifar10-sweep.yaml --target intel-xeon-amx --run $(SWEEP_RUN) --seeds 3 \
 	--into BENCHMARKS.md
 bench-sweep: setup
@@ -90,11 +93,18 @@ bench-sweep: setup
 	$(SWEEP) --set distill.loss=kd,dkd --study dkd-vs-kd --title "decoupled KD (DKD, alpha 1, beta 8) vs KD at equal epochs"
 	$(SWEEP) --set 'distill.assistants=[],[{arch: cifar_resnet, kwargs: {depth: 20, width: 16, num_classes: 10}}]' \
 		--study assistant-vs-direct --title "teacher assistant (ResNet-56 -> ResNet-20 -> ResNet-8) vs direct"
-	$(SWEEP) --set distill.optim.epochs=4,14 --study direct-epochs \
-		--title "direct distillation at 4 and 14 epochs (the assistant chain's compute spent on student epochs instead)"
+	$(SWEEP) --set distill.optim.epochs=4,12,14 --study direct-epochs \
+		--title "direct distillation at 4, 12 and 14 epochs (the assistant chain's compute spent on student epochs instead)"
 	$(BIN)/edgepipe sweep --config configs/cifar10-sweep-features.yaml --target intel-xeon-amx \
 		--run $(SWEEP_RUN)-features --seeds 3 --into BENCHMARKS.md --set distill.beta=0,1 --study features-vs-kd \
 		--title "feature hints (FitNets on layer3, beta 1) vs KD at equal epochs"
+	$(BIN)/python -m edgepipe.reporting.methods --run $(SWEEP_RUN) --run $(SWEEP_RUN)-features --out BENCHMARKS.md \
+		--compare "feature hints vs KD, equal epochs=features-vs-kd:distill.beta=1|features-vs-kd:distill.beta=0" \
+		--compare "DKD vs KD, equal epochs=dkd-vs-kd:distill.loss=dkd|dkd-vs-kd:distill.loss=kd" \
+		--compare "teacher assistant vs direct, equal student epochs=$(TA_CHAIN)|assistant-vs-direct:distill.assistants=[]" \
+		--compare "teacher assistant vs direct at 12 epochs (no more compute)=$(TA_CHAIN)|direct-epochs:distill.optim.epochs=12" \
+		--compare "teacher assistant vs direct at 14 epochs (no more compute)=$(TA_CHAIN)|direct-epochs:distill.optim.epochs=14" \
+		--compare "direct 14 vs 4 epochs=direct-epochs:distill.optim.epochs=14|direct-epochs:distill.optim.epochs=4"
 
 bench-unlabeled: setup
 	$(BIN)/edgepipe sweep --config configs/cifar10-unlabeled.yaml --target intel-xeon-amx --run runs/cifar10-unlabeled \

@@ -160,3 +160,28 @@ def test_the_kd_gain_is_stated_over_seeds(compared):
     assert any(c.startswith("KD gain over 2 seeds") for c in claims)
     assert "KD gain over seeds" in (root / "out2" / "BENCHMARKS.md").read_text()
     assert [r["top1"] for r in result["rows"]] == [r["top1"] for r in first["rows"]]  # every row reused
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_method_strings_follow_whether_pruning_ran(enabled):
+    """With prune.enabled: false the pruned row is the distilled student passed through: no row may call it pruned."""
+    from edgepipe.engine.baselines import BASELINES, prune_wording
+    from edgepipe.reporting.compare import FINAL_METHOD, _method
+    from edgepipe.reporting.detection_bench import _method as detection_method
+
+    config = _config().model_copy(deep=True)
+    config.prune.enabled = enabled
+
+    class _NoRecords:
+        def metrics_of(self, stage):
+            return {"records": {"method": "NNCF nncf.quantize"}}
+
+    runs = {b.row: _NoRecords() for b in BASELINES}
+    texts = [_method(b, runs, config) for b in BASELINES] + [detection_method(b, config) for b in BASELINES]
+    texts.append(FINAL_METHOD.format(**prune_wording(config)))
+    joined = " | ".join(texts)
+    if enabled:
+        assert "pruned student fine-tuned" in joined and "distill -> prune -> QAT" in joined
+    else:
+        assert "pruned student" not in joined and "-> prune ->" not in joined and "pipeline prune stage" not in joined
+        assert "prune stage disabled (prune.enabled: false)" in joined and "distill -> QAT INT8" in joined

@@ -70,12 +70,21 @@ BASELINES = (
     Baseline("distilled", "pipeline", ("teacher", "distill"), FLOAT_TO_IR, "pipeline distill stage, OpenVINO fp32",
              {"compile.dtype": "fp32"}),
     Baseline("pruned", "pipeline", ("teacher", "distill", "prune"), FLOAT_TO_IR,
-             "pipeline prune stage, OpenVINO fp32", {"compile.dtype": "fp32"}),
+             "{prune_stage}, OpenVINO fp32", {"compile.dtype": "fp32"}),
     Baseline("ptq", "pruned", ("teacher", "distill", "prune"), ("finetune", "export", "ptq"),
-             "pruned student fine-tuned {qat_epochs} as QAT is (float), then {ptq} (instead of QAT), OpenVINO"),
+             "{pruned_student} fine-tuned {qat_epochs} as QAT is (float), then {ptq} (instead of QAT), OpenVINO"),
 )
 TRAIN_TIMING = Baseline("train-timing", "pipeline", ("teacher",), ("train_timing",),
                         "edgepipe's training loop next to a plain PyTorch loop")
+
+
+def prune_wording(config: PipelineConfig) -> dict[str, str]:
+    """How the method strings name the prune stage's output: with ``prune.enabled: false`` the ``pruned`` row is the
+    distilled student passed through, and the rows after it start from that student, not a pruned one."""
+    if config.prune.enabled:
+        return {"prune_stage": "pipeline prune stage", "pruned_student": "pruned student", "prune_arrow": "prune -> "}
+    return {"prune_stage": "prune stage disabled (prune.enabled: false): the distilled student passed through",
+            "pruned_student": "distilled student (pruning disabled)", "prune_arrow": ""}
 
 
 def derived_config(config: PipelineConfig, overrides: dict[str, Any]) -> PipelineConfig:

@@ -80,7 +80,7 @@ def parse_sets(items: list[str]) -> dict[str, list[Any]]:
         if name == "seed":
             raise EdgepipeError("--set seed: the run seed is swept with --seeds N (seeds seed .. seed+N-1)")
         parsed = []
-        for v in _top_level_split(values):
+        for v in top_level_split(values):
             try:
                 parsed.append(yaml.safe_load(v.strip()))
             except yaml.YAMLError:
@@ -93,7 +93,7 @@ def parse_sets(items: list[str]) -> dict[str, list[Any]]:
     return fields
 
 
-def _top_level_split(text: str) -> list[str]:
+def top_level_split(text: str) -> list[str]:
     """``text`` split at the commas outside brackets and braces, so a value may be a YAML list or mapping:
     ``[],[{arch: cifar_resnet, kwargs: {depth: 20}}]`` is two values."""
     parts, depth, start = [], 0, 0

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from edgepipe.engine.baselines import TRAIN_TIMING, Baseline, baseline_run, own_seconds, run_baselines
+from edgepipe.engine.baselines import TRAIN_TIMING, Baseline, baseline_run, own_seconds, prune_wording, run_baselines
 from edgepipe.reporting.benchmarks import LATENCY_BATCH, THROUGHPUT_BATCH, acceptance, recipe, write_benchmarks
 from edgepipe.reporting.seeds import seed_baselines, seed_rows
 from edgepipe.config import PipelineConfig
@@ -39,7 +39,7 @@ from edgepipe.backends import get_backend
 from edgepipe.types import DType
 
 log = logging.getLogger(__name__)
-FINAL_METHOD = "pipeline: distill -> prune -> QAT INT8 -> ONNX QDQ -> OpenVINO (compile stage IR)"
+FINAL_METHOD = "pipeline: distill -> {prune_arrow}QAT INT8 -> ONNX QDQ -> OpenVINO (compile stage IR)"
 
 
 def preconditions(config: PipelineConfig, target: str, device_target: str | None
@@ -92,7 +92,8 @@ def compare(config: PipelineConfig, run_dir: Path, target: str, device_target: s
     for b in extra:
         baseline_run(runs, b, progress)
     rows = [row_of(runs[b.row], b.row, _method(b, runs, config)) for b in built]
-    rows.append(row_of(run, "final", FINAL_METHOD, stage="compile", seconds=run.entry("compile").get("measure_time_s")))
+    rows.append(row_of(run, "final", FINAL_METHOD.format(**prune_wording(config)), stage="compile",
+                       seconds=run.entry("compile").get("measure_time_s")))
     device_run = run.for_target(device.name) if device else None
     if device_run is not None:
         run_pipeline(device_run, progress=progress)
@@ -153,7 +154,8 @@ def _method(b: Baseline, runs: dict[str, Run], config: PipelineConfig) -> str:
         return f"{n} epoch{'' if n == 1 else 's'}"
 
     return b.method.format(ptq=ptq, student=config.distill.student.arch, epochs=n_epochs(config.distill.optim.epochs),
-                           init=config.distill.init, qat_epochs=n_epochs(config.qat.optim.epochs))
+                           init=config.distill.init, qat_epochs=n_epochs(config.qat.optim.epochs),
+                           **prune_wording(config))
 
 
 def row_of(run: Run, name: str, method: str, stage: str | None = None, seconds: float | None = None) -> dict[str, Any]:

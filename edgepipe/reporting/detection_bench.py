@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepipe.config import PipelineConfig
-from edgepipe.engine.baselines import BASELINES, Baseline, baseline_run, own_seconds
+from edgepipe.engine.baselines import BASELINES, Baseline, baseline_run, own_seconds, prune_wording
 from edgepipe.engine.pipeline import Progress, run_pipeline
 from edgepipe.engine.run import Run
 from edgepipe.errors import EdgepipeError
@@ -39,7 +39,7 @@ from edgepipe.types import DType
 
 SECTION = "detection"
 ROWS = ("teacher-fp32", "teacher-bf16", "teacher-int8", "scratch-same-init", "distilled", "pruned", "ptq")
-FINAL_METHOD = "pipeline: distill -> prune -> QAT INT8 (core) -> ONNX with NMS -> OpenVINO (compile stage IR)"
+FINAL_METHOD = "pipeline: distill -> {prune_arrow}QAT INT8 (core) -> ONNX with NMS -> OpenVINO (compile stage IR)"
 
 # The acceptance bars of issue 27, each from measured rows: (claim, required minimum).
 KD_GAIN_MIN, FINAL_VS_DISTILLED_MIN, SPEEDUP_MIN = 0.020, -0.015, 5.0
@@ -68,7 +68,8 @@ def compare_detection(config: PipelineConfig, run_dir: Path, target: str, device
     for b in [*built, *extra]:
         baseline_run(runs, b, progress)
     rows = [row_of(runs[b.row], b.row, _method(b, config)) for b in built]
-    rows.append(row_of(run, "final", FINAL_METHOD, stage="compile", seconds=run.entry("compile").get("measure_time_s")))
+    rows.append(row_of(run, "final", FINAL_METHOD.format(**prune_wording(config)), stage="compile",
+                       seconds=run.entry("compile").get("measure_time_s")))
     run_of = {**{b.row: runs[b.row] for b in built}, "final": run}
     stage_of = {**{b.row: runs[b.row].order[-1] for b in built}, "final": "compile"}
     all_runs = [run, *(runs[b.row] for b in [*built, *extra])]
@@ -101,10 +102,12 @@ def _method(b: Baseline, config: PipelineConfig) -> str:
     return {"scratch-same-init": f"same student and initialisation as distilled, labels only (torchvision's SSD loss), "
                                  f"{epochs}, same optimizer, OpenVINO fp32",
             "teacher-int8": "teacher, NNCF nncf.quantize (OpenVINO INT8)",
-            "ptq": f"pruned student fine-tuned {config.qat.optim.epochs} epochs as QAT is (float, with KD), then NNCF "
+            "ptq": f"{prune_wording(config)['pruned_student']} fine-tuned {config.qat.optim.epochs} epochs as QAT is "
+                   "(float, with KD), then NNCF "
                    "INT8 (instead of QAT), OpenVINO"}.get(b.row, b.method.format(student=config.distill.student.arch,
                                                                               epochs=epochs, init=config.distill.init,
-                                                                              ptq="NNCF", qat_epochs=""))
+                                                                              ptq="NNCF", qat_epochs="",
+                                                                              **prune_wording(config)))
 
 
 def _recipe(config: PipelineConfig) -> dict[str, Any]:

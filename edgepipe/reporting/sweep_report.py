@@ -70,8 +70,8 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     chosen = full[0] if full else None
     default = next((t for t in table if t["setting"] == result["default"]), None)
     for t in table:  # every setting against the config's own on the test split, seed by seed
-        t["vs_default"] = _paired(metric, settings[_key(t["setting"])]["seeds"],
-                                  settings[_key(default["setting"])]["seeds"]) if default is not None else None
+        t["vs_default"] = paired_gain(metric, settings[_key(t["setting"])]["seeds"],
+                                      settings[_key(default["setting"])]["seeds"]) if default is not None else None
     versus = None
     if chosen is not None and default is not None:
         a, b = settings[_key(chosen["setting"])]["seeds"], settings[_key(default["setting"])]["seeds"]
@@ -100,7 +100,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
             "pruned": sum(r["state"] == "pruned" for r in result["rows"]), "completed": len(done)}
 
 
-def _paired(metric: Metric, a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
+def paired_gain(metric: Metric, a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
     """``a`` against ``b`` on the test split at the seeds both ran: the mean per-seed gain (points), its sample
     standard deviation, and whether it exceeds that spread at 3 or more seeds (the only case called a difference)."""
     gains = [metric.gain_points(b[s]["test"], a[s]["test"]) for s in sorted(set(a) & set(b))
