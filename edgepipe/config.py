@@ -21,26 +21,48 @@ class _Strict(BaseModel):
 DETECTION_KINDS = ("digit-canvases", "coco", "voc", "yolo")
 DETECTION_FIELDS = ("annotations", "images", "classes", "canvas_images")
 """data fields only detection kinds read (left out of the keys of other kinds, whose runs predate them)."""
+TEXT_KINDS = ("text", "text-synthetic")
+TEXT_FIELDS = ("text_column", "label_column", "max_length", "choice_split", "tokenizer", "synthetic_sentences")
+"""data fields only text kinds read (left out of the keys of other kinds, whose runs predate them)."""
 LATER_DEFAULTS = {"data": {"val_from_train": None, "val_from_train_seed": 0, "unlabeled": None},
                   "distill": {"loss": "kd", "dkd_alpha": 1.0, "dkd_beta": 8.0, "pseudo_label_threshold": None,
                               "assistants": []}}
 """Fields added after runs were made, with the value that reproduces those runs: left out of the stage keys while they
 hold it, so every earlier run's keys hold (edgepipe.engine.pipeline._keyed_config)."""
+LATER_NESTED_DEFAULTS = {"hf": None, "optimizer": "sgd"}
+"""The same for fields of sections that appear at several places (a model spec's hf, an optimizer's choice): left out
+wherever they hold this value."""
 
 
 class DataConfig(_Strict):
-    kind: Literal["digits", "imagefolder", "digit-canvases", "coco", "voc", "yolo"] = Field(
+    kind: Literal["digits", "imagefolder", "digit-canvases", "coco", "voc", "yolo", "text", "text-synthetic"] = Field(
         "digits", description="digits: scikit-learn's embedded 8x8 digits; imagefolder: a folder of class folders. "
                               "Detection (task detection): digit-canvases (embedded: digits placed on canvases), coco "
-                              "(instances JSON), voc (Pascal VOC) or yolo (images/ and labels/ folders).")
+                              "(instances JSON), voc (Pascal VOC) or yolo (images/ and labels/ folders). Text (task "
+                              "text): text (TSV, CSV or JSON Lines files under path, one per split) or text-synthetic "
+                              "(embedded: generated sentiment sentences).")
     path: str | None = Field(None, description="imagefolder: root holding train/ and val/ (or test/) folders; coco, "
                                                 "voc, yolo: the dataset root.")
     annotations: str = Field("annotations/instances_{split}.json",
                              description="coco: each split's instances file under path ({split}: the split's name).")
     images: str = Field("{split}", description="coco: each split's image folder under path ({split}: its name).")
     classes: list[str] | None = Field(
-        None, description="voc: the class names, in label order (None: the names the training split uses, sorted); "
-                          "coco and yolo read theirs from the files.")
+        None, description="voc and text: the class names, in label order (None: the names the training split uses, "
+                          "sorted; text labels that are all integers: 0..K-1); coco and yolo read theirs from the "
+                          "files.")
+    text_column: str = Field("sentence", description="text: the column (JSON Lines: the field) holding the text.")
+    label_column: str = Field("label", description="text: the column (JSON Lines: the field) holding the label.")
+    max_length: int = Field(128, ge=8, le=8192, description="text: tokens per sentence at most (special tokens "
+                                                            "included); longer ones are truncated. Batches are "
+                                                            "padded to their own longest sentence.")
+    choice_split: str | None = Field(
+        None, description="text: a labelled split (file) every choice is made on (each epoch's validation metric, "
+                          "sweeps, the gain check, the accuracy budget), e.g. dev; val_split is then only reported. "
+                          "None: data.val_from_train, or the validation split itself.")
+    tokenizer: str | None = Field(None, description="text: the Hugging Face folder whose tokenizer reads the text "
+                                                    "(None: the teacher's model.hf folder).")
+    synthetic_sentences: int = Field(2000, ge=20, description="text-synthetic: training sentences generated "
+                                                              "(validation: a quarter as many, drawn apart).")
     canvas_images: int = Field(512, ge=1, description="digit-canvases: training canvases (validation: a quarter as "
                                                       "many, from digit images never seen in training).")
     train_split: str = Field("train", description="imagefolder: sub-folder with training images.")
@@ -91,7 +113,7 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
-        if self.kind in ("imagefolder", "coco", "voc", "yolo") and not self.path:
+        if self.kind in ("imagefolder", "coco", "voc", "yolo", "text") and not self.path:
             raise ValueError(f"path: {self.kind} data needs a path to the dataset root")
         if self.std is not None and any(v <= 0 for v in self.std):
             raise ValueError(f"std: every value must be > 0 (it divides the pixels), got {list(self.std)}")
@@ -114,6 +136,9 @@ class ModelSpec(_Strict):
         False, description="program: allow a .pt2 whose tensors or constants need full unpickling, which can run "
                            "code from the file (off: such a file is refused). Only for files from a trusted source.")
     factory: str | None = Field(None, description="Explicit 'module:function' returning an nn.Module.")
+    hf: str | None = Field(None, description="A Hugging Face model folder (save_pretrained's; loaded offline with "
+                                             "local_files_only) given a sequence-classification head for the data's "
+                                             "classes, or embedded:tiny-bert (the embedded text default).")
     _origin: str | None = PrivateAttr(None)
     """The run-folder file this spec was read from (its config.yaml, a model.json); None: given to this command.
     A factory or trust_pickle from such a file is honoured only when the user's own config names the same
@@ -121,15 +146,18 @@ class ModelSpec(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
-        sources = [s for s in (self.arch, self.program, self.factory) if s]
+        sources = [s for s in (self.arch, self.program, self.factory, self.hf) if s]
         if len(sources) != 1:
-            raise ValueError("give exactly one of arch, program or factory")
+            raise ValueError("give exactly one of arch, program, factory or hf")
         if self.factory and ":" not in self.factory:
             raise ValueError(f"factory: expected 'module:function', got {self.factory!r}")
         return self
 
 
 class OptimConfig(_Strict):
+    optimizer: Literal["sgd", "adamw"] = Field(
+        "sgd", description="sgd: SGD with Nesterov momentum (CNNs); adamw: AdamW (betas 0.9/0.999, decoupled "
+                           "weight_decay; what transformers are fine-tuned with). Both under the one-cycle schedule.")
     epochs: int = Field(10, ge=0, description="Training epochs.")
     lr: float = Field(0.1, gt=0, description="Peak learning rate (one-cycle schedule).")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (Nesterov).")

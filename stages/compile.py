@@ -61,8 +61,9 @@ def run(ctx: StageContext) -> StageResult:
     fallback = ctx.input.meta.get("fallback_dtype")  # qat.fallback_dtype, resolved for this host by the qat stage
     float_dtype = DType(fallback) if dtype is DType.INT8 and fallback else None
     remove_previous(ctx.out_dir)
+    ranges = {"dynamic_dims": ctx.task.dynamic_dims(ctx.model_meta())} if backend.SHAPE_RANGES else {}
     artifact, records = backend.compile(ctx.input.path("onnx"), profile, dtype, ctx.out_dir, progress=ctx.progress,
-                                        float_dtype=float_dtype)
+                                        float_dtype=float_dtype, **ranges)
     artifact.meta.setdefault("input_shape", ctx.input.meta.get("input_shape"))
     artifact.meta.setdefault("num_classes", ctx.input.meta.get("num_classes"))
     artifact.meta.update(ctx.task_meta())
@@ -134,11 +135,15 @@ def add_validation_set(ctx: StageContext, artifact: Any) -> dict[str, Any]:
     artifact.files["validation"] = VALIDATION_FILE
     x, _ = validation_inputs(arrays)
     y = truth
+    n = len(y)
     batch = ctx.config.data.eval_batch_size
+
+    def rows(i: int) -> Any:  # an image batch, or a text batch's named token arrays
+        return {k: v[i:i + batch] for k, v in x.items()} if isinstance(x, dict) else x[i:i + batch]
     outputs, targets = run_batches(OrtRunner(ctx.input.path("onnx"), ctx.config.measure.threads, reference=True),
-                                   [(ctx.task.feeds(x[i:i + batch]), y[i:i + batch]) for i in range(0, len(x), batch)])
+                                   [(ctx.task.feeds(rows(i)), y[i:i + batch]) for i in range(0, n, batch)])
     metric = ctx.task.device_metric
-    return {"file": VALIDATION_FILE, "images": int(len(x)), f"reference_{metric}": ctx.task.metrics(outputs, targets)[metric],
+    return {"file": VALIDATION_FILE, "images": int(n), f"reference_{metric}": ctx.task.metrics(outputs, targets)[metric],
             "reference": "exported ONNX in ONNX Runtime, graph optimizations off, on the same inputs"}
 
 

@@ -27,8 +27,8 @@ def run(ctx: StageContext) -> StageResult:
     cfg, dcfg = ctx.config, ctx.config.distill
     seed_everything(cfg.seed + 1)
     teacher = load_torch_artifact(ctx.teacher or ctx.input)
-    student = build_from_spec(dcfg.student)
     data, task, device = ctx.data, ctx.task, ctx.device
+    student = build_from_spec(dcfg.student, data.num_classes)
     check_fits(student, "distill.student", task, ctx.model_meta())
     init = init_from_teacher(student, teacher) if dcfg.init == "teacher" else {"init": "random"}
     hints = None

@@ -30,8 +30,8 @@ def run(ctx: StageContext) -> StageResult:
     cfg = ctx.config
     spec = cfg.teacher.model
     seed_everything(cfg.seed)
-    model = build_from_spec(spec)
     data, task = ctx.data, ctx.task
+    model = build_from_spec(spec, data.num_classes)
     check_fits(model, "teacher.model", task, ctx.model_meta())
     history = []
     if cfg.teacher.train.epochs > 0:

@@ -70,7 +70,7 @@ def pipeline_kd_loop_throughput(config: PipelineConfig, data: Batches, teacher_a
 
     dcfg = config.distill
     torch.manual_seed(config.seed)
-    student = build_from_spec(dcfg.student)
+    student = build_from_spec(dcfg.student, data.num_classes)
     targets = SoftTargets(load_torch_artifact(teacher_art), config.soft_targets.runtime, cache=False,
                           example=torch.randn(2, *data.input_shape), device=device)
     optim = dcfg.optim.model_copy(update={"epochs": 1})
@@ -97,7 +97,7 @@ def plain_kd_loop_throughput(config: PipelineConfig, data: Batches, teacher_art:
     dcfg, task = config.distill, task_of(config)
     torch.manual_seed(config.seed)
     device = device or cpu_device()
-    student = device.module(build_from_spec(dcfg.student)).train()
+    student = device.module(build_from_spec(dcfg.student, data.num_classes)).train()
     teacher = device.module(load_torch_artifact(teacher_art)).eval()
     opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     total, seen = data.steps_per_epoch(config.data.batch_size), 0

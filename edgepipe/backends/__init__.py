@@ -9,6 +9,9 @@ Each backend is one module with the same few verbs:
 - ``load(artifact, threads=None) -> Runner``: a runner (see ``edgepipe.runtime.runner``) for measurement.
 - ``BUILDS_ON_DEVICE``: where it is not ``available()``, compile writes a bundle the device builds (TensorRT),
   so a latency taken here is the profile's roofline estimate instead.
+- ``SHAPE_RANGES``: its compile takes ``dynamic_dims`` (each named axis after the batch: min, opt, max; a text
+  model's sequence length, ``Task.dynamic_dims``) and builds for that range (TensorRT optimization profiles); the
+  others run any size the graph allows.
 - ``timing_runner(onnx_path, profile, dtype, out_dir, threads, float_dtype=None) -> Runner``: a candidate ONNX
   made ready to time as this target runs it (latency-constrained pruning, the gain check, the QAT variants).
 - ``int8_form(profile, activations, isa) -> dict``: the automatic INT8 form (activations, weight bits, reason,

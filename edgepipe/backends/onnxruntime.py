@@ -380,6 +380,8 @@ def load(artifact: Artifact, threads: int | None = None) -> OrtRunner:
 
 
 # --- what edgepipe asks every backend besides compile/load (the verbs listed in edgepipe.backends) ---------
+SHAPE_RANGES = False
+"""ONNX Runtime runs any sequence length the graph allows; no range to give."""
 BUILDS_ON_DEVICE = False
 """compile runs here; ONNX Runtime needs no device of its own."""
 POST_TRAINING_QUANTIZATION = False

@@ -44,7 +44,7 @@ from edgepipe.engine.artifacts import Artifact
 from edgepipe.backends import tensorrt_device as device
 from edgepipe.backends.tensorrt_plan import DTYPES  # noqa: F401 - the backend registry reads DTYPES here
 from edgepipe.backends.tensorrt_plan import (BUNDLE_FILES, build_settings, check_onnx_for_tensorrt, copy_file,
-                                             onnx_input_name, onnx_input_shape, write_bundle)
+                                             onnx_input_name, onnx_input_shape, onnx_inputs, write_bundle)
 from edgepipe.errors import EdgepipeError
 from edgepipe.profiles import HardwareProfile
 from edgepipe.runtime.runner import RunnerBase
@@ -109,9 +109,12 @@ class TrtRunner(RunnerBase):
 
 def compile(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_dir: Path,
             progress: Callable[[str, int, int, dict[str, float]], None] | None = None,
-            float_dtype: DType | None = None) -> tuple[Artifact, dict[str, Any]]:
+            float_dtype: DType | None = None, dynamic_dims: dict[str, tuple[int, int, int]] | None = None,
+            ) -> tuple[Artifact, dict[str, Any]]:
     """Build a TensorRT engine when TensorRT and a CUDA device are here, else write a deploy bundle.
-    ``float_dtype``: the precision of an INT8 model's float layers (``build_settings``).
+    ``float_dtype``: the precision of an INT8 model's float layers (``build_settings``); ``dynamic_dims``: the
+    (min, opt, max) of each named axis after the batch (a text model's sequence), one optimization-profile range per
+    input.
 
     Raises:
         EdgepipeError: the ONNX fails ``check_onnx_for_tensorrt`` (every problem is listed).
@@ -121,8 +124,11 @@ def compile(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_dir: Pa
     if problems:
         raise EdgepipeError(f"{onnx_path}: not compatible with TensorRT ({len(problems)} problem(s)):\n  - "
                             + "\n  - ".join(problems))
-    settings = build_settings(profile, dtype, onnx_input_shape(onnx_path), onnx_input_name(onnx_path),
-                              float_dtype=float_dtype)
+    inputs = onnx_inputs(onnx_path)
+    several = len(inputs) > 1 or any(not isinstance(d, int) for dims in inputs.values() for d in dims)
+    settings = build_settings(profile, dtype, () if several else onnx_input_shape(onnx_path),
+                              onnx_input_name(onnx_path), float_dtype=float_dtype, inputs=inputs if several else None,
+                              dynamic_dims=dynamic_dims)
     records: dict[str, Any] = {"settings": settings, "onnx_check": "passed"}
     ok, reason = available()
     if ok:
@@ -154,6 +160,8 @@ def load(artifact: Artifact, threads: int | None = None) -> TrtRunner:
 
 
 # --- what edgepipe asks every backend besides compile/load (the verbs listed in edgepipe.backends) ---------
+SHAPE_RANGES = True
+"""compile takes ``dynamic_dims``: one optimization-profile range per input axis after the batch."""
 BUILDS_ON_DEVICE = True
 """Where TensorRT is not ``available()``, compile writes a deploy bundle the device builds; a latency taken
 here is then the profile's roofline estimate, labelled so."""

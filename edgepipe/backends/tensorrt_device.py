@@ -19,7 +19,9 @@ CUDA events around ``execute_async_v3``, plus end-to-end time with host copies, 
 dtype and shape), ``throughput`` (images/s at the profile's optimal batch), ``layers`` (name, type and precision
 of every engine layer, from the engine inspector) and ``precision_counts``, ``accuracy`` (a classifier: top-1 on the
 bundle's ``val.npz``, read from the output named ``logits``; a detector: its detections on those images, from its
-``boxes``/``scores``/``labels``/``count`` outputs, scored by mAP on the host at import), ``created``.
+``boxes``/``scores``/``labels``/``count`` outputs, scored by mAP on the host at import; a text classifier: accuracy
+on the bundle's token ids, each batch cut to its longest sentence), ``latency_by_sequence`` (a text model: batch-1
+latency at sequence 32 and 128 where its profile allows, every token attended), ``created``.
 
 TensorRT API used (TensorRT 10; JetPack 6.1/6.2 ship 10.3): Builder/IBuilderConfig/OnnxParser/Runtime/
 IExecutionContext (``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``), IEngineInspector; every
@@ -512,15 +514,27 @@ class Engine:
 
         return call
 
-    def example_feeds(self, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    def example_feeds(self, batch: int, seed: int = 0, sequence: int | None = None) -> dict[str, np.ndarray]:
         """Timing inputs for a model known only by its engine, as edgepipe's ``example_feeds``: the batch first,
-        every other axis at its profile's opt size; float inputs standard normal from ``seed`` (in input order),
-        integer and bool inputs zeros (a valid token id, class or index)."""
+        every other axis at its profile's opt size (a text model's sequence at ``sequence`` when given); float
+        inputs standard normal from ``seed`` (in input order), integer and bool inputs zeros (a valid token id, class
+        or index), except a text model's: ``input_ids`` random ids past BERT's special tokens and
+        ``attention_mask`` ones (every token attended, as edgepipe's text task times on the host)."""
         rng = np.random.default_rng(seed)
         feeds = {}
         for name in self.input_names:
-            shape, dtype = (batch, *self.profiles[name][1][1:]), self.dtypes[name]
-            feeds[name] = rng.standard_normal(shape).astype(dtype) if dtype.kind == "f" else np.zeros(shape, dtype)
+            rest = list(self.profiles[name][1][1:])
+            if sequence is not None and name in TEXT_INPUTS and rest:
+                rest[0] = sequence
+            shape, dtype = (batch, *rest), self.dtypes[name]
+            if dtype.kind == "f":
+                feeds[name] = rng.standard_normal(shape).astype(dtype)
+            elif name == "input_ids":  # its own generator: the float inputs' draws stay those of ``seed``
+                feeds[name] = np.random.default_rng(seed + 1).integers(5, 30, shape).astype(dtype)
+            elif name == "attention_mask":
+                feeds[name] = np.ones(shape, dtype)
+            else:
+                feeds[name] = np.zeros(shape, dtype)
         return feeds
 
     def time(self, batch: int, warmup: int, iterations: int, progress: Callable[[int, int], None] | None = None,
@@ -558,9 +572,21 @@ class Engine:
                 "images_per_s": float(batch * 1e3 / np.percentile(g, 50)), "inputs": describe_inputs(arrays)}
 
 
-def validation_inputs(val: Any) -> tuple[np.ndarray, np.ndarray]:
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+"""A text classifier's inputs (edgepipe's text task): token ids, int [N, sequence]."""
+
+
+def validation_inputs(val: Any) -> tuple[np.ndarray | dict[str, np.ndarray], np.ndarray]:
     """The bundle's ``val.npz`` as model input: raw pixels normalized exactly as edgepipe's data pipeline does
-    (uint8 / 255, then (x - mean) / std per channel, in float32), and the labels."""
+    (uint8 / 255, then (x - mean) / std per channel, in float32), and the labels; a text set's token ids as they
+    are (``input_ids``, ``attention_mask`` and ``token_type_ids`` when present, padded to the data's max_length)."""
+    if "input_ids" in val:
+        x = {k: np.asarray(val[k]) for k in TEXT_INPUTS if k in val}
+        labels = np.asarray(val["labels"]).astype(np.int64)
+        if x["input_ids"].ndim != 2 or len(labels) != len(x["input_ids"]) or len(labels) == 0:
+            raise DeviceError(f"expected token ids (N, sequence) with N > 0 and as many labels, got "
+                              f"{x['input_ids'].shape} and {labels.shape}")
+        return x, labels
     images = val["images"]
     labels = val["labels"] if "labels" in val else None  # a detector's set holds boxes instead (box_image...)
     if images.ndim != 4 or len(images) == 0 or (labels is not None and len(images) != len(labels)):
@@ -576,7 +602,7 @@ def validation_inputs(val: Any) -> tuple[np.ndarray, np.ndarray]:
 def evaluate(engine: Engine, val_path: Path | str, batch: int) -> dict[str, Any]:
     """Top-1 of the engine on the bundle's validation set: the images go to its one input, the classes are read
     from its output named ``logits`` (else its first output)."""
-    if len(engine.input_names) != 1:
+    if len(engine.input_names) != 1 and not set(engine.input_names) <= set(TEXT_INPUTS):
         raise DeviceError(f"the bundle's val.npz holds images for one input; the engine takes "
                           f"{list(engine.input_names)}")
     try:
@@ -587,6 +613,10 @@ def evaluate(engine: Engine, val_path: Path | str, batch: int) -> dict[str, Any]
         raise DeviceError(f"{val_path}: not a validation set written by edgepipe ({e}); copy the bundle again") from None
     if detection:
         return detections(engine, x, batch, Path(val_path).name)
+    if isinstance(x, dict):
+        return sentences(engine, x, y, batch, Path(val_path).name)
+    if len(engine.input_names) != 1:
+        raise DeviceError(f"the bundle's val.npz holds images; the engine takes {list(engine.input_names)}")
     name = engine.input_names[0]
     output = "logits" if "logits" in engine.output_names else engine.output_names[0]
     correct = 0
@@ -594,6 +624,25 @@ def evaluate(engine: Engine, val_path: Path | str, batch: int) -> dict[str, Any]
         logits = engine.run({name: x[i:i + batch]})[output]
         correct += int((logits.argmax(axis=1) == y[i:i + batch]).sum())
     return {"top1": correct / len(x), "images": int(len(x)), "source": Path(val_path).name, "batch": batch}
+
+
+def sentences(engine: Engine, x: dict[str, np.ndarray], y: np.ndarray, batch: int, source: str) -> dict[str, Any]:
+    """Accuracy of a text classifier on the bundle's token ids: each batch cut to its longest sentence (the dynamic
+    padding edgepipe trains and measures with), each input cast to the engine's dtype, classes from ``logits``."""
+    missing = [n for n in engine.input_names if n not in x]
+    if missing:
+        raise DeviceError(f"the engine takes {list(engine.input_names)} but the bundle's val.npz holds "
+                          f"{sorted(x)}; rebuild the bundle")
+    output = "logits" if "logits" in engine.output_names else engine.output_names[0]
+    correct = 0
+    for i in range(0, len(y), batch):
+        mask = x["attention_mask"][i:i + batch] if "attention_mask" in x else None
+        length = int(mask.sum(axis=1).max()) if mask is not None else x["input_ids"].shape[1]
+        feeds = {n: x[n][i:i + batch, :max(1, length)].astype(engine.dtypes[n]) for n in engine.input_names}
+        logits = engine.run(feeds)[output]
+        correct += int((logits.argmax(axis=1) == y[i:i + batch]).sum())
+    return {"top1": correct / len(y), "sentences": int(len(y)), "source": source, "batch": batch,
+            "padding": "each batch cut to its longest sentence"}
 
 
 DETECTION_OUTPUTS = ("boxes", "scores", "labels", "count")
@@ -703,6 +752,13 @@ def cmd_bench(bundle: Path, engine: str | None, results: Path, warmup: int, iter
     latency = eng.time(lat_batch, warmup, iterations, show)
     print(f"throughput: batch {opt_batch}", file=sys.stderr)
     throughput = eng.time(opt_batch, warmup, iterations, show)
+    by_sequence = []
+    sequence = (settings.get("dynamic_dims") or {}).get("sequence")
+    if sequence:  # a text model: batch-1 latency at each of the usual lengths its profile covers
+        for length in sorted({n for n in (32, 128, int(sequence[1])) if int(sequence[0]) <= n <= int(sequence[2])}):
+            print(f"latency: batch {lat_batch}, sequence {length}", file=sys.stderr)
+            by_sequence.append({"sequence": length, **eng.time(lat_batch, warmup, iterations, show,
+                                                               feeds=eng.example_feeds(lat_batch, sequence=length))})
     layers = engine_layers(eng.engine)
     counts: dict[str, int] = {}
     for layer in layers:
@@ -717,7 +773,7 @@ def cmd_bench(bundle: Path, engine: str | None, results: Path, warmup: int, iter
         "settings": settings,
         "engine": {"file": path.name, "size_bytes": path.stat().st_size, "build_seconds": build.get("build_seconds"),
                    "onnx_sha256": (build.get("key") or {}).get("onnx_sha256") or sha256(bundle / settings["onnx"])},
-        "latency": latency, "throughput": throughput,
+        "latency": latency, "throughput": throughput, **({"latency_by_sequence": by_sequence} if by_sequence else {}),
         "precision": compute_precision(layers), "precision_counts": counts, "layers": layers,
         "accuracy": accuracy,
     }
@@ -757,7 +813,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{out.get('gpu', 'GPU')}, TensorRT {out['tensorrt_version']}, {out['precision']}: "
                   f"batch {out['latency']['batch']} p50 {out['latency']['p50_ms']:.3f} ms, "
                   f"{out['throughput']['images_per_s']:.0f} img/s at batch {out['throughput']['batch']}"
-                  + (f", top-1 {100 * acc['top1']:.2f}% on {acc['images']} images" if acc else ""))
+                  + (f", top-1 {100 * acc['top1']:.2f}% on {acc.get('images', acc.get('sentences'))} "
+                     f"{'images' if 'images' in acc else 'sentences'}" if acc else ""))
             print(f"wrote {results}; on the host: edgepipe import-results --run RUN {results.name}")
         return 0
     except DeviceError as e:

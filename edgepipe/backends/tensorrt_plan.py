@@ -49,6 +49,8 @@ SUPPORTED_OPS = frozenset({
     # a detector's post-processing (edgepipe.models.detection_outputs): selection, NMS, padding to fixed outputs
     "GatherElements", "GatherND", "ScatterND", "ScatterElements", "NonMaxSuppression", "NonZero",
     "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "Mod",
+    # a transformer's attention mask as transformers exports it (the padding mask built with IsNaN/Where)
+    "IsNaN",
 })
 NMS_LAYER = ("INMSLayer", "add_nms")
 """How TensorRT runs ONNX ``NonMaxSuppression``: its ONNX parser builds an ``INMSLayer`` (``INetworkDefinition.add_nms``,
@@ -60,7 +62,9 @@ others (TensorRT operator docs, "NMS", TopK box limit); the smaller bound, so a 
 
 
 def build_settings(profile: HardwareProfile, dtype: DType, input_shape: tuple[int, ...],
-                   input_name: str = "input", float_dtype: DType | None = None) -> dict[str, Any]:
+                   input_name: str = "input", float_dtype: DType | None = None,
+                   inputs: dict[str, tuple[int | str, ...]] | None = None,
+                   dynamic_dims: dict[str, tuple[int, int, int]] | None = None) -> dict[str, Any]:
     """Everything the engine build uses, as plain data (no TensorRT needed to compute or read it).
 
     Args:
@@ -71,6 +75,11 @@ def build_settings(profile: HardwareProfile, dtype: DType, input_shape: tuple[in
         float_dtype: For INT8, the precision of the layers left in float (``qat.fallback_dtype``): FP16 adds
             the FP16 flag (TensorRT may then run them in half precision), FP32 leaves it off. Default: the
             profile's best float dtype.
+        inputs: Every input's per-sample shape (``onnx_inputs``) when the model has several or a dynamic axis
+            after the batch (a text model's ``sequence``): each gets its own optimization-profile range in
+            ``input_shapes``; ``input_name``/``shapes`` stay the first input's (``input_shape`` is then unused).
+        dynamic_dims: The (min, opt, max) of each named dynamic axis (``Task.dynamic_dims``: a text model's
+            sequence length, 1 to data.max_length); DLA engines take its opt size alone (static shapes).
     """
     name = f"hardware_profiles/{profile.name}.yaml"
     if dtype not in DTYPES:
@@ -94,11 +103,15 @@ def build_settings(profile: HardwareProfile, dtype: DType, input_shape: tuple[in
         if dtype is DType.FP32:
             raise EdgepipeError(f"{name}: DLA runs only fp16 and int8; compile fp16/int8 or set use_dla_core: null")
         flags.append("GPU_FALLBACK")
-    per_sample = [int(d) for d in input_shape]
     batches = {"min": 1, "opt": opts.opt_batch, "max": opts.max_batch}
     if opts.use_dla_core is not None:
         # DLA engines have static shapes: min = opt = max (TensorRT "Working with DLA"); one batch size.
         batches = dict.fromkeys(batches, opts.opt_batch)
+    ranges = _input_ranges(name, inputs or {input_name: tuple(input_shape)}, batches, dynamic_dims or {},
+                           opts.use_dla_core is not None)
+    input_name = next(iter(ranges))
+    extra = {"input_shapes": ranges, "dynamic_dims": {k: list(v) for k, v in (dynamic_dims or {}).items()}} \
+        if inputs is not None and (len(ranges) > 1 or dynamic_dims) else {}
     return {
         "dtype": dtype.value,
         "workspace_bytes": opts.workspace_mb * 1024 * 1024,
@@ -106,9 +119,35 @@ def build_settings(profile: HardwareProfile, dtype: DType, input_shape: tuple[in
         "device_type": "DLA" if opts.use_dla_core is not None else "GPU",
         "dla_core": opts.use_dla_core,
         "input_name": input_name,
-        "shapes": {k: [b, *per_sample] for k, b in batches.items()},
+        "shapes": ranges[input_name],
         "builder_optimization_level": opts.builder_optimization_level,
+        **extra,
     }
+
+
+def _input_ranges(profile_file: str, inputs: dict[str, tuple[int | str, ...]], batches: dict[str, int],
+                  dynamic_dims: dict[str, tuple[int, int, int]], static: bool) -> dict[str, dict[str, list[int]]]:
+    """Each input's min/opt/max shape: the batch range first, then its static sizes or its named axis's range."""
+    out = {}
+    for name, per_sample in inputs.items():
+        shapes: dict[str, list[int]] = {k: [b] for k, b in batches.items()}
+        for d in per_sample:
+            if isinstance(d, str) or d is None:
+                if d not in dynamic_dims:
+                    raise EdgepipeError(f"{profile_file}: input '{name}' has a dynamic axis '{d}' after the batch and "
+                                        "no range for it; the task gives one for each (text: the sequence length, "
+                                        "from data.max_length)")
+                lo, opt, hi = (int(v) for v in dynamic_dims[d])
+                if not 1 <= lo <= opt <= hi:
+                    raise EdgepipeError(f"{profile_file}: axis '{d}' range min {lo} / opt {opt} / max {hi} is not "
+                                        "1 <= min <= opt <= max")
+                sizes = dict.fromkeys(shapes, opt) if static else {"min": lo, "opt": opt, "max": hi}
+            else:
+                sizes = dict.fromkeys(shapes, int(d))
+            for k in shapes:
+                shapes[k].append(sizes[k])
+        out[name] = shapes
+    return out
 
 
 def _qdq_problems(node: Any, values: dict[str, np.ndarray]) -> list[str]:
@@ -203,12 +242,14 @@ def _nms_problems(node: Any, values: dict[str, np.ndarray], model: Any) -> list[
 def trtexec_command(settings: dict[str, Any], onnx: str = "model.onnx", engine: str = "engine/model.engine") -> str:
     """The ``trtexec`` line that builds the same engine as ``build_engine(settings)``: shapes, precision
     flags, workspace, DLA core, optimization level, with per-layer information exported beside it."""
-    def dims(shape: list[int]) -> str:
-        return f"{settings['input_name']}:{'x'.join(str(d) for d in shape)}"
+    ranges = settings.get("input_shapes") or {settings["input_name"]: settings["shapes"]}
+
+    def dims(k: str) -> str:
+        return ",".join(f"{name}:{'x'.join(str(d) for d in shapes[k])}" for name, shapes in ranges.items())
 
     flags = {"INT8": "--int8", "FP16": "--fp16", "GPU_FALLBACK": "--allowGPUFallback"}
     parts = ["trtexec", f"--onnx={onnx}", f"--saveEngine={engine}",
-             *(f"--{k}Shapes={dims(settings['shapes'][k])}" for k in ("min", "opt", "max")),
+             *(f"--{k}Shapes={dims(k)}" for k in ("min", "opt", "max")),
              *(flags[f] for f in settings["flags"]),
              f"--memPoolSize=workspace:{settings['workspace_bytes'] // (1024 * 1024)}M",
              f"--builderOptimizationLevel={settings['builder_optimization_level']}"]
@@ -233,6 +274,15 @@ def onnx_input_name(onnx_path: Path) -> str:
     import onnx
 
     return onnx.load(str(onnx_path), load_external_data=False).graph.input[0].name
+
+
+def onnx_inputs(onnx_path: Path) -> dict[str, tuple[int | str, ...]]:
+    """Every graph input's per-sample shape: static sizes as ints, dynamic axes by their names."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    return {i.name: tuple(int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?")
+                          for d in i.type.tensor_type.shape.dim[1:]) for i in graph.input}
 
 
 def onnx_input_shape(onnx_path: Path) -> tuple[int, ...]:

@@ -190,7 +190,8 @@ def _metric_row(acc: dict[str, Any], reference: dict[str, Any]) -> list[str]:
     a classifier, mAP@.5 (scored at import) for a detector."""
     metric, label = ("map50", "mAP@.5") if "map50" in acc or "detections" in acc else ("top1", "top-1")
     value, ref = acc.get(metric), reference.get(f"reference_{metric}")
-    return [f"{label} on {acc.get('images', '?')} bundle images",
+    what = "sentences" if "sentences" in acc else "images"
+    return [f"{label} on {acc.get(what, '?')} bundle {what}",
             f"{100 * value:.2f}%" if _is_number(value) else fmt.DASH,
             f"reference (exported ONNX, ONNX Runtime): {100 * ref:.2f}%" if _is_number(ref) else fmt.DASH]
 

@@ -32,7 +32,8 @@ from edgepipe.training import distributed
 
 from edgepipe.engine import signals
 from edgepipe.engine.artifacts import Artifact
-from edgepipe.config import DETECTION_FIELDS, DETECTION_KINDS, LATER_DEFAULTS, PipelineConfig
+from edgepipe.config import (DETECTION_FIELDS, DETECTION_KINDS, LATER_DEFAULTS, LATER_NESTED_DEFAULTS, TEXT_FIELDS,
+                             TEXT_KINDS, PipelineConfig)
 from edgepipe.device import Device, is_out_of_memory, out_of_memory_line
 from edgepipe.errors import EdgepipeError
 from edgepipe.types import ArtifactKind
@@ -73,10 +74,28 @@ def _keyed_config(config: PipelineConfig) -> dict[str, Any]:
     if config.data.kind not in DETECTION_KINDS:
         for name in DETECTION_FIELDS:
             cfg["data"].pop(name, None)
+    if config.data.kind not in TEXT_KINDS:
+        for name in TEXT_FIELDS:
+            cfg["data"].pop(name, None)
+    _drop_nested_defaults(cfg)
     cfg["task"] = config.task or default_task(config.data.kind)
     if cfg["task"] == DEFAULT_TASK:
         cfg.pop("task")
     return cfg
+
+
+def _drop_nested_defaults(node: Any) -> None:
+    """``LATER_NESTED_DEFAULTS`` out of the keyed config wherever they hold their default (fields that came after runs
+    were made, in sections found at several places: model specs, optimizers)."""
+    if isinstance(node, dict):
+        for name, default in LATER_NESTED_DEFAULTS.items():
+            if name in node and node[name] == default:
+                node.pop(name)
+        for value in node.values():
+            _drop_nested_defaults(value)
+    elif isinstance(node, list):
+        for value in node:
+            _drop_nested_defaults(value)
 
 
 def stage_key(run: Run, name: str, input_hash: str | None, teacher: Artifact | None) -> str:

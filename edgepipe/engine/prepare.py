@@ -96,9 +96,9 @@ def preflight(run: Run) -> None:
     entry = run.find("teacher") or {}
     if "teacher" in run.order and not (entry.get("status") == "done" and
                                        entry.get("key") == stage_key(run, "teacher", None, None)):
-        check_fits(build_from_spec(config.teacher.model), "teacher.model", task, meta)
+        check_fits(build_from_spec(config.teacher.model, data.num_classes), "teacher.model", task, meta)
     if "distill" in run.order and config.distill.enabled:
-        check_fits(build_from_spec(config.distill.student), "distill.student", task, meta)
+        check_fits(build_from_spec(config.distill.student, data.num_classes), "distill.student", task, meta)
 
 
 class _Recorded:

@@ -151,9 +151,15 @@ def check_artifact_trusted(artifact: Artifact) -> None:
     check_trusted(spec)
 
 
-def build_from_spec(spec: ModelSpec) -> nn.Module:
-    """Build the model a config's ModelSpec describes (weights loaded when given)."""
+def build_from_spec(spec: ModelSpec, num_classes: int | None = None) -> nn.Module:
+    """Build the model a config's ModelSpec describes (weights loaded when given); ``num_classes``: the data's classes,
+    the size of a Hugging Face model's new classification head unless its kwargs name ``num_labels``."""
     check_trusted(spec)
+    if spec.hf:
+        from edgepipe.models.hf import load_classifier
+
+        return load_classifier(spec.hf, spec.kwargs.get("num_labels") or num_classes,
+                               {k: v for k, v in spec.kwargs.items() if k != "num_labels"})
     if spec.program:
         p = Path(spec.program)
         if not p.exists():
@@ -227,6 +233,8 @@ def save_torch_artifact(model: nn.Module, build: dict[str, Any], out_dir: Path, 
     edgepipe.quantization.fakequant.insert_fake_quant was called with, for a QAT model.
     """
     out_dir = Path(out_dir)
+    if build.get("hf") and not (build.get("kwargs") or {}).get("num_labels"):  # the head's size, for loading it back
+        build = {**build, "kwargs": {**(build.get("kwargs") or {}), "num_labels": num_classes}}
     atomic_torch_save(out_dir / "model.pt", {k: v.detach().cpu() for k, v in model.state_dict().items()})
     atomic_write_json(out_dir / "model.json", {"build": build, "input_shape": list(input_shape),
                                                "num_classes": num_classes, "quantization": quantization})

@@ -96,6 +96,11 @@ class Task(ABC):
     def outputs(self, meta: Mapping[str, Any]) -> tuple[TensorSpec, ...]:
         """The model's outputs, in the order its ``forward`` returns them."""
 
+    def dynamic_dims(self, meta: Mapping[str, Any]) -> dict[str, tuple[int, int, int]]:
+        """The (min, opt, max) of each named input axis after the batch that varies at run time (a text model's
+        sequence), for runtimes that build for a range (TensorRT optimization profiles); default: none."""
+        return {}
+
     def example_inputs(self, meta: Mapping[str, Any], batch: int) -> tuple[torch.Tensor, ...]:
         """Positional example inputs for export and for the output check (zeros of the input specs)."""
         return tuple(torch.zeros(batch, *spec.shape[1:], dtype=getattr(torch, spec.dtype))

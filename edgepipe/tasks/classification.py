@@ -42,9 +42,10 @@ def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Batches, batch_size: int = 256) -> float:
+def evaluate(model: nn.Module, data: Batches, batch_size: int = 256, forward: Any = None) -> float:
     """Top-1 accuracy of ``model`` on the validation set, in float32 eval mode, on the device the model is on (under
-    torchrun each rank takes every world-th batch and the counts are summed: the whole set, once)."""
+    torchrun each rank takes every world-th batch and the counts are summed: the whole set, once). ``forward(model,
+    x)``: how a batch's inputs are given to the model (a task's ``forward``; default ``model(x)``)."""
     was_training = model.training
     model.eval()
     correct = total = 0
@@ -52,7 +53,8 @@ def evaluate(model: nn.Module, data: Batches, batch_size: int = 256) -> float:
     on = devices.module_device(model)
     for i, (x, y) in enumerate(data.val_batches(batch_size)):
         if i % ranks == share:
-            correct += int((model(devices.to_device(x, on)).argmax(1).cpu() == y).sum())
+            x = devices.to_device(x, on)
+            correct += int(((forward(model, x) if forward else model(x)).argmax(1).cpu() == y).sum())
             total += len(y)
     model.train(was_training)
     correct, total = distributed.all_reduce_sum([correct, total])

@@ -122,6 +122,8 @@ class SoftTargets:
                         "runtime: torch runs it on the GPU", device.label)
         self.teacher, self.runtime = teacher.eval(), runtime
         self.device = device
+        self.forward: Callable[[nn.Module, Any], Any] | None = None
+        """How a batch's inputs are given to the PyTorch teacher (a task's ``forward``; None: ``teacher(x)``)."""
         for p in teacher.parameters():
             p.requires_grad_(False)
         self.hits = self.misses = self.loaded = 0
@@ -165,9 +167,13 @@ class SoftTargets:
                 self.hits += 1
                 return found.to(x.device)
         self.misses += 1
-        if self._request is None and devices.module_device(self.teacher) != x.device:  # the teacher follows the batches
-            self.teacher.to(x.device)
-        logits = self._openvino(x) if self._request is not None else self.teacher(x)
+        on = _batch_device(x)
+        if self._request is None and devices.module_device(self.teacher) != on:  # the teacher follows the batches
+            self.teacher.to(on)
+        if self._request is not None:
+            logits = self._openvino(x)
+        else:
+            logits = self.forward(self.teacher, x) if self.forward is not None else self.teacher(x)
         if not isinstance(logits, torch.Tensor):  # a several-output teacher (a task's named outputs): not cached
             return logits
         logits = logits.float()
@@ -243,6 +249,14 @@ def _openvino_request(teacher: nn.Module, example: torch.Tensor) -> Any:
     return compiled.create_infer_request()
 
 
+def _batch_device(x: Any) -> torch.device:
+    """The device of a batch's inputs (a tensor, or the first tensor of a dict of named inputs)."""
+    if isinstance(x, torch.Tensor):
+        return x.device
+    first = next((v for v in (x.values() if isinstance(x, dict) else x) if isinstance(v, torch.Tensor)), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 def soft_targets_for(teacher: nn.Module, cfg: SoftTargetsConfig, key: str, input_shape: tuple[int, ...],
                      cache_dir: Path | None = None, device: Any = None) -> SoftTargets:
     return SoftTargets(teacher, cfg.runtime, cfg.cache, key, torch.randn(2, *input_shape), cache_dir=cache_dir,
@@ -306,6 +320,8 @@ def kd_step(teacher: nn.Module | SoftTargets, temperature: float, alpha: float, 
 
     task = task or get_task(DEFAULT)
     targets = teacher if isinstance(teacher, SoftTargets) else SoftTargets(teacher)
+    if targets.forward is None:
+        targets.forward = task.forward
     if hints is not None and (targets.runtime != "torch" or targets.caching):
         raise EdgepipeError("distill.feature_pairs: feature hints read the teacher's PyTorch layers; "
                             "set soft_targets.runtime: torch and soft_targets.cache: false")

@@ -83,13 +83,17 @@ def fit(model: nn.Module, data: Batches, cfg: OptimConfig, loss_step: LossStep, 
         device.module(extra_modules)
     params = list(model.parameters()) + (list(extra_modules.parameters()) if extra_modules else [])
     steps = data.steps_per_epoch(batch_size)
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
-                          weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+                              weight_decay=cfg.weight_decay)
     # OneCycleLR divides by its warm-up length (pct_start x total_steps - 1): fewer than 9 steps (a handful of
     # images) would divide by zero or go negative, so the schedule spans at least 9 steps.
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(9, cfg.epochs * steps + 1),
                                                 pct_start=0.25, anneal_strategy="linear",
-                                                div_factor=10.0, final_div_factor=100.0)
+                                                div_factor=10.0, final_div_factor=100.0,
+                                                cycle_momentum=cfg.optimizer == "sgd")
     prec = precision(device, cfg.autocast, f"optim.autocast ({task})")
     amp = prec.dtype
     # fp16 only: scale the loss so small gradients do not underflow (torch.amp.GradScaler skips a step whose
