@@ -102,7 +102,7 @@ def run(ctx: StageContext) -> StageResult:
     placement = placement_of(model)
 
     batches = data.calibration_batches(qcfg.calibration_batches, cfg.data.batch_size)
-    amax = calibrate(model, [device.batch(b) for b in batches], qcfg.calibration, qcfg.percentile)
+    amax = calibrate(model, [device.batch(b) for b in batches], qcfg.calibration, qcfg.percentile, task.forward)
     # The calibrated model as it would be saved: BN folded with its running statistics, as after fine-tuning.
     calibrated = copy.deepcopy(model)
     fold_batchnorm(calibrated, pairs)

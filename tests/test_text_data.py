@@ -201,8 +201,8 @@ def test_sst2_reads_with_minilms_tokenizer():
 
 
 def test_stages_not_built_for_text_are_refused_with_one_line(folder):
-    """Pruning and QAT of transformers are not built yet: the task refuses them by name, and the soft-target
-    runtimes that take image batches."""
+    """Pruning of transformers is not built yet: the task refuses it by name, and the soft-target runtimes that take
+    image batches."""
     from edgepipe.tasks import get_task
 
     task = get_task("text")
@@ -210,9 +210,25 @@ def test_stages_not_built_for_text_are_refused_with_one_line(folder):
     cfg.prune.enabled, cfg.qat.enabled = True, True
     with pytest.raises(EdgepipeError, match="prune: structured pruning of a transformer .* set prune.enabled: false"):
         task.check_stage(cfg, "prune")
-    with pytest.raises(EdgepipeError, match="qat: INT8 QAT of a transformer is not built yet"):
-        task.check_stage(cfg, "qat")
+    task.check_stage(cfg, "qat")  # INT8 QAT of the Linear layers is built
     cfg.prune.enabled = cfg.qat.enabled = False
     cfg.soft_targets.cache = True
     with pytest.raises(EdgepipeError, match="soft_targets: task text computes the teacher's logits in PyTorch"):
         task.check_stage(cfg, "distill")
+
+
+def test_a_shallower_student_starts_from_evenly_spaced_teacher_layers():
+    from edgepipe.training.distillation import init_from_teacher
+
+    torch.manual_seed(0)
+    teacher = hf.load_classifier(hf.EMBEDDED, 2, {"num_hidden_layers": 3})
+    student = hf.load_classifier(hf.EMBEDDED, 2, {"num_hidden_layers": 2})
+    record = init_from_teacher(student, teacher)
+    assert record["layers"] == [0, 2]  # the first and the last
+    t, s = teacher.state_dict(), student.state_dict()
+    key = "model.bert.encoder.layer.{}.attention.self.query.weight"
+    assert torch.equal(s[key.format(1)], t[key.format(2)]) and torch.equal(s[key.format(0)], t[key.format(0)])
+    assert torch.equal(s["model.classifier.weight"], t["model.classifier.weight"])
+    narrow = hf.load_classifier(hf.EMBEDDED, 2, {"num_hidden_layers": 1, "intermediate_size": 32})
+    with pytest.raises(EdgepipeError, match="student's intermediate_size is 32, the teacher's 128"):
+        init_from_teacher(narrow, teacher)

@@ -23,6 +23,8 @@ def _shrunk(tmp_path: Path) -> Path:
         "data": {"synthetic_sentences": 320, "val_from_train": 64, "batch_size": 32},
         "teacher": {"train": {"optimizer": "adamw", "epochs": 2, "lr": 2.0e-3, "weight_decay": 0.01}},
         "distill": {"optim": {"optimizer": "adamw", "epochs": 1, "lr": 2.0e-3, "weight_decay": 0.01}},
+        "qat": {"calibration_batches": 2, "optim": {"optimizer": "adamw", "epochs": 1, "lr": 1.0e-4,
+                                                     "weight_decay": 0.0, "autocast": "off"}},
         "measure": {"warmup": 2, "iterations": 5, "throughput_batch": 8}}))
     return path
 
@@ -46,6 +48,10 @@ def test_openvino_target_runs_every_stage_with_named_integer_inputs(runs):
                                       for n in ("input_ids", "attention_mask", "token_type_ids")]
     compiled = json.loads((run / "compile" / "metrics.json").read_text())
     assert compiled["accuracy"]["backend"] == "openvino" and compiled["records"]["fidelity"]["fails"] is False
+    # INT8 after QAT: every Linear (FullyConnected) runs int8; attention's activation matmuls stay float
+    precisions = compiled["records"]["conv_precisions"]
+    assert set(precisions["FullyConnected"]) == {"i8"} and compiled["accuracy"]["dtype"] == "int8"
+    assert not {"i8", "u8"} & set(precisions.get("MatMul", {}))
     latency = compiled["latency"]
     assert latency["inputs"] == {n: "int64[1,32]" for n in ("input_ids", "attention_mask", "token_type_ids")}
     distilled = json.loads((run / "distill" / "metrics.json").read_text())
@@ -60,7 +66,7 @@ def test_openvino_target_runs_every_stage_with_named_integer_inputs(runs):
 def test_jetson_target_writes_a_bundle_with_sequence_profiles_and_token_ids(runs):
     bundle = runs["jetson"] / "compile"
     settings = json.loads((bundle / "build_settings.json").read_text())
-    assert settings["dynamic_dims"] == {"sequence": [1, 32, 32]}
+    assert settings["dynamic_dims"] == {"sequence": [1, 32, 32]} and settings["dtype"] == "int8"
     assert settings["input_shapes"]["input_ids"]["max"][1] == 32
     import numpy as np
 

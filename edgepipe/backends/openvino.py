@@ -128,9 +128,17 @@ def op_precisions(compiled_model: Any, adds: list[str]) -> dict[str, Any]:
                               if "layerType" in op.get_rt_info())}
 
 
+def weight_layers(hist: dict[str, dict[str, int]]) -> dict[str, int]:
+    """The layers whose weights QAT quantizes, by runtime precision: the convolutions, or in a model without any (a
+    transformer) its FullyConnected layers (the Linear layers; a MatMul of two activations, attention's Q.K^T and
+    its product with V, holds no weight and stays in the float precision the plugin picks)."""
+    return hist.get("Convolution") or hist.get("FullyConnected") or {}
+
+
 def int8_convolutions(hist: dict[str, dict[str, int]]) -> bool:
-    """True only if there are convolutions and every one runs in i8/u8."""
-    convs = hist.get("Convolution", {})
+    """True only if there are weight layers (``weight_layers``: convolutions, else fully connected layers) and every
+    one runs in i8/u8."""
+    convs = weight_layers(hist)
     return bool(convs) and all(p in _INT8 for p in convs)
 
 
@@ -140,7 +148,7 @@ def runtime_dtype(hist: dict[str, dict[str, int]], hidden: DType = DType.FP32) -
     (they run inside a loop body, e.g. a two-stage detector's per-image ``Scan``: the precision hint's)."""
     if not hist:
         return hidden
-    convs = hist.get("Convolution", {})
+    convs = weight_layers(hist)
     if int8_convolutions(hist) or sum(n for p, n in convs.items() if p in _INT8) > sum(convs.values()) / 2:
         return DType.INT8
     floats: dict[str, int] = {}
@@ -361,9 +369,10 @@ def compile(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_dir: Pa
     if mixed:
         achieved = DType.INT8  # int8 with the budget's float layers, as exported
     if dtype is DType.INT8 and not all_int8 and not mixed:
-        raise EdgepipeError(f"{onnx_path}: compiled for int8 on {measured_on} but not every convolution runs int8 "
-                            f"(runtime precisions: {hist}); check that each Conv input and weight has a "
-                            "QuantizeLinear/DequantizeLinear pair in the exported ONNX")
+        raise EdgepipeError(f"{onnx_path}: compiled for int8 on {measured_on} but not every convolution (or, without "
+                            f"any, fully connected layer) runs int8 (runtime precisions: {hist}); check that each "
+                            "Conv/Gemm/MatMul input and weight has a QuantizeLinear/DequantizeLinear pair in the "
+                            "exported ONNX")
 
     records: dict[str, Any] = {
         "settings": {"device": target, "config": config, "openvino_version": ov.__version__},

@@ -136,6 +136,39 @@ def load_classifier(hf: str, num_labels: int | None, overrides: dict[str, Any] |
     return HFClassifier(model, names)
 
 
+def init_from_teacher(student: HFClassifier, teacher: HFClassifier) -> dict[str, Any]:
+    """A shallower student of the teacher's family started from the teacher: the embeddings, pooler and classifier
+    copied, and each student encoder layer from one of the teacher's, evenly spaced and always the first and the last
+    (DistilBERT takes every other layer of BERT, Sanh et al. 2019). Widths must match (hidden size, heads, FFN): a
+    narrower student is made by pruning the teacher, not by copying it."""
+    t_cfg, s_cfg = teacher.config, student.config
+    for field in ("hidden_size", "num_attention_heads", "intermediate_size", "vocab_size"):
+        if getattr(t_cfg, field, None) != getattr(s_cfg, field, None):
+            raise EdgepipeError(f"distill.init: teacher: the student's {field} is {getattr(s_cfg, field, None)}, the "
+                                f"teacher's {getattr(t_cfg, field, None)}; a student initialised from the teacher "
+                                "keeps its widths and drops layers (num_hidden_layers); or use init: random")
+    n, m = int(t_cfg.num_hidden_layers), int(s_cfg.num_hidden_layers)
+    if m > n:
+        raise EdgepipeError(f"distill.init: teacher: the student has {m} layers, the teacher {n}")
+    chosen = [round(i * (n - 1) / (m - 1)) if m > 1 else 0 for i in range(m)]
+    t_state = teacher.state_dict()
+    new = {}
+    for key, value in student.state_dict().items():
+        parts = key.split(".")
+        source = key
+        if "layer" in parts:  # <prefix>.encoder.layer.<i>.<...>
+            at = parts.index("layer") + 1
+            if at < len(parts) and parts[at].isdigit():
+                source = ".".join([*parts[:at], str(chosen[int(parts[at])]), *parts[at + 1:]])
+        found = t_state.get(source)
+        if found is None or found.shape != value.shape:
+            raise EdgepipeError(f"distill.init: teacher: student tensor '{key}' {tuple(value.shape)} has no match in "
+                                f"the teacher ('{source}'); use the teacher's family and widths, or init: random")
+        new[key] = found.clone()
+    student.load_state_dict(new)
+    return {"init": "teacher", "layers": chosen, "tensors": len(new)}
+
+
 def load_tokenizer(hf: str) -> Any:
     """The folder's own tokenizer (fast), offline."""
     tf = _transformers()

@@ -23,7 +23,7 @@ HISTOGRAM_BINS = 2048
 
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], method: str = "percentile",
-              percentile: float = 99.99) -> dict[str, float]:
+              percentile: float = 99.99, forward: Any = None) -> dict[str, float]:
     """Set every activation quantizer's ``amax`` from the float model's tensors over ``batches``.
 
     ``max`` takes max|x|. ``percentile`` takes that percentile of |x| over all samples, from a
@@ -50,7 +50,7 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], method: str = "
         maxima[name] = max(maxima[name], float(x.detach().abs().max()))
 
     with quantization_disabled(model):
-        _observe(model, quantizers, batches, observe_max)
+        _observe(model, quantizers, batches, observe_max, forward)
         amax = dict(maxima)
         if method == "percentile" and percentile < 100:
             hists = {n: torch.zeros(HISTOGRAM_BINS, dtype=torch.float64) for n in quantizers}
@@ -59,7 +59,7 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], method: str = "
                 if maxima[name] > 0:
                     hists[name] += torch.histc(x.detach().abs().float().cpu(), HISTOGRAM_BINS, 0, maxima[name]).double()
 
-            _observe(model, quantizers, batches, observe_hist)
+            _observe(model, quantizers, batches, observe_hist, forward)
             amax = {n: _histogram_percentile(hists[n], maxima[n], percentile) for n in quantizers}
     shared: dict[str, float] = {}
     for name, q in quantizers.items():
@@ -72,12 +72,15 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], method: str = "
     return amax
 
 
-def _observe(model: nn.Module, quantizers: dict[str, nn.Module], batches: list[torch.Tensor], fn: Any) -> None:
+def _observe(model: nn.Module, quantizers: dict[str, nn.Module], batches: list[torch.Tensor], fn: Any,
+             forward: Any = None) -> None:
+    """Run ``batches`` through ``model`` (``forward(model, x)``: a task's, for inputs that are not one tensor) with
+    ``fn(name, tensor)`` called on every quantizer's input."""
     hooks = [q.register_forward_pre_hook(lambda _m, args, name=name: fn(name, args[0]))
              for name, q in quantizers.items()]
     try:
         for x in batches:
-            model(x)
+            forward(model, x) if forward is not None else model(x)
     finally:
         for h in hooks:
             h.remove()

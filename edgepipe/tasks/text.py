@@ -66,9 +66,6 @@ class TextClassification(Classification):
         if stage == "prune" and config.prune.enabled:
             raise EdgepipeError("prune: structured pruning of a transformer (heads, FFN width, hidden size) is not "
                                 "built yet for task text; set prune.enabled: false")
-        if stage == "qat" and config.qat.enabled:
-            raise EdgepipeError("qat: INT8 QAT of a transformer is not built yet for task text; set qat.enabled: false "
-                                "(the compile stage still compiles the float model)")
 
     # --- data ------------------------------------------------------------------------------------------------
     def load_data(self, config: PipelineConfig) -> Batches:

@@ -272,6 +272,10 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module) -> dict[str, Any]:
     2016), so the student starts far above chance and distillation converges in fewer epochs; the same
     idea initialises DistilBERT from every other teacher layer (Sanh et al. 2019).
     """
+    from edgepipe.models.hf import HFClassifier, init_from_teacher as init_hf_from_teacher
+
+    if isinstance(student, HFClassifier) and isinstance(teacher, HFClassifier):  # a transformer: drop layers
+        return init_hf_from_teacher(student, teacher)
     t_state = teacher.state_dict()
     if t_state and all(k.startswith("program.") for k in t_state):
         t_state = {k[len("program."):]: v for k, v in t_state.items()}
