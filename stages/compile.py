@@ -61,9 +61,11 @@ def run(ctx: StageContext) -> StageResult:
     fallback = ctx.input.meta.get("fallback_dtype")  # qat.fallback_dtype, resolved for this host by the qat stage
     float_dtype = DType(fallback) if dtype is DType.INT8 and fallback else None
     remove_previous(ctx.out_dir)
-    ranges = {"dynamic_dims": ctx.task.dynamic_dims(ctx.model_meta())} if backend.SHAPE_RANGES else {}
+    extra = {"dynamic_dims": ctx.task.dynamic_dims(ctx.model_meta())} if backend.SHAPE_RANGES else {}
+    if backend.TIMING_FEEDS:
+        extra["timing_feeds"] = ctx.task.timing_inputs(ctx.model_meta(), 1)
     artifact, records = backend.compile(ctx.input.path("onnx"), profile, dtype, ctx.out_dir, progress=ctx.progress,
-                                        float_dtype=float_dtype, **ranges)
+                                        float_dtype=float_dtype, **extra)
     artifact.meta.setdefault("input_shape", ctx.input.meta.get("input_shape"))
     artifact.meta.setdefault("num_classes", ctx.input.meta.get("num_classes"))
     artifact.meta.update(ctx.task_meta())

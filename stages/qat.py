@@ -165,7 +165,8 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(artifact, records={
         "history": history,
         "calibration": {"method": qcfg.calibration, "percentile": qcfg.percentile, "batches": len(batches),
-                        "samples": sum(len(x) for x in batches), "amax": amax},
+                        "samples": sum(len(next(iter(x.values())) if isinstance(x, dict) else x)
+                                                       for x in batches), "amax": amax},
         "float_top1": float_top1, "ptq_top1": ptq_top1, "qat_top1": qat_top1, "kept": kept,
         "kept_top1": kept_top1,
         "bn_folded": len(pairs), "bn_unfolded": _remaining_batchnorms(model), "bn_note": fold_note,

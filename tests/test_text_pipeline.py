@@ -1,6 +1,7 @@
 """The embedded text default end to end, offline (issue 29, acceptance 3): the shipped configs/text.yaml, shrunk to
-seconds (fewer sentences and epochs), run by `edgepipe run` for an OpenVINO target (intel-xeon-amx) and for a Jetson
-(a TensorRT deploy bundle with sequence-length optimization profiles and the shipped validation token ids)."""
+seconds (fewer sentences and epochs), run by `edgepipe run` for an OpenVINO target (intel-xeon-amx), for a Jetson
+(a TensorRT deploy bundle with sequence-length optimization profiles and the shipped validation token ids) and for
+ONNX Runtime (generic-cpu: its compile times the task's token ids, the graph having a dynamic sequence axis)."""
 from __future__ import annotations
 
 import json
@@ -34,7 +35,7 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("text")
     config = _shrunk(tmp)
     out = {}
-    for target in ("intel-xeon-amx", "jetson"):
+    for target in ("intel-xeon-amx", "jetson", "generic-cpu"):
         assert main(["run", "--config", str(config), "--target", target, "--run", str(tmp / target)]) == 0
         out[target] = tmp / target
     return out
@@ -75,3 +76,9 @@ def test_jetson_target_writes_a_bundle_with_sequence_profiles_and_token_ids(runs
     records = json.loads((bundle / "metrics.json").read_text())["records"]
     assert 0 <= records["device_validation"]["reference_top1"] <= 1
 
+
+
+def test_onnx_runtime_target_compiles_and_times_token_ids(runs):
+    compiled = json.loads((runs["generic-cpu"] / "compile" / "metrics.json").read_text())
+    assert compiled["accuracy"]["backend"] == "onnxruntime" and compiled["records"]["fidelity"]["fails"] is False
+    assert compiled["latency"]["inputs"]["input_ids"] == "int64[1,32]"

@@ -12,6 +12,8 @@ Each backend is one module with the same few verbs:
 - ``SHAPE_RANGES``: its compile takes ``dynamic_dims`` (each named axis after the batch: min, opt, max; a text
   model's sequence length, ``Task.dynamic_dims``) and builds for that range (TensorRT optimization profiles); the
   others run any size the graph allows.
+- ``TIMING_FEEDS``: its compile times the model itself and takes ``timing_feeds`` (``Task.timing_inputs`` at batch
+  1), so a graph with a dynamic axis after the batch is timed at a stated size (ONNX Runtime).
 - ``timing_runner(onnx_path, profile, dtype, out_dir, threads, float_dtype=None) -> Runner``: a candidate ONNX
   made ready to time as this target runs it (latency-constrained pruning, the gain check, the QAT variants).
 - ``int8_form(profile, activations, isa) -> dict``: the automatic INT8 form (activations, weight bits, reason,

@@ -255,12 +255,16 @@ def _optimization_level(name: str) -> Any:
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[name]
 
 
-def _input_shape(model: onnx.ModelProto, source: Path) -> tuple[int, ...]:
+def _input_shape(model: onnx.ModelProto, source: Path, timing_feeds: Any = None) -> tuple[int, ...] | None:
+    """The first input's per-sample shape; None for an input with a named axis after the batch (a text model's
+    sequence), which ONNX Runtime runs at any size and ``timing_feeds`` gives one for."""
     dims = model.graph.input[0].type.tensor_type.shape.dim[1:]
-    if not dims or any(not d.HasField("dim_value") for d in dims):
-        raise EdgepipeError(f"{source}: input '{model.graph.input[0].name}' needs static C,H,W dims after the batch "
-                            "dim; re-export with a fixed image size")
-    return tuple(int(d.dim_value) for d in dims)
+    if dims and all(d.HasField("dim_value") for d in dims):
+        return tuple(int(d.dim_value) for d in dims)
+    if timing_feeds is not None:
+        return None
+    raise EdgepipeError(f"{source}: input '{model.graph.input[0].name}' needs static C,H,W dims after the batch "
+                        "dim; re-export with a fixed image size")
 
 
 def _check_provider(profile: HardwareProfile) -> str:
@@ -282,7 +286,8 @@ def check(profile: HardwareProfile, dtype: DType | None, float_dtype: DType | No
 
 def compile(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_dir: Path,
             progress: Callable[[str, int, int, dict[str, float]], None] | None = None, warmup: int = 5,
-            iterations: int = 20, float_dtype: DType | None = None) -> tuple[Artifact, dict[str, Any]]:
+            iterations: int = 20, float_dtype: DType | None = None, timing_feeds: dict[str, Any] | None = None,
+            ) -> tuple[Artifact, dict[str, Any]]:
     """Optimize ``onnx_path`` for the profile's execution provider into ``out_dir/model.ort.onnx``.
 
     Args:
@@ -313,7 +318,7 @@ def compile(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_dir: Pa
         has = "has" if _is_quantized(model) else "has no"
         raise EdgepipeError(f"{onnx_path}: asked to compile {dtype.value} but the model {has} QuantizeLinear nodes; "
                             "compile a QDQ model as int8 and a float model as fp32")
-    input_shape = _input_shape(model, onnx_path)
+    input_shape = _input_shape(model, onnx_path, timing_feeds)
 
     rewritten = moved = 0
     if dtype is DType.INT8:
@@ -333,7 +338,7 @@ def compile(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_dir: Pa
     def timed(task: str) -> Callable[[int, int], None] | None:
         return (lambda done, total: progress(task, done, total, {})) if progress else None
 
-    feeds = example_feeds(graph_inputs(model), 1)
+    feeds = dict(timing_feeds) if timing_feeds is not None else example_feeds(graph_inputs(model), 1)
     baseline = time_runner(OrtRunner(onnx_path, providers=[provider]), feeds, warmup, iterations,
                            timed("onnxruntime: time input ONNX (batch 1)"))
     runner = OrtRunner(out_path, providers=[provider])
@@ -369,7 +374,8 @@ def compile(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_dir: Pa
         log.warning("onnxruntime: %s", records["note"])
     artifact = Artifact(kind=ArtifactKind.ORT_OPTIMIZED, root=out_dir, files={"onnx": OUTPUT_FILE},
                         dtype=DType(runner.dtype), quantized=dtype is DType.INT8,
-                        meta={"backend": "onnxruntime", **settings, "input_shape": list(input_shape),
+                        meta={"backend": "onnxruntime", **settings,
+                              **({"input_shape": list(input_shape)} if input_shape is not None else {}),
                               "requested_dtype": dtype.value, "runtime_dtype": runner.dtype, "device": runner.device})
     return artifact, records
 
@@ -382,6 +388,9 @@ def load(artifact: Artifact, threads: int | None = None) -> OrtRunner:
 # --- what edgepipe asks every backend besides compile/load (the verbs listed in edgepipe.backends) ---------
 SHAPE_RANGES = False
 """ONNX Runtime runs any sequence length the graph allows; no range to give."""
+TIMING_FEEDS = True
+"""compile times the input and the optimized graph at batch 1 on ``timing_feeds`` (the task's timing inputs: a text
+model's token ids at a stated length), else on zeros/normal inputs of the graph's static shape."""
 BUILDS_ON_DEVICE = False
 """compile runs here; ONNX Runtime needs no device of its own."""
 POST_TRAINING_QUANTIZATION = False

@@ -416,6 +416,8 @@ def load(artifact: Artifact, threads: int | None = None) -> OvRunner:
 # --- what edgepipe asks every backend besides compile/load (the verbs listed in edgepipe.backends) ---------
 SHAPE_RANGES = False
 """OpenVINO runs any sequence length the graph allows; no range to give."""
+TIMING_FEEDS = False
+"""compile times nothing on inputs of its own choosing (the engine measures every stage with the task's inputs)."""
 BUILDS_ON_DEVICE = False
 """compile runs here (the profile's device, or this CPU where it is absent)."""
 POST_TRAINING_QUANTIZATION = True

@@ -162,6 +162,8 @@ def load(artifact: Artifact, threads: int | None = None) -> TrtRunner:
 # --- what edgepipe asks every backend besides compile/load (the verbs listed in edgepipe.backends) ---------
 SHAPE_RANGES = True
 """compile takes ``dynamic_dims``: one optimization-profile range per input axis after the batch."""
+TIMING_FEEDS = False
+"""compile times nothing on inputs of its own choosing (the engine measures every stage with the task's inputs)."""
 BUILDS_ON_DEVICE = True
 """Where TensorRT is not ``available()``, compile writes a deploy bundle the device builds; a latency taken
 here is then the profile's roofline estimate, labelled so."""

@@ -59,7 +59,10 @@ class TextClassification(Classification):
 
     def check_stage(self, config: PipelineConfig, stage: str) -> None:
         st = config.soft_targets
-        if stage in ("distill", "prune", "qat") and (st.runtime != "torch" or st.cache):
+        if stage == "distill" and config.distill.feature_pairs and config.distill.beta > 0:
+            raise EdgepipeError("distill.feature_pairs: feature hints (FitNets adapters) are built for image layers; "
+                                "for task text set distill.beta: 0")
+        if stage in ("distill", "prune", "qat", "finetune") and (st.runtime != "torch" or st.cache):
             raise EdgepipeError("soft_targets: task text computes the teacher's logits in PyTorch for each batch "
                                 "(runtime: torch, cache: false); the OpenVINO runtime and the logits cache take image "
                                 "batches")

@@ -405,8 +405,8 @@ class _Trained(nn.Module):
         self.model = model
         self.extra = extra
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)  # a text model takes its named token tensors positionally
 
 
 def data_parallel(model: nn.Module, extra: nn.Module | None, device: Any = None) -> nn.Module:

@@ -143,7 +143,7 @@ def fit(model: nn.Module, data: Batches, cfg: OptimConfig, loss_step: LossStep, 
                     loss_value = float(parts["loss"].detach())
                     if not math.isfinite(loss_value):
                         raise EdgepipeError(f"{task} epoch {epoch + 1}, batch {i + 1}: the loss is {loss_value} "
-                                            f"{_why_not_finite(model, x, updates, cfg)}")
+                                            f"{_why_not_finite(model, x, updates, cfg, evaluator)}")
                     opt.zero_grad(set_to_none=True)
                     if scaler is None:
                         parts["loss"].backward()
@@ -196,10 +196,14 @@ def fit(model: nn.Module, data: Batches, cfg: OptimConfig, loss_step: LossStep, 
     return history
 
 
-def _why_not_finite(model: nn.Module, x: torch.Tensor, updates: int, cfg: OptimConfig) -> str:
+def _why_not_finite(model: nn.Module, x: Any, updates: int, cfg: OptimConfig, evaluator: Any = None) -> str:
     """Why a loss is NaN or inf, and what to do: training that diverged (weights updated, a learning rate too high)
-    and inputs that were never finite (the images, the model's weights, the teacher's logits) need different fixes."""
-    if not bool(torch.isfinite(x).all()):
+    and inputs that were never finite (the images, the model's weights, the teacher's logits) need different fixes.
+    ``x`` is a batch's inputs as the task gives them (a tensor, or named tensors: a text batch's token ids), run
+    through ``evaluator.forward`` when given."""
+    floats = [t for t in (x.values() if isinstance(x, dict) else [x])
+              if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not all(bool(torch.isfinite(t).all()) for t in floats):
         return "(the input batch holds NaN or inf); check the images and data.mean/std"
     broken = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
     if updates == 0:
@@ -208,7 +212,7 @@ def _why_not_finite(model: nn.Module, x: torch.Tensor, updates: int, cfg: OptimC
                     "model (the previous stage's output or a weights file) is damaged, not the learning rate; "
                     "give it finite weights or rerun the stage that made it with --force")
         with torch.no_grad():
-            out = model(x)
+            out = evaluator.forward(model, x) if evaluator is not None else model(x)
         if isinstance(out, torch.Tensor) and not bool(torch.isfinite(out).all()):
             return ("before any weight update: the model's own outputs are NaN or inf on finite inputs; check the "
                     "model and data.mean/std (lowering optim.lr cannot help)")
