@@ -49,6 +49,7 @@ def _transformers():
         raise EdgepipeError("model.hf: Hugging Face models need the transformers package; install edgepipe's text "
                             "extra: pip install -e '.[text]'") from None
     transformers.logging.set_verbosity_error()  # "some weights were newly initialised": the head, said in our records
+    transformers.utils.logging.disable_progress_bar()  # its per-file loading bars; edgepipe shows its own progress
     return transformers
 
 
