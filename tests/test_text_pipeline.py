@@ -49,9 +49,10 @@ def test_openvino_target_runs_every_stage_with_named_integer_inputs(runs):
                                       for n in ("input_ids", "attention_mask", "token_type_ids")]
     compiled = json.loads((run / "compile" / "metrics.json").read_text())
     assert compiled["accuracy"]["backend"] == "openvino" and compiled["records"]["fidelity"]["fails"] is False
-    # INT8 after QAT: every Linear (FullyConnected) runs int8; attention's activation matmuls stay float
+    # INT8 after QAT: every Linear (FullyConnected) runs int8 (i8 or u8, as the host's int8 form has it: edgepipe
+    # .quantization.form); attention's activation matmuls stay float (bf16 where the CPU has it, else f32)
     precisions = compiled["records"]["conv_precisions"]
-    assert set(precisions["FullyConnected"]) == {"i8"} and compiled["accuracy"]["dtype"] == "int8"
+    assert set(precisions["FullyConnected"]) <= {"i8", "u8"} and compiled["accuracy"]["dtype"] == "int8"
     assert not {"i8", "u8"} & set(precisions.get("MatMul", {}))
     latency = compiled["latency"]
     assert latency["inputs"] == {n: "int64[1,32]" for n in ("input_ids", "attention_mask", "token_type_ids")}
