@@ -26,7 +26,8 @@ TEXT_FIELDS = ("text_column", "label_column", "max_length", "choice_split", "tok
 """data fields only text kinds read (left out of the keys of other kinds, whose runs predate them)."""
 LATER_DEFAULTS = {"data": {"val_from_train": None, "val_from_train_seed": 0, "unlabeled": None},
                   "distill": {"loss": "kd", "dkd_alpha": 1.0, "dkd_beta": 8.0, "pseudo_label_threshold": None,
-                              "assistants": []}}
+                              "assistants": []},
+                  "prune": {"heads": 0.0, "vocabulary": "keep"}}
 """Fields added after runs were made, with the value that reproduces those runs: left out of the stage keys while they
 hold it, so every earlier run's keys hold (edgepipe.engine.pipeline._keyed_config)."""
 LATER_NESTED_DEFAULTS = {"hf": None, "optimizer": "sgd"}
@@ -249,6 +250,13 @@ class PruneConfig(_Strict):
     max_layer_ratio: float = Field(0.8, gt=0, lt=1, description="Never prune more than this fraction of one layer.")
     round_to: int | None = Field(None, ge=1, description="Keep channel counts a multiple of this (e.g. 8).")
     ignore: list[str] = Field(default_factory=list, description="Module names never pruned (the classifier always is).")
+    heads: float = Field(0.0, ge=0, lt=1, description="text: the share of each layer's attention heads removed (whole "
+                                                        "heads, least important first, at least one kept), before "
+                                                        "FFN width and hidden size are pruned to the target.")
+    vocabulary: Literal["keep", "trim"] = Field(
+        "keep", description="text: trim keeps only the word embeddings of token ids the training split produces (and "
+                            "the tokenizer's special tokens; any other id reads [UNK]'s row), first; the model still "
+                            "takes the tokenizer's ids.")
     temperature: float = Field(4.0, gt=0, description="Distillation temperature while fine-tuning.")
     alpha: float = Field(0.9, ge=0, le=1, description="Soft-target weight while fine-tuning.")
     optim: OptimConfig = Field(OptimConfig(epochs=5, lr=0.05), description="Fine-tuning after the last step.")

@@ -77,7 +77,9 @@ def ignored_layers(model: nn.Module, task: Task, meta: dict[str, Any], names: li
 
 
 def channels(model: nn.Module) -> dict[str, int]:
-    return {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    """Each convolution's output channels; a model without convolutions (a transformer): each Linear's outputs."""
+    convs = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    return convs or {n: m.out_features for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
 def count(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
@@ -98,9 +100,15 @@ def run(ctx: StageContext) -> StageResult:
     student = device.module(load_torch_artifact(ctx.input))
     net = ctx.task.graph_core(student)  # what the pruner changes: the model, or a detector's core (no NMS)
     teacher, distiller = _teacher(ctx, student)
-    example = device.batch(torch.zeros(1, *data.input_shape))
+    example = device.batch(ctx.task.prune_example(ctx.model_meta(), data.input_shape))
     base_macs, base_params = count(net, example)
     before = channels(student)
+    # A transformer's own structures first (text: the vocabulary trimmed, whole attention heads removed); what it
+    # returns are layers the width pruner below must not take as roots (attention's query/key/value).
+    if pcfg.importance is Importance.TAYLOR and pcfg.heads > 0:  # heads are ranked before the first pruner step
+        _accumulate_gradients(net, data, pcfg.taylor_batches, ctx.task)
+    not_roots, structure = (ctx.task.prune_structure(net, data, pcfg, example, importance(pcfg.importance))
+                            if distributed.is_main() else ([], None))
     # Under torchrun the graph surgery is rank 0's alone (Torch-Pruning's dependency graph, candidate latencies);
     # after each step the other ranks take its pruned weights (edgepipe.training.distributed.share_model) and every rank
     # fine-tunes under DDP.
@@ -108,7 +116,8 @@ def run(ctx: StageContext) -> StageResult:
     pruner = tp.pruner.MetaPruner(
         net, example, importance=importance(pcfg.importance), pruning_ratio=1.0,
         iterative_steps=SMALL_STEPS, max_pruning_ratio=pcfg.max_layer_ratio, global_pruning=pcfg.global_pruning,
-        ignored_layers=ignored_layers(student, ctx.task, ctx.model_meta(), pcfg.ignore), round_to=pcfg.round_to) if alone else None
+        ignored_layers=ignored_layers(student, ctx.task, ctx.model_meta(), pcfg.ignore) + not_roots,
+        round_to=pcfg.round_to) if alone else None
     step_log, histories = [], []
     with distributed.main_only_threads():
         latency = _Latency(ctx, example, base_macs) if pcfg.target == "latency" and alone else None
@@ -117,9 +126,11 @@ def run(ctx: StageContext) -> StageResult:
             goal = pcfg.ratio ** (step / pcfg.steps) if latency is None else latency.goal(step, pcfg.steps)
             with distributed.main_only_threads():
                 if latency is None:
-                    reached = _prune_to(pruner, net, example, goal, base_macs, base_params, pcfg, data)
+                    reached = _prune_to(pruner, net, example, goal, base_macs, base_params, pcfg, data, ctx.task)
                 else:
                     reached = latency.prune_to(pruner, student, goal, pcfg, data, net)
+        if hasattr(student, "sync_shapes"):  # attributes that follow the widths (a transformer's heads, hidden size)
+            student.sync_shapes()
         distributed.share_model(student, ctx.checkpoint_dir / f"pruned-step{step}.pt")
         if alone:  # rank 0 records the steps (and stops the run below if the budget is out of reach)
             macs, params = count(net, example)
@@ -169,6 +180,7 @@ def run(ctx: StageContext) -> StageResult:
         "macs_before": base_macs, "params_before": base_params, "macs_after": macs, "params_after": params,
         "macs_ratio": macs / base_macs, "params_ratio": params / base_params, "top1_after_pruning": pruned_top1,
         "steps": step_log, "channels": {n: [before[n], after.get(n, before[n])] for n in before},
+        "structure": {**structure, "after": student.shape_record()} if structure else None,
         "soft_targets": teacher.record() if teacher is not None and distiller is None else None,
         "distillation": distiller.record() if distiller is not None else None,
         "latency": latency.record() if latency is not None else None})
@@ -189,7 +201,7 @@ def _teacher(ctx: StageContext, student: nn.Module) -> tuple[Any, Any]:
 
 
 def _prune_to(pruner: tp.pruner.MetaPruner, model: nn.Module, example: torch.Tensor, goal: float, base_macs: int,
-              base_params: int, pcfg: PruneConfig, data) -> bool:
+              base_params: int, pcfg: PruneConfig, data, task: Task) -> bool:
     """Take small pruner steps until MACs (or params) <= goal x the unpruned count; False if it cannot."""
     base = base_macs if pcfg.target == "macs" else base_params
     while True:
@@ -199,12 +211,12 @@ def _prune_to(pruner: tp.pruner.MetaPruner, model: nn.Module, example: torch.Ten
         if pruner.current_step >= pruner.iterative_steps:
             return False
         if pcfg.importance is Importance.TAYLOR:
-            _accumulate_gradients(model, data, pcfg.taylor_batches)
+            _accumulate_gradients(model, data, pcfg.taylor_batches, task)
         pruner.step()
 
 
-def _accumulate_gradients(model: nn.Module, data, batches: int) -> None:
-    """Taylor importance needs dL/dw: one backward pass over a few training batches."""
+def _accumulate_gradients(model: nn.Module, data, batches: int, task: Task | None = None) -> None:
+    """Taylor importance needs dL/dw: one backward pass of the task's loss over a few training batches."""
     from edgepipe import device as devices
 
     model.eval()
@@ -213,7 +225,11 @@ def _accumulate_gradients(model: nn.Module, data, batches: int) -> None:
     for i, (x, y) in enumerate(data.train_batches(64, epoch=10_000, augment=False)):
         if i >= batches:
             break
-        nn.functional.cross_entropy(model(devices.to_device(x, on)), devices.to_device(y, on)).backward()
+        x, y = devices.to_device(x, on), devices.to_device(y, on)
+        if task is None:
+            nn.functional.cross_entropy(model(x), y).backward()
+        else:
+            task.train_loss(model, x, y)["loss"].backward()
 
 
 class _Latency:
@@ -259,7 +275,7 @@ class _Latency:
             return True
         while pruner.current_step < pruner.iterative_steps:
             if pcfg.importance is Importance.TAYLOR:
-                _accumulate_gradients(model, data, pcfg.taylor_batches)
+                _accumulate_gradients(model, data, pcfg.taylor_batches, self.ctx.task)
             pruner.step()
             macs = count(net, self.example)[0]
             if measured_at - macs >= pcfg.latency_check * self.base_macs:

@@ -86,7 +86,10 @@ def _notes(splits: dict[str, TextSplit], tokens: dict[str, Any], labels: dict[st
            folder_name: str, folder: Path, tokenizer: Any, max_length: int) -> dict[str, Any]:
     out: dict[str, Any] = {"tokenizer": folder_name, "tokenizer_folder": str(folder),
                            "tokenizer_class": type(tokenizer).__name__, "vocabulary": len(tokenizer),
-                           "max_length": max_length, "classes": class_names, "splits": {}}
+                           "max_length": max_length, "classes": class_names, "splits": {},
+                           "special_ids": sorted(int(i) for i in tokenizer.all_special_ids),
+                           "unk_id": int(tokenizer.unk_token_id if tokenizer.unk_token_id is not None
+                                         else tokenizer.pad_token_id)}
     for name, split in splits.items():
         ids = tokens[name]["input_ids"]
         counts = np.bincount(labels[name].numpy(), minlength=len(class_names))

@@ -78,6 +78,9 @@ class HFClassifier(nn.Module):
         super().__init__()
         self.model = model
         self.input_names = tuple(input_names)
+        # A trimmed vocabulary's lookup (trim_vocabulary): the tokenizer's id -> the row of the kept embeddings. A
+        # buffer, so it travels in the state dict and into ONNX as one Gather before the embedding's.
+        self.register_buffer("token_map", None)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -86,6 +89,8 @@ class HFClassifier(nn.Module):
             # counter, the activation-traffic and roofline estimates. Read as token ids (0 where negative), every
             # token attended: a sentence of max_length tokens, the length those figures are stated at.
             input_ids = input_ids.long().clamp_(min=0)
+        if self.token_map is not None:  # index_select: one ONNX Gather (advanced indexing exports as several ops)
+            input_ids = self.token_map.index_select(0, input_ids.reshape(-1)).view_as(input_ids)
         kwargs = {"attention_mask": attention_mask}
         if "token_type_ids" in self.input_names:
             kwargs["token_type_ids"] = token_type_ids
@@ -94,6 +99,40 @@ class HFClassifier(nn.Module):
     @property
     def config(self) -> Any:
         return self.model.config
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        mapped = state_dict.get(prefix + "token_map")
+        if mapped is not None and self.token_map is None:  # a trimmed model's weights into the folder's architecture
+            self.token_map = torch.empty_like(mapped)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def attention_modules(self) -> list[nn.Module]:
+        """Each encoder layer's self-attention (the module holding query, key and value)."""
+        return [m for m in self.model.modules() if all(hasattr(m, a) for a in ("query", "key", "value",
+                                                                                 "attention_head_size"))]
+
+    def encoder_layers(self) -> list[nn.Module]:
+        return list(self.model.base_model.encoder.layer)
+
+    def sync_shapes(self) -> None:
+        """After structured pruning, or loading a pruned model's weights into the folder's architecture: each
+        attention's head count follows its query's width (whole heads are removed; the head size never changes), and
+        the config states the embeddings' vocabulary and width (layers may differ: their widths are the weights')."""
+        for attention in self.attention_modules():
+            attention.all_head_size = int(attention.query.out_features)
+            attention.num_attention_heads = attention.all_head_size // int(attention.attention_head_size)
+        embeddings = self.model.get_input_embeddings()
+        self.model.config.vocab_size = int(embeddings.num_embeddings)
+        self.model.config.hidden_size = int(embeddings.embedding_dim)
+
+    def shape_record(self) -> dict[str, Any]:
+        """What structured pruning changed, layer by layer: heads, FFN width; and the vocabulary and hidden size."""
+        embeddings = self.model.get_input_embeddings()
+        layers = self.encoder_layers()
+        return {"vocabulary": int(embeddings.num_embeddings), "hidden_size": int(embeddings.embedding_dim),
+                "heads": [int(a.num_attention_heads) for a in self.attention_modules()],
+                "ffn": [int(layer.intermediate.dense.out_features) for layer in layers],
+                "trimmed_vocabulary": self.token_map is not None}
 
 
 def load_classifier(hf: str, num_labels: int | None, overrides: dict[str, Any] | None = None) -> HFClassifier:
@@ -168,6 +207,38 @@ def init_from_teacher(student: HFClassifier, teacher: HFClassifier) -> dict[str,
         new[key] = found.clone()
     student.load_state_dict(new)
     return {"init": "teacher", "layers": chosen, "tensors": len(new)}
+
+
+def trim_vocabulary(model: HFClassifier, used: Any, specials: list[int], unk_id: int) -> dict[str, Any]:
+    """Keep the word embeddings of the token ids ``used`` (those the training data's tokenisation produces) and the
+    tokenizer's special tokens; every other id reads [UNK]'s row. The model still takes the tokenizer's ids (a lookup
+    table, ``token_map``, turns them into rows), so the tokenizer, the export and the device's token ids are
+    unchanged. Embeddings are most of a small BERT's parameters (11.7M of MiniLM-L6's 22.7M), and a task's data uses a
+    fraction of a 30k vocabulary. Written here: Hugging Face has resize_token_embeddings, which cuts the end of the
+    table, not a chosen set of rows."""
+    embeddings = model.model.get_input_embeddings()
+    before = int(embeddings.num_embeddings)
+    keep = sorted({int(i) for i in used} | {int(i) for i in specials} | {int(unk_id)})
+    if keep[-1] >= before:
+        raise EdgepipeError(f"prune.vocabulary: token id {keep[-1]} is past the model's {before} embeddings; the data "
+                            "was tokenised with another tokenizer than the model's")
+    rows = torch.tensor(keep, dtype=torch.long)
+    new_row = torch.full((before,), keep.index(int(unk_id)), dtype=torch.long)
+    new_row[rows] = torch.arange(len(keep))
+    pad = embeddings.padding_idx
+    trimmed = nn.Embedding(len(keep), embeddings.embedding_dim,
+                           padding_idx=int(new_row[pad]) if pad is not None else None)
+    trimmed.to(embeddings.weight.device)
+    with torch.no_grad():
+        trimmed.weight.copy_(embeddings.weight[rows.to(embeddings.weight.device)])
+    model.model.set_input_embeddings(trimmed)
+    old_map = model.token_map
+    model.token_map = (new_row.to(old_map.device)[old_map] if old_map is not None else new_row).to(
+        embeddings.weight.device)
+    model.sync_shapes()
+    return {"vocabulary_before": before, "vocabulary_after": len(keep), "from_data": len(set(int(i) for i in used)),
+            "special_tokens": len(set(specials)), "unknown_id": int(unk_id),
+            "embedding_params_removed": (before - len(keep)) * int(embeddings.embedding_dim)}
 
 
 def load_tokenizer(hf: str) -> Any:

@@ -191,7 +191,7 @@ def build_from_spec(spec: ModelSpec, num_classes: int | None = None) -> nn.Modul
 
 
 def restore_shapes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Resize Conv/BatchNorm/Linear layers to the shapes in ``state`` (a pruned model's weights).
+    """Resize Conv/BatchNorm/LayerNorm/Linear/Embedding layers to the shapes in ``state`` (a pruned model's weights).
 
     Torch-Pruning's own ``tp.state_dict`` pickles module objects, which ``torch.load(weights_only=True)``
     refuses; structured pruning only changes channel counts, so the shapes in a plain state dict are
@@ -214,6 +214,10 @@ def restore_shapes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
                 module.num_features = w.shape[0]
         elif isinstance(module, nn.Linear) and w.shape != module.weight.shape:
             module.out_features, module.in_features = w.shape
+        elif isinstance(module, nn.Embedding) and w.shape != module.weight.shape:
+            module.num_embeddings, module.embedding_dim = w.shape
+            if module.padding_idx is not None and module.padding_idx >= module.num_embeddings:
+                module.padding_idx = None  # a trimmed vocabulary's pad row moved; it only masks gradients
         else:
             continue
         for pname, tensor in list(module.named_parameters(recurse=False)):
@@ -255,6 +259,8 @@ def load_torch_artifact(artifact: Artifact) -> nn.Module:
     model = build_from_spec(spec)  # refuses a factory or trust_pickle the user did not give this command
     state = load_state_dict_file(artifact.path("model"))
     restore_shapes(model, state)
+    if hasattr(model, "sync_shapes"):  # attributes that follow the weights' shapes (a pruned transformer's heads)
+        model.sync_shapes()
     if desc.get("quantization"):
         # A QAT model: re-insert the same fake-quant wrappers so their calibrated ranges load too.
         from edgepipe.quantization.fakequant import insert_fake_quant

@@ -189,3 +189,25 @@ class Task(ABC):
     def protected_layers(self, model: nn.Module, meta: Mapping[str, Any]) -> list[nn.Module]:
         """Layers structured pruning must leave whole (their outputs are the task's outputs)."""
         return []
+
+    def calibration_samples(self, data: Any, n: int) -> tuple[Any, dict[str, Any]]:
+        """What post-training quantization (the ptq baseline) calibrates on: ``n`` un-augmented training samples (an
+        array, one sample per row), and the keyword arguments that tell the backend how to quantize this task's
+        models (``post_training_quantize``'s)."""
+        return data.calibration_batches(1, n)[0].numpy(), {}
+
+    def prune_example(self, meta: Mapping[str, Any], input_shape: tuple[int, ...]) -> Any:
+        """The input structured pruning traces its dependency graph with and counts MACs at (batch 1)."""
+        return torch.zeros(1, *input_shape)
+
+    def prune_structure(self, model: nn.Module, data: Any, pcfg: Any, example: Any, importance: Any
+                        ) -> tuple[list[nn.Module], dict[str, Any] | None]:
+        """Structures the model's kind removes before channels are pruned to the target (a transformer's vocabulary
+        and attention heads): the layers the channel pruner must not take as roots, and what was done (None:
+        nothing, this default). ``prune.heads`` and ``prune.vocabulary`` belong to text."""
+        if pcfg.heads > 0 or pcfg.vocabulary != "keep":
+            from edgepipe.errors import EdgepipeError
+
+            raise EdgepipeError(f"prune.{'heads' if pcfg.heads > 0 else 'vocabulary'}: attention heads and a "
+                                f"vocabulary are pruned for task text, not {self.name}; leave it at its default")
+        return [], None
