@@ -200,17 +200,23 @@ def test_sst2_reads_with_minilms_tokenizer():
     assert data.notes["text"]["splits"]["val"]["sentences"] == 872
 
 
-def test_stages_not_built_for_text_are_refused_with_one_line(folder):
-    """Pruning of transformers is not built yet: the task refuses it by name, and the soft-target runtimes that take
-    image batches."""
+def test_what_text_does_not_take_is_refused_with_one_line(folder):
+    """Latency-targeted pruning (it times image candidates), image feature hints and the soft-target runtimes that
+    take image batches are refused by name; pruning to a params target and QAT are built."""
     from edgepipe.tasks import get_task
 
     task = get_task("text")
     cfg = _config(folder)
     cfg.prune.enabled, cfg.qat.enabled = True, True
-    with pytest.raises(EdgepipeError, match="prune: structured pruning of a transformer .* set prune.enabled: false"):
+    task.check_stage(cfg, "prune")  # params/MACs targets: built (edgepipe.models.hf_pruning)
+    cfg.prune.target = "latency"
+    with pytest.raises(EdgepipeError, match="prune.target: latency-targeted pruning times image candidates"):
         task.check_stage(cfg, "prune")
     task.check_stage(cfg, "qat")  # INT8 QAT of the Linear layers is built
+    cfg.distill.feature_pairs = [{"teacher": "a", "student": "b"}]
+    with pytest.raises(EdgepipeError, match="distill.feature_pairs: feature hints .* with distill.beta alone"):
+        task.check_stage(cfg, "distill")
+    cfg.distill.feature_pairs = []
     cfg.prune.enabled = cfg.qat.enabled = False
     cfg.soft_targets.cache = True
     with pytest.raises(EdgepipeError, match="soft_targets: task text computes the teacher's logits in PyTorch"):

@@ -1,7 +1,8 @@
 """The embedded text default end to end, offline (issue 29, acceptance 3): the shipped configs/text.yaml, shrunk to
 seconds (fewer sentences and epochs), run by `edgepipe run` for an OpenVINO target (intel-xeon-amx), for a Jetson
 (a TensorRT deploy bundle with sequence-length optimization profiles and the shipped validation token ids) and for
-ONNX Runtime (generic-cpu: its compile times the task's token ids, the graph having a dynamic sequence axis)."""
+ONNX Runtime (generic-cpu: its compile times the task's token ids, the graph having a dynamic sequence axis), with the
+student distilled on hidden states and attention and pruned (vocabulary, heads, FFN width, hidden size)."""
 from __future__ import annotations
 
 import json
@@ -17,23 +18,25 @@ pytest.importorskip("transformers", reason="the text task needs transformers (pi
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "text.yaml"
 
 
-def _shrunk(tmp_path: Path) -> Path:
+def shrunk(tmp_path: Path, **changes: object) -> Path:
+    """configs/text.yaml shrunk to seconds (``changes``: further top-level sections, replacing the shrunk ones)."""
     path = tmp_path / "text-small.yaml"
     path.write_text(yaml.safe_dump({
         "extends": str(CONFIG), "name": "text-small",
         "data": {"synthetic_sentences": 320, "val_from_train": 64, "batch_size": 32},
         "teacher": {"train": {"optimizer": "adamw", "epochs": 2, "lr": 2.0e-3, "weight_decay": 0.01}},
         "distill": {"optim": {"optimizer": "adamw", "epochs": 1, "lr": 2.0e-3, "weight_decay": 0.01}},
+        "prune": {"steps": 1, "optim": {"optimizer": "adamw", "epochs": 1, "lr": 1.0e-3, "weight_decay": 0.01}},
         "qat": {"calibration_batches": 2, "optim": {"optimizer": "adamw", "epochs": 1, "lr": 1.0e-4,
                                                      "weight_decay": 0.0, "autocast": "off"}},
-        "measure": {"warmup": 2, "iterations": 5, "throughput_batch": 8}}))
+        "measure": {"warmup": 2, "iterations": 5, "throughput_batch": 8}, **changes}))
     return path
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("text")
-    config = _shrunk(tmp)
+    config = shrunk(tmp)
     out = {}
     for target in ("intel-xeon-amx", "jetson", "generic-cpu"):
         assert main(["run", "--config", str(config), "--target", target, "--run", str(tmp / target)]) == 0
@@ -59,7 +62,14 @@ def test_openvino_target_runs_every_stage_with_named_integer_inputs(runs):
     distilled = json.loads((run / "distill" / "metrics.json").read_text())
     teacher = json.loads((run / "teacher" / "metrics.json").read_text())
     assert distilled["params"] < teacher["params"]  # one layer of two, narrower FFN
-    assert {"soft", "hard"} <= set(distilled["records"]["history"][-1])
+    # every loss component logged per epoch: logits (soft, hard), hidden states and last-layer attention
+    assert {"soft", "hard", "hidden", "attention"} <= set(distilled["records"]["history"][-1])
+    pruned = json.loads((run / "prune" / "metrics.json").read_text())["records"]
+    structure = pruned["structure"]
+    assert structure["after"]["heads"] == [2] and structure["before"]["heads"] == [4]  # prune.heads 0.5
+    assert structure["after"]["hidden_size"] < 64 and structure["after"]["ffn"][0] < 128  # Torch-Pruning's widths
+    assert structure["vocabulary"]["from_data"] <= structure["vocabulary"]["vocabulary_after"]
+    assert pruned["params_after"] <= 0.5 * pruned["params_before"]  # embeddings included
     data = json.loads((run / "manifest.json").read_text())["data"]["text"]
     assert data["tokenizer"] == "embedded:tiny-bert" and data["splits"]["train"]["sentences"] == 320
     assert (run / "report.md").is_file()

@@ -59,16 +59,17 @@ class TextClassification(Classification):
 
     def check_stage(self, config: PipelineConfig, stage: str) -> None:
         st = config.soft_targets
-        if stage == "distill" and config.distill.feature_pairs and config.distill.beta > 0:
+        if stage == "distill" and config.distill.feature_pairs:
             raise EdgepipeError("distill.feature_pairs: feature hints (FitNets adapters) are built for image layers; "
-                                "for task text set distill.beta: 0")
+                                "task text distils hidden states and attention with distill.beta alone: remove "
+                                "distill.feature_pairs")
         if stage in ("distill", "prune", "qat", "finetune") and (st.runtime != "torch" or st.cache):
             raise EdgepipeError("soft_targets: task text computes the teacher's logits in PyTorch for each batch "
                                 "(runtime: torch, cache: false); the OpenVINO runtime and the logits cache take image "
                                 "batches")
-        if stage == "prune" and config.prune.enabled:
-            raise EdgepipeError("prune: structured pruning of a transformer (heads, FFN width, hidden size) is not "
-                                "built yet for task text; set prune.enabled: false")
+        if stage == "prune" and config.prune.enabled and config.prune.target == "latency":
+            raise EdgepipeError("prune.target: latency-targeted pruning times image candidates; for task text give "
+                                "prune.target: params (embeddings included) or macs")
 
     # --- data ------------------------------------------------------------------------------------------------
     def load_data(self, config: PipelineConfig) -> Batches:
@@ -123,6 +124,41 @@ class TextClassification(Classification):
                  "attention_mask": np.ones((batch, length), dtype=np.int64),
                  "token_type_ids": np.zeros((batch, length), dtype=np.int64)}
         return {n: feeds[n] for n in input_names(meta)}
+
+    def distiller(self, teacher: nn.Module, student: nn.Module, temperature: float, alpha: float, beta: float,
+                  example: Any) -> nn.Module | None:
+        """With ``beta > 0``: logits KD plus hidden-state and attention distillation (``edgepipe.training.text_kd``);
+        otherwise None (logits KD through the soft targets)."""
+        if beta <= 0:
+            return None
+        from edgepipe.training.text_kd import TextDistiller
+
+        return TextDistiller(teacher, student, self, temperature, alpha, beta)
+
+    def calibration_samples(self, data: Any, n: int) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
+        """``n`` training sentences, each its own feed at its own length (no padding), quantized with NNCF's
+        transformer scheme."""
+        samples = []
+        for batch in data.calibration_batches(1, n):
+            lengths = batch["attention_mask"].sum(1).tolist()
+            for i, length in enumerate(lengths):
+                samples.append({k: np.ascontiguousarray(v[i:i + 1, :int(length)].numpy().astype(np.int64))
+                                for k, v in batch.items()})
+        return samples[:n], {"transformer": True, "what": "un-augmented training sentences (each at its own length)"}
+
+    # --- pruning -----------------------------------------------------------------------------------------------
+    def prune_example(self, meta: Mapping[str, Any], input_shape: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+        """One sentence of the timing length (128 tokens, or data.max_length when shorter), every token attended:
+        MACs are counted at the length latency is stated at."""
+        feeds = self.timing_inputs({**meta, "input_shape": list(input_shape)}, 1)
+        return tuple(torch.from_numpy(feeds[n]) for n in input_names(meta))
+
+    def prune_structure(self, model: nn.Module, data: Any, pcfg: Any, example: Any, importance: Any
+                        ) -> tuple[list[nn.Module], dict[str, Any] | None]:
+        """The vocabulary trimmed and whole attention heads removed (``edgepipe.models.hf_pruning``)."""
+        from edgepipe.models.hf_pruning import prepare
+
+        return prepare(model, data, pcfg, example, importance)
 
     # --- training ----------------------------------------------------------------------------------------------
     def forward(self, model: nn.Module, x: Any) -> Any:
