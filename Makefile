@@ -16,7 +16,7 @@ DATA ?= $(SHARED)/datasets/cifar10
 TEACHER ?= $(SHARED)/teachers/resnet56_cifar10.pt2
 BENCH_RUN ?= runs/cifar10-bench
 
-.PHONY: setup setup-bench pipeline test test-gpu gpu-check bench bench-shapes bench-frontier bench-detection bench-sweep bench-unlabeled bench-data bench-students bench-run report clean
+.PHONY: setup setup-bench setup-text pipeline test test-gpu gpu-check bench bench-shapes bench-frontier bench-detection bench-sweep bench-unlabeled bench-text bench-data bench-students bench-run report clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,12 @@ setup-bench: $(VENV)/.installed-bench
 
 $(VENV)/.installed-bench: $(VENV)/.installed
 	$(BIN)/pip install -e '.[bench]'
+	touch $@
+
+setup-text: $(VENV)/.installed-text
+
+$(VENV)/.installed-text: $(VENV)/.installed-bench
+	$(BIN)/pip install -e '.[bench,text]'
 	touch $@
 
 pipeline: setup
@@ -76,6 +82,16 @@ DETECTION_RUN ?= runs/bccd-bench
 bench-detection: setup-bench
 	$(BIN)/edgepipe compare --config configs/bccd.yaml --target intel-xeon-amx --data $(DETECTION_DATA) \
 		--run $(DETECTION_RUN) --seeds 3 --out .
+
+# SST-2 text classification (issue 29): all-MiniLM-L6-v2 fine-tuned here as the teacher, a 3-layer student distilled
+# (logits, hidden states, attention), pruned (vocabulary, heads, FFN width, hidden size), INT8 QAT, OpenVINO; rows
+# teacher-fp32, teacher-int8 (NNCF PTQ), scratch-same-init, distilled, pruned, final -> the text section of
+# BENCHMARKS.md and BENCHMARKS-text.json/.png (resumable). Needs the text extra (transformers, tokenizers).
+TEXT_RUN ?= runs/sst2-bench
+TEXT_SEEDS ?= 1
+bench-text: setup-text
+	$(BIN)/edgepipe compare --config configs/sst2.yaml --target intel-xeon-amx --run $(TEXT_RUN) --seeds $(TEXT_SEEDS) \
+		--out .
 
 # Distillation studies on CIFAR-10 (issue 28), each `edgepipe sweep` on a ResNet-8 from the shipped ResNet-56, choices on
 # 2,000 held-out training images, 3 seeds, written as sections of BENCHMARKS.md (resumable: finished trials are reused):

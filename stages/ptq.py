@@ -41,11 +41,11 @@ def run(ctx: StageContext) -> StageResult:
                             f"uses {profile.backend.value}")
     if ctx.input.quantized:
         raise EdgepipeError(f"ptq: needs a float ONNX model, got an INT8 one ({ctx.input.root})")
-    images = ctx.data.calibration_batches(1, pcfg.subset_size)[0].numpy()
+    samples, how = ctx.task.calibration_samples(ctx.data, pcfg.subset_size)
     artifact, records = backend.post_training_quantize(
-        ctx.input.path("onnx"), images, pcfg.preset, profile, ctx.out_dir,
+        ctx.input.path("onnx"), samples, pcfg.preset, profile, ctx.out_dir,
         meta={"input_shape": ctx.input.meta.get("input_shape"), "num_classes": ctx.input.meta.get("num_classes"),
               **ctx.task_meta()},
-        progress=ctx.progress)
+        progress=ctx.progress, **how)
     artifact.save()
     return StageResult(artifact, records=records)

@@ -480,12 +480,17 @@ def timing_runner(onnx_path: Path, profile: HardwareProfile, dtype: DType, out_d
     return load(artifact, threads=threads)
 
 
-def post_training_quantize(onnx_path: Path, images: np.ndarray, preset: str, profile: HardwareProfile, out_dir: Path,
-                           meta: dict[str, Any], progress: Callable[[str, int, int, dict[str, float]], None]
+def post_training_quantize(onnx_path: Path, images: np.ndarray | list[Any], preset: str, profile: HardwareProfile,
+                           out_dir: Path, meta: dict[str, Any],
+                           progress: Callable[[str, int, int, dict[str, float]], None],
+                           transformer: bool = False, what: str = "un-augmented training images"
                            ) -> tuple[Artifact, dict[str, Any]]:
-    """NNCF ``nncf.quantize`` of a float ONNX for the CPU, calibrated on ``images`` (one per sample), saved as
-    IR in ``out_dir``. The artifact's dtype is what the CPU plugin runs its convolutions in, read back from the
-    compiled model; ``meta`` is added to its descriptor. Returns the artifact (unsaved) and its records."""
+    """NNCF ``nncf.quantize`` of a float ONNX for the CPU, calibrated on ``images`` (an array: one sample per image;
+    or a list of samples, each the model's feed: a text model's named token arrays of one sentence), saved as IR in
+    ``out_dir``. ``transformer``: NNCF's ``ModelType.TRANSFORMER`` scheme (its recommendation for transformers:
+    keeps the operations it cannot quantize accurately, e.g. around softmax and LayerNorm, in float). The artifact's
+    dtype is what the CPU plugin runs its convolutions (or fully connected layers) in, read back from the compiled
+    model; ``meta`` is added to its descriptor. Returns the artifact (unsaved) and its records."""
     import nncf
 
     from edgepipe.export.per_image import per_image_graph
@@ -494,10 +499,12 @@ def post_training_quantize(onnx_path: Path, images: np.ndarray, preset: str, pro
     # body, so the one-image graph inside it is quantized and run once per image (OvRunner(per_image=True)).
     single = per_image_graph(onnx.load(str(onnx_path)))
     model = convert(onnx_path) if single is None else _per_image_model(single, out_dir)
-    samples = [images[i:i + 1] if single is None else images[i] for i in range(len(images))]
+    samples = (list(images) if isinstance(images, list) else
+               [images[i:i + 1] if single is None else images[i] for i in range(len(images))])
     progress("ptq: nncf.quantize", 0, 1, {})
-    quantized = nncf.quantize(model, nncf.Dataset(samples), subset_size=len(images),
-                              preset=nncf.QuantizationPreset(preset), target_device=nncf.TargetDevice.CPU)
+    quantized = nncf.quantize(model, nncf.Dataset(samples), subset_size=len(samples),
+                              preset=nncf.QuantizationPreset(preset), target_device=nncf.TargetDevice.CPU,
+                              **({"model_type": nncf.ModelType.TRANSFORMER} if transformer else {}))
     progress("ptq: nncf.quantize", 1, 1, {})
     if not any(op.get_type_name() == "FakeQuantize" for op in quantized.get_ordered_ops()):
         raise EdgepipeError(f"ptq: NNCF found nothing to quantize in {onnx_path} (its layers run inside a loop "
@@ -505,8 +512,8 @@ def post_training_quantize(onnx_path: Path, images: np.ndarray, preset: str, pro
     save_ir(quantized, out_dir)
     config = inference_config(profile, DType.INT8)
     runner = OvRunner(out_dir / "model.xml", "CPU", config, per_image=single is not None)
-    method = (f"nncf {nncf.__version__} nncf.quantize, {len(images)} un-augmented training images, "
-              f"{preset} preset" + ("" if single is None else "; the one-image graph inside the exported Scan, run "
+    method = (f"nncf {nncf.__version__} nncf.quantize, {len(samples)} {what}, "
+              f"{preset} preset" + (", model_type TRANSFORMER" if transformer else "") + ("" if single is None else "; the one-image graph inside the exported Scan, run "
                                     "once per image of a batch"))
     if single is not None:
         meta = {**meta, "per_image": True}
@@ -515,7 +522,7 @@ def post_training_quantize(onnx_path: Path, images: np.ndarray, preset: str, pro
                         meta={"backend": "openvino", "device": "CPU", "measured_on": "CPU", "config": config,
                               "requested_dtype": DType.INT8.value, "runtime_dtype": runner.dtype,
                               **meta, "method": method})
-    return artifact, {"method": method, "nncf_version": nncf.__version__, "subset_size": len(images),
+    return artifact, {"method": method, "nncf_version": nncf.__version__, "subset_size": len(samples),
                       "per_image": single is not None,
                       "preset": preset, "conv_precisions": runner.precisions, "runtime_dtype": runner.dtype}
 

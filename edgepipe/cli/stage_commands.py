@@ -218,10 +218,16 @@ def compare_command(args: argparse.Namespace) -> int:
     from edgepipe.tasks import task_of
 
     detection = task_of(config).name == "detection"
+    text = task_of(config).name == "text"
     if args.seeds is not None and args.seeds < 1:
         raise EdgepipeError(f"--seeds {args.seeds}: give 1 or more")
     with progress_bars() as progress:
-        if detection:
+        if text:
+            from edgepipe.reporting.text_bench import compare_text
+
+            result = compare_text(config, args.run, args.target, args.device, args.out, command, progress,
+                                  seeds=args.seeds or 1)
+        elif detection:
             from edgepipe.reporting.detection_bench import compare_detection
 
             result = compare_detection(config, args.run, args.target, args.device, args.out, command, progress,
@@ -232,8 +238,8 @@ def compare_command(args: argparse.Namespace) -> int:
                              recipe_notes=leading_comment(config_file), seeds=args.seeds or 1)
     for c in result["checks"]:
         print(f"{'pass' if c['pass'] else 'MISS'}  {c['claim']}  (measured {c['measured']:.4g})")
-    written = "the detection section, BENCHMARKS-detection.json and .png" if detection else \
-        "BENCHMARKS.json and BENCHMARKS.png"
+    written = ("the detection section, BENCHMARKS-detection.json and .png" if detection else
+               "the text section, BENCHMARKS-text.json and .png" if text else "BENCHMARKS.json and BENCHMARKS.png")
     print(f"wrote {args.out / 'BENCHMARKS.md'} ({written})")
     return 0
 

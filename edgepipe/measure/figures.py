@@ -255,14 +255,16 @@ def stage_gain(before: Artifact, after: Artifact, before_top1: float, after_top1
 
 def paired_speedup(reference: Artifact, candidate: Artifact, input_shape: tuple[int, ...], cfg: MeasureConfig,
                    batches: tuple[int, ...], rounds: int = 5,
-                   progress: Callable[[str, int, int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+                   progress: Callable[[str, int, int, dict[str, float]], None] | None = None,
+                   timing: dict[str, Any] | None = None) -> dict[str, Any]:
     """How many times faster ``candidate`` runs than ``reference``, timed back to back in alternating rounds.
 
     A claim such as "8x the teacher's throughput" is a ratio of two measurements; taken minutes apart on a
     shared VM, each moved by up to ±30% with the machine's state, so the ratio did too. Here each round times
     the reference, then the candidate (``cfg`` warm-up and iterations, the same threads and backend as every
     row), at each batch size; the ratio per round is reference mean latency / candidate mean latency (= the
-    images/s ratio), and the figure is the median over ``rounds``, with every round recorded.
+    images/s ratio), and the figure is the median over ``rounds``, with every round recorded. ``timing``: what the
+    task's timing inputs take besides the shape (a text model's ``timing_sequence``).
     """
     progress = progress or (lambda *a: None)
     threads = cfg.threads or torch.get_num_threads()
@@ -272,7 +274,8 @@ def paired_speedup(reference: Artifact, candidate: Artifact, input_shape: tuple[
     for batch in batches:
         per_round = []
         for i in range(rounds):
-            feeds = task_of_artifact(candidate).timing_inputs({"input_shape": list(input_shape)}, batch)
+            feeds = task_of_artifact(candidate).timing_inputs({"input_shape": list(input_shape), **(timing or {})},
+                                                              batch)
             ref, cand = (time_runner(r, feeds, cfg.warmup, cfg.iterations) for r in runners)
             per_round.append({"reference_images_per_s": ref.images_per_s, "candidate_images_per_s": cand.images_per_s,
                               "reference_p50_ms": ref.p50_ms, "candidate_p50_ms": cand.p50_ms,

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from edgepipe.engine.baselines import TRAIN_TIMING, Baseline, baseline_run, own_seconds, prune_wording, run_baselines
+from edgepipe.engine.baselines import BASELINES, TRAIN_TIMING, Baseline, baseline_run, own_seconds, prune_wording, run_baselines
 from edgepipe.reporting.benchmarks import LATENCY_BATCH, THROUGHPUT_BATCH, acceptance, recipe, write_benchmarks
 from edgepipe.reporting.seeds import seed_baselines, seed_rows
 from edgepipe.config import PipelineConfig
@@ -49,8 +49,8 @@ def preconditions(config: PipelineConfig, target: str, device_target: str | None
     from edgepipe.tasks import task_of
 
     task = task_of(config)
-    if task.name not in ("classification", "detection"):
-        raise EdgepipeError(f"task: compare's baselines and claims are written for classification and detection, "
+    if task.name not in ("classification", "detection", "text"):
+        raise EdgepipeError(f"task: compare's baselines and claims are written for classification, detection and text, "
                             f"not task {task.name}; run `edgepipe run` and `edgepipe report`, which compare its stages "
                             f"in its own metric ({task.headline.label})")
     profile = get_profile(target)
@@ -133,6 +133,31 @@ def compare(config: PipelineConfig, run_dir: Path, target: str, device_target: s
 
 
 PAIRED_AGAINST = ("teacher-fp32", "teacher-bf16", "teacher-int8")
+
+
+def pipeline_and_rows(config: PipelineConfig, run_dir: Path, target: str, wanted: tuple[str, ...], seeds: int,
+                      progress: Progress) -> tuple[Run, dict[str, Run], list[Baseline], list[Baseline]]:
+    """The pipeline's run (its compiled model must be INT8), then the baselines among ``wanted`` the target allows
+    and the KD gain's further seeds (edgepipe.reporting.seeds), each executed or reused: (run, runs by row, the
+    baselines built, the seed baselines)."""
+    run = Run.create(run_dir, config, target)
+    stages = run_pipeline(run, progress=progress)
+    if stages["compile"].get("artifact", {}).get("dtype") != DType.INT8.value:
+        raise EdgepipeError(f"{run.root}: the compiled model is not INT8 (target {run.profile.name}); compare needs an "
+                            "INT8 final model")
+    runs: dict[str, Run] = {"pipeline": run}
+    built = [b for b in BASELINES if b.row in wanted and (b.requires_dtype is None
+                                                          or b.requires_dtype in run.profile.dtypes)]
+    extra = seed_baselines(config, seeds)
+    for b in [*built, *extra]:
+        baseline_run(runs, b, progress)
+    return run, runs, built, extra
+
+
+def where_rows_are(run: Run, runs: dict[str, Run], built: list[Baseline]) -> tuple[dict[str, Run], dict[str, str]]:
+    """Each row's run and the stage whose artifact is its model (``final``: the pipeline's compile stage)."""
+    return ({**{b.row: runs[b.row] for b in built}, "final": run},
+            {**{b.row: runs[b.row].order[-1] for b in built}, "final": "compile"})
 
 
 def paired(run_of: dict[str, Run], stage_of: dict[str, str], run: Run, measure: Any,

@@ -25,17 +25,16 @@ from pathlib import Path
 from typing import Any
 
 from edgepipe.config import PipelineConfig
-from edgepipe.engine.baselines import BASELINES, Baseline, baseline_run, own_seconds, prune_wording
-from edgepipe.engine.pipeline import Progress, run_pipeline
-from edgepipe.engine.run import Run
+from edgepipe.engine.baselines import Baseline, own_seconds, prune_wording
+from edgepipe.engine.pipeline import Progress
 from edgepipe.errors import EdgepipeError
 from edgepipe.host import host_cpu, host_has_native_bf16, host_isa, library_versions
 from edgepipe.reporting import formatting as fmt
-from edgepipe.reporting.compare import earlier_invocation_seconds, paired, preconditions, row_of
-from edgepipe.reporting.seeds import seed_baselines, seed_rows
+from edgepipe.reporting.compare import (earlier_invocation_seconds, paired, pipeline_and_rows, preconditions,
+                                        row_of, where_rows_are)
+from edgepipe.reporting.seeds import seed_rows
 from edgepipe.reporting.seeds import section as seeds_section
 from edgepipe.tasks.detection import MAP50
-from edgepipe.types import DType
 
 SECTION = "detection"
 ROWS = ("teacher-fp32", "teacher-bf16", "teacher-int8", "scratch-same-init", "distilled", "pruned", "ptq")
@@ -56,22 +55,11 @@ def compare_detection(config: PipelineConfig, run_dir: Path, target: str, device
                             f"device's bundle with `edgepipe run --target {device_target}`")
     if seeds < 2:
         raise EdgepipeError(f"--seeds {seeds}: the KD gain of a detector is stated over at least 2 seeds")
-    run = Run.create(run_dir, config, target)
-    stages = run_pipeline(run, progress=progress)
-    if stages["compile"].get("artifact", {}).get("dtype") != DType.INT8.value:
-        raise EdgepipeError(f"{run.root}: the compiled model is not INT8 (target {run.profile.name}); compare needs an "
-                            "INT8 final model")
-    runs: dict[str, Run] = {"pipeline": run}
-    built = [b for b in BASELINES if b.row in ROWS and (b.requires_dtype is None
-                                                        or b.requires_dtype in run.profile.dtypes)]
-    extra = seed_baselines(config, seeds)
-    for b in [*built, *extra]:
-        baseline_run(runs, b, progress)
+    run, runs, built, extra = pipeline_and_rows(config, run_dir, target, ROWS, seeds, progress)
     rows = [row_of(runs[b.row], b.row, _method(b, config)) for b in built]
     rows.append(row_of(run, "final", FINAL_METHOD.format(**prune_wording(config)), stage="compile",
                        seconds=run.entry("compile").get("measure_time_s")))
-    run_of = {**{b.row: runs[b.row] for b in built}, "final": run}
-    stage_of = {**{b.row: runs[b.row].order[-1] for b in built}, "final": "compile"}
+    run_of, stage_of = where_rows_are(run, runs, built)
     all_runs = [run, *(runs[b.row] for b in [*built, *extra])]
     teacher = run.entry("teacher")
     earlier = earlier_invocation_seconds(all_runs)
