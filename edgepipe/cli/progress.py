@@ -41,12 +41,12 @@ def print_table(run_dir: Path) -> None:
     for heading in cols.values():
         table.add_column(heading)
     for row in rows:
-        table.add_row(*[_fmt(c, row.get(c), row["metric"]) for c in cols])
+        table.add_row(*[_fmt(c, row.get(c), row["metric"], row.get("latency")) for c in cols])
     # Logs and CI are not terminals: rich would wrap the table to 80 columns.
     Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
-def _fmt(col: str, v, metric) -> str:
+def _fmt(col: str, v, metric, latency=None) -> str:
     if v is None:
         return "—"
     if col == "score":
@@ -60,7 +60,9 @@ def _fmt(col: str, v, metric) -> str:
     if col in ("p50_ms", "estimate_ms"):  # significant digits: a tiny model's estimate is microseconds
         return f"{v:.3g} ms" + (" (est.)" if col == "estimate_ms" else "")
     if col == "throughput":
-        return f"{v:,.0f} img/s"
+        from edgepipe.reporting.formatting import rate_unit
+
+        return f"{v:,.0f} {rate_unit(latency)}"
     return str(v)
 
 

@@ -78,6 +78,12 @@ def md_cell(x: Any, fmt: str = "{}", markup: bool = False) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def rate_unit(latency: dict | None) -> str:
+    """What a throughput counts, from the inputs its latency record names: sentences for token ids, else images."""
+    inputs = (latency or {}).get("inputs") or {}
+    return "sent/s" if "input_ids" in inputs else "img/s"
+
+
 def md_table(head: list[str], rows: list[list[Any]], align: list[str] | None = None, markup: bool = False) -> str:
     """A Markdown table (no trailing newline); every cell goes through :func:`md_cell` (with ``markup``).
 

@@ -149,7 +149,7 @@ def _table_cells(r: dict[str, Any]) -> list[str]:
         f"{est.get('bound', '?')}-bound)")
     latency = DASH if r["p50_ms"] is None else f"{fmt.ms(r['p50_ms'])} / {fmt.ms(r['p99_ms'])}"
     throughput = (DASH if r["throughput"] is None
-                  else f"{fmt.ips(r['throughput'])} img/s @ batch {r['throughput_batch']}")
+                  else f"{fmt.ips(r['throughput'])} {fmt.rate_unit(r['latency'])} @ batch {r['throughput_batch']}")
     metric = r["metric"]
     delta = DASH if r["delta"] is None else "ref" if r["stage"] == "teacher" else f"{metric.scale * r['delta']:+.2f}"
     pytorch = DASH if r["pytorch_p50_ms"] is None else fmt.ms(r["pytorch_p50_ms"])
