@@ -88,7 +88,7 @@ bench-detection: setup-bench
 # teacher-fp32, teacher-int8 (NNCF PTQ), scratch-same-init, distilled, pruned, final -> the text section of
 # BENCHMARKS.md and BENCHMARKS-text.json/.png (resumable). Needs the text extra (transformers, tokenizers).
 TEXT_RUN ?= runs/sst2-bench
-TEXT_SEEDS ?= 1
+TEXT_SEEDS ?= 2
 bench-text: setup-text
 	$(BIN)/edgepipe compare --config configs/sst2.yaml --target intel-xeon-amx --run $(TEXT_RUN) --seeds $(TEXT_SEEDS) \
 		--out .

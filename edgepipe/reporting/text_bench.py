@@ -154,7 +154,7 @@ def compare_text(config: PipelineConfig, run_dir: Path, target: str, device_targ
 
 
 def _method(b: Baseline, runs: dict[str, Run], config: PipelineConfig) -> str:
-    epochs = f"{config.distill.optim.epochs} epoch{'' if config.distill.optim.epochs == 1 else 's'}"
+    epochs = _epochs(config.distill.optim.epochs)
     ptq = (runs[b.row].metrics_of(runs[b.row].order[-1]).get("records") or {}).get("method", "NNCF")
     return {"teacher-fp32": "fine-tuned teacher, OpenVINO fp32 precision hint",
             "teacher-int8": f"fine-tuned teacher, {ptq} (OpenVINO INT8)",
@@ -167,18 +167,23 @@ def _method(b: Baseline, runs: dict[str, Run], config: PipelineConfig) -> str:
                       "fine-tune), OpenVINO fp32"}[b.row]
 
 
+def _epochs(n: int) -> str:
+    return f"{n} epoch{'' if n == 1 else 's'}"
+
+
 def _recipe(config: PipelineConfig) -> dict[str, Any]:
     d, p, q = config.distill, config.prune, config.qat
     return {"teacher": config.teacher.model.model_dump(exclude_none=True, exclude_defaults=True),
-            "teacher_train": f"{config.teacher.train.epochs} epochs, {config.teacher.train.optimizer}, peak lr "
+            "teacher_train": f"{_epochs(config.teacher.train.epochs)}, {config.teacher.train.optimizer}, peak lr "
                              f"{config.teacher.train.lr}, batch {config.data.batch_size}",
             "student": d.student.model_dump(exclude_none=True, exclude_defaults=True),
             "distill": f"init {d.init}, T={d.temperature}, alpha={d.alpha}, beta={d.beta} (hidden states + last-layer "
-                       f"attention), {d.optim.epochs} epochs, peak lr {d.optim.lr}",
+                       f"attention), {_epochs(d.optim.epochs)}, peak lr {d.optim.lr}",
             "prune": (f"vocabulary {p.vocabulary}, {p.heads:.0%} of each layer's heads, then Torch-Pruning "
-                      f"{p.importance.value} importance to <= {p.ratio:.0%} of the student's {p.target} in {p.steps} "
-                      f"steps, {p.optim.epochs} KD fine-tuning epochs") if p.enabled else "disabled",
-            "qat": f"{q.calibration} calibration on {q.calibration_batches} batches, {q.optim.epochs} epochs at lr "
+                      f"{p.importance.value} importance to <= {p.ratio:.0%} of the student's {p.target} in "
+                      f"{p.steps} step{'' if p.steps == 1 else 's'}, KD fine-tuning for {_epochs(p.optim.epochs)}")
+            if p.enabled else "disabled",
+            "qat": f"{q.calibration} calibration on {q.calibration_batches} batches, {_epochs(q.optim.epochs)} at lr "
                    f"{q.optim.lr}",
             "data": f"{config.data.kind} {config.data.path or '(generated)'}: train on {config.data.train_split}, "
                     f"choices on {config.data.choice_split or 'held-out training sentences'}, report on "
@@ -237,7 +242,7 @@ def markdown(result: dict[str, Any]) -> str:
         "sentences/s at that batch.",
         f"- Data: {rec['data']}.",
         f"- Teacher: `{rec['teacher']}` fine-tuned here ({rec['teacher_train']}) in {(t['seconds'] or 0) / 60:.1f} min "
-        f"(apart from the benchmark's compute): accuracy {fmt.pct(t['top1'])} in PyTorch.",
+        f"(counted in the benchmark's compute below): accuracy {fmt.pct(t['top1'])} in PyTorch.",
         f"- Student: `{rec['student']}`; distill {rec['distill']}; prune: {rec['prune']}; QAT: {rec['qat']}.",
         f"- Compute of the benchmark (every stage, baseline and measurement, the teacher's fine-tuning included): "
         f"{result['compute_seconds'] / 60:.1f} min (this invocation {result['this_invocation_seconds'] / 60:.1f} min; "
@@ -307,15 +312,19 @@ def plot(result: dict[str, Any]) -> bytes:
         ax.annotate(f"{r['row']} ({r['params'] / 1e6:.1f}M)", (x, y), textcoords="offset points", xytext=(6, 4),
                     fontsize=8)
     ax.set_xscale("log")
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
+    xs = [[t["p50_ms"] for t in r["timings"] if t["batch"] == 1][-1] for r in rows]
+    ticks = [t for t in (0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100) if min(xs) / 1.5 <= t <= max(xs) * 1.5]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _pos: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
+    ax.set_xlim(min(xs) / 1.3, max(xs) * 1.6)  # room for the labels right of the points
     tokens = result["conditions"]["headline_shape"].split("-s")[1]
-    ax.set_xlabel(f"OpenVINO latency, batch 1, {tokens} tokens, p50 (ms, log) — {result['conditions']['threads']} "
-                  f"threads, {result['host']['cpu']}")
+    ax.set_xlabel(f"OpenVINO latency, batch 1, {tokens} tokens, p50 (ms, log scale)")
     ax.set_ylabel(f"accuracy on {result['conditions']['sentences']} sentences (%)")
-    ax.set_title("SST-2: accuracy vs latency (squares: INT8; parameters in brackets)")
+    ax.set_title(f"{result['config']}: accuracy vs latency (squares: INT8; parameters in brackets)\n"
+                 f"{result['host']['cpu']}, {result['conditions']['threads']} threads", fontsize=10)
     ax.grid(alpha=0.3)
     return fmt.png_bytes(fig, dpi=120)
 
