@@ -129,9 +129,9 @@ def run(ctx: StageContext) -> StageResult:
                     reached = _prune_to(pruner, net, example, goal, base_macs, base_params, pcfg, data, ctx.task)
                 else:
                     reached = latency.prune_to(pruner, student, goal, pcfg, data, net)
-        if hasattr(student, "sync_shapes"):  # attributes that follow the widths (a transformer's heads, hidden size)
-            student.sync_shapes()
         distributed.share_model(student, ctx.checkpoint_dir / f"pruned-step{step}.pt")
+        if hasattr(student, "sync_shapes"):  # attributes that follow the widths (a transformer's heads, hidden size),
+            student.sync_shapes()            # on every rank once it holds the pruned weights
         if alone:  # rank 0 records the steps (and stops the run below if the budget is out of reach)
             macs, params = count(net, example)
             step_log.append({"step": step, "goal_ratio" if latency is None else "goal_ms": goal, "macs": macs,
@@ -215,7 +215,7 @@ def _prune_to(pruner: tp.pruner.MetaPruner, model: nn.Module, example: torch.Ten
         pruner.step()
 
 
-def _accumulate_gradients(model: nn.Module, data, batches: int, task: Task | None = None) -> None:
+def _accumulate_gradients(model: nn.Module, data, batches: int, task: Task) -> None:
     """Taylor importance needs dL/dw: one backward pass of the task's loss over a few training batches."""
     from edgepipe import device as devices
 
@@ -225,11 +225,7 @@ def _accumulate_gradients(model: nn.Module, data, batches: int, task: Task | Non
     for i, (x, y) in enumerate(data.train_batches(64, epoch=10_000, augment=False)):
         if i >= batches:
             break
-        x, y = devices.to_device(x, on), devices.to_device(y, on)
-        if task is None:
-            nn.functional.cross_entropy(model(x), y).backward()
-        else:
-            task.train_loss(model, x, y)["loss"].backward()
+        task.train_loss(model, devices.to_device(x, on), devices.to_device(y, on))["loss"].backward()
 
 
 class _Latency:
